@@ -1,0 +1,27 @@
+// Three suites: pure logic (unit), real processes and NBD clients (dataplane), and a real
+// kube-apiserver + etcd shared by every file of the suite (k8s, started in global setup).
+const swc = ['@swc/jest', { jsc: { target: 'es2022' }, module: { type: 'commonjs' } }];
+// @kubernetes/client-node 1.x and a few of its dependencies are ES modules. Node >= 20.19 loads
+// them with require(); jest's own module loader does not (before Node 24.9), so they are
+// compiled to CommonJS for tests only.
+const esmPackages = ['@kubernetes/client-node', 'openid-client', 'oauth4webapi', 'jose', 'jsonpath-plus', 'rfc4648'];
+const common = {
+  testEnvironment: 'node',
+  transform: { '^.+\\.ts$': swc, '^.+\\.m?js$': swc },
+  transformIgnorePatterns: [`/node_modules/(?!(${esmPackages.join('|')})/)`],
+  moduleFileExtensions: ['ts', 'js', 'mjs', 'json'],
+};
+
+module.exports = {
+  projects: [
+    { ...common, displayName: 'unit', testMatch: ['<rootDir>/test/unit/**/*.test.ts'] },
+    { ...common, displayName: 'dataplane', testMatch: ['<rootDir>/test/dataplane/**/*.test.ts'] },
+    {
+      ...common,
+      displayName: 'k8s',
+      testMatch: ['<rootDir>/test/k8s/**/*.test.ts'],
+      globalSetup: '<rootDir>/test/harness/k8s-global-setup.ts',
+      globalTeardown: '<rootDir>/test/harness/k8s-global-teardown.ts',
+    },
+  ],
+};
