@@ -4,7 +4,14 @@ const swc = ['@swc/jest', { jsc: { target: 'es2022' }, module: { type: 'commonjs
 // @kubernetes/client-node 1.x and a few of its dependencies are ES modules. Node >= 20.19 loads
 // them with require(); jest's own module loader does not (before Node 24.9), so they are
 // compiled to CommonJS for tests only.
-const esmPackages = ['@kubernetes/client-node', 'openid-client', 'oauth4webapi', 'jose', 'jsonpath-plus', 'rfc4648'];
+const esmPackages = [
+  '@kubernetes/client-node',
+  'openid-client',
+  'oauth4webapi',
+  'jose',
+  'jsonpath-plus',
+  'rfc4648',
+];
 const common = {
   testEnvironment: 'node',
   transform: { '^.+\\.ts$': swc, '^.+\\.m?js$': swc },

@@ -1,19 +1,25 @@
 // The `lockstep` command: one binary, one subcommand per component.
 import { Command } from 'commander';
+import { isLockstepError, errorMessage } from '../lib/errors';
 import { packageVersion } from '../lib/package-root';
+import { agentCommand } from './commands/agent';
+import { ctlCommand } from './commands/ctl';
 
 export function buildProgram(): Command {
   return new Command('lockstep')
     .description('Synchronous block replication for Kubernetes (RPO = 0).')
     .version(packageVersion, '-v, --version', 'print the version and exit')
-    .showHelpAfterError();
+    .showHelpAfterError()
+    .addCommand(agentCommand())
+    .addCommand(ctlCommand());
 }
 
 export function main(argv: string[]): void {
   buildProgram()
     .parseAsync(argv)
     .catch((err: unknown) => {
-      process.stderr.write(`lockstep: ${err instanceof Error ? err.message : String(err)}\n`);
+      const code = isLockstepError(err) ? ` [${err.code}]` : '';
+      process.stderr.write(`lockstep: ${errorMessage(err)}${code}\n`);
       process.exitCode = 1;
     });
 }

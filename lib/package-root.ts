@@ -5,8 +5,10 @@ import path from 'node:path';
 
 function findRoot(): string {
   for (let dir = __dirname; ; dir = path.dirname(dir)) {
-    if (existsSync(path.join(dir, 'package.json')) && existsSync(path.join(dir, 'proto'))) return dir;
-    if (path.dirname(dir) === dir) throw new Error(`lockstep package root not found above ${__dirname}`);
+    if (existsSync(path.join(dir, 'package.json')) && existsSync(path.join(dir, 'proto')))
+      return dir;
+    if (path.dirname(dir) === dir)
+      throw new Error(`lockstep package root not found above ${__dirname}`);
   }
 }
 

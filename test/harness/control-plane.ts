@@ -33,7 +33,12 @@ function get(url: string, token: string, ca?: Buffer): Promise<{ status: number;
   return new Promise((resolve, reject) => {
     const req = https.get(
       url,
-      { headers: { Authorization: `Bearer ${token}` }, ca, rejectUnauthorized: ca !== undefined, timeout: 2000 },
+      {
+        headers: { Authorization: `Bearer ${token}` },
+        ca,
+        rejectUnauthorized: ca !== undefined,
+        timeout: 2000,
+      },
       (res) => {
         let body = '';
         res.setEncoding('utf8');
@@ -46,7 +51,13 @@ function get(url: string, token: string, ca?: Buffer): Promise<{ status: number;
   });
 }
 
-export function writeKubeconfig(file: string, server: string, caFile: string, token: string, user = 'admin'): void {
+export function writeKubeconfig(
+  file: string,
+  server: string,
+  caFile: string,
+  token: string,
+  user = 'admin',
+): void {
   const ca = readFileSync(caFile).toString('base64');
   writeFileSync(
     file,
@@ -107,7 +118,9 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
     writeFileSync(saPub, publicKey.export({ type: 'spki', format: 'pem' }));
     writeFileSync(saKey, privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600 });
     const token = randomBytes(24).toString('hex');
-    writeFileSync(path.join(dir, 'tokens.csv'), `${token},admin,admin-uid,"system:masters"\n`, { mode: 0o600 });
+    writeFileSync(path.join(dir, 'tokens.csv'), `${token},admin,admin-uid,"system:masters"\n`, {
+      mode: 0o600,
+    });
     const certDir = path.join(dir, 'certs');
 
     const apiserver = startProcess(
@@ -140,7 +153,9 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
     await waitFor(
       'kube-apiserver /readyz',
       async () => {
-        for (const p of processes) if (p.child.exitCode !== null) throw new Error(`${p.name} exited:\n${p.log().slice(-2000)}`);
+        for (const p of processes)
+          if (p.child.exitCode !== null)
+            throw new Error(`${p.name} exited:\n${p.log().slice(-2000)}`);
         if (!existsSync(caFile)) return undefined;
         const res = await get(`${server}/readyz`, token, readFileSync(caFile));
         return res.status === 200 ? true : undefined;

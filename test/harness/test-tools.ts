@@ -22,6 +22,8 @@ export function testBinDir(): string {
   return dir;
 }
 
-export function testTool(name: 'etcd' | 'kube-apiserver' | 'kube-controller-manager' | 'kubectl' | 'helm' | 'kwok'): string {
+export function testTool(
+  name: 'etcd' | 'kube-apiserver' | 'kube-controller-manager' | 'kubectl' | 'helm' | 'kwok',
+): string {
   return path.join(testBinDir(), name);
 }

@@ -51,7 +51,10 @@ describe('the test control plane', () => {
       'CRD Established',
       async () => {
         const crd = await apiext.readCustomResourceDefinition({ name: `${plural}.${group}` });
-        return crd.status?.conditions?.some((c) => c.type === 'Established' && c.status === 'True') || undefined;
+        return (
+          crd.status?.conditions?.some((c) => c.type === 'Established' && c.status === 'True') ||
+          undefined
+        );
       },
       30_000,
     );
@@ -65,7 +68,12 @@ describe('the test control plane', () => {
         version: 'v1',
         namespace: 'default',
         plural,
-        body: { apiVersion: `${group}/v1`, kind: 'Widget', metadata: { name: 'bad' }, spec: { sizeBytes: 1, mode: 'Sometimes' } },
+        body: {
+          apiVersion: `${group}/v1`,
+          kind: 'Widget',
+          metadata: { name: 'bad' },
+          spec: { sizeBytes: 1, mode: 'Sometimes' },
+        },
       })
       .then(
         () => undefined,
@@ -74,9 +82,14 @@ describe('the test control plane', () => {
     expect(err).toBeInstanceOf(k8s.ApiException);
     const apiErr = err as k8s.ApiException<string>;
     expect(apiErr.code).toBe(422);
-    expect(apiErr.body).toContain('spec.sizeBytes: Invalid value');
-    expect(apiErr.body).toContain('should be greater than or equal to 4096');
-    expect(apiErr.body).toContain('spec.mode: Unsupported value: "Sometimes"');
+    const status = JSON.parse(apiErr.body) as {
+      reason: string;
+      details: { causes: { field: string; message: string }[] };
+    };
+    expect(status.reason).toBe('Invalid');
+    const causes = Object.fromEntries(status.details.causes.map((c) => [c.field, c.message]));
+    expect(causes['spec.sizeBytes']).toContain('should be greater than or equal to 4096');
+    expect(causes['spec.mode']).toContain('Unsupported value: "Sometimes"');
   });
 
   it('delivers a created object through a watch, and kubectl sees it', async () => {
@@ -89,7 +102,7 @@ describe('the test control plane', () => {
             if (obj.metadata?.name === 'good') resolve({ phase, name: obj.metadata.name });
           },
           (err: unknown) => {
-            if (err) reject(err instanceof Error ? err : new Error(String(err)));
+            if (err) reject(err instanceof Error ? err : new Error('watch ended with an error'));
           },
         )
         .then((req) => seen.finally(() => req.abort()), reject);
@@ -101,7 +114,12 @@ describe('the test control plane', () => {
       version: 'v1',
       namespace: 'default',
       plural,
-      body: { apiVersion: `${group}/v1`, kind: 'Widget', metadata: { name: 'good' }, spec: { sizeBytes: 65536, mode: 'Sync' } },
+      body: {
+        apiVersion: `${group}/v1`,
+        kind: 'Widget',
+        metadata: { name: 'good' },
+        spec: { sizeBytes: 65536, mode: 'Sync' },
+      },
     });
     await expect(seen).resolves.toEqual({ phase: 'ADDED', name: 'good' });
 
@@ -120,10 +138,16 @@ describe('the test control plane', () => {
     expect(version.clientVersion.gitVersion).toBe(version.serverVersion.gitVersion);
 
     const helm = testTool('helm');
-    expect(execFileSync(helm, ['version', '--short'], { encoding: 'utf8' })).toMatch(/^v3\.\d+\.\d+/);
-    const releases = execFileSync(helm, ['list', '--all-namespaces', '-o', 'json', `--kubeconfig=${kubeconfig}`], {
-      encoding: 'utf8',
-    });
+    expect(execFileSync(helm, ['version', '--short'], { encoding: 'utf8' })).toMatch(
+      /^v3\.\d+\.\d+/,
+    );
+    const releases = execFileSync(
+      helm,
+      ['list', '--all-namespaces', '-o', 'json', `--kubeconfig=${kubeconfig}`],
+      {
+        encoding: 'utf8',
+      },
+    );
     expect(JSON.parse(releases)).toEqual([]);
   });
 

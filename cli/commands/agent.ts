@@ -1,0 +1,61 @@
+// `lockstep agent`: runs the node agent in the foreground until SIGTERM/SIGINT.
+import { Command, Option } from 'commander';
+import { createLogger } from '../../lib/logger';
+import { errorMessage, isLockstepError } from '../../lib/errors';
+import { Agent } from '../../sidecar/src/agent';
+
+export function agentCommand(): Command {
+  return new Command('agent')
+    .description('run the node agent: owns volumes, serves them over NBD, replicates writes')
+    .requiredOption('--node <name>', 'name of the node this agent serves')
+    .requiredOption('--data-dir <dir>', 'directory holding the volumes and the agent state')
+    .addOption(
+      new Option('--listen <host:port>', 'gRPC control API address').default('127.0.0.1:7400'),
+    )
+    .option('--nbd-socket <path>', 'NBD unix socket (mode 0660)', '<data-dir>/nbd.sock')
+    .option('--nbd-listen <host:port>', 'also serve NBD over TCP (opt-in, unauthenticated)')
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics')
+    .action(
+      async (opts: {
+        node: string;
+        dataDir: string;
+        listen: string;
+        nbdSocket: string;
+        nbdListen?: string;
+        metricsListen?: string;
+      }) => {
+        const log = createLogger('agent', { node: opts.node });
+        let agent: Agent;
+        try {
+          agent = await Agent.start({
+            node: opts.node,
+            dataDir: opts.dataDir,
+            listen: opts.listen,
+            nbdSocket: opts.nbdSocket === '<data-dir>/nbd.sock' ? undefined : opts.nbdSocket,
+            nbdListen: opts.nbdListen,
+            metricsListen: opts.metricsListen,
+            log,
+          });
+        } catch (err) {
+          log.fatal(
+            { code: isLockstepError(err) ? err.code : undefined, err: errorMessage(err) },
+            'agent failed to start',
+          );
+          process.exitCode = 1;
+          return;
+        }
+        await new Promise<void>((resolve) => {
+          const onSignal = (signal: NodeJS.Signals) => {
+            log.info({ signal }, 'signal received');
+            process.off('SIGTERM', onSignal).off('SIGINT', onSignal);
+            agent.stop().then(resolve, (err: unknown) => {
+              log.error({ err: errorMessage(err) }, 'agent stop failed');
+              process.exitCode = 1;
+              resolve();
+            });
+          };
+          process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
+        });
+      },
+    );
+}

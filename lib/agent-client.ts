@@ -1,0 +1,65 @@
+// A promise-based client of an agent's control API, with a deadline on every call and errors
+// turned back into LockstepErrors. Used by `lockstep ctl` and the operator.
+import * as grpc from '@grpc/grpc-js';
+import { agentProto, type AgentClient as RawAgentClient } from '../proto';
+import { fromServiceError } from './grpc-errors';
+import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoResponse';
+import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
+import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
+
+export type AgentInfo = GetInfoResponse__Output;
+export type AgentStatus = GetStatusResponse__Output;
+export type VolumeInfo = Volume__Output;
+
+type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
+
+export class AgentClient {
+  private readonly raw: RawAgentClient;
+
+  constructor(
+    readonly target: string,
+    private readonly timeoutMs = 10_000,
+  ) {
+    this.raw = new (agentProto().Agent)(target, grpc.credentials.createInsecure(), {
+      'grpc.keepalive_time_ms': 10_000,
+      'grpc.keepalive_timeout_ms': 5_000,
+    });
+  }
+
+  private call<Res>(
+    invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
+  ): Promise<Res> {
+    return new Promise((resolve, reject) => {
+      invoke({ deadline: Date.now() + this.timeoutMs }, (err, res) =>
+        err ? reject(fromServiceError(err, this.target)) : resolve(res!),
+      );
+    });
+  }
+
+  info(): Promise<AgentInfo> {
+    return this.call<AgentInfo>((o, cb) => this.raw.GetInfo({}, o, cb));
+  }
+
+  status(): Promise<AgentStatus> {
+    return this.call<AgentStatus>((o, cb) => this.raw.GetStatus({}, o, cb));
+  }
+
+  async listVolumes(): Promise<VolumeInfo[]> {
+    return (await this.call<{ volumes: VolumeInfo[] }>((o, cb) => this.raw.ListVolumes({}, o, cb)))
+      .volumes;
+  }
+
+  createVolume(name: string, sizeBytes: number, readOnly = false): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) =>
+      this.raw.CreateVolume({ name, sizeBytes, readOnly }, o, cb),
+    );
+  }
+
+  async deleteVolume(name: string, force = false): Promise<void> {
+    await this.call((o, cb) => this.raw.DeleteVolume({ name, force }, o, cb));
+  }
+
+  close(): void {
+    this.raw.close();
+  }
+}

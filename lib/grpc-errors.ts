@@ -1,0 +1,56 @@
+// LockstepError <-> gRPC status. The stable error code travels in trailing metadata so that a
+// client (ctl, the operator) can rebuild the same LockstepError the server raised.
+import * as grpc from '@grpc/grpc-js';
+import { LockstepError, errorMessage, type ErrorCode } from './errors';
+
+const CODE_KEY = 'lockstep-error-code';
+
+const statusOf: Partial<Record<ErrorCode, grpc.status>> = {
+  LOCKSTEP_ERR_INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
+  LOCKSTEP_ERR_VOLUME_NOT_FOUND: grpc.status.NOT_FOUND,
+  LOCKSTEP_ERR_VOLUME_EXISTS: grpc.status.ALREADY_EXISTS,
+  LOCKSTEP_ERR_VOLUME_IN_USE: grpc.status.FAILED_PRECONDITION,
+  LOCKSTEP_ERR_VOLUME_FAILED: grpc.status.FAILED_PRECONDITION,
+  LOCKSTEP_ERR_READ_ONLY: grpc.status.FAILED_PRECONDITION,
+  LOCKSTEP_ERR_NO_SPACE: grpc.status.RESOURCE_EXHAUSTED,
+  LOCKSTEP_ERR_UNAVAILABLE: grpc.status.UNAVAILABLE,
+};
+
+export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
+  const metadata = new grpc.Metadata();
+  if (err instanceof LockstepError) {
+    metadata.set(CODE_KEY, err.code);
+    return { code: statusOf[err.code] ?? grpc.status.INTERNAL, details: err.message, metadata };
+  }
+  return { code: grpc.status.INTERNAL, details: errorMessage(err), metadata };
+}
+
+export function fromServiceError(err: unknown, target: string): Error {
+  const se = err as Partial<grpc.ServiceError>;
+  if (typeof se.code !== 'number') return err instanceof Error ? err : new Error(String(err));
+  const code = se.metadata?.get(CODE_KEY)[0];
+  if (typeof code === 'string' && code.startsWith('LOCKSTEP_ERR_')) {
+    return new LockstepError(code as ErrorCode, se.details ?? errorMessage(err));
+  }
+  if (se.code === grpc.status.UNAVAILABLE || se.code === grpc.status.DEADLINE_EXCEEDED) {
+    return new LockstepError(
+      'LOCKSTEP_ERR_UNAVAILABLE',
+      `cannot reach the agent at ${target} (${se.details ?? 'unavailable'}); is it running and is --agent right?`,
+    );
+  }
+  return new Error(se.details ?? errorMessage(err));
+}
+
+/** Adapts an async function to a grpc-js unary handler that reports LockstepErrors faithfully. */
+export function unary<Req, Res>(
+  fn: (request: Req) => Promise<Res> | Res,
+): grpc.handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    Promise.resolve()
+      .then(() => fn(call.request))
+      .then(
+        (res) => callback(null, res),
+        (err: unknown) => callback(toServiceError(err)),
+      );
+  };
+}

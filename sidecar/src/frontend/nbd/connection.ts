@@ -1,0 +1,584 @@
+// One NBD client connection: fixed-newstyle negotiation, then transmission with simple replies.
+// The parser is an explicit state machine fed from a ChunkQueue; each state names the bytes it
+// waits for, and one method handles each protocol event. Requests run concurrently and reply
+// out of order; the device behind an export is only ever seen as a BlockDevice.
+import type { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
+import type { BlockDevice } from '../../store/block-device';
+import { ChunkQueue } from './chunk-queue';
+import {
+  ClientFlag,
+  Command,
+  CommandFlag,
+  HandshakeFlag,
+  IHAVEOPT,
+  Info,
+  MAX_NAME_BYTES,
+  MAX_OPTION_BYTES,
+  MAX_PAYLOAD,
+  MIN_BLOCK,
+  NBDMAGIC,
+  NbdErrno,
+  OPTION_HEADER_BYTES,
+  OPTION_REPLY_MAGIC,
+  Option,
+  OptionReply,
+  PREFERRED_BLOCK,
+  REQUEST_HEADER_BYTES,
+  REQUEST_MAGIC,
+  SIMPLE_REPLY_BYTES,
+  SIMPLE_REPLY_MAGIC,
+  TransmissionFlag,
+} from './protocol';
+
+/** What a connection may be attached to. */
+export interface NbdExport {
+  readonly name: string;
+  readonly device: BlockDevice;
+}
+
+/** How a connection finds exports; implemented by the server over the volume store. */
+export interface ExportCatalog {
+  names(): string[];
+  /** The export, or the reason it cannot be served (unknown name, failed volume). */
+  resolve(name: string): NbdExport | LockstepError;
+  attach(conn: NbdConnection, exp: NbdExport): void;
+  detach(conn: NbdConnection, exp: NbdExport): void;
+}
+
+export type RequestKind =
+  'read' | 'write' | 'flush' | 'trim' | 'write_zeroes' | 'cache' | 'invalid';
+
+/** Per-request outcome, for metrics. Called once per request, after its reply was queued. */
+export interface RequestObserver {
+  (exportName: string, kind: RequestKind, bytes: number, seconds: number, errno: number): void;
+}
+
+export interface ConnectionLog {
+  warn(obj: object, msg: string): void;
+  debug(obj: object, msg: string): void;
+}
+
+type Phase =
+  | { kind: 'client-flags' }
+  | { kind: 'option-header' }
+  | { kind: 'option-data'; option: number; length: number }
+  | { kind: 'option-too-big'; option: number; remaining: number }
+  | { kind: 'request-header' }
+  | { kind: 'write-payload'; header: Buffer; length: number }
+  | { kind: 'closed' };
+
+const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Above this many requests or payload bytes in flight, stop reading from the socket. */
+const MAX_INFLIGHT_REQUESTS = 256;
+const MAX_INFLIGHT_BYTES = 128 * 1024 * 1024;
+
+const KNOWN_COMMAND_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE;
+
+function errnoOf(err: unknown, writing: boolean): number {
+  if (err instanceof ReplyErrno) return err.errno;
+  if (!isLockstepError(err)) return NbdErrno.EIO;
+  switch (err.code) {
+    case 'LOCKSTEP_ERR_READ_ONLY':
+      return NbdErrno.EPERM;
+    case 'LOCKSTEP_ERR_OUT_OF_RANGE':
+      return writing ? NbdErrno.ENOSPC : NbdErrno.EINVAL;
+    case 'LOCKSTEP_ERR_NO_SPACE':
+      return NbdErrno.ENOSPC;
+    case 'LOCKSTEP_ERR_INVALID_ARGUMENT':
+      return NbdErrno.EINVAL;
+    case 'LOCKSTEP_ERR_UNAVAILABLE':
+      return NbdErrno.ESHUTDOWN;
+    default:
+      return NbdErrno.EIO;
+  }
+}
+
+/** Offset from the 64-bit field at `at`, or -1 if it does not fit a safe integer. */
+function readOffset(buf: Buffer, at: number): number {
+  const hi = buf.readUInt32BE(at);
+  if (hi >= 0x200000) return -1;
+  return hi * 0x100000000 + buf.readUInt32BE(at + 4);
+}
+
+let nextConnectionId = 1;
+
+export class NbdConnection {
+  readonly id = nextConnectionId++;
+  private readonly queue = new ChunkQueue();
+  private phase: Phase = { kind: 'client-flags' };
+  private noZeroes = false;
+  private blockSizeNegotiated = false;
+  private exp: NbdExport | undefined;
+  private readonly inFlight = new Set<Promise<void>>();
+  private inFlightBytes = 0;
+  private paused = false;
+  private disconnecting = false;
+  private readonly handshakeTimer: NodeJS.Timeout;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly catalog: ExportCatalog,
+    private readonly log: ConnectionLog,
+    private readonly observe: RequestObserver,
+  ) {
+    socket.setNoDelay?.(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) =>
+      this.log.debug({ conn: this.id, err: err.message }, 'nbd socket error'),
+    );
+    socket.on('close', () => this.onClose());
+    this.handshakeTimer = setTimeout(
+      () => this.protocolError('negotiation not finished in time'),
+      HANDSHAKE_TIMEOUT_MS,
+    );
+    this.sendGreeting();
+  }
+
+  get exportName(): string | undefined {
+    return this.exp?.name;
+  }
+
+  get requestsInFlight(): number {
+    return this.inFlight.size;
+  }
+
+  // ---- input ---------------------------------------------------------------------------------
+
+  private onData(chunk: Buffer): void {
+    if (this.phase.kind === 'closed') return;
+    this.queue.push(chunk);
+    try {
+      while (this.step()) {
+        /* each step consumes one protocol element */
+      }
+    } catch (err) {
+      this.protocolError(`internal error: ${errorMessage(err)}`);
+    }
+  }
+
+  /** Handles the next protocol element if its bytes are all here; false when it must wait. */
+  private step(): boolean {
+    const q = this.queue;
+    const phase = this.phase;
+    switch (phase.kind) {
+      case 'client-flags':
+        if (q.length < 4) return false;
+        this.onClientFlags(q.take(4).readUInt32BE(0));
+        return true;
+      case 'option-header':
+        if (q.length < OPTION_HEADER_BYTES) return false;
+        this.onOptionHeader(q.take(OPTION_HEADER_BYTES));
+        return true;
+      case 'option-data':
+        if (q.length < phase.length) return false;
+        this.phase = { kind: 'option-header' };
+        this.onOption(phase.option, q.take(phase.length));
+        return true;
+      case 'option-too-big': {
+        phase.remaining -= q.skip(phase.remaining);
+        if (phase.remaining > 0) return false;
+        this.phase = { kind: 'option-header' };
+        this.optionError(phase.option, OptionReply.ERR_TOO_BIG, 'option data too long');
+        return true;
+      }
+      case 'request-header':
+        if (this.disconnecting || q.length < REQUEST_HEADER_BYTES) return false;
+        this.onRequestHeader(q.take(REQUEST_HEADER_BYTES));
+        return true;
+      case 'write-payload':
+        if (q.length < phase.length) return false;
+        this.phase = { kind: 'request-header' };
+        this.onWrite(phase.header, q.take(phase.length));
+        return true;
+      case 'closed':
+        return false;
+    }
+  }
+
+  // ---- negotiation ---------------------------------------------------------------------------
+
+  private sendGreeting(): void {
+    const greeting = Buffer.allocUnsafe(18);
+    greeting.writeBigUInt64BE(NBDMAGIC, 0);
+    greeting.writeBigUInt64BE(IHAVEOPT, 8);
+    greeting.writeUInt16BE(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES, 16);
+    this.socket.write(greeting);
+  }
+
+  private onClientFlags(flags: number): void {
+    const known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES;
+    if (!(flags & ClientFlag.FIXED_NEWSTYLE) || flags & ~known) {
+      return this.protocolError(`unsupported client flags 0x${flags.toString(16)}`);
+    }
+    this.noZeroes = (flags & ClientFlag.NO_ZEROES) !== 0;
+    this.phase = { kind: 'option-header' };
+  }
+
+  private onOptionHeader(h: Buffer): void {
+    if (h.readBigUInt64BE(0) !== IHAVEOPT) return this.protocolError('bad option magic');
+    const option = h.readUInt32BE(8);
+    const length = h.readUInt32BE(12);
+    this.phase =
+      length > MAX_OPTION_BYTES
+        ? { kind: 'option-too-big', option, remaining: length }
+        : { kind: 'option-data', option, length };
+  }
+
+  private onOption(option: number, data: Buffer): void {
+    switch (option) {
+      case Option.EXPORT_NAME:
+        return this.onExportName(data);
+      case Option.ABORT:
+        this.optionReply(option, OptionReply.ACK);
+        return this.close();
+      case Option.LIST:
+        return this.onList(data);
+      case Option.INFO:
+      case Option.GO:
+        return this.onInfoOrGo(option, data);
+      case Option.STARTTLS:
+        return this.optionError(
+          option,
+          OptionReply.ERR_POLICY,
+          'TLS is not offered on this socket',
+        );
+      default:
+        // Structured replies, meta contexts and extended headers are not offered: the simple
+        // reply path is the one every client, the Linux kernel included, can use.
+        return this.optionError(option, OptionReply.ERR_UNSUP, 'option not supported');
+    }
+  }
+
+  private onList(data: Buffer): void {
+    if (data.length !== 0)
+      return this.optionError(Option.LIST, OptionReply.ERR_INVALID, 'LIST takes no data');
+    for (const name of this.catalog.names()) {
+      const n = Buffer.from(name, 'utf8');
+      const body = Buffer.allocUnsafe(4 + n.length);
+      body.writeUInt32BE(n.length, 0);
+      n.copy(body, 4);
+      this.optionReply(Option.LIST, OptionReply.SERVER, body);
+    }
+    this.optionReply(Option.LIST, OptionReply.ACK);
+  }
+
+  private onInfoOrGo(option: number, data: Buffer): void {
+    if (data.length < 6)
+      return this.optionError(option, OptionReply.ERR_INVALID, 'request too short');
+    const nameLength = data.readUInt32BE(0);
+    if (nameLength > MAX_NAME_BYTES || data.length < 4 + nameLength + 2) {
+      return this.optionError(option, OptionReply.ERR_INVALID, 'bad export name length');
+    }
+    const name = data.toString('utf8', 4, 4 + nameLength);
+    const count = data.readUInt16BE(4 + nameLength);
+    if (data.length !== 4 + nameLength + 2 + 2 * count) {
+      return this.optionError(
+        option,
+        OptionReply.ERR_INVALID,
+        'information request count does not match length',
+      );
+    }
+    const requested = new Set<number>();
+    for (let i = 0; i < count; i++) requested.add(data.readUInt16BE(4 + nameLength + 2 + 2 * i));
+
+    const exp = this.catalog.resolve(name);
+    if (!('device' in exp)) return this.optionError(option, OptionReply.ERR_UNKNOWN, exp.message);
+
+    const info = Buffer.allocUnsafe(12);
+    info.writeUInt16BE(Info.EXPORT, 0);
+    info.writeBigUInt64BE(BigInt(exp.device.size), 2);
+    info.writeUInt16BE(this.transmissionFlags(exp), 10);
+    this.optionReply(option, OptionReply.INFO, info);
+
+    const sizes = Buffer.allocUnsafe(14);
+    sizes.writeUInt16BE(Info.BLOCK_SIZE, 0);
+    sizes.writeUInt32BE(MIN_BLOCK, 2);
+    sizes.writeUInt32BE(PREFERRED_BLOCK, 6);
+    sizes.writeUInt32BE(MAX_PAYLOAD, 10);
+    this.optionReply(option, OptionReply.INFO, sizes);
+
+    if (requested.has(Info.NAME)) {
+      const n = Buffer.from(exp.name, 'utf8');
+      const body = Buffer.allocUnsafe(2 + n.length);
+      body.writeUInt16BE(Info.NAME, 0);
+      n.copy(body, 2);
+      this.optionReply(option, OptionReply.INFO, body);
+    }
+    this.optionReply(option, OptionReply.ACK);
+    if (option === Option.GO) {
+      this.blockSizeNegotiated = requested.has(Info.BLOCK_SIZE);
+      this.startTransmission(exp);
+    }
+  }
+
+  private onExportName(data: Buffer): void {
+    const exp =
+      data.length <= MAX_NAME_BYTES ? this.catalog.resolve(data.toString('utf8')) : undefined;
+    // The spec leaves no error reply for EXPORT_NAME: an unknown export ends the connection.
+    if (!exp || !('device' in exp))
+      return this.protocolError(`EXPORT_NAME: ${exp?.message ?? 'name too long'}`);
+    const reply = Buffer.alloc(this.noZeroes ? 10 : 134);
+    reply.writeBigUInt64BE(BigInt(exp.device.size), 0);
+    reply.writeUInt16BE(this.transmissionFlags(exp), 8);
+    this.socket.write(reply);
+    this.startTransmission(exp);
+  }
+
+  private transmissionFlags(exp: NbdExport): number {
+    // CAN_MULTI_CONN holds: every connection to an export shares one file descriptor and a
+    // write is replied to only once it reached the file, so a FLUSH on any connection covers
+    // every write already acknowledged on all of them.
+    let flags =
+      TransmissionFlag.HAS_FLAGS |
+      TransmissionFlag.SEND_FLUSH |
+      TransmissionFlag.SEND_FUA |
+      TransmissionFlag.SEND_TRIM |
+      TransmissionFlag.SEND_WRITE_ZEROES |
+      TransmissionFlag.SEND_CACHE |
+      TransmissionFlag.CAN_MULTI_CONN;
+    if (exp.device.readOnly) flags |= TransmissionFlag.READ_ONLY;
+    return flags;
+  }
+
+  private startTransmission(exp: NbdExport): void {
+    clearTimeout(this.handshakeTimer);
+    this.exp = exp;
+    this.catalog.attach(this, exp);
+    this.phase = { kind: 'request-header' };
+  }
+
+  private optionReply(option: number, type: number, data?: Buffer): void {
+    const header = Buffer.allocUnsafe(20);
+    header.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
+    header.writeUInt32BE(option, 8);
+    header.writeUInt32BE(type, 12);
+    header.writeUInt32BE(data?.length ?? 0, 16);
+    this.socket.write(data ? Buffer.concat([header, data]) : header);
+  }
+
+  private optionError(option: number, type: number, message: string): void {
+    this.optionReply(option, type, Buffer.from(message, 'utf8'));
+  }
+
+  // ---- transmission --------------------------------------------------------------------------
+
+  private onRequestHeader(h: Buffer): void {
+    if (h.readUInt32BE(0) !== REQUEST_MAGIC) return this.protocolError('bad request magic');
+    const type = h.readUInt16BE(6);
+    if (type === Command.WRITE) {
+      const length = h.readUInt32BE(24);
+      // The payload follows the header: one whose length we will not buffer cannot be skipped
+      // safely, so the connection ends (the spec allows it for oversized requests).
+      if (length > MAX_PAYLOAD)
+        return this.protocolError(`write of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`);
+      this.phase = { kind: 'write-payload', header: h, length };
+      return;
+    }
+    if (type === Command.DISC) return this.onDisconnect();
+    this.onCommand(h, type);
+  }
+
+  private onCommand(h: Buffer, type: number): void {
+    const offset = readOffset(h, 16);
+    const length = h.readUInt32BE(24);
+    const flags = h.readUInt16BE(4);
+    const device = this.exp!.device;
+    switch (type) {
+      case Command.READ: {
+        const bad =
+          this.invalid(flags, offset, length, false) ??
+          (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
+        if (bad !== undefined) return this.replyError(h, 'read', bad);
+        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
+        return this.run(
+          h,
+          'read',
+          length,
+          device.read(offset, reply.subarray(SIMPLE_REPLY_BYTES)),
+          reply,
+        );
+      }
+      case Command.FLUSH:
+        if (flags & ~KNOWN_COMMAND_FLAGS) return this.replyError(h, 'flush', NbdErrno.EINVAL);
+        return this.run(h, 'flush', 0, device.flush());
+      case Command.TRIM: {
+        const bad = this.invalid(flags, offset, length, true);
+        if (bad !== undefined) return this.replyError(h, 'trim', bad);
+        return this.run(
+          h,
+          'trim',
+          length,
+          this.thenFua(device.trim(offset, length), flags, device),
+        );
+      }
+      case Command.WRITE_ZEROES: {
+        const bad = this.invalid(flags, offset, length, true);
+        if (bad !== undefined) return this.replyError(h, 'write_zeroes', bad);
+        const opts = {
+          fua: (flags & CommandFlag.FUA) !== 0,
+          noHole: (flags & CommandFlag.NO_HOLE) !== 0,
+        };
+        return this.run(h, 'write_zeroes', length, device.writeZeroes(offset, length, opts));
+      }
+      case Command.CACHE: {
+        // A hint to prefetch; the page cache already does what it can.
+        const bad = this.invalid(flags, offset, length, false);
+        return bad !== undefined
+          ? this.replyError(h, 'cache', bad)
+          : this.run(h, 'cache', 0, Promise.resolve());
+      }
+      default:
+        return this.replyError(h, 'invalid', NbdErrno.EINVAL);
+    }
+  }
+
+  private onWrite(h: Buffer, payload: Buffer): void {
+    const flags = h.readUInt16BE(4);
+    const offset = readOffset(h, 16);
+    const bad = this.invalid(flags, offset, payload.length, true);
+    if (bad !== undefined) return this.replyError(h, 'write', bad);
+    const device = this.exp!.device;
+    this.run(
+      h,
+      'write',
+      payload.length,
+      device.write(offset, payload, (flags & CommandFlag.FUA) !== 0),
+    );
+  }
+
+  /** The errno a request gets before it reaches the device, if any. */
+  private invalid(
+    flags: number,
+    offset: number,
+    length: number,
+    writing: boolean,
+  ): number | undefined {
+    const device = this.exp!.device;
+    if (flags & ~KNOWN_COMMAND_FLAGS) return NbdErrno.EINVAL;
+    if (writing && device.readOnly) return NbdErrno.EPERM;
+    if (length === 0) return NbdErrno.EINVAL;
+    if (offset < 0 || offset + length > device.size)
+      return writing ? NbdErrno.ENOSPC : NbdErrno.EINVAL;
+    if (this.blockSizeNegotiated && (offset % MIN_BLOCK !== 0 || length % MIN_BLOCK !== 0))
+      return NbdErrno.EINVAL;
+    return undefined;
+  }
+
+  private thenFua(p: Promise<void>, flags: number, device: BlockDevice): Promise<void> {
+    return flags & CommandFlag.FUA ? p.then(() => device.flush()) : p;
+  }
+
+  /** Tracks a request until its reply is sent; `reply` carries read data after the header. */
+  private run(
+    h: Buffer,
+    kind: RequestKind,
+    bytes: number,
+    work: Promise<void>,
+    reply?: Buffer,
+  ): void {
+    const started = performance.now();
+    const payloadBytes = kind === 'write' || kind === 'read' ? bytes : 0;
+    this.inFlightBytes += payloadBytes;
+    const done = work.then(
+      () => this.sendReply(h, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES)),
+      (err: unknown) => {
+        const errno = errnoOf(err, kind !== 'read' && kind !== 'cache');
+        if (errno === NbdErrno.EIO)
+          this.log.warn(
+            { conn: this.id, export: this.exp?.name, kind, err: errorMessage(err) },
+            'nbd request failed',
+          );
+        this.sendReply(h, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+        return errno;
+      },
+    );
+    const tracked = done.then((errno) => {
+      this.inFlight.delete(tracked);
+      this.inFlightBytes -= payloadBytes;
+      this.observe(this.exp!.name, kind, bytes, (performance.now() - started) / 1000, errno ?? 0);
+      this.afterRequest();
+    });
+    this.inFlight.add(tracked);
+    if (
+      !this.paused &&
+      (this.inFlight.size >= MAX_INFLIGHT_REQUESTS || this.inFlightBytes >= MAX_INFLIGHT_BYTES)
+    ) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  }
+
+  private replyError(h: Buffer, kind: RequestKind, errno: number): void {
+    this.run(h, kind, 0, Promise.reject(new ReplyErrno(errno)));
+  }
+
+  private sendReply(h: Buffer, errno: number, reply: Buffer): void {
+    reply.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+    reply.writeUInt32BE(errno, 4);
+    h.copy(reply, 8, 8, 16); // the client's cookie, echoed
+    if (this.phase.kind !== 'closed')
+      this.socket.write(errno === 0 ? reply : reply.subarray(0, SIMPLE_REPLY_BYTES));
+  }
+
+  private afterRequest(): void {
+    if (
+      this.paused &&
+      this.inFlight.size < MAX_INFLIGHT_REQUESTS / 2 &&
+      this.inFlightBytes < MAX_INFLIGHT_BYTES / 2
+    ) {
+      this.paused = false;
+      this.socket.resume();
+    }
+    if (this.disconnecting && this.inFlight.size === 0) this.close();
+  }
+
+  private onDisconnect(): void {
+    // Requests already received are completed and answered; then the connection ends.
+    this.disconnecting = true;
+    if (this.inFlight.size === 0) this.close();
+  }
+
+  // ---- teardown ------------------------------------------------------------------------------
+
+  /** Stops reading requests and resolves once every request in flight has been answered. */
+  async drain(): Promise<void> {
+    this.disconnecting = true;
+    this.socket.pause();
+    while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
+  }
+
+  private protocolError(reason: string): void {
+    if (this.phase.kind === 'closed') return;
+    this.log.warn(
+      { conn: this.id, export: this.exp?.name, reason },
+      'nbd protocol error; closing connection',
+    );
+    this.close(true);
+  }
+
+  close(abrupt = false): void {
+    if (this.phase.kind === 'closed') return;
+    this.phase = { kind: 'closed' };
+    clearTimeout(this.handshakeTimer);
+    if (abrupt) this.socket.destroy();
+    else this.socket.end();
+  }
+
+  private onClose(): void {
+    clearTimeout(this.handshakeTimer);
+    this.phase = { kind: 'closed' };
+    const exp = this.exp;
+    // Detach only once the requests already handed to the device have finished: until then
+    // the export is still in use, even though nobody will read the replies.
+    if (exp) void this.drain().then(() => this.catalog.detach(this, exp));
+  }
+}
+
+/** A request refused before it reached the device, carrying the errno to reply with. */
+class ReplyErrno extends Error {
+  constructor(readonly errno: number) {
+    super(`nbd errno ${errno}`);
+  }
+}

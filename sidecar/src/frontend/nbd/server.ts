@@ -1,0 +1,145 @@
+// Accepts NBD clients on a unix socket (default, mode 0660) and optionally on TCP, and serves
+// the agent's volumes as exports named after them.
+import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import { LockstepError } from '../../../../lib/errors';
+import type { VolumeStore } from '../../store/volume-store';
+import {
+  NbdConnection,
+  type ConnectionLog,
+  type ExportCatalog,
+  type NbdExport,
+  type RequestObserver,
+} from './connection';
+
+export interface NbdServerLog extends ConnectionLog {
+  info(obj: object, msg: string): void;
+}
+
+export class NbdServer implements ExportCatalog {
+  private readonly listeners: net.Server[] = [];
+  private readonly connections = new Set<NbdConnection>();
+  private readonly attached = new Map<string, Set<NbdConnection>>();
+
+  constructor(
+    private readonly store: VolumeStore,
+    private readonly log: NbdServerLog,
+    private readonly observe: RequestObserver,
+    private readonly onAttachChange: (exportName: string, connections: number) => void = () => {},
+  ) {}
+
+  // ---- ExportCatalog -------------------------------------------------------------------------
+
+  names(): string[] {
+    return this.store.list().flatMap((v) => (v.state === 'Ready' ? [v.name] : []));
+  }
+
+  resolve(name: string): NbdExport | LockstepError {
+    try {
+      const volume = this.store.ready(name);
+      return { name, device: volume.device };
+    } catch (err) {
+      return err instanceof LockstepError
+        ? err
+        : new LockstepError('LOCKSTEP_ERR_VOLUME_FAILED', String(err));
+    }
+  }
+
+  attach(conn: NbdConnection, exp: NbdExport): void {
+    let set = this.attached.get(exp.name);
+    if (!set) this.attached.set(exp.name, (set = new Set()));
+    set.add(conn);
+    this.onAttachChange(exp.name, set.size);
+    this.log.info({ conn: conn.id, export: exp.name, clients: set.size }, 'nbd client attached');
+  }
+
+  detach(conn: NbdConnection, exp: NbdExport): void {
+    const set = this.attached.get(exp.name);
+    if (!set?.delete(conn)) return;
+    if (set.size === 0) this.attached.delete(exp.name);
+    this.onAttachChange(exp.name, set.size);
+    this.log.info({ conn: conn.id, export: exp.name, clients: set.size }, 'nbd client detached');
+  }
+
+  // ---- listening -----------------------------------------------------------------------------
+
+  clientsOf(name: string): number {
+    return this.attached.get(name)?.size ?? 0;
+  }
+
+  /** Ends every connection to an export and waits until none is attached. */
+  async disconnectExport(name: string): Promise<void> {
+    const conns = [...(this.attached.get(name) ?? [])];
+    for (const c of conns) c.close(true);
+    await Promise.all(conns.map((c) => c.drain()));
+    this.attached.delete(name);
+  }
+
+  private accept(socket: net.Socket): void {
+    const conn = new NbdConnection(socket, this, this.log, this.observe);
+    this.connections.add(conn);
+    socket.once('close', () => this.connections.delete(conn));
+  }
+
+  async listenUnix(socketPath: string): Promise<void> {
+    await removeStaleSocket(socketPath);
+    const server = net.createServer((s) => this.accept(s));
+    // Create the socket with mode 0660 from the start: a chmod after bind would leave a window.
+    const previous = process.umask(0o117);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(socketPath, () => resolve());
+      });
+    } finally {
+      process.umask(previous);
+    }
+    this.listeners.push(server);
+  }
+
+  async listenTcp(host: string, port: number): Promise<string> {
+    const server = net.createServer((s) => this.accept(s));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve());
+    });
+    this.listeners.push(server);
+    const addr = server.address() as net.AddressInfo;
+    return `${addr.address}:${addr.port}`;
+  }
+
+  /** Stops accepting, answers every request already received, then closes all connections. */
+  async shutdown(): Promise<void> {
+    await Promise.all(
+      this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve()))),
+    );
+    await Promise.all([...this.connections].map((c) => c.drain()));
+    for (const c of this.connections) c.close();
+  }
+}
+
+async function removeStaleSocket(socketPath: string): Promise<void> {
+  const stat = await fs.lstat(socketPath).catch(() => undefined);
+  if (!stat) return;
+  if (!stat.isSocket()) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `${socketPath} exists and is not a socket; choose another --nbd-socket`,
+    );
+  }
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(socketPath);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_DATA_DIR_LOCKED',
+      `${socketPath} is served by a running process; stop it or choose another --nbd-socket`,
+    );
+  }
+  await fs.rm(socketPath, { force: true });
+}

@@ -1,0 +1,139 @@
+// The agent's Prometheus metrics. Label children are bound once per volume and operation, so
+// recording a request is a map lookup and three increments.
+import http from 'node:http';
+import client from 'prom-client';
+import type { RequestKind, RequestObserver } from './frontend/nbd/connection';
+import type { VolumeStore } from './store/volume-store';
+
+type CounterChild = ReturnType<client.Counter['labels']>;
+
+interface Bound {
+  ok: CounterChild;
+  failed: CounterChild;
+  bytes: CounterChild;
+  seconds: ReturnType<client.Histogram['labels']>;
+}
+
+export class AgentMetrics {
+  readonly registry = new client.Registry();
+  private readonly requests: client.Counter;
+  private readonly bytes: client.Counter;
+  private readonly duration: client.Histogram;
+  private readonly clients: client.Gauge;
+  private readonly bound = new Map<string, Map<RequestKind, Bound>>();
+
+  constructor(store: VolumeStore, node: string) {
+    const registers = [this.registry];
+    this.registry.setDefaultLabels({ node });
+    client.collectDefaultMetrics({ register: this.registry, prefix: 'lockstep_agent_' });
+    this.requests = new client.Counter({
+      name: 'lockstep_nbd_requests_total',
+      help: 'NBD requests answered, by volume, operation and result.',
+      labelNames: ['volume', 'op', 'result'],
+      registers,
+    });
+    this.bytes = new client.Counter({
+      name: 'lockstep_nbd_bytes_total',
+      help: 'Bytes read, written, zeroed or trimmed through NBD.',
+      labelNames: ['volume', 'op'],
+      registers,
+    });
+    this.duration = new client.Histogram({
+      name: 'lockstep_nbd_request_duration_seconds',
+      help: 'Time from receiving an NBD request to queueing its reply.',
+      labelNames: ['volume', 'op'],
+      buckets: [25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1],
+      registers,
+    });
+    this.clients = new client.Gauge({
+      name: 'lockstep_nbd_clients',
+      help: 'NBD connections attached to a volume.',
+      labelNames: ['volume'],
+      registers,
+    });
+    new client.Gauge({
+      name: 'lockstep_volume_size_bytes',
+      help: 'Size of each volume.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const v of store.list())
+          if (v.state === 'Ready') this.set({ volume: v.name }, v.meta.sizeBytes);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_volume_allocated_bytes',
+      help: 'Bytes each volume occupies on disk.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const v of store.list()) this.set({ volume: v.name }, store.allocatedBytes(v));
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_volumes',
+      help: 'Volumes on this agent by state (Ready, Failed).',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        this.reset();
+        this.set({ state: 'Ready' }, 0);
+        this.set({ state: 'Failed' }, 0);
+        for (const v of store.list()) this.inc({ state: v.state });
+      },
+    });
+  }
+
+  readonly observeRequest: RequestObserver = (volume, kind, bytes, seconds, errno) => {
+    let perVolume = this.bound.get(volume);
+    if (!perVolume) this.bound.set(volume, (perVolume = new Map<RequestKind, Bound>()));
+    let b = perVolume.get(kind);
+    if (!b) {
+      b = {
+        ok: this.requests.labels(volume, kind, 'ok'),
+        failed: this.requests.labels(volume, kind, 'error'),
+        bytes: this.bytes.labels(volume, kind),
+        seconds: this.duration.labels(volume, kind),
+      };
+      perVolume.set(kind, b);
+    }
+    (errno === 0 ? b.ok : b.failed).inc();
+    if (errno === 0) b.bytes.inc(bytes);
+    b.seconds.observe(seconds);
+  };
+
+  setClients(volume: string, n: number): void {
+    this.clients.set({ volume }, n);
+  }
+
+  forgetVolume(volume: string): void {
+    this.bound.delete(volume);
+    for (const m of [this.requests, this.bytes, this.duration, this.clients] as client.Metric[]) {
+      (m as client.Counter).remove({ volume } as never);
+    }
+  }
+
+  async serve(host: string, port: number): Promise<{ address: string; close(): Promise<void> }> {
+    const server = http.createServer((req, res) => {
+      if (req.url !== '/metrics') {
+        res.writeHead(404).end('metrics are at /metrics\n');
+        return;
+      }
+      this.registry.metrics().then(
+        (text) => res.writeHead(200, { 'Content-Type': this.registry.contentType }).end(text),
+        (err: unknown) => res.writeHead(500).end(String(err)),
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve());
+    });
+    const addr = server.address() as { address: string; port: number };
+    return {
+      address: `${addr.address}:${addr.port}`,
+      close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+    };
+  }
+}

@@ -1,0 +1,140 @@
+// A BlockDevice over one preallocated-size (sparse) file.
+import fs from 'node:fs';
+import { LockstepError } from '../../../lib/errors';
+import type { BlockDevice, ZeroOptions } from './block-device';
+
+const ZERO_CHUNK = 1 << 20;
+const zeroes = Buffer.alloc(ZERO_CHUNK);
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) =>
+    fs.fdatasync(fd, (err) => (err ? reject(ioError('fdatasync', err)) : resolve())),
+  );
+}
+
+function ioError(op: string, err: NodeJS.ErrnoException): LockstepError {
+  const code =
+    err.code === 'ENOSPC' || err.code === 'EDQUOT' ? 'LOCKSTEP_ERR_NO_SPACE' : 'LOCKSTEP_ERR_IO';
+  return new LockstepError(code, `${op} failed: ${err.message}`, { cause: err });
+}
+
+function pwrite(fd: number, data: Buffer, position: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (done: number) => {
+      fs.write(fd, data, done, data.length - done, position + done, (err, n) => {
+        if (err) return reject(ioError('write', err));
+        if (done + n < data.length) return step(done + n);
+        resolve();
+      });
+    };
+    step(0);
+  });
+}
+
+function pread(fd: number, target: Buffer, position: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (done: number) => {
+      fs.read(fd, target, done, target.length - done, position + done, (err, n) => {
+        if (err) return reject(ioError('read', err));
+        if (n === 0) {
+          // Past EOF of a sparse file that was shortened behind our back: read as zeroes.
+          target.fill(0, done);
+          return resolve();
+        }
+        if (done + n < target.length) return step(done + n);
+        resolve();
+      });
+    };
+    step(0);
+  });
+}
+
+export class FileBlockDevice implements BlockDevice {
+  private closed = false;
+  /** Operations started and not finished: the descriptor is closed only when none remain, so a
+   * late write can never land in a file that reused the descriptor number. */
+  private pending = 0;
+
+  constructor(
+    private readonly fd: number,
+    readonly size: number,
+    readonly readOnly: boolean,
+  ) {}
+
+  private check(op: string, offset: number, length: number, writing: boolean): void {
+    if (this.closed)
+      throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `${op} on a closed volume`);
+    if (writing && this.readOnly)
+      throw new LockstepError('LOCKSTEP_ERR_READ_ONLY', `${op} on a read-only volume`);
+    if (!Number.isSafeInteger(offset) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_OUT_OF_RANGE',
+        `${op} of ${length} bytes at ${offset} is outside the volume (${this.size} bytes)`,
+      );
+    }
+  }
+
+  private async guarded(work: () => Promise<void>): Promise<void> {
+    this.pending++;
+    try {
+      await work();
+    } finally {
+      if (--this.pending === 0 && this.closed) fs.closeSync(this.fd);
+    }
+  }
+
+  async read(offset: number, target: Buffer): Promise<void> {
+    this.check('read', offset, target.length, false);
+    return this.guarded(() => pread(this.fd, target, offset));
+  }
+
+  async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    this.check('write', offset, data.length, true);
+    return this.guarded(async () => {
+      await pwrite(this.fd, data, offset);
+      if (fua) await fdatasync(this.fd);
+    });
+  }
+
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    this.check('write-zeroes', offset, length, true);
+    return this.guarded(() => this.zero(offset, length, opts));
+  }
+
+  private async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    // Node cannot punch holes (no fallocate), so zeroing writes zeroes. Where the range already
+    // reads as zeroes (a hole, typically) and a hole is allowed, skip the write: the file stays
+    // sparse, which matters for copies that arrive as zero runs (qemu-img convert, baselines).
+    const scratch = opts.noHole ? undefined : Buffer.allocUnsafe(Math.min(length, ZERO_CHUNK));
+    for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, offset + length - pos);
+      if (scratch) {
+        const view = scratch.subarray(0, n);
+        await pread(this.fd, view, pos);
+        if (view.equals(zeroes.subarray(0, n))) continue;
+      }
+      await pwrite(this.fd, zeroes.subarray(0, n), pos);
+    }
+    if (opts.fua) await fdatasync(this.fd);
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    // Advisory by the NBD spec; without fallocate we cannot release the blocks, and leaving
+    // the data in place keeps every replica byte-identical.
+    this.check('trim', offset, length, true);
+    return Promise.resolve();
+  }
+
+  async flush(): Promise<void> {
+    if (this.closed)
+      throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', 'flush on a closed volume');
+    return this.guarded(() => fdatasync(this.fd));
+  }
+
+  /** Refuses new operations; the descriptor closes once the ones in progress finish. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.pending === 0) fs.closeSync(this.fd);
+  }
+}
