@@ -20,6 +20,8 @@ const common = {
 };
 
 module.exports = {
+  // Tests drive real processes; each bounds its own waits, this is the backstop.
+  testTimeout: 120_000,
   projects: [
     { ...common, displayName: 'unit', testMatch: ['<rootDir>/test/unit/**/*.test.ts'] },
     { ...common, displayName: 'dataplane', testMatch: ['<rootDir>/test/dataplane/**/*.test.ts'] },

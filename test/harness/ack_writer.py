@@ -1,0 +1,70 @@
+"""Writes a unique pattern into distinct 4 KiB slots through libnbd with many requests in
+flight, and records each slot in LOG only after the server acknowledged its write. Run until
+COUNT slots are written or the connection dies (the server was killed): either way LOG holds
+exactly the acknowledged writes. `verify` mode checks every logged slot reads back intact.
+
+usage: ack_writer.py write URI LOG COUNT [DEPTH]
+       ack_writer.py verify URI LOG
+"""
+import random
+import struct
+import sys
+
+import nbd
+
+SLOT = 4096
+MAGIC = 0x4C4F434B53544550  # "LOCKSTEP"
+
+
+def pattern(slot):
+    return struct.pack(">QQ", slot, MAGIC) * (SLOT // 16)
+
+
+def write(uri, log_path, count, depth):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    slots = list(range(h.get_size() // SLOT))
+    random.shuffle(slots)
+    slots = slots[:count]
+    acked = 0
+    with open(log_path, "w", buffering=1) as log:
+        def done(slot):
+            def cb(err):
+                nonlocal acked
+                if err.value == 0:
+                    log.write("%d\n" % slot)
+                    acked += 1
+                return 1
+            return cb
+        try:
+            nxt = 0
+            while nxt < len(slots) or h.aio_in_flight() > 0:
+                while nxt < len(slots) and h.aio_in_flight() < depth:
+                    h.aio_pwrite(pattern(slots[nxt]), slots[nxt] * SLOT, completion=done(slots[nxt]))
+                    nxt += 1
+                h.poll(-1)
+            h.flush()
+            print("acked=%d flushed" % acked)
+        except nbd.Error as e:
+            print("acked=%d connection lost: %s" % (acked, e))
+
+
+def verify(uri, log_path):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    with open(log_path) as f:
+        slots = [int(line) for line in f if line.strip()]
+    bad = [s for s in slots if h.pread(SLOT, s * SLOT) != pattern(s)]
+    print("checked=%d bad=%d" % (len(slots), len(bad)))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "write":
+        depth = int(sys.argv[5]) if len(sys.argv) > 5 else 16
+        write(sys.argv[2], sys.argv[3], int(sys.argv[4]), depth)
+    elif mode == "verify":
+        verify(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("unknown mode " + mode)

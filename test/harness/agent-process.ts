@@ -1,0 +1,176 @@
+// A real `lockstep agent` process for tests: its own data dir, free ports, logs in a file.
+// Restartable on the same data dir, killable with any signal.
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { AgentClient } from '../../lib/agent-client';
+import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
+
+const execFileAsync = promisify(execFile);
+export const repoRoot = path.resolve(__dirname, '..', '..');
+export const lockstepBin = path.join(repoRoot, 'bin', 'lockstep.js');
+
+export interface AgentProcessOptions {
+  node?: string;
+  dataDir?: string;
+  nbdTcp?: boolean;
+  metrics?: boolean;
+  extraArgs?: string[];
+}
+
+export class AgentProcess {
+  proc!: ManagedProcess;
+  grpcAddress = '';
+  nbdTcpPort = 0;
+  metricsPort = 0;
+  readonly node: string;
+  readonly dataDir: string;
+  private readonly ownsDir: boolean;
+  private starts = 0;
+
+  constructor(private readonly opts: AgentProcessOptions = {}) {
+    this.node = opts.node ?? 'node-a';
+    this.ownsDir = !opts.dataDir;
+    this.dataDir = opts.dataDir ?? mkdtempSync(path.join(os.tmpdir(), 'lockstep-agent-'));
+  }
+
+  get nbdSocket(): string {
+    return path.join(this.dataDir, 'nbd.sock');
+  }
+
+  uri(volume: string): string {
+    return `nbd+unix:///${volume}?socket=${this.nbdSocket}`;
+  }
+
+  async start(): Promise<this> {
+    const port = this.grpcAddress ? Number(this.grpcAddress.split(':')[1]) : await freePort();
+    this.grpcAddress = `127.0.0.1:${port}`;
+    const args = [
+      lockstepBin,
+      'agent',
+      '--node',
+      this.node,
+      '--data-dir',
+      this.dataDir,
+      '--listen',
+      this.grpcAddress,
+    ];
+    if (this.opts.nbdTcp) {
+      this.nbdTcpPort ||= await freePort();
+      args.push('--nbd-listen', `127.0.0.1:${this.nbdTcpPort}`);
+    }
+    if (this.opts.metrics) {
+      this.metricsPort ||= await freePort();
+      args.push('--metrics-listen', `127.0.0.1:${this.metricsPort}`);
+    }
+    args.push(...(this.opts.extraArgs ?? []));
+    this.proc = startProcess(
+      `agent-${this.node}`,
+      process.execPath,
+      args,
+      path.join(this.dataDir, `agent.${++this.starts}.log`),
+    );
+    await waitFor(
+      `agent ${this.node} to serve`,
+      async () => {
+        if (this.proc.child.exitCode !== null) throw new Error(`agent exited:\n${this.proc.log()}`);
+        const client = new AgentClient(this.grpcAddress, 1000);
+        try {
+          await client.info();
+          return true;
+        } finally {
+          client.close();
+        }
+      },
+      20_000,
+      50,
+    );
+    return this;
+  }
+
+  /** Runs `lockstep ctl --agent <this> ...args` and returns stdout; rejects with stderr on failure. */
+  async ctl(...args: string[]): Promise<string> {
+    try {
+      const { stdout } = await execFileAsync(process.execPath, [
+        lockstepBin,
+        'ctl',
+        '--agent',
+        this.grpcAddress,
+        ...args,
+      ]);
+      return stdout;
+    } catch (err) {
+      const e = err as { stderr?: string; code?: number };
+      throw Object.assign(
+        new Error(`ctl ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}`),
+        { stderr: e.stderr ?? '', exitCode: e.code },
+      );
+    }
+  }
+
+  async createVolume(name: string, size: string): Promise<string> {
+    await this.ctl('volume', 'create', name, '--size', size);
+    return this.uri(name);
+  }
+
+  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<number | string> {
+    await this.proc.kill(signal);
+    return this.proc.exited;
+  }
+
+  async stop(): Promise<void> {
+    await this.proc?.stop();
+  }
+
+  async dispose(): Promise<void> {
+    await this.proc?.kill('SIGKILL');
+    if (this.ownsDir) rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+/** Runs a command (an NBD client) and returns stdout; the error carries stderr. */
+export async function run(
+  cmd: string,
+  args: string[],
+  opts: { timeoutMs?: number; input?: string } = {},
+): Promise<string> {
+  try {
+    const { stdout } = await execFileAsync(cmd, args, {
+      timeout: opts.timeoutMs ?? 120_000,
+      maxBuffer: 64 << 20,
+    });
+    return stdout;
+  } catch (err) {
+    const e = err as { stderr?: string; stdout?: string; code?: number };
+    throw new Error(
+      `${cmd} ${args.join(' ')} failed (${e.code}):\n${e.stderr ?? ''}${e.stdout ?? ''}`,
+    );
+  }
+}
+
+/** Debian's python3 (python3-libnbd lives in its dist-packages, not in other interpreters). */
+export const systemPython = '/usr/bin/python3';
+
+export const ackWriter = path.join(repoRoot, 'test', 'harness', 'ack_writer.py');
+
+/** Starts the acknowledged-write recorder against `uri`; resolves with its summary line. */
+export function startAckWriter(
+  uri: string,
+  logFile: string,
+  count: number,
+  depth = 16,
+): Promise<string> {
+  return run(systemPython, [ackWriter, 'write', uri, logFile, String(count), String(depth)], {
+    timeoutMs: 300_000,
+  });
+}
+
+/** Checks every acknowledged slot in `logFile`; resolves with how many were checked. */
+export async function verifyAckedWrites(uri: string, logFile: string): Promise<number> {
+  const out = await run(systemPython, [ackWriter, 'verify', uri, logFile]);
+  const m = /checked=(\d+) bad=0/.exec(out);
+  if (!m) throw new Error(`acknowledged writes missing: ${out}`);
+  return Number(m[1]);
+}

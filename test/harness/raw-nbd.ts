@@ -1,0 +1,150 @@
+// A deliberately minimal NBD client over a raw socket, for sending what real clients never
+// send: bad magics, truncated headers, oversized lengths, unknown commands.
+import net from 'node:net';
+
+export const NBD = {
+  IHAVEOPT: 0x49484156454f5054n,
+  REQUEST_MAGIC: 0x25609513,
+  REPLY_MAGIC: 0x67446698,
+  OPT_GO: 7,
+  OPT_LIST: 3,
+  CMD_READ: 0,
+  CMD_WRITE: 1,
+  CMD_DISC: 2,
+  CMD_FLUSH: 3,
+  ERR_UNSUP: 2 ** 31 + 1,
+  ERR_UNKNOWN: 2 ** 31 + 6,
+  EPERM: 1,
+  EINVAL: 22,
+  ENOSPC: 28,
+} as const;
+
+export class RawNbd {
+  private buffered = Buffer.alloc(0);
+  private waiter: (() => void) | undefined;
+  closed = false;
+
+  private constructor(readonly socket: net.Socket) {
+    socket.on('data', (c: Buffer) => {
+      this.buffered = Buffer.concat([this.buffered, c]);
+      this.waiter?.();
+    });
+    socket.on('close', () => {
+      this.closed = true;
+      this.waiter?.();
+    });
+    socket.on('error', () => {});
+  }
+
+  static connect(socketPath: string): Promise<RawNbd> {
+    return new Promise((resolve, reject) => {
+      const s = net.connect(socketPath, () => resolve(new RawNbd(s)));
+      s.once('error', reject);
+    });
+  }
+
+  /** Resolves with exactly n bytes, or rejects if the server closes first. */
+  async read(n: number, timeoutMs = 5000): Promise<Buffer> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.buffered.length < n) {
+      if (this.closed)
+        throw new Error(
+          `connection closed by server (wanted ${n} bytes, had ${this.buffered.length})`,
+        );
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes`);
+      await new Promise<void>((resolve) => {
+        this.waiter = resolve;
+        setTimeout(resolve, 50);
+      });
+    }
+    const out = this.buffered.subarray(0, n);
+    this.buffered = this.buffered.subarray(n);
+    return out;
+  }
+
+  /** Resolves true once the server has closed the connection (within the timeout). */
+  async closedByServer(timeoutMs = 5000): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    return this.closed;
+  }
+
+  write(b: Buffer): void {
+    this.socket.write(b);
+  }
+
+  /** Reads the greeting and sends client flags (FIXED_NEWSTYLE | NO_ZEROES by default). */
+  async greet(clientFlags = 3): Promise<void> {
+    const g = await this.read(18);
+    if (g.toString('latin1', 0, 8) !== 'NBDMAGIC') throw new Error('bad greeting');
+    const f = Buffer.alloc(4);
+    f.writeUInt32BE(clientFlags);
+    this.write(f);
+  }
+
+  sendOption(option: number, data: Buffer = Buffer.alloc(0), magic = NBD.IHAVEOPT): void {
+    const h = Buffer.alloc(16);
+    h.writeBigUInt64BE(magic, 0);
+    h.writeUInt32BE(option, 8);
+    h.writeUInt32BE(data.length, 12);
+    this.write(Buffer.concat([h, data]));
+  }
+
+  async readOptionReply(): Promise<{ option: number; type: number; data: Buffer }> {
+    const h = await this.read(20);
+    const length = h.readUInt32BE(16);
+    return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data: await this.read(length) };
+  }
+
+  /** OPT_GO to `name`; resolves with the final reply type (ACK = 1 on success). */
+  async go(name: string): Promise<{ type: number; message: string }> {
+    const n = Buffer.from(name);
+    const d = Buffer.alloc(4 + n.length + 2);
+    d.writeUInt32BE(n.length, 0);
+    n.copy(d, 4);
+    this.sendOption(NBD.OPT_GO, d);
+    for (;;) {
+      const r = await this.readOptionReply();
+      if (r.type !== 3) return { type: r.type, message: r.data.toString() };
+    }
+  }
+
+  static async open(socketPath: string, name: string): Promise<RawNbd> {
+    const c = await RawNbd.connect(socketPath);
+    await c.greet();
+    const r = await c.go(name);
+    if (r.type !== 1) throw new Error(`GO ${name} failed: ${r.type} ${r.message}`);
+    return c;
+  }
+
+  request(
+    type: number,
+    offset: number,
+    length: number,
+    opts: { flags?: number; cookie?: number; payload?: Buffer; magic?: number } = {},
+  ): void {
+    const h = Buffer.alloc(28);
+    h.writeUInt32BE(opts.magic ?? NBD.REQUEST_MAGIC, 0);
+    h.writeUInt16BE(opts.flags ?? 0, 4);
+    h.writeUInt16BE(type, 6);
+    h.writeBigUInt64BE(BigInt(opts.cookie ?? 1), 8);
+    h.writeBigUInt64BE(BigInt(offset), 16);
+    h.writeUInt32BE(length, 24);
+    this.write(opts.payload ? Buffer.concat([h, opts.payload]) : h);
+  }
+
+  async reply(dataLength = 0): Promise<{ error: number; cookie: number; data: Buffer }> {
+    const h = await this.read(16);
+    if (h.readUInt32BE(0) !== NBD.REPLY_MAGIC) throw new Error('bad reply magic');
+    const error = h.readUInt32BE(4);
+    return {
+      error,
+      cookie: Number(h.readBigUInt64BE(8)),
+      data: error === 0 && dataLength ? await this.read(dataLength) : Buffer.alloc(0),
+    };
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
