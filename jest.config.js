@@ -1,6 +1,20 @@
 // Three suites: pure logic (unit), real processes and NBD clients (dataplane), and a real
 // kube-apiserver + etcd shared by every file of the suite (k8s, started in global setup).
-const swc = ['@swc/jest', { jsc: { target: 'es2022' }, module: { type: 'commonjs' } }];
+// Transpile only (type checking is `tsc`'s job in `npm run build`), to CommonJS.
+const tsJest = [
+  'ts-jest',
+  {
+    tsconfig: {
+      module: 'commonjs',
+      moduleResolution: 'node10',
+      target: 'es2022',
+      allowJs: true,
+      isolatedModules: true,
+      sourceMap: true,
+    },
+    diagnostics: false,
+  },
+];
 // @kubernetes/client-node 1.x and a few of its dependencies are ES modules. Node >= 20.19 loads
 // them with require(); jest's own module loader does not (before Node 24.9), so they are
 // compiled to CommonJS for tests only.
@@ -14,7 +28,7 @@ const esmPackages = [
 ];
 const common = {
   testEnvironment: 'node',
-  transform: { '^.+\\.ts$': swc, '^.+\\.m?js$': swc },
+  transform: { '^.+\\.ts$': tsJest, '^.+\\.m?js$': tsJest },
   transformIgnorePatterns: [`/node_modules/(?!(${esmPackages.join('|')})/)`],
   moduleFileExtensions: ['ts', 'js', 'mjs', 'json'],
 };

@@ -141,6 +141,7 @@ describe('NBD export with real clients', () => {
         '--verify=crc32c',
         '--do_verify=1',
         '--verify_fatal=1',
+        '--verify_state_save=0',
         '--output-format=json',
       ],
       { timeoutMs: 180_000 },

@@ -82,7 +82,7 @@ export class RawNbd {
     this.write(f);
   }
 
-  sendOption(option: number, data: Buffer = Buffer.alloc(0), magic = NBD.IHAVEOPT): void {
+  sendOption(option: number, data: Buffer = Buffer.alloc(0), magic: bigint = NBD.IHAVEOPT): void {
     const h = Buffer.alloc(16);
     h.writeBigUInt64BE(magic, 0);
     h.writeUInt32BE(option, 8);
