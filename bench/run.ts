@@ -31,12 +31,12 @@ export function parseFioLines(text: string): JobResult[] {
       );
     if (m)
       out.push({
-        label: m[1]!,
-        job: m[2]!,
-        iops: +m[3]!,
-        MBps: +m[4]!,
-        p50_us: +m[5]!,
-        p99_us: +m[6]!,
+        label: m[1],
+        job: m[2],
+        iops: +m[3],
+        MBps: +m[4],
+        p50_us: +m[5],
+        p99_us: +m[6],
       });
   }
   return out;
