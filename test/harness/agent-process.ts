@@ -6,10 +6,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { AgentClient } from '../../lib/agent-client';
+import { packageRoot } from '../../lib/package-root';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
 
 const execFileAsync = promisify(execFile);
-export const repoRoot = path.resolve(__dirname, '..', '..');
+export const repoRoot = packageRoot;
 export const lockstepBin = path.join(repoRoot, 'bin', 'lockstep.js');
 
 export interface AgentProcessOptions {

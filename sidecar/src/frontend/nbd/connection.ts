@@ -1,12 +1,17 @@
 // One NBD client connection: fixed-newstyle negotiation, then transmission with simple replies.
-// The parser is an explicit state machine fed from a ChunkQueue; each state names the bytes it
-// waits for, and one method handles each protocol event. Requests run concurrently and reply
-// out of order; the device behind an export is only ever seen as a BlockDevice.
+// The parser is an explicit state machine; each state names the bytes it waits for, and one
+// method handles each protocol event. Requests run concurrently and reply out of order; the
+// device behind an export is only ever seen as a BlockDevice.
+//
+// Input arrives through the socket's `onread` hook (see server.ts): the kernel reads into a
+// reused scratch buffer, or, while a write payload is incomplete, straight into that payload's
+// pooled buffer. Headers are parsed where they lie; only a header split across two reads is
+// copied. So a 1 MiB write costs one copy out of the kernel, and no allocation.
 import type { Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../store/block-device';
-import { ChunkQueue } from './chunk-queue';
+import type { BufferPool } from './buffer-pool';
 import {
   ClientFlag,
   Command,
@@ -66,8 +71,19 @@ type Phase =
   | { kind: 'option-data'; option: number; length: number }
   | { kind: 'option-too-big'; option: number; remaining: number }
   | { kind: 'request-header' }
-  | { kind: 'write-payload'; header: Buffer; length: number }
+  | { kind: 'write-payload'; request: Request; payload: Buffer; filled: number }
   | { kind: 'closed' };
+
+/** A transmission-phase request, parsed out of its header (which lives in a reused buffer). */
+interface Request {
+  cookieHi: number;
+  cookieLo: number;
+  flags: number;
+  type: number;
+  /** -1 when the 64-bit offset does not fit a safe integer (always out of range). */
+  offset: number;
+  length: number;
+}
 
 const HANDSHAKE_TIMEOUT_MS = 30_000;
 /** Above this many requests or payload bytes in flight, stop reading from the socket. */
@@ -106,8 +122,10 @@ let nextConnectionId = 1;
 
 export class NbdConnection {
   readonly id = nextConnectionId++;
-  private readonly queue = new ChunkQueue();
   private phase: Phase = { kind: 'client-flags' };
+  /** A protocol element split across reads, collected until complete. */
+  private carry = Buffer.allocUnsafe(64);
+  private carryLength = 0;
   private noZeroes = false;
   private blockSizeNegotiated = false;
   private exp: NbdExport | undefined;
@@ -117,14 +135,17 @@ export class NbdConnection {
   private disconnecting = false;
   private readonly handshakeTimer: NodeJS.Timeout;
 
+  /** `socket` must deliver reads to `onRead`, into the buffer `readBuffer()` names. */
   constructor(
     private readonly socket: Socket,
+    /** Where reads land unless a write payload is being filled. */
+    private readonly scratch: Buffer,
     private readonly catalog: ExportCatalog,
     private readonly log: ConnectionLog,
     private readonly observe: RequestObserver,
+    private readonly pool: BufferPool,
   ) {
     socket.setNoDelay?.(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (err) =>
       this.log.debug({ conn: this.id, err: err.message }, 'nbd socket error'),
     );
@@ -146,54 +167,112 @@ export class NbdConnection {
 
   // ---- input ---------------------------------------------------------------------------------
 
-  private onData(chunk: Buffer): void {
+  /** The buffer the next read should fill: the rest of a pending write payload, or scratch. */
+  readBuffer(): Buffer {
+    const phase = this.phase;
+    return phase.kind === 'write-payload' ? phase.payload.subarray(phase.filled) : this.scratch;
+  }
+
+  /** Handles `n` bytes the kernel just put into `buf` (a buffer `readBuffer()` returned). */
+  onRead(n: number, buf: Buffer): void {
     if (this.phase.kind === 'closed') return;
-    this.queue.push(chunk);
     try {
-      while (this.step()) {
-        /* each step consumes one protocol element */
-      }
+      if (buf !== this.scratch) this.onPayloadBytes(n);
+      else this.parse(buf, n);
     } catch (err) {
       this.protocolError(`internal error: ${errorMessage(err)}`);
     }
   }
 
-  /** Handles the next protocol element if its bytes are all here; false when it must wait. */
-  private step(): boolean {
-    const q = this.queue;
+  private onPayloadBytes(n: number): void {
+    const phase = this.phase;
+    if (phase.kind !== 'write-payload') throw new Error('payload bytes outside a write');
+    phase.filled += n;
+    if (phase.filled === phase.payload.length) {
+      this.phase = { kind: 'request-header' };
+      this.onWrite(phase.request, phase.payload);
+    }
+  }
+
+  /** Bytes the current state needs as one element; 0 for states that stream. */
+  private elementSize(): number {
     const phase = this.phase;
     switch (phase.kind) {
       case 'client-flags':
-        if (q.length < 4) return false;
-        this.onClientFlags(q.take(4).readUInt32BE(0));
-        return true;
+        return 4;
       case 'option-header':
-        if (q.length < OPTION_HEADER_BYTES) return false;
-        this.onOptionHeader(q.take(OPTION_HEADER_BYTES));
-        return true;
+        return OPTION_HEADER_BYTES;
       case 'option-data':
-        if (q.length < phase.length) return false;
-        this.phase = { kind: 'option-header' };
-        this.onOption(phase.option, q.take(phase.length));
-        return true;
-      case 'option-too-big': {
-        phase.remaining -= q.skip(phase.remaining);
-        if (phase.remaining > 0) return false;
-        this.phase = { kind: 'option-header' };
-        this.optionError(phase.option, OptionReply.ERR_TOO_BIG, 'option data too long');
-        return true;
-      }
+        return phase.length;
       case 'request-header':
-        if (this.disconnecting || q.length < REQUEST_HEADER_BYTES) return false;
-        this.onRequestHeader(q.take(REQUEST_HEADER_BYTES));
-        return true;
+        return REQUEST_HEADER_BYTES;
+      case 'option-too-big':
       case 'write-payload':
-        if (q.length < phase.length) return false;
-        this.phase = { kind: 'request-header' };
-        this.onWrite(phase.header, q.take(phase.length));
-        return true;
       case 'closed':
-        return false;
+        return 0;
+    }
+  }
+
+  private parse(buf: Buffer, end: number): void {
+    let off = 0;
+    while (off < end) {
+      const phase = this.phase;
+      if (phase.kind === 'closed' || (phase.kind === 'request-header' && this.disconnecting))
+        return;
+      if (phase.kind === 'write-payload') {
+        const k = Math.min(end - off, phase.payload.length - phase.filled);
+        buf.copy(phase.payload, phase.filled, off, off + k);
+        off += k;
+        this.onPayloadBytes(k);
+        continue;
+      }
+      if (phase.kind === 'option-too-big') {
+        const k = Math.min(end - off, phase.remaining);
+        phase.remaining -= k;
+        off += k;
+        if (phase.remaining === 0) {
+          this.phase = { kind: 'option-header' };
+          this.optionError(phase.option, OptionReply.ERR_TOO_BIG, 'option data too long');
+        }
+        continue;
+      }
+      const need = this.elementSize();
+      if (this.carryLength === 0 && end - off >= need) {
+        off += need;
+        this.onElement(buf.subarray(off - need, off));
+        continue;
+      }
+      // The element straddles reads: collect it (a copy, but only of a header's few bytes or
+      // of negotiation data).
+      if (this.carry.length < need) this.carry = Buffer.allocUnsafe(need);
+      const k = Math.min(need - this.carryLength, end - off);
+      buf.copy(this.carry, this.carryLength, off, off + k);
+      this.carryLength += k;
+      off += k;
+      if (this.carryLength === need) {
+        this.carryLength = 0;
+        this.onElement(this.carry.subarray(0, need));
+      }
+    }
+  }
+
+  /** One complete element for the current state. `bytes` is only valid during this call. */
+  private onElement(bytes: Buffer): void {
+    const phase = this.phase;
+    switch (phase.kind) {
+      case 'client-flags':
+        return this.onClientFlags(bytes.readUInt32BE(0));
+      case 'option-header':
+        return this.onOptionHeader(bytes);
+      case 'option-data':
+        this.phase = { kind: 'option-header' };
+        return this.onOption(phase.option, bytes);
+      case 'request-header':
+        return this.onRequestHeader(bytes);
+      case 'option-too-big':
+      case 'write-payload':
+      case 'closed':
+        throw new Error(`no element in state ${phase.kind}`);
     }
   }
 
@@ -220,10 +299,14 @@ export class NbdConnection {
     if (h.readBigUInt64BE(0) !== IHAVEOPT) return this.protocolError('bad option magic');
     const option = h.readUInt32BE(8);
     const length = h.readUInt32BE(12);
+    if (length === 0) {
+      this.phase = { kind: 'option-header' };
+      return this.onOption(option, Buffer.alloc(0));
+    }
     this.phase =
       length > MAX_OPTION_BYTES
         ? { kind: 'option-too-big', option, remaining: length }
-        : { kind: 'option-data', option, length };
+        : { kind: 'option-data', option, length: length };
   }
 
   private onOption(option: number, data: Buffer): void {
@@ -366,113 +449,116 @@ export class NbdConnection {
 
   private onRequestHeader(h: Buffer): void {
     if (h.readUInt32BE(0) !== REQUEST_MAGIC) return this.protocolError('bad request magic');
-    const type = h.readUInt16BE(6);
-    if (type === Command.WRITE) {
-      const length = h.readUInt32BE(24);
+    const req: Request = {
+      cookieHi: h.readUInt32BE(8),
+      cookieLo: h.readUInt32BE(12),
+      flags: h.readUInt16BE(4),
+      type: h.readUInt16BE(6),
+      offset: readOffset(h, 16),
+      length: h.readUInt32BE(24),
+    };
+    if (req.type === Command.WRITE) {
       // The payload follows the header: one whose length we will not buffer cannot be skipped
       // safely, so the connection ends (the spec allows it for oversized requests).
-      if (length > MAX_PAYLOAD)
-        return this.protocolError(`write of ${length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`);
-      this.phase = { kind: 'write-payload', header: h, length };
-      return;
-    }
-    if (type === Command.DISC) return this.onDisconnect();
-    this.onCommand(h, type);
-  }
-
-  private onCommand(h: Buffer, type: number): void {
-    const offset = readOffset(h, 16);
-    const length = h.readUInt32BE(24);
-    const flags = h.readUInt16BE(4);
-    const device = this.exp!.device;
-    switch (type) {
-      case Command.READ: {
-        const bad =
-          this.invalid(flags, offset, length, false) ??
-          (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
-        if (bad !== undefined) return this.replyError(h, 'read', bad);
-        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
-        return this.run(
-          h,
-          'read',
-          length,
-          device.read(offset, reply.subarray(SIMPLE_REPLY_BYTES)),
-          reply,
+      if (req.length > MAX_PAYLOAD) {
+        return this.protocolError(
+          `write of ${req.length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`,
         );
       }
+      if (req.length === 0) return this.onWrite(req, Buffer.alloc(0));
+      this.phase = {
+        kind: 'write-payload',
+        request: req,
+        payload: this.pool.acquire(req.length),
+        filled: 0,
+      };
+      return;
+    }
+    if (req.type === Command.DISC) return this.onDisconnect();
+    this.onCommand(req);
+  }
+
+  private onCommand(req: Request): void {
+    const { flags, offset, length } = req;
+    const device = this.exp!.device;
+    switch (req.type) {
+      case Command.READ: {
+        const bad =
+          this.invalid(req, false) ?? (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
+        if (bad !== undefined) return this.replyError(req, 'read', bad);
+        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
+        const work = device.read(offset, reply.subarray(SIMPLE_REPLY_BYTES));
+        return this.run(req, 'read', length, work, reply);
+      }
       case Command.FLUSH:
-        if (flags & ~KNOWN_COMMAND_FLAGS) return this.replyError(h, 'flush', NbdErrno.EINVAL);
-        return this.run(h, 'flush', 0, device.flush());
+        if (flags & ~KNOWN_COMMAND_FLAGS) return this.replyError(req, 'flush', NbdErrno.EINVAL);
+        return this.run(req, 'flush', 0, device.flush());
       case Command.TRIM: {
-        const bad = this.invalid(flags, offset, length, true);
-        if (bad !== undefined) return this.replyError(h, 'trim', bad);
+        const bad = this.invalid(req, true);
+        if (bad !== undefined) return this.replyError(req, 'trim', bad);
+        const work = device.trim(offset, length);
         return this.run(
-          h,
+          req,
           'trim',
           length,
-          this.thenFua(device.trim(offset, length), flags, device),
+          flags & CommandFlag.FUA ? work.then(() => device.flush()) : work,
         );
       }
       case Command.WRITE_ZEROES: {
-        const bad = this.invalid(flags, offset, length, true);
-        if (bad !== undefined) return this.replyError(h, 'write_zeroes', bad);
+        const bad = this.invalid(req, true);
+        if (bad !== undefined) return this.replyError(req, 'write_zeroes', bad);
         const opts = {
           fua: (flags & CommandFlag.FUA) !== 0,
           noHole: (flags & CommandFlag.NO_HOLE) !== 0,
         };
-        return this.run(h, 'write_zeroes', length, device.writeZeroes(offset, length, opts));
+        return this.run(req, 'write_zeroes', length, device.writeZeroes(offset, length, opts));
       }
       case Command.CACHE: {
         // A hint to prefetch; the page cache already does what it can.
-        const bad = this.invalid(flags, offset, length, false);
+        const bad = this.invalid(req, false);
         return bad !== undefined
-          ? this.replyError(h, 'cache', bad)
-          : this.run(h, 'cache', 0, Promise.resolve());
+          ? this.replyError(req, 'cache', bad)
+          : this.run(req, 'cache', 0, Promise.resolve());
       }
       default:
-        return this.replyError(h, 'invalid', NbdErrno.EINVAL);
+        return this.replyError(req, 'invalid', NbdErrno.EINVAL);
     }
   }
 
-  private onWrite(h: Buffer, payload: Buffer): void {
-    const flags = h.readUInt16BE(4);
-    const offset = readOffset(h, 16);
-    const bad = this.invalid(flags, offset, payload.length, true);
-    if (bad !== undefined) return this.replyError(h, 'write', bad);
-    const device = this.exp!.device;
+  private onWrite(req: Request, payload: Buffer): void {
+    const bad = this.invalid(req, true);
+    const work =
+      bad !== undefined
+        ? Promise.reject(new ReplyErrno(bad))
+        : this.exp!.device.write(req.offset, payload, (req.flags & CommandFlag.FUA) !== 0);
+    // The payload goes back to the pool once the device (and every replica) is done with it.
     this.run(
-      h,
+      req,
       'write',
       payload.length,
-      device.write(offset, payload, (flags & CommandFlag.FUA) !== 0),
+      work.finally(() => this.pool.release(payload)),
     );
   }
 
   /** The errno a request gets before it reaches the device, if any. */
-  private invalid(
-    flags: number,
-    offset: number,
-    length: number,
-    writing: boolean,
-  ): number | undefined {
+  private invalid(req: Request, writing: boolean): number | undefined {
+    const { flags, offset, length } = req;
     const device = this.exp!.device;
     if (flags & ~KNOWN_COMMAND_FLAGS) return NbdErrno.EINVAL;
     if (writing && device.readOnly) return NbdErrno.EPERM;
     if (length === 0) return NbdErrno.EINVAL;
-    if (offset < 0 || offset + length > device.size)
+    if (offset < 0 || offset + length > device.size) {
       return writing ? NbdErrno.ENOSPC : NbdErrno.EINVAL;
-    if (this.blockSizeNegotiated && (offset % MIN_BLOCK !== 0 || length % MIN_BLOCK !== 0))
+    }
+    if (this.blockSizeNegotiated && (offset % MIN_BLOCK !== 0 || length % MIN_BLOCK !== 0)) {
       return NbdErrno.EINVAL;
+    }
     return undefined;
-  }
-
-  private thenFua(p: Promise<void>, flags: number, device: BlockDevice): Promise<void> {
-    return flags & CommandFlag.FUA ? p.then(() => device.flush()) : p;
   }
 
   /** Tracks a request until its reply is sent; `reply` carries read data after the header. */
   private run(
-    h: Buffer,
+    req: Request,
     kind: RequestKind,
     bytes: number,
     work: Promise<void>,
@@ -482,15 +568,16 @@ export class NbdConnection {
     const payloadBytes = kind === 'write' || kind === 'read' ? bytes : 0;
     this.inFlightBytes += payloadBytes;
     const done = work.then(
-      () => this.sendReply(h, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES)),
+      () => this.sendReply(req, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES)),
       (err: unknown) => {
         const errno = errnoOf(err, kind !== 'read' && kind !== 'cache');
-        if (errno === NbdErrno.EIO)
+        if (errno === NbdErrno.EIO) {
           this.log.warn(
             { conn: this.id, export: this.exp?.name, kind, err: errorMessage(err) },
             'nbd request failed',
           );
-        this.sendReply(h, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+        }
+        this.sendReply(req, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
         return errno;
       },
     );
@@ -510,16 +597,18 @@ export class NbdConnection {
     }
   }
 
-  private replyError(h: Buffer, kind: RequestKind, errno: number): void {
-    this.run(h, kind, 0, Promise.reject(new ReplyErrno(errno)));
+  private replyError(req: Request, kind: RequestKind, errno: number): void {
+    this.run(req, kind, 0, Promise.reject(new ReplyErrno(errno)));
   }
 
-  private sendReply(h: Buffer, errno: number, reply: Buffer): void {
+  private sendReply(req: Request, errno: number, reply: Buffer): void {
     reply.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
     reply.writeUInt32BE(errno, 4);
-    h.copy(reply, 8, 8, 16); // the client's cookie, echoed
-    if (this.phase.kind !== 'closed')
+    reply.writeUInt32BE(req.cookieHi, 8); // the client's cookie, echoed
+    reply.writeUInt32BE(req.cookieLo, 12);
+    if (this.phase.kind !== 'closed') {
       this.socket.write(errno === 0 ? reply : reply.subarray(0, SIMPLE_REPLY_BYTES));
+    }
   }
 
   private afterRequest(): void {

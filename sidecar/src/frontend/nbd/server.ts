@@ -4,6 +4,10 @@ import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import { LockstepError } from '../../../../lib/errors';
 import type { VolumeStore } from '../../store/volume-store';
+import { BufferPool } from './buffer-pool';
+
+/** Read scratch per connection: many small requests, or a good part of a big one, per read. */
+const SCRATCH_BYTES = 256 * 1024;
 import {
   NbdConnection,
   type ConnectionLog,
@@ -20,6 +24,7 @@ export class NbdServer implements ExportCatalog {
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
   private readonly attached = new Map<string, Set<NbdConnection>>();
+  private readonly pool = new BufferPool();
 
   constructor(
     private readonly store: VolumeStore,
@@ -75,15 +80,35 @@ export class NbdServer implements ExportCatalog {
     this.attached.delete(name);
   }
 
-  private accept(socket: net.Socket): void {
-    const conn = new NbdConnection(socket, this, this.log, this.observe);
+  private accept(accepted: net.Socket): void {
+    // Node hands caller-supplied read buffers (`onread`) only to sockets it constructs, not to
+    // ones a server accepts; so the accepted (still paused) handle is re-wrapped in a socket
+    // that reads where the connection says: scratch, or straight into a write's payload.
+    // Node asks for the next read's buffer after each read (and once up front, before the
+    // connection exists).
+    let conn: NbdConnection | undefined;
+    const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+    const socket = new net.Socket({
+      handle: (accepted as unknown as { _handle: unknown })._handle,
+      onread: {
+        buffer: () => conn?.readBuffer() ?? scratch,
+        callback: (n: number, buf: Uint8Array) => {
+          conn!.onRead(n, buf as Buffer);
+          return true;
+        },
+      },
+    } as net.SocketConstructorOpts);
+    (accepted as unknown as { _handle: unknown })._handle = null;
+    accepted.destroy(); // releases the server's count of it; the handle lives on in `socket`
+    conn = new NbdConnection(socket, scratch, this, this.log, this.observe, this.pool);
     this.connections.add(conn);
     socket.once('close', () => this.connections.delete(conn));
+    socket.resume();
   }
 
   async listenUnix(socketPath: string): Promise<void> {
     await removeStaleSocket(socketPath);
-    const server = net.createServer((s) => this.accept(s));
+    const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s));
     // Create the socket with mode 0660 from the start: a chmod after bind would leave a window.
     const previous = process.umask(0o117);
     try {
@@ -98,7 +123,7 @@ export class NbdServer implements ExportCatalog {
   }
 
   async listenTcp(host: string, port: number): Promise<string> {
-    const server = net.createServer((s) => this.accept(s));
+    const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(port, host, () => resolve());
