@@ -52,8 +52,12 @@ async function sh(
   return stdout;
 }
 
-function ratio(ours: number, theirs: number): string {
-  return theirs > 0 ? (ours / theirs).toFixed(2) : 'n/a';
+const JOBS = ['rand4k-qd16', 'rand4k-qd1', 'seq1m-qd4'] as const;
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
 async function main(): Promise<void> {
@@ -61,6 +65,7 @@ async function main(): Promise<void> {
     options: {
       size: { type: 'string', default: '1G' },
       runtime: { type: 'string', default: '10' },
+      rounds: { type: 'string', default: '1' },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -68,64 +73,83 @@ async function main(): Promise<void> {
     },
   });
   const bench = values['shared-bench'];
-  const size = values.size;
-  const runtime = values.runtime;
+  const { size, runtime } = values;
+  const rounds = Number(values.rounds);
   const fio = path.join(bench, 'fio-nbd.sh');
 
-  const results: JobResult[] = [];
+  // Each round measures the anchor and Lockstep back to back; ratios are taken within a round
+  // and the median across rounds is reported, since the machine's speed drifts between rounds.
+  const perRound: JobResult[][] = [];
   const work = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-'));
   try {
-    process.stderr.write(`anchor: qemu-storage-daemon (${size}, ${runtime}s per job)\n`);
-    results.push(
-      ...parseFioLines(
-        await sh(path.join(bench, 'anchor-qemu.sh'), [size, runtime], {
-          ...process.env,
-          D: path.join(work, 'qemu'),
-        }),
-      ),
-    );
+    for (let round = 1; round <= rounds; round++) {
+      const results: JobResult[] = [];
+      process.stderr.write(
+        `round ${round}/${rounds}: qemu-storage-daemon (${size}, ${runtime}s per job)\n`,
+      );
+      const qemuDir = path.join(work, `qemu-${round}`);
+      results.push(
+        ...parseFioLines(
+          await sh(path.join(bench, 'anchor-qemu.sh'), [size, runtime], {
+            ...process.env,
+            D: qemuDir,
+          }),
+        ),
+      );
+      rmSync(qemuDir, { recursive: true, force: true });
 
-    const agent = await new AgentProcess({ node: 'bench' }).start();
-    try {
-      const uri = await agent.createVolume('bench', size.replace(/G$/, 'GiB').replace(/M$/, 'MiB'));
-      process.stderr.write('lockstep: local export, no replication\n');
-      results.push(...parseFioLines(await sh(fio, ['lockstep-local', uri, size, runtime])));
-    } finally {
-      await agent.dispose();
+      const agent = await new AgentProcess({ node: 'bench' }).start();
+      try {
+        const uri = await agent.createVolume(
+          'bench',
+          size.replace(/G$/, 'GiB').replace(/M$/, 'MiB'),
+        );
+        process.stderr.write(`round ${round}/${rounds}: lockstep, local export\n`);
+        results.push(...parseFioLines(await sh(fio, ['lockstep-local', uri, size, runtime])));
+      } finally {
+        await agent.dispose();
+      }
+      perRound.push(results);
     }
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
 
-  const get = (label: string, job: string) =>
-    results.find((r) => r.label === label && r.job === job);
+  const pairs = [['lockstep-local', 'qemu-local']] as const;
+  const fields = ['iops', 'MBps', 'p50_us', 'p99_us'] as const;
   const rows: string[] = [];
-  for (const [ours, anchor] of [['lockstep-local', 'qemu-local']] as const) {
-    for (const job of ['rand4k-qd16', 'rand4k-qd1', 'seq1m-qd4']) {
-      const a = get(anchor, job);
-      const o = get(ours, job);
-      if (!a || !o) continue;
-      rows.push(
-        `| ${ours} vs ${anchor} | ${job} | ${o.iops} / ${a.iops} = **${ratio(o.iops, a.iops)}** | ` +
-          `${o.MBps} / ${a.MBps} = **${ratio(o.MBps, a.MBps)}** | ${o.p50_us} / ${a.p50_us} = ${ratio(o.p50_us, a.p50_us)} | ` +
-          `${o.p99_us} / ${a.p99_us} = ${ratio(o.p99_us, a.p99_us)} |`,
-      );
+  for (const [ours, anchor] of pairs) {
+    for (const job of JOBS) {
+      const cells = fields.map((f) => {
+        const pick = (label: string) =>
+          perRound.map((rs) => rs.find((r) => r.label === label && r.job === job)?.[f] ?? NaN);
+        const o = pick(ours);
+        const a = pick(anchor);
+        const ratios = o.map((v, i) => v / a[i]).filter(Number.isFinite);
+        if (ratios.length === 0) return 'n/a';
+        return `${median(o)} / ${median(a)} → **${median(ratios).toFixed(2)}**`;
+      });
+      rows.push(`| ${ours} / ${anchor} | ${job} | ${cells.join(' | ')} |`);
     }
   }
   const when = new Date().toISOString().slice(0, 16).replace('T', ' ');
   process.stdout.write(
     [
-      `### ${when} UTC — ${size}, ${runtime} s per job, ${os.cpus().length} cores`,
+      `### ${when} UTC — ${size}, ${runtime} s per job, ${rounds} round(s), ${os.cpus().length} cores`,
       '',
-      '| pair | job | IOPS (ours / anchor = ratio) | MB/s | p50 µs | p99 µs |',
+      'Medians over rounds: ours / anchor → median of the per-round ratios.',
+      '',
+      '| pair | job | IOPS | MB/s | p50 µs | p99 µs |',
       '|---|---|---|---|---|---|',
       ...rows,
       '',
       'Raw lines:',
       '```',
-      ...results.map(
-        (r) =>
-          `${r.label}-${r.job} iops=${r.iops} MBps=${r.MBps} p50_us=${r.p50_us} p99_us=${r.p99_us}`,
+      ...perRound.flatMap((rs, i) =>
+        rs.map(
+          (r) =>
+            `round${i + 1} ${r.label}-${r.job} iops=${r.iops} MBps=${r.MBps} p50_us=${r.p50_us} p99_us=${r.p99_us}`,
+        ),
       ),
       '```',
       '',
