@@ -55,6 +55,28 @@ export class AgentClient {
     );
   }
 
+  getVolume(name: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.GetVolume({ name }, o, cb));
+  }
+
+  replicate(req: {
+    name: string;
+    targets: string[];
+    mode: string;
+    regionSize: number;
+    maxResyncBytesPerSecond: number;
+  }): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.Replicate(req, o, cb));
+  }
+
+  promote(name: string, force = false): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.Promote({ name, force }, o, cb));
+  }
+
+  demote(name: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.Demote({ name }, o, cb));
+  }
+
   async deleteVolume(name: string, force = false): Promise<void> {
     await this.call((o, cb) => this.raw.DeleteVolume({ name, force }, o, cb));
   }

@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'LOCKSTEP_ERR_OUT_OF_RANGE'
   | 'LOCKSTEP_ERR_NO_SPACE'
   | 'LOCKSTEP_ERR_IO'
+  | 'LOCKSTEP_ERR_NOT_ALLOWED'
   | 'LOCKSTEP_ERR_UNAVAILABLE';
 
 export class LockstepError extends Error {

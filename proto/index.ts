@@ -5,6 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { packageRoot } from '../lib/package-root';
 import type { ProtoGrpcType as AgentProto } from './gen/agent';
+import type { ProtoGrpcType as ReplicationProto } from './gen/replication';
 
 const protoRoot = path.join(packageRoot, 'proto');
 
@@ -28,5 +29,13 @@ export function agentProto(): AgentProto['lockstep']['v1'] {
   return agent;
 }
 
+let replication: ReplicationProto['lockstep']['v1'] | undefined;
+
+export function replicationProto(): ReplicationProto['lockstep']['v1'] {
+  replication ??= load<ReplicationProto>('lockstep/v1/replication.proto').lockstep.v1;
+  return replication;
+}
+
 export type { AgentClient } from './gen/lockstep/v1/Agent';
+export type { ReplicationClient, ReplicationHandlers } from './gen/lockstep/v1/Replication';
 export type { AgentHandlers } from './gen/lockstep/v1/Agent';

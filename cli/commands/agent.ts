@@ -15,6 +15,15 @@ export function agentCommand(): Command {
     .option('--nbd-socket <path>', 'NBD unix socket (mode 0660)', '<data-dir>/nbd.sock')
     .option('--nbd-listen <host:port>', 'also serve NBD over TCP (opt-in, unauthenticated)')
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics')
+    .option(
+      '--advertise <host:port>',
+      'the address peers dial to reach this agent (default: --listen)',
+    )
+    .option(
+      '--peer-timeout <ms>',
+      'fail a peer link when a replicated write is unacknowledged this long',
+      '5000',
+    )
     .action(
       async (opts: {
         node: string;

@@ -1,5 +1,5 @@
 // `lockstep ctl`: drives an agent's control API from a shell, the way drbdadm drives DRBD.
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
 import { formatSize, parseSize } from '../../lib/size';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
@@ -42,10 +42,15 @@ export function ctlCommand(): Command {
   };
 
   ctl
-    .command('status')
-    .description('show the agent and its volumes')
+    .command('status [volume]')
+    .description('show the agent and its volumes, or one volume with its replication peers')
     .addOption(outputOption())
-    .action(async (opts: { output: OutputFormat }, cmd: Command) => {
+    .action(async (name: string | undefined, opts: { output: OutputFormat }, cmd: Command) => {
+      if (name) {
+        const v = await withClient(cmd, (c) => c.getVolume(name));
+        if (opts.output === 'json') return printJson(v);
+        return printVolume(v);
+      }
       const status = await withClient(cmd, (c) => c.status());
       if (opts.output === 'json') return printJson(status);
       const info = status.info!;
@@ -94,5 +99,95 @@ export function ctlCommand(): Command {
       await withClient(cmd, (c) => c.deleteVolume(name, opts.force));
       process.stdout.write(`volume ${name} deleted\n`);
     });
+  ctl
+    .command('replicate <volume>')
+    .description(
+      'make this copy the primary and replicate it to other agents (creating their copies)',
+    )
+    .requiredOption(
+      '--to <host:port>',
+      'a target agent (repeat for several)',
+      (v: string, acc: string[]) => [...acc, v],
+      [],
+    )
+    .addOption(
+      new Option('--mode <mode>', 'acknowledge when')
+        .choices(['sync', 'strict-sync', 'async'])
+        .default('sync'),
+    )
+    .option('--region-size <size>', 'dirty-tracking granularity', '64KiB')
+    .option('--max-resync-rate <size>', 'resync bandwidth per second (0: unlimited)', '0')
+    .addOption(outputOption())
+    .action(
+      async (
+        name: string,
+        opts: {
+          to: string[];
+          mode: string;
+          regionSize: string;
+          maxResyncRate: string;
+          output: OutputFormat;
+        },
+        cmd: Command,
+      ) => {
+        const v = await withClient(cmd, (c) =>
+          c.replicate({
+            name,
+            targets: opts.to,
+            mode: opts.mode,
+            regionSize: parseSize(opts.regionSize, '--region-size'),
+            maxResyncBytesPerSecond: parseSize(opts.maxResyncRate, '--max-resync-rate'),
+          }),
+        );
+        if (opts.output === 'json') return printJson(v);
+        printVolume(v);
+      },
+    );
+  ctl
+    .command('promote <volume>')
+    .description(
+      'make this copy the primary (refused while a primary is connected, unless --force)',
+    )
+    .option('--force', 'promote even though a primary may still exist (after it failed)', false)
+    .action(async (name: string, opts: { force: boolean }, cmd: Command) => {
+      printVolume(await withClient(cmd, (c) => c.promote(name, opts.force)));
+    });
+  ctl
+    .command('demote <volume>')
+    .description('drain and flush writes, then make this copy a secondary')
+    .action(async (name: string, _opts: object, cmd: Command) => {
+      printVolume(await withClient(cmd, (c) => c.demote(name)));
+    });
   return ctl;
+}
+
+function printVolume(v: VolumeInfo): void {
+  process.stdout.write(
+    `volume:   ${v.name} (${v.state}, ${formatSize(v.sizeBytes)}, ${v.role}${v.readOnly ? ', read-only' : ''})\n` +
+      `export:   ${v.exportUri}\n`,
+  );
+  const r = v.replication;
+  if (!r) return;
+  process.stdout.write(
+    `mode:     ${r.mode}, ${formatSize(r.regionSize)} regions, generation ${r.generation}\n`,
+  );
+  if (v.role === 'secondary') {
+    process.stdout.write(`primary:  ${r.primaryConnected ? 'connected' : 'not connected'}\n`);
+    return;
+  }
+  printTable(
+    ['PEER', 'NODE', 'STATE', 'DIRTY', 'RESYNCED', 'PROGRESS', 'CONDITION'],
+    r.peers.map((p) => [
+      p.address,
+      p.node || '-',
+      p.state,
+      formatSize(p.dirtyBytes),
+      formatSize(p.resyncBytesSent),
+      p.resync
+        ? `${p.resync.kind} ${Math.floor((100 * p.resync.doneBytes) / Math.max(1, p.resync.totalBytes))}%` +
+          (p.resync.etaSeconds >= 0 ? ` eta ${p.resync.etaSeconds}s` : '')
+        : '-',
+      p.condition,
+    ]),
+  );
 }

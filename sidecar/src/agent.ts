@@ -1,26 +1,40 @@
-// The node agent: owns the data directory and its volumes, serves them over NBD, exposes the
-// Agent control API over gRPC and metrics over HTTP. `stop()` drains and flushes everything.
+// The node agent: owns the data directory and its volumes, serves them over NBD, replicates
+// them to and from peer agents, exposes the Agent control API and the Replication service over
+// gRPC and metrics over HTTP. `stop()` drains and flushes everything.
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { LockstepError } from '../../lib/errors';
 import type { Logger } from '../../lib/logger';
-import { agentProto } from '../../proto';
+import { agentProto, replicationProto } from '../../proto';
 import { agentHandlers } from './control/agent-service';
 import { startGrpcServer, type BoundServer } from './control/grpc-server';
-import { NbdServer } from './frontend/nbd/server';
+import {
+  ReplicatedVolume,
+  type ReplicationContext,
+  type ReplicationStatus,
+} from './engine/replicated-volume';
+import type { BlockDevice } from './store/block-device';
+import { NbdServer, type ExportSource } from './frontend/nbd/server';
 import { AgentMetrics } from './metrics';
+import { replicateStreamHandler, replicationHandlers } from './replication/replica-service';
+import { replicationStreamService } from './replication/stream-method';
 import { lockDataDir, type DataDirLock } from './store/data-dir-lock';
+import type { NewVolume, ReplicationMode } from './store/volume-metadata';
 import { VolumeStore, type Volume } from './store/volume-store';
-import { mkdir } from 'node:fs/promises';
 
 export interface AgentOptions {
   node: string;
   dataDir: string;
-  /** gRPC control API, HOST:PORT (port 0 picks a free one). */
+  /** gRPC control and replication API, HOST:PORT (port 0 picks a free one). */
   listen: string;
+  /** The address peers dial to reach this agent; defaults to the bound --listen address. */
+  advertise?: string;
   nbdSocket?: string;
   /** Opt-in NBD over TCP, HOST:PORT. */
   nbdListen?: string;
   metricsListen?: string;
+  /** A replicated op not acknowledged within this time fails the peer link. */
+  peerTimeoutMs?: number;
   log: Logger;
 }
 
@@ -34,9 +48,11 @@ export interface VolumeView {
   error: string;
   clients: number;
   exportUri: string;
+  role: string;
+  replication: ReplicationStatus | undefined;
 }
 
-function splitHostPort(value: string, flag: string): [string, number] {
+export function splitHostPort(value: string, flag: string): [string, number] {
   const i = value.lastIndexOf(':');
   const port = Number(value.slice(i + 1));
   if (i <= 0 || !Number.isInteger(port) || port < 0 || port > 65535) {
@@ -48,29 +64,54 @@ function splitHostPort(value: string, flag: string): [string, number] {
   return [value.slice(0, i).replace(/^\[|\]$/g, ''), port];
 }
 
-export class Agent {
+export class Agent implements ExportSource {
   readonly startedAtMs = Date.now();
   grpcAddress = '';
   nbdTcpAddress = '';
   metricsAddress = '';
+  readonly nbd: NbdServer;
+  readonly metrics: AgentMetrics;
+  readonly log: Logger;
+  private readonly replicas = new Map<string, ReplicatedVolume>();
+  private readonly ctx: ReplicationContext;
   private grpc: BoundServer | undefined;
   private metricsServer: { close(): Promise<void> } | undefined;
   private stopping: Promise<void> | undefined;
+  private ready = false;
 
   private constructor(
     readonly options: AgentOptions,
     readonly nbdSocket: string,
     private readonly lock: DataDirLock,
     readonly store: VolumeStore,
-    readonly nbd: NbdServer,
-    readonly metrics: AgentMetrics,
-  ) {}
+  ) {
+    this.log = options.log;
+    this.metrics = new AgentMetrics(store, options.node);
+    this.nbd = new NbdServer(
+      this,
+      this.log.child({ subsystem: 'nbd' }),
+      this.metrics.observeRequest,
+      (name, n) => this.metrics.setClients(name, n),
+    );
+    this.ctx = {
+      node: options.node,
+      address: '',
+      store,
+      log: this.log.child({ subsystem: 'replication' }),
+      ackTimeoutMs: options.peerTimeoutMs ?? 5_000,
+    };
+  }
+
+  get node(): string {
+    return this.options.node;
+  }
 
   static async start(options: AgentOptions): Promise<Agent> {
     const { log } = options;
     const [grpcHost] = splitHostPort(options.listen, '--listen');
     await mkdir(options.dataDir, { recursive: true, mode: 0o700 });
     const lock = await lockDataDir(options.dataDir);
+    let agent: Agent | undefined;
     try {
       const store = await VolumeStore.open(options.dataDir);
       for (const v of store.list()) {
@@ -80,24 +121,51 @@ export class Agent {
             'volume not served',
           );
       }
-      const metrics = new AgentMetrics(store, options.node);
-      const nbdLog = log.child({ subsystem: 'nbd' });
-      const nbd = new NbdServer(store, nbdLog, metrics.observeRequest, (name, n) =>
-        metrics.setClients(name, n),
+      agent = new Agent(
+        options,
+        options.nbdSocket ?? path.join(options.dataDir, 'nbd.sock'),
+        lock,
+        store,
       );
-      const nbdSocket = options.nbdSocket ?? path.join(options.dataDir, 'nbd.sock');
-      const agent = new Agent(options, nbdSocket, lock, store, nbd, metrics);
-      await nbd.listenUnix(nbdSocket);
-      if (options.nbdListen)
-        agent.nbdTcpAddress = await nbd.listenTcp(
-          ...splitHostPort(options.nbdListen, '--nbd-listen'),
-        );
+      const a = agent;
+      // gRPC first: replicated volumes need the bound address to tell peers where we are.
+      // Calls that arrive before the volumes are open are refused as UNAVAILABLE.
+      const guard = <T extends object>(handlers: T): T =>
+        new Proxy(handlers, {
+          get: (target, prop, receiver) => {
+            const h = Reflect.get(target, prop, receiver) as unknown;
+            if (typeof h !== 'function') return h;
+            return (...args: unknown[]) => {
+              if (!a.ready) {
+                const cb = args[1] as ((err: object) => void) | undefined;
+                const err = { code: 14, details: 'agent is starting' };
+                if (typeof cb === 'function') return cb(err);
+                return (args[0] as { destroy(e: object): void }).destroy(err);
+              }
+              return (h as (...x: unknown[]) => unknown).apply(target, args);
+            };
+          },
+        });
       agent.grpc = await startGrpcServer(options.listen, [
-        [agentProto().Agent.service, agentHandlers(agent)],
+        [agentProto().Agent.service, guard(agentHandlers(agent))],
+        [replicationProto().Replication.service, guard(replicationHandlers(agent))],
+        [replicationStreamService, guard({ Replicate: replicateStreamHandler(agent) })],
       ]);
       agent.grpcAddress = agent.grpc.address.replace(/^[^:]*(?=:\d+$)/, grpcHost);
+      agent.ctx.address = options.advertise ?? agent.grpcAddress;
+      for (const v of store.list()) {
+        if (v.state === 'Ready')
+          agent.replicas.set(v.name, await ReplicatedVolume.open(agent.ctx, v));
+      }
+      agent.ready = true;
+      await agent.nbd.listenUnix(agent.nbdSocket);
+      if (options.nbdListen) {
+        agent.nbdTcpAddress = await agent.nbd.listenTcp(
+          ...splitHostPort(options.nbdListen, '--nbd-listen'),
+        );
+      }
       if (options.metricsListen) {
-        const served = await metrics.serve(
+        const served = await agent.metrics.serve(
           ...splitHostPort(options.metricsListen, '--metrics-listen'),
         );
         agent.metricsServer = served;
@@ -108,7 +176,8 @@ export class Agent {
           node: options.node,
           dataDir: options.dataDir,
           grpc: agent.grpcAddress,
-          nbdSocket,
+          advertise: agent.ctx.address,
+          nbdSocket: agent.nbdSocket,
           nbdTcp: agent.nbdTcpAddress || undefined,
           metrics: agent.metricsAddress || undefined,
           volumes: store.list().length,
@@ -117,10 +186,38 @@ export class Agent {
       );
       return agent;
     } catch (err) {
-      await lock.release();
+      if (agent) await agent.stop().catch(() => undefined);
+      else await lock.release();
       throw err;
     }
   }
+
+  // ---- ExportSource (NBD) and ReplicaHost (replication service) ------------------------------
+
+  exportNames(): string[] {
+    return [...this.replicas.keys()].sort();
+  }
+
+  exportDevice(name: string): BlockDevice {
+    const rv = this.replicas.get(name);
+    if (rv) return rv;
+    this.store.ready(name); // throws the reason: unknown, or failed with its file named
+    throw new LockstepError('LOCKSTEP_ERR_VOLUME_FAILED', `volume ${name} is not open`);
+  }
+
+  replicated(name: string): ReplicatedVolume | undefined {
+    return this.replicas.get(name);
+  }
+
+  async createReplica(spec: NewVolume): Promise<ReplicatedVolume> {
+    const volume = await this.store.create(spec);
+    if (volume.state !== 'Ready') throw volume.error;
+    const rv = await ReplicatedVolume.open(this.ctx, volume);
+    this.replicas.set(spec.name, rv);
+    return rv;
+  }
+
+  // ---- the control API -------------------------------------------------------------------
 
   exportUri(name: string): string {
     return `nbd+unix:///${name}?socket=${this.nbdSocket}`;
@@ -128,16 +225,19 @@ export class Agent {
 
   view(volume: Volume): VolumeView {
     const ready = volume.state === 'Ready';
+    const rv = this.replicas.get(volume.name);
     return {
       name: volume.name,
       uuid: ready ? volume.meta.uuid : '',
       sizeBytes: ready ? volume.meta.sizeBytes : 0,
       allocatedBytes: this.store.allocatedBytes(volume),
-      readOnly: ready ? volume.meta.readOnly : false,
+      readOnly: rv ? rv.readOnly : false,
       state: volume.state,
       error: ready ? '' : volume.error.message,
       clients: this.nbd.clientsOf(volume.name),
       exportUri: ready ? this.exportUri(volume.name) : '',
+      role: ready ? volume.meta.role : '',
+      replication: rv?.meta.replication ? rv.status() : undefined,
     };
   }
 
@@ -145,13 +245,52 @@ export class Agent {
     return this.store.list().map((v) => this.view(v));
   }
 
+  volume(name: string): VolumeView {
+    return this.view(this.store.get(name));
+  }
+
+  private replicaOf(name: string): ReplicatedVolume {
+    const rv = this.replicas.get(name);
+    if (rv) return rv;
+    this.store.ready(name);
+    throw new LockstepError('LOCKSTEP_ERR_VOLUME_FAILED', `volume ${name} is not open`);
+  }
+
   async createVolume(name: string, sizeBytes: number, readOnly: boolean): Promise<VolumeView> {
-    const volume = await this.store.create(name, sizeBytes, readOnly);
-    this.options.log.info(
-      { volume: name, sizeBytes, readOnly, uuid: this.view(volume).uuid },
-      'volume created',
+    const rv = await this.createReplica({ name, sizeBytes, readOnly });
+    this.log.info({ volume: name, sizeBytes, readOnly, uuid: rv.uuid }, 'volume created');
+    return this.volume(name);
+  }
+
+  async replicate(
+    name: string,
+    targets: string[],
+    mode: ReplicationMode,
+    regionSize: number,
+    maxResyncBytesPerSecond: number,
+  ): Promise<VolumeView> {
+    if (targets.length === 0)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_INVALID_ARGUMENT',
+        'replicate needs at least one --to HOST:PORT',
+      );
+    for (const t of targets) splitHostPort(t, '--to');
+    await this.replicaOf(name).configure(targets, mode, regionSize, maxResyncBytesPerSecond);
+    this.log.info(
+      { volume: name, targets, mode, regionSize, maxResyncBytesPerSecond },
+      'replication configured',
     );
-    return this.view(volume);
+    return this.volume(name);
+  }
+
+  async promote(name: string, force: boolean): Promise<VolumeView> {
+    await this.replicaOf(name).promote(force);
+    return this.volume(name);
+  }
+
+  async demote(name: string): Promise<VolumeView> {
+    await this.replicaOf(name).demote();
+    return this.volume(name);
   }
 
   async deleteVolume(name: string, force: boolean): Promise<void> {
@@ -166,23 +305,26 @@ export class Agent {
       }
       await this.nbd.disconnectExport(name);
     }
+    const rv = this.replicas.get(name);
+    this.replicas.delete(name);
+    await rv?.close();
     await this.store.delete(name);
     this.metrics.forgetVolume(name);
-    this.options.log.info({ volume: name, force, disconnectedClients: clients }, 'volume deleted');
+    this.log.info({ volume: name, force, disconnectedClients: clients }, 'volume deleted');
   }
 
-  /** Drains NBD requests in flight, flushes every volume, closes all listeners. Idempotent. */
+  /** Drains NBD requests in flight, stops replication cleanly, flushes, closes. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
-      const { log } = this.options;
-      log.info('agent stopping: draining NBD requests');
+      this.log.info('agent stopping: draining NBD requests');
       await this.nbd.shutdown();
+      for (const rv of this.replicas.values()) await rv.close();
       await this.store.flushAll();
       await this.grpc?.close();
       await this.metricsServer?.close();
       this.store.close();
       await this.lock.release();
-      log.info('agent stopped; all volumes flushed');
+      this.log.info('agent stopped; all volumes flushed');
     })();
     return this.stopping;
   }

@@ -17,7 +17,7 @@ describe('volume metadata file', () => {
   afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
   it('round-trips and leaves no temp file behind', async () => {
-    const meta = newVolumeMetadata('vol', 1 << 20, false);
+    const meta = newVolumeMetadata({ name: 'vol', sizeBytes: 1 << 20 });
     await writeVolumeMetadata(file, meta);
     expect(await readVolumeMetadata(file)).toEqual(meta);
     expect(readdirSync(dir)).toEqual(['meta.json']);
@@ -38,7 +38,7 @@ describe('volume metadata file', () => {
       /field format/,
     ],
   ])('reports a file that is %s, naming it', async (_what, mangle, why) => {
-    await writeVolumeMetadata(file, newVolumeMetadata('vol', 1 << 20, false));
+    await writeVolumeMetadata(file, newVolumeMetadata({ name: 'vol', sizeBytes: 1 << 20 }));
     writeFileSync(file, mangle(readFileSync(file, 'utf8')));
     const err = await readVolumeMetadata(file).catch((e: unknown) => e);
     expect(err).toMatchObject({ code: 'LOCKSTEP_ERR_METADATA_CORRUPT' });

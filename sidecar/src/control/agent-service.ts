@@ -3,23 +3,41 @@
 import type { AgentHandlers } from '../../../proto';
 import { packageVersion } from '../../../lib/package-root';
 import { unary } from '../../../lib/grpc-errors';
-import type { Agent } from '../agent';
+import { LockstepError } from '../../../lib/errors';
+import type { Agent, VolumeView } from '../agent';
+import { REPLICATION_MODES, type ReplicationMode } from '../store/volume-metadata';
+import { DEFAULT_REGION_SIZE } from '../tracking/dirty-bitmap';
 
-export interface AgentIdentity {
-  readonly options: { node: string };
-  readonly startedAtMs: number;
+function info(agent: Agent) {
+  return { node: agent.node, version: packageVersion, startedAtMs: agent.startedAtMs };
 }
 
-type AgentApi = AgentIdentity &
-  Pick<Agent, 'volumes' | 'createVolume' | 'deleteVolume' | 'nbdSocket' | 'nbdTcpAddress'> & {
-    readonly options: { node: string; dataDir: string };
+/** The wire shape of a volume: replication peers carry lastInSyncMs, resync is optional. */
+function wire(v: VolumeView) {
+  return {
+    ...v,
+    replication: v.replication && {
+      ...v.replication,
+      peers: v.replication.peers.map(({ lastInSyncAt, ...p }) => ({
+        ...p,
+        lastInSyncMs: lastInSyncAt,
+      })),
+    },
   };
-
-function info(agent: AgentIdentity) {
-  return { node: agent.options.node, version: packageVersion, startedAtMs: agent.startedAtMs };
 }
 
-export function agentHandlers(agent: AgentApi): AgentHandlers {
+function mode(text: string): ReplicationMode {
+  const m = (text || 'sync') as ReplicationMode;
+  if (!REPLICATION_MODES.includes(m)) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `unknown mode ${JSON.stringify(text)}: use ${REPLICATION_MODES.join(', ')}`,
+    );
+  }
+  return m;
+}
+
+export function agentHandlers(agent: Agent): AgentHandlers {
   return {
     GetInfo: unary(() => info(agent)),
     GetStatus: unary(() => ({
@@ -27,13 +45,29 @@ export function agentHandlers(agent: AgentApi): AgentHandlers {
       dataDir: agent.options.dataDir,
       nbdSocket: agent.nbdSocket,
       nbdTcp: agent.nbdTcpAddress,
-      volumes: agent.volumes(),
+      volumes: agent.volumes().map(wire),
     })),
-    ListVolumes: unary(() => ({ volumes: agent.volumes() })),
-    CreateVolume: unary((req) => agent.createVolume(req.name, req.sizeBytes, req.readOnly)),
+    ListVolumes: unary(() => ({ volumes: agent.volumes().map(wire) })),
+    GetVolume: unary((req) => wire(agent.volume(req.name))),
+    CreateVolume: unary(async (req) =>
+      wire(await agent.createVolume(req.name, req.sizeBytes, req.readOnly)),
+    ),
     DeleteVolume: unary(async (req) => {
       await agent.deleteVolume(req.name, req.force);
       return {};
     }),
+    Replicate: unary(async (req) =>
+      wire(
+        await agent.replicate(
+          req.name,
+          req.targets,
+          mode(req.mode),
+          req.regionSize || DEFAULT_REGION_SIZE,
+          req.maxResyncBytesPerSecond,
+        ),
+      ),
+    ),
+    Promote: unary(async (req) => wire(await agent.promote(req.name, req.force))),
+    Demote: unary(async (req) => wire(await agent.demote(req.name))),
   };
 }

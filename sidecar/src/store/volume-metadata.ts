@@ -11,6 +11,29 @@ export const METADATA_FORMAT = 1;
 
 const uuid = z.string().uuid();
 
+export const REPLICATION_MODES = ['sync', 'strict-sync', 'async'] as const;
+export type ReplicationMode = (typeof REPLICATION_MODES)[number];
+export type Role = 'primary' | 'secondary';
+
+const peerConfig = z.object({
+  /** The peer agent's address (HOST:PORT); also the peer's identity in bitmaps and status. */
+  address: z.string().min(1),
+  node: z.string(),
+  /** Generation at which this copy started recording the peer's missed writes; null in sync. */
+  bitmapUuid: uuid.nullable(),
+});
+export type PeerConfig = z.infer<typeof peerConfig>;
+
+const replicationConfig = z.object({
+  mode: z.enum(REPLICATION_MODES),
+  regionSize: z.number().int().positive(),
+  /** Resync bandwidth cap in bytes per second; 0 means unlimited. */
+  maxResyncBytesPerSecond: z.number().int().nonnegative(),
+  /** A primary's secondaries; a secondary's primary (whom it replicates to if promoted). */
+  peers: z.array(peerConfig),
+});
+export type ReplicationConfig = z.infer<typeof replicationConfig>;
+
 const metadataBody = z.object({
   format: z.literal(METADATA_FORMAT),
   uuid,
@@ -18,6 +41,8 @@ const metadataBody = z.object({
   sizeBytes: z.number().int().positive(),
   createdAt: z.string(),
   readOnly: z.boolean(),
+  role: z.enum(['primary', 'secondary']),
+  replication: replicationConfig.nullable(),
   /** DRBD-style generation identifiers: replication decides resync direction from them. */
   generation: z.object({
     current: uuid,
@@ -35,19 +60,29 @@ function checksumOf(body: VolumeMetadata): string {
   return `sha256:${createHash('sha256').update(canonical).digest('hex')}`;
 }
 
-export function newVolumeMetadata(
-  name: string,
-  sizeBytes: number,
-  readOnly: boolean,
-): VolumeMetadata {
+export interface NewVolume {
+  name: string;
+  sizeBytes: number;
+  readOnly?: boolean;
+  /** For a replica: the primary's volume UUID, so every copy carries the same identity. */
+  uuid?: string;
+  role?: Role;
+  replication?: ReplicationConfig | null;
+  /** For a replica: the zero generation, until its first complete resync. */
+  generation?: string;
+}
+
+export function newVolumeMetadata(v: NewVolume): VolumeMetadata {
   return {
     format: METADATA_FORMAT,
-    uuid: randomUUID(),
-    name,
-    sizeBytes,
+    uuid: v.uuid ?? randomUUID(),
+    name: v.name,
+    sizeBytes: v.sizeBytes,
     createdAt: new Date().toISOString(),
-    readOnly,
-    generation: { current: randomUUID(), history: [] },
+    readOnly: v.readOnly ?? false,
+    role: v.role ?? 'primary',
+    replication: v.replication ?? null,
+    generation: { current: v.generation ?? randomUUID(), history: [] },
   };
 }
 

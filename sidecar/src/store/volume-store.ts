@@ -11,6 +11,7 @@ import {
   newVolumeMetadata,
   readVolumeMetadata,
   writeVolumeMetadata,
+  type NewVolume,
   type VolumeMetadata,
 } from './volume-metadata';
 
@@ -126,7 +127,8 @@ export class VolumeStore {
     return volume;
   }
 
-  async create(name: string, sizeBytes: number, readOnly = false): Promise<Volume> {
+  async create(spec: NewVolume): Promise<Volume> {
+    const { name, sizeBytes } = spec;
     validateVolumeName(name);
     validateVolumeSize(sizeBytes);
     if (this.volumes.has(name) || this.busy.has(name)) {
@@ -147,7 +149,7 @@ export class VolumeStore {
       } finally {
         await handle.close();
       }
-      const meta = newVolumeMetadata(name, sizeBytes, readOnly);
+      const meta = newVolumeMetadata(spec);
       await writeVolumeMetadata(staging.metaFile, meta);
       const final = this.paths(name);
       await fs.promises.rename(staging.dir, final.dir);
@@ -185,6 +187,13 @@ export class VolumeStore {
     await fs.promises.rename(volume.dir, graveyard);
     await fsyncDir(this.root);
     await fs.promises.rm(graveyard, { recursive: true, force: true });
+  }
+
+  /** Replaces a Ready volume's metadata, durably. */
+  async updateMeta(name: string, meta: VolumeMetadata): Promise<void> {
+    const volume = this.ready(name);
+    await writeVolumeMetadata(path.join(volume.dir, 'meta.json'), meta);
+    volume.meta = meta;
   }
 
   /** Bytes the volume's file occupies on disk (less than its size while sparse). */

@@ -3,7 +3,7 @@
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import { LockstepError } from '../../../../lib/errors';
-import type { VolumeStore } from '../../store/volume-store';
+import type { BlockDevice } from '../../store/block-device';
 import { BufferPool } from './buffer-pool';
 
 /** Read scratch per connection: many small requests, or a good part of a big one, per read. */
@@ -16,6 +16,13 @@ import {
   type RequestObserver,
 } from './connection';
 
+/** Where exports come from: the agent's volumes, each as the device the frontend may use. */
+export interface ExportSource {
+  exportNames(): string[];
+  /** The device of a servable export; throws the reason (unknown, failed) otherwise. */
+  exportDevice(name: string): BlockDevice;
+}
+
 export interface NbdServerLog extends ConnectionLog {
   info(obj: object, msg: string): void;
 }
@@ -27,7 +34,7 @@ export class NbdServer implements ExportCatalog {
   private readonly pool = new BufferPool();
 
   constructor(
-    private readonly store: VolumeStore,
+    private readonly source: ExportSource,
     private readonly log: NbdServerLog,
     private readonly observe: RequestObserver,
     private readonly onAttachChange: (exportName: string, connections: number) => void = () => {},
@@ -36,13 +43,12 @@ export class NbdServer implements ExportCatalog {
   // ---- ExportCatalog -------------------------------------------------------------------------
 
   names(): string[] {
-    return this.store.list().flatMap((v) => (v.state === 'Ready' ? [v.name] : []));
+    return this.source.exportNames();
   }
 
   resolve(name: string): NbdExport | LockstepError {
     try {
-      const volume = this.store.ready(name);
-      return { name, device: volume.device };
+      return { name, device: this.source.exportDevice(name) };
     } catch (err) {
       return err instanceof LockstepError
         ? err

@@ -1,0 +1,594 @@
+// The splitter: a volume as the NBD frontend sees it (a BlockDevice), fanning every write out
+// to the local file and to each peer in parallel and answering once the mode's rule is met.
+// It also owns the volume's role (primary / secondary), the peers' links and their tracking.
+//
+// Write path on a primary with peers:
+//   1. wait for overlapping writes (region locks: same order on every copy)
+//   2. activity log: a cold extent is logged durably first
+//   3. local write and every peer's send start together
+//   4. reply when local + every in-sync peer acknowledged (sync), or local alone (async);
+//      a peer that cannot take the write gets it marked in its dirty bitmap (sync, async) or
+//      fails the write (strict-sync). `missed()` owns that policy.
+import { randomUUID } from 'node:crypto';
+import { readdir, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { LockstepError, errorMessage } from '../../../lib/errors';
+import type { Logger } from '../../../lib/logger';
+import { OpKind } from '../replication/frames';
+import { advance, ZERO_GENERATION, type Generations } from '../replication/generations';
+import { PeerLink, type PeerState } from '../replication/peer-link';
+import type { PeerHost } from '../replication/peer-host';
+import type { BlockDevice, ZeroOptions } from '../store/block-device';
+import type {
+  ReplicationConfig,
+  ReplicationMode,
+  Role,
+  VolumeMetadata,
+} from '../store/volume-metadata';
+import type { Volume, VolumeStore } from '../store/volume-store';
+import { ActivityLog } from '../tracking/activity-log';
+import { DEFAULT_REGION_SIZE, DirtyBitmap, loadDirtyBitmap } from '../tracking/dirty-bitmap';
+import { VolumeTracking } from '../tracking/volume-tracking';
+import { RegionLocks } from './region-locks';
+
+type ReadyVolume = Extract<Volume, { state: 'Ready' }>;
+
+export interface ReplicationContext {
+  node: string;
+  /** This agent's address as peers should dial it. */
+  address: string;
+  store: VolumeStore;
+  log: Logger;
+  ackTimeoutMs: number;
+}
+
+export interface PeerStatus {
+  address: string;
+  node: string;
+  state: PeerState;
+  condition: string;
+  dirtyBytes: number;
+  resyncBytesSent: number;
+  liveBytesSent: number;
+  resync?: { kind: string; doneBytes: number; totalBytes: number; etaSeconds: number };
+  lastInSyncAt: number;
+}
+
+export interface ReplicationStatus {
+  role: Role;
+  mode: ReplicationMode | '';
+  regionSize: number;
+  generation: string;
+  /** Secondary: a primary is streaming to this copy right now. */
+  primaryConnected: boolean;
+  peers: PeerStatus[];
+}
+
+/** Async mode bounds the writes acknowledged locally but not yet by every peer. */
+const ASYNC_MAX_BACKLOG = 512;
+
+export class ReplicatedVolume implements BlockDevice, PeerHost {
+  readonly locks = new RegionLocks();
+  tracking!: VolumeTracking;
+  private links: PeerLink[] = [];
+  private primaryStreams = 0;
+  private primaryLeft = false;
+  private asyncBacklog = 0;
+  private inFlight = 0;
+  private idle: (() => void)[] = [];
+  private demoting = false;
+  private metaWrite: Promise<void> = Promise.resolve();
+  readonly log: Logger;
+  /** Secondary: the session a primary opened with Handshake; its stream must present it. */
+  session = '';
+
+  constructor(
+    private readonly ctx: ReplicationContext,
+    private readonly volume: ReadyVolume,
+  ) {
+    this.log = ctx.log.child({ volume: volume.name });
+  }
+
+  static async open(ctx: ReplicationContext, volume: ReadyVolume): Promise<ReplicatedVolume> {
+    const rv = new ReplicatedVolume(ctx, volume);
+    if (rv.meta.role === 'primary' && rv.meta.replication?.peers.length) await rv.startPeers();
+    return rv;
+  }
+
+  // ---- identity (PeerHost) -------------------------------------------------------------------
+
+  get meta(): VolumeMetadata {
+    return this.volume.meta;
+  }
+  get local(): BlockDevice {
+    return this.volume.device;
+  }
+  get volumeName(): string {
+    return this.volume.name;
+  }
+  get uuid(): string {
+    return this.meta.uuid;
+  }
+  get sizeBytes(): number {
+    return this.meta.sizeBytes;
+  }
+  get size(): number {
+    return this.meta.sizeBytes;
+  }
+  get regionSize(): number {
+    return this.meta.replication?.regionSize ?? DEFAULT_REGION_SIZE;
+  }
+  get mode(): ReplicationMode {
+    return this.meta.replication?.mode ?? 'sync';
+  }
+  get maxResyncBytesPerSecond(): number {
+    return this.meta.replication?.maxResyncBytesPerSecond ?? 0;
+  }
+  get localNode(): string {
+    return this.ctx.node;
+  }
+  get localAddress(): string {
+    return this.ctx.address;
+  }
+  /** Only a primary takes writes; a secondary's export serves reads. */
+  get readOnly(): boolean {
+    return this.meta.readOnly || this.meta.role !== 'primary' || this.demoting;
+  }
+  generations(): Generations {
+    return this.meta.generation;
+  }
+  bitmapUuid(peer: string): string | null {
+    return this.meta.replication?.peers.find((p) => p.address === peer)?.bitmapUuid ?? null;
+  }
+
+  // ---- BlockDevice -------------------------------------------------------------------------
+
+  read(offset: number, target: Buffer): Promise<void> {
+    return this.local.read(offset, target);
+  }
+
+  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    return this.replicate(
+      offset,
+      data.length,
+      () => this.local.write(offset, data, fua),
+      (l) => l.send(OpKind.WRITE, offset, data.length, data, fua),
+    );
+  }
+
+  writeZeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.replicate(
+      offset,
+      length,
+      () => this.local.writeZeroes(offset, length, opts),
+      (l) => l.send(OpKind.ZERO, offset, length, undefined, opts.fua),
+    );
+  }
+
+  trim(offset: number, length: number): Promise<void> {
+    // Trim changes nothing on any copy (see FileBlockDevice), so nothing to replicate.
+    return this.local.trim(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    const legs: Promise<void>[] = [this.local.flush()];
+    for (const l of this.links) {
+      if (l.streaming) {
+        legs.push(
+          l
+            .send(OpKind.FLUSH, 0, 0, undefined, false)
+            .catch((err: unknown) => this.flushMissed(l, err)),
+        );
+      } else if (this.mode === 'strict-sync') {
+        legs.push(Promise.reject(this.strictRefusal(l)));
+      }
+    }
+    const results = await Promise.allSettled(legs);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  // ---- the write path ----------------------------------------------------------------------
+
+  private async replicate(
+    offset: number,
+    length: number,
+    localOp: () => Promise<void>,
+    peerOp: (l: PeerLink) => Promise<void>,
+  ): Promise<void> {
+    if (this.readOnly) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_READ_ONLY',
+        `volume ${this.volumeName} is ${this.meta.role}; writes go to the primary`,
+      );
+    }
+    const links = this.links;
+    if (links.length === 0) return localOp();
+
+    const rs = this.regionSize;
+    const first = Math.floor(offset / rs);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / rs);
+    const locked = this.locks.acquire(first, last);
+    if (locked) await locked;
+    this.inFlight++;
+    const al = this.tracking.activityLog;
+    const release = () => {
+      al.release(offset, length);
+      this.locks.release(first, last);
+      if (--this.inFlight === 0) for (const wake of this.idle.splice(0)) wake();
+    };
+    try {
+      const logged = al.ensure(offset, length);
+      if (logged) await logged;
+      if (this.mode === 'strict-sync') {
+        const down = links.find((l) => !l.streaming);
+        if (down) throw this.strictRefusal(down);
+      }
+    } catch (err) {
+      release();
+      throw err;
+    }
+
+    const legs: Promise<void>[] = [localOp()];
+    for (const l of links) {
+      if (l.streaming)
+        legs.push(peerOp(l).catch((err: unknown) => this.missed(l, offset, length, err)));
+      else this.missed(l, offset, length);
+    }
+    const settled = Promise.allSettled(legs).finally(release);
+    if (this.mode === 'async' && this.asyncBacklog < ASYNC_MAX_BACKLOG) {
+      // Acknowledge on the local copy; the region stays locked until the peers have it, so
+      // later overlapping writes still reach them in order.
+      this.asyncBacklog++;
+      void settled.finally(() => this.asyncBacklog--);
+      try {
+        await legs[0];
+      } catch (err) {
+        this.localFailed(offset, length);
+        throw err;
+      }
+      return;
+    }
+    const results = await settled;
+    if (results[0]!.status === 'rejected') {
+      this.localFailed(offset, length);
+      throw results[0].reason;
+    }
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /**
+   * The one place that decides what a peer's missed write means: it is recorded in the peer's
+   * dirty bitmap (so resync sends it later) and, in strict-sync, fails the write.
+   */
+  private missed(link: PeerLink, offset: number, length: number, err?: unknown): void {
+    this.tracking.markDirty(link.address, offset, length);
+    this.startTracking(link.address);
+    if (err !== undefined) link.fail(errorMessage(err));
+    if (this.mode === 'strict-sync') throw this.strictRefusal(link);
+  }
+
+  private flushMissed(link: PeerLink, err: unknown): void {
+    link.fail(errorMessage(err));
+    if (this.mode === 'strict-sync') throw this.strictRefusal(link);
+  }
+
+  private strictRefusal(link: PeerLink): LockstepError {
+    return new LockstepError(
+      'LOCKSTEP_ERR_IO',
+      `strict-sync: peer ${link.address} is ${link.state}, so the write is refused rather than acknowledged on fewer copies`,
+    );
+  }
+
+  /** The local write failed: the peers may hold data we do not; resync makes them ours again. */
+  private localFailed(offset: number, length: number): void {
+    for (const l of this.links) {
+      this.tracking.markDirty(l.address, offset, length);
+      this.startTracking(l.address);
+    }
+  }
+
+  /**
+   * A peer just started missing writes. DRBD's rule: remember the generation it still has (its
+   * bitmap UUID) and move this copy to a new one, so copies that diverge can be told apart.
+   */
+  private startTracking(peer: string): void {
+    const repl = this.meta.replication!;
+    const cfg = repl.peers.find((p) => p.address === peer);
+    if (!cfg || cfg.bitmapUuid !== null) return;
+    const generation = advance(this.meta.generation, randomUUID());
+    const peers = repl.peers.map((p) =>
+      p.address === peer ? { ...p, bitmapUuid: this.meta.generation.current } : p,
+    );
+    this.saveMeta({ ...this.meta, generation, replication: { ...repl, peers } });
+    this.log.info({ peer, generation: generation.current }, 'peer missed writes: new generation');
+    for (const l of this.links) {
+      if (l.address !== peer && l.state === 'InSync')
+        void l.pushGeneration().catch(() => undefined);
+    }
+  }
+
+  private saveMeta(meta: VolumeMetadata): Promise<void> {
+    this.volume.meta = meta;
+    // Metadata writes are applied in order; each writes the latest state.
+    this.metaWrite = this.metaWrite
+      .catch(() => undefined)
+      .then(() => this.ctx.store.updateMeta(this.volumeName, this.volume.meta))
+      .catch((err: unknown) => {
+        this.log.error({ err: errorMessage(err) }, 'volume metadata could not be saved');
+        throw err;
+      });
+    return this.metaWrite;
+  }
+
+  // ---- PeerHost callbacks -------------------------------------------------------------------
+
+  async onPeerCaughtUp(link: PeerLink): Promise<void> {
+    const repl = this.meta.replication!;
+    const peers = repl.peers.map((p) =>
+      p.address === link.address ? { ...p, node: link.node, bitmapUuid: null } : p,
+    );
+    await this.saveMeta({ ...this.meta, replication: { ...repl, peers } });
+  }
+
+  onPeerState(link: PeerLink, from: PeerState, to: PeerState): void {
+    this.log.info(
+      { peer: link.address, from, to, condition: link.condition || undefined },
+      'peer state',
+    );
+  }
+
+  // ---- roles and configuration -------------------------------------------------------------
+
+  private async startPeers(): Promise<void> {
+    const repl = this.meta.replication!;
+    this.tracking = await VolumeTracking.open({
+      dir: this.volume.dir,
+      volumeUuid: this.uuid,
+      volumeSize: this.sizeBytes,
+      regionSize: repl.regionSize,
+      peers: repl.peers.map((p) => p.address),
+      peersBehind: repl.peers.filter((p) => p.bitmapUuid !== null).map((p) => p.address),
+      log: this.log,
+    });
+    this.links = repl.peers.map(
+      (p) => new PeerLink(p.address, this, { ackTimeoutMs: this.ctx.ackTimeoutMs }),
+    );
+    for (const l of this.links) l.start();
+  }
+
+  /** Waits until no write is between its lock and its last leg. */
+  private drainWrites(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idle.push(resolve));
+  }
+
+  private async stopPeers(announce: boolean): Promise<void> {
+    const links = this.links;
+    this.links = [];
+    if (announce)
+      await Promise.allSettled(links.filter((l) => l.streaming).map((l) => l.announceLeaving()));
+    for (const l of links) l.stop();
+    if (links.length > 0) await this.tracking.close();
+  }
+
+  /** Makes this primary replicate to `targets` (added to any it already has). */
+  async configure(
+    targets: string[],
+    mode: ReplicationMode,
+    regionSize: number,
+    maxResyncBytesPerSecond: number,
+  ): Promise<void> {
+    if (this.meta.role !== 'primary') {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_READ_ONLY',
+        `volume ${this.volumeName} is a secondary; run replicate on its primary`,
+      );
+    }
+    const current = this.meta.replication;
+    if (current && current.regionSize !== regionSize && current.peers.length > 0) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_INVALID_ARGUMENT',
+        `volume ${this.volumeName} already replicates with ${current.regionSize}-byte regions; the region size cannot change`,
+      );
+    }
+    new DirtyBitmap(this.sizeBytes, regionSize); // throws a clear error for a bad region size
+    const peers = [...(current?.peers ?? [])];
+    for (const t of targets) {
+      if (t === this.localAddress) {
+        throw new LockstepError(
+          'LOCKSTEP_ERR_INVALID_ARGUMENT',
+          `${t} is this agent; replicate to another agent`,
+        );
+      }
+      if (!peers.some((p) => p.address === t))
+        peers.push({ address: t, node: '', bitmapUuid: null });
+    }
+    const replication: ReplicationConfig = { mode, regionSize, maxResyncBytesPerSecond, peers };
+    await this.drainWrites();
+    await this.stopPeers(false);
+    await this.saveMeta({ ...this.meta, replication });
+    await this.startPeers();
+  }
+
+  async promote(force: boolean): Promise<void> {
+    if (this.meta.role === 'primary') return;
+    if (this.meta.generation.current === ZERO_GENERATION && !force) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${this.volumeName} has never completed its first sync; promoting it would serve incomplete data (use --force to accept that)`,
+      );
+    }
+    if (this.primaryStreams > 0 && !this.primaryLeft && !force) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `a primary is replicating volume ${this.volumeName} to this copy; demote it first, or use --force if it is gone`,
+      );
+    }
+    const repl = this.meta.replication;
+    // From now on the old primary (and any other peer) misses our writes until it resyncs.
+    const peers = (repl?.peers ?? []).map((p) => ({
+      ...p,
+      bitmapUuid: this.meta.generation.current,
+    }));
+    const generation = advance(this.meta.generation, randomUUID());
+    await this.saveMeta({
+      ...this.meta,
+      role: 'primary',
+      generation,
+      replication: repl ? { ...repl, peers } : null,
+    });
+    this.primaryLeft = false;
+    this.session = '';
+    this.log.info({ force, generation: generation.current }, 'promoted to primary');
+    if (peers.length > 0) await this.startPeers();
+  }
+
+  async demote(): Promise<void> {
+    if (this.meta.role === 'secondary') return;
+    this.demoting = true;
+    try {
+      await this.drainWrites();
+      await this.flush().catch((err: unknown) =>
+        this.log.warn({ err: errorMessage(err) }, 'flush before demotion failed'),
+      );
+      await this.stopPeers(true);
+      await this.saveMeta({ ...this.meta, role: 'secondary' });
+    } finally {
+      this.demoting = false;
+    }
+    this.log.info('demoted to secondary');
+  }
+
+  // ---- the secondary side ------------------------------------------------------------------
+
+  /** Answers a primary's handshake; returns this copy's view for its decision. */
+  async acceptPrimary(primary: {
+    address: string;
+    node: string;
+    mode: ReplicationMode;
+    regionSize: number;
+  }): Promise<{ differs: Buffer }> {
+    if (this.meta.role === 'secondary') {
+      const repl = this.meta.replication;
+      const known = repl?.peers.length === 1 && repl.peers[0]!.address === primary.address;
+      if (!known || repl.mode !== primary.mode || repl.regionSize !== primary.regionSize) {
+        await this.saveMeta({
+          ...this.meta,
+          replication: {
+            mode: primary.mode,
+            regionSize: primary.regionSize,
+            maxResyncBytesPerSecond: repl?.maxResyncBytesPerSecond ?? 0,
+            peers: [{ address: primary.address, node: primary.node, bitmapUuid: null }],
+          },
+        });
+      }
+      this.session = randomUUID();
+      this.primaryLeft = false;
+    }
+    return { differs: await this.differs(primary.regionSize) };
+  }
+
+  /**
+   * Regions where this copy may hold data a new primary lacks: what it wrote as a primary that
+   * its peers never acknowledged (its saved bitmaps) and what was in flight when it last
+   * crashed as a primary (its activity log).
+   */
+  private async differs(regionSize: number): Promise<Buffer> {
+    const out = new DirtyBitmap(this.sizeBytes, regionSize);
+    const files = await readdir(this.volume.dir).catch(() => [] as string[]);
+    for (const f of files.filter((n) => n.startsWith('bitmap-'))) {
+      try {
+        const { bitmap } = await loadDirtyBitmap(path.join(this.volume.dir, f), {
+          volumeUuid: this.uuid,
+          volumeSize: this.sizeBytes,
+          regionSize,
+        });
+        out.merge(bitmap);
+      } catch {
+        out.setAll();
+      }
+    }
+    const recovered = await ActivityLog.recover(path.join(this.volume.dir, 'activity.log'), {
+      volumeUuid: this.uuid,
+      volumeSize: this.sizeBytes,
+      beforeEvict: () => Promise.resolve(),
+    });
+    if (recovered === 'all') out.setAll();
+    else for (const r of recovered) out.markRange(r.offset, r.length);
+    return out.dirtyRegions > 0 ? out.toBuffer() : Buffer.alloc(0);
+  }
+
+  /** The primary says this copy now holds everything up to `gen`. */
+  async adoptGeneration(gen: Generations): Promise<void> {
+    if (this.meta.role !== 'secondary') {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${this.volumeName} is a primary here`,
+      );
+    }
+    await this.saveMeta({
+      ...this.meta,
+      generation: { current: gen.current, history: gen.history },
+    });
+    // Whatever this copy tracked as a former primary is now superseded by the new primary's data.
+    for (const f of await readdir(this.volume.dir)) {
+      if (f.startsWith('bitmap-') || f === 'activity.log')
+        await rm(path.join(this.volume.dir, f), { force: true });
+    }
+  }
+
+  primaryStreamOpened(): void {
+    this.primaryStreams++;
+  }
+  primaryStreamClosed(): void {
+    this.primaryStreams--;
+  }
+  primaryLeaving(): void {
+    this.primaryLeft = true;
+  }
+
+  // ---- status and shutdown -----------------------------------------------------------------
+
+  status(): ReplicationStatus {
+    return {
+      role: this.meta.role,
+      mode: this.meta.replication?.mode ?? '',
+      regionSize: this.regionSize,
+      generation: this.meta.generation.current,
+      primaryConnected: this.meta.role === 'secondary' && this.primaryStreams > 0,
+      peers: this.links.map((l) => {
+        const dirtyBytes = this.tracking.bitmap(l.address).dirtyBytes();
+        let resync: PeerStatus['resync'];
+        if (l.resync) {
+          const elapsed = (Date.now() - l.resync.startedAt) / 1000;
+          const rate = elapsed > 0 ? l.resync.doneBytes / elapsed : 0;
+          const left = Math.max(0, l.resync.totalBytes - l.resync.doneBytes);
+          resync = {
+            kind: l.resync.kind,
+            doneBytes: l.resync.doneBytes,
+            totalBytes: l.resync.totalBytes,
+            etaSeconds: rate > 0 ? Math.ceil(left / rate) : -1,
+          };
+        }
+        return {
+          address: l.address,
+          node: l.node,
+          state: l.state,
+          condition: l.condition,
+          dirtyBytes,
+          resyncBytesSent: l.resyncBytesSent,
+          liveBytesSent: l.liveBytesSent,
+          resync,
+          lastInSyncAt: l.lastInSyncAt,
+        };
+      }),
+    };
+  }
+
+  /** Agent shutdown: writes drained, bitmaps saved, activity log marked clean. */
+  async close(): Promise<void> {
+    await this.drainWrites();
+    await this.stopPeers(false);
+    await this.metaWrite.catch(() => undefined);
+  }
+}

@@ -1,0 +1,159 @@
+// What a primary knows about its peers' copies: one dirty bitmap per peer (persisted lazily)
+// and the activity log (persisted before a write touches a cold extent). At open, whatever the
+// previous run's log held is folded into every peer's bitmap: those regions may hold writes a
+// peer never saw, because the primary died with them in flight.
+import path from 'node:path';
+import { errorMessage } from '../../../lib/errors';
+import type { Logger } from '../../../lib/logger';
+import { ActivityLog } from './activity-log';
+import { DirtyBitmap, loadDirtyBitmap, saveDirtyBitmap } from './dirty-bitmap';
+
+const SAVE_INTERVAL_MS = 1000;
+
+interface PeerBitmap {
+  bitmap: DirtyBitmap;
+  file: string;
+  changed: boolean;
+  /** The file was missing or unreadable: its bits cannot be trusted, a checksum resync is due. */
+  untrusted: boolean;
+}
+
+export interface TrackingOptions {
+  dir: string;
+  volumeUuid: string;
+  volumeSize: number;
+  regionSize: number;
+  peers: string[];
+  /** Peers whose bitmap UUID is set: they are known to have missed writes. */
+  peersBehind: string[];
+  log: Logger;
+}
+
+function bitmapFile(dir: string, peer: string): string {
+  return path.join(dir, `bitmap-${peer.replace(/[^A-Za-z0-9.-]/g, '_')}.bin`);
+}
+
+export class VolumeTracking {
+  private readonly bitmaps = new Map<string, PeerBitmap>();
+  private timer: NodeJS.Timeout | undefined;
+  private saving: Promise<void> | undefined;
+  activityLog!: ActivityLog;
+
+  private constructor(private readonly opts: TrackingOptions) {}
+
+  static async open(opts: TrackingOptions): Promise<VolumeTracking> {
+    const t = new VolumeTracking(opts);
+    for (const peer of opts.peers) await t.loadPeer(peer, opts.peersBehind.includes(peer));
+    const alFile = path.join(opts.dir, 'activity.log');
+    const alOpts = {
+      volumeUuid: opts.volumeUuid,
+      volumeSize: opts.volumeSize,
+      beforeEvict: () => t.save(),
+    };
+    const recovered = await ActivityLog.recover(alFile, alOpts);
+    if (recovered === 'all' || recovered.length > 0) {
+      opts.log.warn(
+        { extents: recovered === 'all' ? 'all (log unreadable)' : recovered.length },
+        'activity log from an unclean stop: those regions are resynced to every peer',
+      );
+      for (const p of t.bitmaps.values()) {
+        if (recovered === 'all') p.bitmap.setAll();
+        else for (const r of recovered) p.bitmap.markRange(r.offset, r.length);
+        p.changed = true;
+      }
+    }
+    await t.save();
+    t.activityLog = await ActivityLog.start(alFile, alOpts);
+    t.timer = setInterval(() => void t.save().catch(() => undefined), SAVE_INTERVAL_MS);
+    t.timer.unref();
+    return t;
+  }
+
+  private async loadPeer(peer: string, behind: boolean): Promise<void> {
+    const { volumeUuid, volumeSize, regionSize } = this.opts;
+    const file = bitmapFile(this.opts.dir, peer);
+    try {
+      const { bitmap } = await loadDirtyBitmap(file, { volumeUuid, volumeSize, regionSize });
+      this.bitmaps.set(peer, { bitmap, file, changed: false, untrusted: false });
+    } catch (err) {
+      const missing =
+        (err as { cause?: NodeJS.ErrnoException }).cause?.code === 'ENOENT' || !behind;
+      const bitmap = new DirtyBitmap(volumeSize, regionSize);
+      // A peer that was in sync needs no bitmap; one that was behind and lost its bitmap
+      // needs everything compared.
+      const untrusted = behind;
+      if (untrusted) {
+        bitmap.setAll();
+        this.opts.log.warn(
+          { peer, file, err: errorMessage(err) },
+          'dirty bitmap unusable; checksum resync needed',
+        );
+      } else if (!missing) {
+        this.opts.log.warn({ peer, file, err: errorMessage(err) }, 'dirty bitmap unreadable');
+      }
+      this.bitmaps.set(peer, { bitmap, file, changed: true, untrusted });
+    }
+  }
+
+  async addPeer(peer: string): Promise<void> {
+    if (!this.bitmaps.has(peer)) await this.loadPeer(peer, false);
+  }
+
+  bitmap(peer: string): DirtyBitmap {
+    return this.bitmaps.get(peer)!.bitmap;
+  }
+
+  isUntrusted(peer: string): boolean {
+    return this.bitmaps.get(peer)?.untrusted ?? false;
+  }
+
+  trust(peer: string): void {
+    const p = this.bitmaps.get(peer);
+    if (p) p.untrusted = false;
+  }
+
+  markDirty(peer: string, offset: number, length: number): void {
+    const p = this.bitmaps.get(peer)!;
+    if (p.bitmap.markRange(offset, length) > 0) p.changed = true;
+  }
+
+  clearRegion(peer: string, region: number): void {
+    const p = this.bitmaps.get(peer)!;
+    if (p.bitmap.clearRegion(region)) p.changed = true;
+  }
+
+  /** Persists every bitmap that changed since the last save. */
+  save(): Promise<void> {
+    const run = async () => {
+      for (const [peer, p] of this.bitmaps) {
+        if (!p.changed) continue;
+        p.changed = false;
+        const header = {
+          volumeUuid: this.opts.volumeUuid,
+          peer,
+          volumeSize: this.opts.volumeSize,
+          regionSize: this.opts.regionSize,
+        };
+        try {
+          await saveDirtyBitmap(p.file, header, p.bitmap);
+        } catch (err) {
+          p.changed = true;
+          throw err;
+        }
+      }
+    };
+    // Saves run one at a time, each seeing the latest bits.
+    const next = (this.saving ?? Promise.resolve()).then(run, run);
+    this.saving = next.finally(() => {
+      if (this.saving === next) this.saving = undefined;
+    });
+    return next;
+  }
+
+  /** Clean stop: bitmaps saved, then an empty activity log (nothing is in flight). */
+  async close(): Promise<void> {
+    clearInterval(this.timer);
+    await this.save();
+    await this.activityLog.markClean();
+  }
+}
