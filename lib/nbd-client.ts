@@ -380,6 +380,7 @@ export class NbdClient {
     this.pending.clear();
     for (const r of requests) {
       clearTimeout(r.timer);
+      r.reject(err);
     }
   }
 

@@ -19,6 +19,7 @@ import { advance, ZERO_GENERATION, type Generations } from '../replication/gener
 import { PeerLink, type PeerState } from '../replication/peer-link';
 import type { PeerHost } from '../replication/peer-host';
 import type { BlockDevice, ZeroOptions } from '../store/block-device';
+import type { FileBlockDevice } from '../store/file-device';
 import type {
   ReplicationConfig,
   ReplicationMode,
@@ -100,7 +101,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   get meta(): VolumeMetadata {
     return this.volume.meta;
   }
-  get local(): BlockDevice {
+  get local(): FileBlockDevice {
     return this.volume.device;
   }
   get volumeName(): string {

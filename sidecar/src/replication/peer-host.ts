@@ -3,7 +3,7 @@
 // state changes. The replicated volume (engine/) implements it.
 import type { Logger } from '../../../lib/logger';
 import type { RegionLocks } from '../engine/region-locks';
-import type { BlockDevice } from '../store/block-device';
+import type { FileBlockDevice } from '../store/file-device';
 import type { ReplicationMode } from '../store/volume-metadata';
 import type { VolumeTracking } from '../tracking/volume-tracking';
 import type { Generations } from './generations';
@@ -19,7 +19,7 @@ export interface PeerHost {
   readonly localNode: string;
   readonly localAddress: string;
   /** The local copy, read directly (not through the splitter) by resync. */
-  readonly local: BlockDevice;
+  readonly local: FileBlockDevice;
   readonly locks: RegionLocks;
   readonly tracking: VolumeTracking;
   readonly log: Logger;

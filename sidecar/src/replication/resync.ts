@@ -8,7 +8,7 @@ import type { PeerHost } from './peer-host';
 import type { PeerLink } from './peer-link';
 import { RateLimiter } from './rate-limiter';
 
-const WINDOW = 16;
+const WINDOW = 8;
 const CHECKSUM_BATCH = 256;
 const zeroes = Buffer.alloc(4 * 1024 * 1024);
 
@@ -24,31 +24,56 @@ export function regionDigest(data: Buffer): Buffer {
   return createHash('sha256').update(data).digest().subarray(0, 16);
 }
 
-async function copyRegion(
+/** Consecutive dirty regions copied as one unit: one lock, one read, few ops. */
+const RUN_BYTES = 1024 * 1024;
+
+async function copyRun(
   link: PeerLink,
   host: PeerHost,
-  region: number,
+  first: number,
+  last: number,
   limiter: RateLimiter,
 ): Promise<void> {
   const bitmap = host.tracking.bitmap(link.address);
-  const wait = host.locks.acquire(region, region);
+  const wait = host.locks.acquire(first, last);
   if (wait) await wait;
   try {
-    if (!bitmap.isDirty(region)) return;
-    const { offset, length } = bitmap.regionRange(region);
-    const data = Buffer.allocUnsafe(length);
-    await host.local.read(offset, data);
-    if (isZero(data)) {
-      await link.send(OpKind.ZERO, offset, length, undefined, false);
-    } else {
-      await limiter.take(length);
-      await link.send(OpKind.WRITE, offset, length, data, false);
-      link.resyncBytesSent += length;
+    const start = bitmap.regionRange(first).offset;
+    const end = bitmap.regionRange(last).offset + bitmap.regionRange(last).length;
+    const data = Buffer.allocUnsafe(end - start);
+    await host.local.readUncached(start, data);
+    // Maximal stretches of zero or non-zero regions: a hole of any length is one small op.
+    const sends: Promise<void>[] = [];
+    let segStart = first;
+    let segZero = isZero(data.subarray(0, bitmap.regionRange(first).length));
+    const flushSegment = async (segEnd: number) => {
+      const off = bitmap.regionRange(segStart).offset;
+      const len = bitmap.regionRange(segEnd).offset + bitmap.regionRange(segEnd).length - off;
+      if (segZero) {
+        sends.push(link.send(OpKind.ZERO, off, len, undefined, false));
+      } else {
+        await limiter.take(len);
+        sends.push(
+          link.send(OpKind.WRITE, off, len, data.subarray(off - start, off - start + len), false),
+        );
+        link.resyncBytesSent += len;
+      }
+    };
+    for (let r = first + 1; r <= last; r++) {
+      const { offset, length } = bitmap.regionRange(r);
+      const zero = isZero(data.subarray(offset - start, offset - start + length));
+      if (zero !== segZero) {
+        await flushSegment(r - 1);
+        segStart = r;
+        segZero = zero;
+      }
     }
-    host.tracking.clearRegion(link.address, region);
-    if (link.resync) link.resync.doneBytes += length;
+    await flushSegment(last);
+    await Promise.all(sends);
+    for (let r = first; r <= last; r++) host.tracking.clearRegion(link.address, r);
+    if (link.resync) link.resync.doneBytes += end - start;
   } finally {
-    host.locks.release(region, region);
+    host.locks.release(first, last);
   }
 }
 
@@ -60,17 +85,21 @@ export async function resyncDirtyRegions(
 ): Promise<void> {
   const bitmap = host.tracking.bitmap(link.address);
   const limiter = new RateLimiter(host.maxResyncBytesPerSecond);
+  const runRegions = Math.max(1, Math.floor(RUN_BYTES / host.regionSize));
   const inFlight = new Set<Promise<void>>();
   let failure: unknown;
   // Regions can turn dirty again behind the scan (a live write failed); scan until clean.
   while (bitmap.dirtyRegions > 0 && failure === undefined) {
-    for (
-      let region = bitmap.nextDirty(0);
-      region !== -1 && failure === undefined;
-      region = bitmap.nextDirty(region + 1)
-    ) {
+    for (let region = bitmap.nextDirty(0); region !== -1 && failure === undefined;) {
       if (cancelled()) return;
-      const p: Promise<void> = copyRegion(link, host, region, limiter).then(
+      let last = region;
+      while (
+        last + 1 < bitmap.regionCount &&
+        last - region + 1 < runRegions &&
+        bitmap.isDirty(last + 1)
+      )
+        last++;
+      const p: Promise<void> = copyRun(link, host, region, last, limiter).then(
         () => {
           inFlight.delete(p);
         },
@@ -81,6 +110,7 @@ export async function resyncDirtyRegions(
       );
       inFlight.add(p);
       if (inFlight.size >= WINDOW) await Promise.race(inFlight);
+      region = last + 1 < bitmap.regionCount ? bitmap.nextDirty(last + 1) : -1;
     }
     await Promise.all(inFlight);
   }
@@ -102,7 +132,7 @@ export async function markDifferingRegions(
     for (let i = 0; i < count; i++) {
       const { offset, length } = bitmap.regionRange(first + i);
       const data = Buffer.allocUnsafe(length);
-      await host.local.read(offset, data);
+      await host.local.readUncached(offset, data);
       if (!regionDigest(data).equals(remote.subarray(i * 16, i * 16 + 16)))
         bitmap.markRegion(first + i);
       if (link.resync) link.resync.doneBytes += length;

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, ZeroOptions } from './block-device';
+import { UncachedReader } from './uncached-reader';
 
 const ZERO_CHUNK = 1 << 20;
 const zeroes = Buffer.alloc(ZERO_CHUNK);
@@ -72,10 +73,14 @@ export class FileBlockDevice implements BlockDevice {
    * late write can never land in a file that reused the descriptor number. */
   private pending = 0;
 
+  private uncached: UncachedReader | undefined | null = null;
+
   constructor(
     private readonly fd: number,
     readonly size: number,
     readonly readOnly: boolean,
+    /** The file's path, for a second, direct-I/O descriptor (see UncachedReader). */
+    private readonly file: string,
   ) {}
 
   private check(op: string, offset: number, length: number, writing: boolean): void {
@@ -96,13 +101,26 @@ export class FileBlockDevice implements BlockDevice {
     try {
       await work();
     } finally {
-      if (--this.pending === 0 && this.closed) fs.closeSync(this.fd);
+      if (--this.pending === 0 && this.closed) this.closeFds();
     }
   }
 
   async read(offset: number, target: Buffer): Promise<void> {
     this.check('read', offset, target.length, false);
     return this.guarded(() => pread(this.fd, target, offset));
+  }
+
+  /** Like `read`, but without filling the page cache: for scans over the whole volume. */
+  async readUncached(offset: number, target: Buffer): Promise<void> {
+    this.check('read', offset, target.length, false);
+    return this.guarded(() => this.preadUncached(offset, target));
+  }
+
+  private preadUncached(offset: number, target: Buffer): Promise<void> {
+    if (this.uncached === null) this.uncached = UncachedReader.open(this.file);
+    if (this.uncached && UncachedReader.aligned(offset, target.length))
+      return this.uncached.read(offset, target);
+    return pread(this.fd, target, offset);
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -127,7 +145,7 @@ export class FileBlockDevice implements BlockDevice {
       const n = Math.min(ZERO_CHUNK, offset + length - pos);
       if (scratch) {
         const view = scratch.subarray(0, n);
-        await pread(this.fd, view, pos);
+        await this.preadUncached(pos, view);
         if (view.equals(zeroes.subarray(0, n))) continue;
       }
       await pwrite(this.fd, zeroes.subarray(0, n), pos);
@@ -152,6 +170,11 @@ export class FileBlockDevice implements BlockDevice {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    if (this.pending === 0) fs.closeSync(this.fd);
+    if (this.pending === 0) this.closeFds();
+  }
+
+  private closeFds(): void {
+    fs.closeSync(this.fd);
+    this.uncached?.close();
   }
 }

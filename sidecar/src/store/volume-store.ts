@@ -235,5 +235,5 @@ function openDevice(dataFile: string, meta: VolumeMetadata): FileBlockDevice {
         'it was truncated or replaced outside lockstep, so the volume is not served',
     );
   }
-  return new FileBlockDevice(fd, meta.sizeBytes, meta.readOnly);
+  return new FileBlockDevice(fd, meta.sizeBytes, meta.readOnly, dataFile);
 }
