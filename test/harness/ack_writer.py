@@ -3,7 +3,7 @@ flight, and records each slot in LOG only after the server acknowledged its writ
 COUNT slots are written or the connection dies (the server was killed): either way LOG holds
 exactly the acknowledged writes. `verify` mode checks every logged slot reads back intact.
 
-usage: ack_writer.py write URI LOG COUNT [DEPTH]
+usage: ack_writer.py write URI LOG COUNT [DEPTH [SPAN]]   (SPAN: only the first SPAN slots)
        ack_writer.py verify URI LOG
 """
 import random
@@ -20,10 +20,10 @@ def pattern(slot):
     return struct.pack(">QQ", slot, MAGIC) * (SLOT // 16)
 
 
-def write(uri, log_path, count, depth):
+def write(uri, log_path, count, depth, span):
     h = nbd.NBD()
     h.connect_uri(uri)
-    slots = list(range(h.get_size() // SLOT))
+    slots = list(range(min(span, h.get_size() // SLOT) if span else h.get_size() // SLOT))
     random.shuffle(slots)
     slots = slots[:count]
     acked = 0
@@ -63,7 +63,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "write":
         depth = int(sys.argv[5]) if len(sys.argv) > 5 else 16
-        write(sys.argv[2], sys.argv[3], int(sys.argv[4]), depth)
+        span = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+        write(sys.argv[2], sys.argv[3], int(sys.argv[4]), depth, span)
     elif mode == "verify":
         verify(sys.argv[2], sys.argv[3])
     else:

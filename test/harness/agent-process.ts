@@ -162,10 +162,11 @@ export function startAckWriter(
   logFile: string,
   count: number,
   depth = 16,
+  /** Write only within the first `span` 4 KiB slots (0: the whole volume). */
+  span = 0,
 ): Promise<string> {
-  return run(systemPython, [ackWriter, 'write', uri, logFile, String(count), String(depth)], {
-    timeoutMs: 300_000,
-  });
+  const args = [ackWriter, 'write', uri, logFile, String(count), String(depth), String(span)];
+  return run(systemPython, args, { timeoutMs: 300_000 });
 }
 
 /** Checks every acknowledged slot in `logFile`; resolves with how many were checked. */

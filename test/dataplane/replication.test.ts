@@ -1,0 +1,266 @@
+// Synchronous replication between real agent processes: every acknowledged write survives the
+// loss of either copy, resync sends what was missed and not the volume, failures never hang a
+// write beyond the peer timeout, and the copies compare identical afterwards.
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { AgentProcess, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
+import { waitFor } from '../harness/processes';
+import {
+  expectIdentical,
+  inSync,
+  peerOf,
+  replicationAgent,
+  volumeStatus,
+  waitPeer,
+} from '../harness/replication';
+import { TcpProxy } from '../harness/tcp-proxy';
+
+const MiB = 1024 * 1024;
+
+function fioVerify(uri: string, size: string): Promise<string> {
+  return run(
+    'fio',
+    [
+      '--name=v',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      '--iodepth=16',
+      `--size=${size}`,
+      '--verify=crc32c',
+      '--do_verify=1',
+      '--verify_fatal=1',
+      '--verify_state_save=0',
+    ],
+    { timeoutMs: 180_000 },
+  );
+}
+
+async function ackedLines(log: string, atLeast: number): Promise<void> {
+  await waitFor(
+    `${atLeast} acknowledged writes`,
+    () =>
+      Promise.resolve(
+        (existsSync(log) && readFileSync(log, 'utf8').split('\n').length > atLeast) || undefined,
+      ),
+    60_000,
+    20,
+  );
+}
+
+describe('synchronous replication', () => {
+  const agents: AgentProcess[] = [];
+  const start = async (node: string, extra: string[] = []) => {
+    const a = replicationAgent(node, extra);
+    agents.push(a);
+    return a.start();
+  };
+  afterEach(async () => {
+    for (const a of agents.splice(0)) await a.dispose();
+  });
+
+  async function pair(
+    size = '64MiB',
+    mode = 'sync',
+  ): Promise<[AgentProcess, AgentProcess, string]> {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const uri = await a.createVolume('v', size);
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--mode', mode);
+    await waitPeer(a, 'v', b, inSync, 'in sync');
+    return [a, b, uri];
+  }
+
+  it('keeps the replica identical under fio with crc32c verification, and serves it read-only', async () => {
+    const [a, b, uri] = await pair();
+    await fioVerify(uri, '64M');
+    await waitPeer(a, 'v', b, inSync, 'in sync');
+    await expectIdentical(a, b, 'v');
+    const replica = await volumeStatus(b, 'v');
+    expect(replica).toMatchObject({ role: 'secondary', readOnly: true });
+    expect(replica.replication?.primaryConnected).toBe(true);
+    await expect(
+      run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', b.uri('v')]),
+    ).rejects.toThrow();
+    await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read 0 64k', b.uri('v')]);
+  });
+
+  it('keeps writing when the replica is SIGKILLed, then resyncs only the dirty regions', async () => {
+    const [a, b, uri] = await pair('256MiB');
+    const log = path.join(a.dataDir, 'acked.log');
+    // 4000 writes within the first 16 MiB: little dirtied, so a full copy would stand out.
+    const writer = startAckWriter(uri, log, 4000, 16, 4096);
+    await ackedLines(log, 300);
+    await b.kill('SIGKILL');
+    expect(await writer).toMatch(/acked=4000 flushed/); // sync mode: the primary carried on alone
+    const behind = await waitPeer(
+      a,
+      'v',
+      b,
+      (p) => p.state === 'OutOfSync' && p.dirtyBytes > 0,
+      'out of sync',
+    );
+    expect(behind.condition).not.toBe('');
+    const before = behind.resyncBytesSent;
+    await b.start();
+    const caught = await waitPeer(a, 'v', b, inSync, 'in sync again');
+    const sent = caught.resyncBytesSent - before;
+    expect(sent).toBeGreaterThan(0);
+    expect(sent).toBeLessThanOrEqual(behind.dirtyBytes * 1.1);
+    expect(sent).toBeLessThanOrEqual(16 * MiB); // far below the 256 MiB volume
+    await expectIdentical(a, b, 'v');
+    expect(await verifyAckedWrites(b.uri('v'), log)).toBe(4000);
+  });
+
+  it('has every acknowledged write on the replica after the primary is SIGKILLed; the old primary rejoins resyncing only its activity log', async () => {
+    const [a, b, uri] = await pair('1GiB');
+    const log = path.join(a.dataDir, 'acked.log');
+    // Writes confined to the first 32 MiB: the activity log then spans a few extents only.
+    const writer = startAckWriter(uri, log, 100_000, 16, 8192);
+    await ackedLines(log, 1000);
+    await a.kill('SIGKILL');
+    expect(await writer).toMatch(/connection lost/);
+
+    await b.ctl('promote', 'v', '--force');
+    expect((await volumeStatus(b, 'v')).role).toBe('primary');
+    expect(await verifyAckedWrites(b.uri('v'), log)).toBeGreaterThan(1000);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 900m 1m', b.uri('v')]);
+
+    await a.start(); // still believes it is primary: both refuse to connect until it steps down
+    await waitPeer(b, 'v', a, (p) => p.state === 'PeerIsPrimary', 'seen as a second primary');
+    await a.ctl('demote', 'v');
+    const caught = await waitPeer(b, 'v', a, inSync, 'in sync as the new secondary');
+    expect(caught.resyncBytesSent).toBeGreaterThan(0);
+    expect(caught.resyncBytesSent).toBeLessThan(128 * MiB); // its log's extents plus the new 1 MiB, not 1 GiB
+    await expectIdentical(a, b, 'v');
+    expect(await verifyAckedWrites(a.uri('v'), log)).toBeGreaterThan(1000);
+  });
+
+  it('fails writes with EIO in strict-sync mode while the replica is down, without acknowledging on one copy', async () => {
+    const [a, b, uri] = await pair('64MiB', 'strict-sync');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 64k', uri]);
+    await b.kill('SIGKILL');
+    await waitPeer(a, 'v', b, (p) => p.state !== 'InSync', 'noticed gone');
+    await expect(run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 0 64k', uri])).rejects.toThrow(
+      /Input\/output error/,
+    );
+    const out = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x11 0 64k', uri]);
+    expect(out).not.toContain('verification failed');
+    await b.start();
+    await waitPeer(a, 'v', b, inSync, 'back in sync');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 64k', uri]);
+    await waitPeer(a, 'v', b, inSync, 'in sync');
+    await expectIdentical(a, b, 'v');
+  });
+
+  it('survives a cut, a half-open peer and a slow link without hanging writes beyond the peer timeout', async () => {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const proxy = await TcpProxy.start(b.grpcAddress);
+    try {
+      const uri = await a.createVolume('v', '64MiB');
+      await a.ctl('replicate', 'v', '--to', proxy.address);
+      const viaProxy = { grpcAddress: proxy.address, node: 'node-b' } as AgentProcess;
+      await waitPeer(a, 'v', viaProxy, inSync, 'in sync');
+
+      // Half-open: bytes vanish, nothing closes. The write completes once the ack deadline
+      // (1.5 s) fails the link; it is then recorded for resync.
+      proxy.setMode('blackhole');
+      const t0 = Date.now();
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 1m 1m', uri]);
+      expect(Date.now() - t0).toBeLessThan(8_000);
+      await waitPeer(
+        a,
+        'v',
+        viaProxy,
+        (p) => p.state === 'OutOfSync' && p.dirtyBytes >= MiB,
+        'out of sync',
+      );
+      proxy.setMode('pass');
+      await waitPeer(a, 'v', viaProxy, inSync, 'healed');
+
+      // A dropped connection mid-workload.
+      const fio = fioVerify(uri, '32M');
+      await new Promise((r) => setTimeout(r, 500));
+      proxy.dropAll();
+      await fio;
+      await waitPeer(a, 'v', viaProxy, inSync, 'in sync after the drop');
+
+      // A slow link: writes wait for it, nothing fails.
+      proxy.setDelay(30);
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 8m 2m', uri]);
+      const p = await peerOf(a, 'v', viaProxy);
+      expect(p.state).toBe('InSync');
+      proxy.setDelay(0);
+      await expectIdentical(a, b, 'v');
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  it('baselines a 1 GiB volume while the workload keeps writing, and ends identical', async () => {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const uri = await a.createVolume('v', '1GiB');
+    await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x5a 0 256m',
+      '-c',
+      'write -P 0xa5 700m 100m',
+      uri,
+    ]);
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress);
+    const workload = fioVerify(uri, '1G');
+    await waitPeer(
+      a,
+      'v',
+      b,
+      (p) => p.state === 'Baselining' || p.state === 'InSync',
+      'baselining',
+    );
+    await workload;
+    const done = await waitPeer(a, 'v', b, inSync, 'in sync', 120_000);
+    expect(done.resyncBytesSent).toBeGreaterThanOrEqual(300 * MiB); // the data, not the holes
+    expect(done.resyncBytesSent).toBeLessThan(700 * MiB);
+    await expectIdentical(a, b, 'v');
+  });
+
+  it('fans out to two replicas; losing one keeps the other in sync', async () => {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const c = await start('node-c');
+    const uri = await a.createVolume('v', '64MiB');
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--to', c.grpcAddress);
+    await waitPeer(a, 'v', b, inSync, 'in sync');
+    await waitPeer(a, 'v', c, inSync, 'in sync');
+    await fioVerify(uri, '64M');
+    await expectIdentical(a, b, 'v');
+    await expectIdentical(a, c, 'v');
+    await c.kill('SIGKILL');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x66 0 4m', uri]);
+    await waitPeer(a, 'v', c, (p) => p.state === 'OutOfSync', 'out of sync');
+    expect(await peerOf(a, 'v', b)).toMatchObject({ state: 'InSync', dirtyBytes: 0 });
+    await expectIdentical(a, b, 'v');
+  });
+
+  it('reports split brain when both copies wrote independently, and resolves nothing by itself', async () => {
+    const [a, b, uri] = await pair();
+    await b.kill('SIGKILL');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x01 0 1m', uri]); // only on a
+    await waitPeer(a, 'v', b, (p) => p.state === 'OutOfSync', 'out of sync');
+    await a.kill('SIGKILL');
+    await b.start();
+    await b.ctl('promote', 'v', '--force');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x02 0 1m', b.uri('v')]); // only on b
+    await a.start();
+    await a.ctl('demote', 'v');
+    const p = await waitPeer(b, 'v', a, (x) => x.state === 'SplitBrain', 'split brain');
+    expect(p.condition).toMatch(/split brain/);
+    // Nothing was overwritten on either side.
+    await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x01 0 1m', a.uri('v')]);
+    await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x02 0 1m', b.uri('v')]);
+  });
+});
