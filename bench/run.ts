@@ -3,13 +3,25 @@
 // machines, so what counts is each Lockstep figure as a ratio to its anchor from this run.
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
-import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import {
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseArgs } from 'node:util';
 import { AgentProcess } from '../test/harness/agent-process';
+import { waitFor } from '../test/harness/processes';
+import { inSync, waitPeer } from '../test/harness/replication';
 
 const execFileAsync = promisify(execFile);
 
@@ -58,6 +70,134 @@ function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const mid = Math.floor(s.length / 2);
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+}
+
+function work2(): string {
+  return mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-baseline-'));
+}
+
+async function replicatedPair(size: string): Promise<[AgentProcess, AgentProcess, string]> {
+  const a = await new AgentProcess({ node: 'bench-a' }).start();
+  const b = await new AgentProcess({ node: 'bench-b' }).start();
+  const uri = await a.createVolume('bench', size.replace(/G$/, 'GiB').replace(/M$/, 'MiB'));
+  return [a, b, uri];
+}
+
+async function replicatedRun(fio: string, size: string, runtime: string): Promise<JobResult[]> {
+  const [a, b, uri] = await replicatedPair(size);
+  try {
+    await a.ctl('replicate', 'bench', '--to', b.grpcAddress);
+    await waitPeer(a, 'bench', b, inSync, 'in sync', 300_000);
+    return parseFioLines(await sh(fio, ['lockstep-sync', uri, size, runtime]));
+  } finally {
+    await a.dispose();
+    await b.dispose();
+  }
+}
+
+/** Kill the replica, dirty 1 % of 1 GiB in 64 KiB writes, restart it, count what resync sends. */
+async function resyncRun(): Promise<{
+  writtenBytes: number;
+  dirtyBytes: number;
+  sentBytes: number;
+}> {
+  const [a, b, uri] = await replicatedPair('1G');
+  try {
+    await a.ctl('replicate', 'bench', '--to', b.grpcAddress);
+    await waitPeer(a, 'bench', b, inSync, 'in sync', 300_000);
+    await b.kill('SIGKILL');
+    const blocks = 164; // 164 × 64 KiB ≈ 1 % of 1 GiB
+    const cmds: string[] = [];
+    for (let i = 0; i < blocks; i++)
+      cmds.push('-c', `write -P ${i % 250} ${((i * 97) % 16384) * 65536} 64k`);
+    await execFileAsync('qemu-io', ['-f', 'raw', ...cmds, uri], { maxBuffer: 16 << 20 });
+    const behind = await waitPeer(a, 'bench', b, (p) => p.dirtyBytes >= blocks * 65536, 'dirty');
+    await b.start();
+    const done = await waitPeer(a, 'bench', b, inSync, 'in sync', 300_000);
+    return {
+      writtenBytes: blocks * 65536,
+      dirtyBytes: behind.dirtyBytes,
+      sentBytes: done.resyncBytesSent - behind.resyncBytesSent,
+    };
+  } finally {
+    await a.dispose();
+    await b.dispose();
+  }
+}
+
+/** The same half-full 1 GiB image baselined by Lockstep, and copied by nbdcopy between two qemu exports. */
+async function baselineRun(
+  dir: string,
+): Promise<{ lockstepSeconds: number; nbdcopySeconds: number }> {
+  const half = 512 * 1024 * 1024;
+  const chunk = Buffer.alloc(1024 * 1024);
+  const fill = (file: string) => {
+    const fd = openSync(file, 'w');
+    ftruncateSync(fd, 2 * half);
+    for (let off = 0; off < half; off += chunk.length) {
+      chunk.fill(off / chunk.length);
+      writeSync(fd, chunk, 0, chunk.length, off);
+    }
+    closeSync(fd);
+  };
+  const procs: ChildProcess[] = [];
+  try {
+    // Anchor: qemu-storage-daemon exports src (half full) and tgt (empty); nbdcopy src → tgt.
+    fill(path.join(dir, 'src.raw'));
+    writeFileSync(path.join(dir, 'tgt.raw'), '');
+    truncateSync(path.join(dir, 'tgt.raw'), 2 * half);
+    for (const n of ['src', 'tgt']) {
+      procs.push(
+        spawn(
+          'qemu-storage-daemon',
+          [
+            '--blockdev',
+            `driver=file,node-name=${n}f,filename=${path.join(dir, `${n}.raw`)},aio=threads`,
+            '--blockdev',
+            `driver=raw,node-name=${n},file=${n}f`,
+            '--nbd-server',
+            `addr.type=unix,addr.path=${path.join(dir, `${n}.sock`)}`,
+            '--export',
+            `type=nbd,id=e,node-name=${n},writable=on,name=${n}`,
+          ],
+          { stdio: 'ignore' },
+        ),
+      );
+    }
+    await waitFor(
+      'qemu exports',
+      () =>
+        Promise.resolve(
+          existsSync(path.join(dir, 'src.sock')) && existsSync(path.join(dir, 'tgt.sock'))
+            ? true
+            : undefined,
+        ),
+      10_000,
+    );
+    let t0 = performance.now();
+    await execFileAsync('nbdcopy', [
+      `nbd+unix:///src?socket=${path.join(dir, 'src.sock')}`,
+      `nbd+unix:///tgt?socket=${path.join(dir, 'tgt.sock')}`,
+    ]);
+    const nbdcopySeconds = (performance.now() - t0) / 1000;
+
+    const [a, b] = await replicatedPair('1G');
+    try {
+      await a.stop();
+      fill(path.join(a.dataDir, 'volumes', 'bench', 'data.img'));
+      await a.start();
+      t0 = performance.now();
+      await a.ctl('replicate', 'bench', '--to', b.grpcAddress);
+      await waitPeer(a, 'bench', b, inSync, 'in sync', 300_000, 20);
+      return { lockstepSeconds: (performance.now() - t0) / 1000, nbdcopySeconds };
+    } finally {
+      await a.dispose();
+      await b.dispose();
+    }
+  } finally {
+    for (const p of procs) p.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 async function main(): Promise<void> {
@@ -109,13 +249,24 @@ async function main(): Promise<void> {
       } finally {
         await agent.dispose();
       }
+      process.stderr.write(
+        `round ${round}/${rounds}: lockstep, sync replication to a second agent\n`,
+      );
+      results.push(...(await replicatedRun(fio, size, runtime)));
       perRound.push(results);
     }
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
 
-  const pairs = [['lockstep-local', 'qemu-local']] as const;
+  process.stderr.write('resync after dirtying 1% of 1 GiB; baseline of a half-full 1 GiB volume\n');
+  const resync = await resyncRun();
+  const baseline = await baselineRun(work2());
+
+  const pairs = [
+    ['lockstep-local', 'qemu-local'],
+    ['lockstep-sync', 'qemu-sync'],
+  ] as const;
   const fields = ['iops', 'MBps', 'p50_us', 'p99_us'] as const;
   const rows: string[] = [];
   for (const [ours, anchor] of pairs) {
@@ -142,6 +293,12 @@ async function main(): Promise<void> {
       '| pair | job | IOPS | MB/s | p50 µs | p99 µs |',
       '|---|---|---|---|---|---|',
       ...rows,
+      '',
+      `Resync after dirtying 1 % of 1 GiB (${resync.writtenBytes} bytes written while the replica was down): ` +
+        `${resync.sentBytes} bytes sent for ${resync.dirtyBytes} dirty bytes → **${(resync.sentBytes / resync.dirtyBytes).toFixed(2)}×** the dirty bytes.`,
+      '',
+      `Baseline of a half-full 1 GiB volume: lockstep ${baseline.lockstepSeconds.toFixed(2)} s, ` +
+        `nbdcopy between two qemu exports ${baseline.nbdcopySeconds.toFixed(2)} s → throughput ratio **${(baseline.nbdcopySeconds / baseline.lockstepSeconds).toFixed(2)}**.`,
       '',
       'Raw lines:',
       '```',

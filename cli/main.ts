@@ -4,6 +4,7 @@ import { isLockstepError, errorMessage } from '../lib/errors';
 import { packageVersion } from '../lib/package-root';
 import { agentCommand } from './commands/agent';
 import { ctlCommand } from './commands/ctl';
+import { demoCommand } from './commands/demo';
 
 export function buildProgram(): Command {
   return new Command('lockstep')
@@ -11,7 +12,8 @@ export function buildProgram(): Command {
     .version(packageVersion, '-v, --version', 'print the version and exit')
     .showHelpAfterError()
     .addCommand(agentCommand())
-    .addCommand(ctlCommand());
+    .addCommand(ctlCommand())
+    .addCommand(demoCommand());
 }
 
 export function main(argv: string[]): void {

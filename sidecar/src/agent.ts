@@ -77,7 +77,6 @@ export class Agent implements ExportSource {
   private grpc: BoundServer | undefined;
   private metricsServer: { close(): Promise<void> } | undefined;
   private stopping: Promise<void> | undefined;
-  private ready = false;
 
   private constructor(
     readonly options: AgentOptions,
@@ -86,7 +85,11 @@ export class Agent implements ExportSource {
     readonly store: VolumeStore,
   ) {
     this.log = options.log;
-    this.metrics = new AgentMetrics(store, options.node);
+    this.metrics = new AgentMetrics(store, options.node, () =>
+      [...this.replicas].flatMap(([volume, rv]) =>
+        rv.meta.replication ? [{ volume, status: rv.status() }] : [],
+      ),
+    );
     this.nbd = new NbdServer(
       this,
       this.log.child({ subsystem: 'nbd' }),
@@ -127,37 +130,18 @@ export class Agent implements ExportSource {
         lock,
         store,
       );
-      const a = agent;
-      // gRPC first: replicated volumes need the bound address to tell peers where we are.
-      // Calls that arrive before the volumes are open are refused as UNAVAILABLE.
-      const guard = <T extends object>(handlers: T): T =>
-        new Proxy(handlers, {
-          get: (target, prop, receiver) => {
-            const h = Reflect.get(target, prop, receiver) as unknown;
-            if (typeof h !== 'function') return h;
-            return (...args: unknown[]) => {
-              if (!a.ready) {
-                const cb = args[1] as ((err: object) => void) | undefined;
-                const err = { code: 14, details: 'agent is starting' };
-                if (typeof cb === 'function') return cb(err);
-                return (args[0] as { destroy(e: object): void }).destroy(err);
-              }
-              return (h as (...x: unknown[]) => unknown).apply(target, args);
-            };
-          },
-        });
+      for (const v of store.list()) {
+        if (v.state === 'Ready') agent.replicas.set(v.name, new ReplicatedVolume(agent.ctx, v));
+      }
       agent.grpc = await startGrpcServer(options.listen, [
-        [agentProto().Agent.service, guard(agentHandlers(agent))],
-        [replicationProto().Replication.service, guard(replicationHandlers(agent))],
-        [replicationStreamService, guard({ Replicate: replicateStreamHandler(agent) })],
+        [agentProto().Agent.service, agentHandlers(agent)],
+        [replicationProto().Replication.service, replicationHandlers(agent)],
+        [replicationStreamService, { Replicate: replicateStreamHandler(agent) }],
       ]);
       agent.grpcAddress = agent.grpc.address.replace(/^[^:]*(?=:\d+$)/, grpcHost);
+      // Peers learn our address in the handshake, so links start once it is bound.
       agent.ctx.address = options.advertise ?? agent.grpcAddress;
-      for (const v of store.list()) {
-        if (v.state === 'Ready')
-          agent.replicas.set(v.name, await ReplicatedVolume.open(agent.ctx, v));
-      }
-      agent.ready = true;
+      for (const rv of agent.replicas.values()) await rv.resume();
       await agent.nbd.listenUnix(agent.nbdSocket);
       if (options.nbdListen) {
         agent.nbdTcpAddress = await agent.nbd.listenTcp(
@@ -212,7 +196,7 @@ export class Agent implements ExportSource {
   async createReplica(spec: NewVolume): Promise<ReplicatedVolume> {
     const volume = await this.store.create(spec);
     if (volume.state !== 'Ready') throw volume.error;
-    const rv = await ReplicatedVolume.open(this.ctx, volume);
+    const rv = new ReplicatedVolume(this.ctx, volume);
     this.replicas.set(spec.name, rv);
     return rv;
   }

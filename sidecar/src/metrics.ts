@@ -4,6 +4,7 @@ import http from 'node:http';
 import client from 'prom-client';
 import type { RequestKind, RequestObserver } from './frontend/nbd/connection';
 import type { VolumeStore } from './store/volume-store';
+import type { ReplicationStatus } from './engine/replicated-volume';
 
 type CounterChild = ReturnType<client.Counter['labels']>;
 
@@ -22,7 +23,11 @@ export class AgentMetrics {
   private readonly clients: client.Gauge;
   private readonly bound = new Map<string, Map<RequestKind, Bound>>();
 
-  constructor(store: VolumeStore, node: string) {
+  constructor(
+    store: VolumeStore,
+    node: string,
+    replication: () => Array<{ volume: string; status: ReplicationStatus }>,
+  ) {
     const registers = [this.registry];
     this.registry.setDefaultLabels({ node });
     client.collectDefaultMetrics({ register: this.registry, prefix: 'lockstep_agent_' });
@@ -45,6 +50,7 @@ export class AgentMetrics {
       buckets: [25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1],
       registers,
     });
+    this.replicationGauges(registers, replication);
     this.clients = new client.Gauge({
       name: 'lockstep_nbd_clients',
       help: 'NBD connections attached to a volume.',
@@ -82,6 +88,57 @@ export class AgentMetrics {
         this.set({ state: 'Ready' }, 0);
         this.set({ state: 'Failed' }, 0);
         for (const v of store.list()) this.inc({ state: v.state });
+      },
+    });
+  }
+
+  /** Replication state, read from the volumes at scrape time (nothing on the write path). */
+  private replicationGauges(
+    registers: client.Registry[],
+    replication: () => Array<{ volume: string; status: ReplicationStatus }>,
+  ): void {
+    const peers = () =>
+      replication().flatMap(({ volume, status }) => status.peers.map((p) => ({ volume, p })));
+    new client.Gauge({
+      name: 'lockstep_replication_peer_dirty_bytes',
+      help: 'Bytes a peer is known to be missing (its dirty bitmap), per volume and peer.',
+      labelNames: ['volume', 'peer'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, p } of peers()) this.set({ volume, peer: p.address }, p.dirtyBytes);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_replication_peer_state',
+      help: '1 for the state each peer is in (InSync, Resyncing, Baselining, OutOfSync, Disconnected, SplitBrain, ...).',
+      labelNames: ['volume', 'peer', 'state'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, p } of peers())
+          this.set({ volume, peer: p.address, state: p.state }, 1);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_replication_resync_sent_bytes',
+      help: 'Bytes sent to each peer by baseline and resync since the agent started.',
+      labelNames: ['volume', 'peer'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, p } of peers())
+          this.set({ volume, peer: p.address }, p.resyncBytesSent);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_replication_live_sent_bytes',
+      help: 'Bytes of live writes sent to each peer since the agent started.',
+      labelNames: ['volume', 'peer'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, p } of peers()) this.set({ volume, peer: p.address }, p.liveBytesSent);
       },
     });
   }

@@ -32,12 +32,16 @@ describe('lockstep ctl', () => {
         'exportUri',
         'name',
         'readOnly',
+        'replication',
+        'role',
         'sizeBytes',
         'state',
         'uuid',
       ].sort(),
     );
     expect(json.volumes.find((v) => v.name === 'alpha')).toMatchObject({
+      role: 'primary',
+      replication: null,
       sizeBytes: 256 * 2 ** 20,
       readOnly: false,
       state: 'Ready',

@@ -3,7 +3,8 @@
 // write beyond the peer timeout, and the copies compare identical afterwards.
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { AgentProcess, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
+import type { AgentProcess } from '../harness/agent-process';
+import { run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
 import {
   expectIdentical,

@@ -48,6 +48,7 @@ export function waitPeer(
   ok: (p: PeerJson) => boolean,
   what: string,
   timeoutMs = 60_000,
+  intervalMs = 100,
 ): Promise<PeerJson> {
   return waitFor(
     `${peer.node} ${what} on ${agent.node}`,
@@ -56,7 +57,7 @@ export function waitPeer(
       return ok(p) ? p : undefined;
     },
     timeoutMs,
-    100,
+    intervalMs,
   );
 }
 

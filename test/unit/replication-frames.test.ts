@@ -21,7 +21,7 @@ describe('replication frames', () => {
     expect(back.map(({ data, ...rest }) => ({ ...rest, data: data?.toString() }))).toEqual(
       ops.map(({ data, ...rest }) => ({ ...rest, data: data?.toString() })),
     );
-    expect(back[0]!.data!.buffer).toBe(msg.buffer);
+    expect(back[0].data!.buffer).toBe(msg.buffer);
   });
 
   it('rejects truncated and unknown records', () => {

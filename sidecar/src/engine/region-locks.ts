@@ -19,10 +19,7 @@ export class RegionLocks {
 
   /** Takes regions [first, last]; undefined if granted at once, else a promise of the grant. */
   acquire(first: number, last: number): Promise<void> | undefined {
-    if (this.waiters.length === 0 && this.free(first, last)) {
-      this.take(first, last);
-      return undefined;
-    }
+    // Free regions are taken at once unless an earlier waiter wants one of them.
     if (this.free(first, last) && !this.waiters.some((w) => w.first <= last && first <= w.last)) {
       this.take(first, last);
       return undefined;
@@ -48,7 +45,7 @@ export class RegionLocks {
     // A waiter may go ahead of earlier ones only if it overlaps none of them.
     const blocked: Waiter[] = [];
     for (let i = 0; i < this.waiters.length;) {
-      const w = this.waiters[i]!;
+      const w = this.waiters[i];
       const behind = blocked.some((b) => b.first <= w.last && w.first <= b.last);
       if (!behind && this.free(w.first, w.last)) {
         this.take(w.first, w.last);

@@ -90,10 +90,10 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     this.log = ctx.log.child({ volume: volume.name });
   }
 
-  static async open(ctx: ReplicationContext, volume: ReadyVolume): Promise<ReplicatedVolume> {
-    const rv = new ReplicatedVolume(ctx, volume);
-    if (rv.meta.role === 'primary' && rv.meta.replication?.peers.length) await rv.startPeers();
-    return rv;
+  /** Starts replicating to the configured peers if this copy is a primary that has any. */
+  async resume(): Promise<void> {
+    if (this.meta.role === 'primary' && this.meta.replication?.peers.length)
+      await this.startPeers();
   }
 
   // ---- identity (PeerHost) -------------------------------------------------------------------
@@ -250,7 +250,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       return;
     }
     const results = await settled;
-    if (results[0]!.status === 'rejected') {
+    if (results[0].status === 'rejected') {
       this.localFailed(offset, length);
       throw results[0].reason;
     }
@@ -300,7 +300,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     const peers = repl.peers.map((p) =>
       p.address === peer ? { ...p, bitmapUuid: this.meta.generation.current } : p,
     );
-    this.saveMeta({ ...this.meta, generation, replication: { ...repl, peers } });
+    void this.saveMeta({ ...this.meta, generation, replication: { ...repl, peers } }).catch(
+      () => undefined,
+    );
     this.log.info({ peer, generation: generation.current }, 'peer missed writes: new generation');
     for (const l of this.links) {
       if (l.address !== peer && l.state === 'InSync')
@@ -471,7 +473,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   }): Promise<{ differs: Buffer }> {
     if (this.meta.role === 'secondary') {
       const repl = this.meta.replication;
-      const known = repl?.peers.length === 1 && repl.peers[0]!.address === primary.address;
+      const known = repl?.peers.length === 1 && repl.peers[0].address === primary.address;
       if (!known || repl.mode !== primary.mode || repl.regionSize !== primary.regionSize) {
         await this.saveMeta({
           ...this.meta,

@@ -7,8 +7,10 @@ import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { replicationProto, type ReplicationClient } from '../../../proto';
 import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/HandshakeResponse';
+import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
-import { OpKind, decodeAcks, encodeOps, encodedSize, MAX_MESSAGE_BYTES, type Op } from './frames';
+import type { OpKind } from './frames';
+import { decodeAcks, encodeOps, encodedSize, MAX_MESSAGE_BYTES, type Op } from './frames';
 import { decideResync, type Generations } from './generations';
 import { markDifferingRegions, resyncDirtyRegions } from './resync';
 import type { PeerHost } from './peer-host';
@@ -166,9 +168,9 @@ export class PeerLink {
       let n = 0;
       while (
         n < this.queue.length &&
-        (n === 0 || bytes + encodedSize(this.queue[n]!) <= MAX_MESSAGE_BYTES)
+        (n === 0 || bytes + encodedSize(this.queue[n]) <= MAX_MESSAGE_BYTES)
       ) {
-        bytes += encodedSize(this.queue[n]!);
+        bytes += encodedSize(this.queue[n]);
         n++;
       }
       // The write callback only means grpc-js took the bytes; the peer's ack is what counts.
@@ -257,36 +259,33 @@ export class PeerLink {
     this.host.onPeerState(this, from, state);
   }
 
-  private unary<Req, Res>(
-    call: (
-      req: Req,
-      md: grpc.Metadata,
-      opts: grpc.CallOptions,
+  /** A unary call on the peer with the RPC deadline; failures become PeerUnavailable. */
+  private unary<Res>(
+    invoke: (
+      options: grpc.CallOptions,
       cb: (err: grpc.ServiceError | null, res?: Res) => void,
     ) => unknown,
-    req: Req,
   ): Promise<Res> {
     return new Promise((resolve, reject) =>
-      call.call(
-        this.rpc,
-        req,
-        new grpc.Metadata(),
-        { deadline: Date.now() + RPC_DEADLINE_MS },
-        (err, res) =>
-          err
-            ? reject(new PeerUnavailable(this.address, err.details || err.message))
-            : resolve(res!),
+      invoke({ deadline: Date.now() + RPC_DEADLINE_MS }, (err, res) =>
+        err ? reject(new PeerUnavailable(this.address, err.details || err.message)) : resolve(res!),
       ),
     );
   }
 
   regionChecksums(firstRegion: number, count: number): Promise<Buffer> {
-    return this.unary(this.rpc.RegionChecksums, {
-      volume: this.host.volumeName,
-      regionSize: this.host.regionSize,
-      firstRegion,
-      count,
-    }).then((r) => (r as { digests: Buffer }).digests);
+    return this.unary<RegionChecksumsResponse__Output>((o, cb) =>
+      this.rpc.RegionChecksums(
+        {
+          volume: this.host.volumeName,
+          regionSize: this.host.regionSize,
+          firstRegion,
+          count,
+        },
+        o,
+        cb,
+      ),
+    ).then((r) => r.digests);
   }
 
   private async connect(): Promise<void> {
@@ -296,17 +295,23 @@ export class PeerLink {
     const stale = () => this.stopped || epoch !== this.epoch;
     try {
       const gen = host.generations();
-      const hello = (await this.unary(this.rpc.Handshake, {
-        volume: host.volumeName,
-        uuid: host.uuid,
-        sizeBytes: host.sizeBytes,
-        regionSize: host.regionSize,
-        createIfMissing: true,
-        primaryNode: host.localNode,
-        primaryAddress: host.localAddress,
-        generation: gen,
-        mode: host.mode,
-      })) as HandshakeResponse__Output;
+      const hello = await this.unary<HandshakeResponse__Output>((o, cb) =>
+        this.rpc.Handshake(
+          {
+            volume: host.volumeName,
+            uuid: host.uuid,
+            sizeBytes: host.sizeBytes,
+            regionSize: host.regionSize,
+            createIfMissing: true,
+            primaryNode: host.localNode,
+            primaryAddress: host.localAddress,
+            generation: gen,
+            mode: host.mode,
+          },
+          o,
+          cb,
+        ),
+      );
       if (stale()) return;
       this.node = hello.node;
       const remote: Generations = {
@@ -375,10 +380,16 @@ export class PeerLink {
       this.resync = { kind, doneBytes: 0, totalBytes: bitmap.dirtyBytes(), startedAt: Date.now() };
       await resyncDirtyRegions(this, host, () => stale());
       if (stale()) return;
-      await this.unary(this.rpc.SetGeneration, {
-        volume: host.volumeName,
-        generation: host.generations(),
-      });
+      await this.unary<unknown>((o, cb) =>
+        this.rpc.SetGeneration(
+          {
+            volume: host.volumeName,
+            generation: host.generations(),
+          },
+          o,
+          cb,
+        ),
+      );
       if (stale()) return;
       await host.onPeerCaughtUp(this);
       this.resync = undefined;
@@ -391,15 +402,23 @@ export class PeerLink {
 
   /** Tells the peer this primary steps down cleanly (so it may be promoted without --force). */
   async announceLeaving(): Promise<void> {
-    await this.unary(this.rpc.PrimaryLeaving, { volume: this.host.volumeName });
+    await this.unary<unknown>((o, cb) =>
+      this.rpc.PrimaryLeaving({ volume: this.host.volumeName }, o, cb),
+    );
   }
 
   /** Sends a generation change to a peer that is in sync. */
   async pushGeneration(): Promise<void> {
-    await this.unary(this.rpc.SetGeneration, {
-      volume: this.host.volumeName,
-      generation: this.host.generations(),
-    });
+    await this.unary<unknown>((o, cb) =>
+      this.rpc.SetGeneration(
+        {
+          volume: this.host.volumeName,
+          generation: this.host.generations(),
+        },
+        o,
+        cb,
+      ),
+    );
   }
 
   stop(): void {

@@ -114,7 +114,7 @@ export async function resyncDirtyRegions(
     }
     await Promise.all(inFlight);
   }
-  if (failure !== undefined) throw failure;
+  if (failure !== undefined) throw failure instanceof Error ? failure : new Error('resync failed');
 }
 
 /** Marks dirty every region whose checksum differs between the two copies. */

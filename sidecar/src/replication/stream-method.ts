@@ -1,6 +1,7 @@
 // The raw-bytes streaming method of the replication data path. It is declared by hand, not in
 // a .proto, because its messages are the binary frames of frames.ts: grpc-js passes the
 // buffers through untouched instead of protobuf-encoding them.
+import type { Http2Session } from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 
 const identity = (b: Buffer): Buffer => b;
@@ -55,8 +56,7 @@ export function tuneStreamConnection(call: object): void {
   let c = (call as { call?: unknown }).call as Record<string, unknown> | undefined;
   for (let depth = 0; c && !('stream' in c) && depth < 8; depth++)
     c = c.nextCall as Record<string, unknown> | undefined;
-  const session = (c?.stream as { session?: import('node:http2').Http2Session } | undefined)
-    ?.session;
+  const session = (c?.stream as { session?: Http2Session } | undefined)?.session;
   if (!session || widened.has(session) || session.destroyed) return;
   widened.add(session);
   try {

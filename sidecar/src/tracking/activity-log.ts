@@ -152,7 +152,7 @@ export class ActivityLog {
         await this.persist();
         for (const x of batch) x.durable = true;
         for (let i = 0; i < this.waiters.length;) {
-          const w = this.waiters[i]!;
+          const w = this.waiters[i];
           if (this.covered(w.first, w.last)) {
             this.waiters.splice(i, 1);
             w.resolve();

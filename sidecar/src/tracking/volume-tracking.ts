@@ -76,20 +76,17 @@ export class VolumeTracking {
       const { bitmap } = await loadDirtyBitmap(file, { volumeUuid, volumeSize, regionSize });
       this.bitmaps.set(peer, { bitmap, file, changed: false, untrusted: false });
     } catch (err) {
-      const missing =
-        (err as { cause?: NodeJS.ErrnoException }).cause?.code === 'ENOENT' || !behind;
+      // A peer that was in sync needs no bitmap; one that was behind and lost its bitmap needs
+      // every region compared (checksum resync).
       const bitmap = new DirtyBitmap(volumeSize, regionSize);
-      // A peer that was in sync needs no bitmap; one that was behind and lost its bitmap
-      // needs everything compared.
       const untrusted = behind;
-      if (untrusted) {
-        bitmap.setAll();
+      if (untrusted) bitmap.setAll();
+      const missing = (err as { cause?: NodeJS.ErrnoException }).cause?.code === 'ENOENT';
+      if (untrusted || !missing) {
         this.opts.log.warn(
-          { peer, file, err: errorMessage(err) },
-          'dirty bitmap unusable; checksum resync needed',
+          { peer, file, err: errorMessage(err), checksumResync: untrusted },
+          'dirty bitmap unusable',
         );
-      } else if (!missing) {
-        this.opts.log.warn({ peer, file, err: errorMessage(err) }, 'dirty bitmap unreadable');
       }
       this.bitmaps.set(peer, { bitmap, file, changed: true, untrusted });
     }
