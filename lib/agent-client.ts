@@ -73,6 +73,10 @@ export class AgentClient {
     return this.call<VolumeInfo>((o, cb) => this.raw.Promote({ name, force }, o, cb));
   }
 
+  discardPeer(name: string, peer: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.DiscardPeer({ name, peer }, o, cb));
+  }
+
   demote(name: string): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.Demote({ name }, o, cb));
   }

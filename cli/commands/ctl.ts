@@ -158,6 +158,13 @@ export function ctlCommand(): Command {
     .action(async (name: string, _opts: object, cmd: Command) => {
       printVolume(await withClient(cmd, (c) => c.demote(name)));
     });
+  ctl
+    .command('resolve <volume>')
+    .description('resolve a split brain on the primary: overwrite a peer whose copy diverged')
+    .requiredOption('--discard-peer <host:port>', 'the peer whose diverging writes are thrown away')
+    .action(async (name: string, opts: { discardPeer: string }, cmd: Command) => {
+      printVolume(await withClient(cmd, (c) => c.discardPeer(name, opts.discardPeer)));
+    });
   return ctl;
 }
 

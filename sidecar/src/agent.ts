@@ -272,6 +272,11 @@ export class Agent implements ExportSource {
     return this.volume(name);
   }
 
+  discardPeer(name: string, peer: string): VolumeView {
+    this.replicaOf(name).discardPeer(peer);
+    return this.volume(name);
+  }
+
   async demote(name: string): Promise<VolumeView> {
     await this.replicaOf(name).demote();
     return this.volume(name);

@@ -247,7 +247,7 @@ describe('synchronous replication', () => {
     await expectIdentical(a, b, 'v');
   });
 
-  it('reports split brain when both copies wrote independently, and resolves nothing by itself', async () => {
+  it('reports split brain when both copies wrote independently, and resolves it only when told which copy survives', async () => {
     const [a, b, uri] = await pair();
     await b.kill('SIGKILL');
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x01 0 1m', uri]); // only on a
@@ -263,5 +263,10 @@ describe('synchronous replication', () => {
     // Nothing was overwritten on either side.
     await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x01 0 1m', a.uri('v')]);
     await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x02 0 1m', b.uri('v')]);
+    // Until the operator picks the survivor: b wins, a's diverging writes are discarded.
+    await b.ctl('resolve', 'v', '--discard-peer', a.grpcAddress);
+    await waitPeer(b, 'v', a, inSync, 'resynced from the survivor');
+    await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x02 0 1m', a.uri('v')]);
+    await expectIdentical(a, b, 'v');
   });
 });

@@ -69,5 +69,6 @@ export function agentHandlers(agent: Agent): AgentHandlers {
     ),
     Promote: unary(async (req) => wire(await agent.promote(req.name, req.force))),
     Demote: unary(async (req) => wire(await agent.demote(req.name))),
+    DiscardPeer: unary((req) => wire(agent.discardPeer(req.name, req.peer))),
   };
 }

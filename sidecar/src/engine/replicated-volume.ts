@@ -462,6 +462,18 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     this.log.info('demoted to secondary');
   }
 
+  discardPeer(peer: string): void {
+    const link = this.links.find((l) => l.address === peer);
+    if (!link) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_INVALID_ARGUMENT',
+        `${peer} is not a peer of volume ${this.volumeName} here (run this on the primary; peers are listed by status)`,
+      );
+    }
+    this.log.warn({ peer }, 'operator asked to discard the peer’s diverging writes');
+    link.discardPeer();
+  }
+
   // ---- the secondary side ------------------------------------------------------------------
 
   /** Answers a primary's handshake; returns this copy's view for its decision. */

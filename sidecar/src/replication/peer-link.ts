@@ -75,6 +75,8 @@ export class PeerLink {
   liveBytesSent = 0;
   resync: ResyncProgress | undefined;
   lastInSyncAt = 0;
+  /** Set by an operator to resolve a split brain in our favour: the next connect overwrites the peer. */
+  discardPeerData = false;
 
   private readonly channel: grpc.Channel;
   private readonly rpc: ReplicationClient;
@@ -318,10 +320,24 @@ export class PeerLink {
         current: hello.generation?.current ?? '',
         history: hello.generation?.history ?? [],
       };
-      const decision = decideResync(
+      let decision = decideResync(
         { ...gen, bitmapUuid: host.bitmapUuid(this.address) },
         { ...remote, role: hello.role === 'primary' ? 'primary' : 'secondary' },
       );
+      if (
+        decision.kind === 'refuse' &&
+        decision.condition !== 'PeerIsPrimary' &&
+        this.discardPeerData
+      ) {
+        this.log.warn(
+          { condition: decision.condition },
+          'discarding the peer’s diverging writes, as requested',
+        );
+        decision = {
+          kind: 'full',
+          reason: `${decision.condition} resolved by discarding the peer's writes`,
+        };
+      }
       if (decision.kind === 'refuse') {
         this.condition = decision.reason;
         this.log.error(
@@ -392,12 +408,19 @@ export class PeerLink {
       );
       if (stale()) return;
       await host.onPeerCaughtUp(this);
+      this.discardPeerData = false;
       this.resync = undefined;
       this.setState('InSync');
       this.log.info({ resyncBytesSent: this.resyncBytesSent }, 'peer in sync');
     } catch (err) {
       if (!stale()) this.fail(errorMessage(err));
     }
+  }
+
+  /** Resolves a refusal (split brain, newer peer) by overwriting the peer on the next connect. */
+  discardPeer(): void {
+    this.discardPeerData = true;
+    if (!this.streaming) this.scheduleRetry(0);
   }
 
   /** Tells the peer this primary steps down cleanly (so it may be promoted without --force). */
