@@ -9,8 +9,7 @@ import { replicationProto, type ReplicationClient } from '../../../proto';
 import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/HandshakeResponse';
 import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
-import type { OpKind } from './frames';
-import { decodeAcks, encodeOps, encodedSize, MAX_MESSAGE_BYTES, type Op } from './frames';
+import { OpKind, decodeAcks, encodeOps, encodedSize, MAX_MESSAGE_BYTES, type Op } from './frames';
 import { decideResync, type Generations } from './generations';
 import { markDifferingRegions, resyncDirtyRegions } from './resync';
 import type { PeerHost } from './peer-host';
@@ -40,6 +39,22 @@ const RPC_DEADLINE_MS = 5_000;
 const RETRY_MIN_MS = 200;
 const RETRY_MAX_MS = 5_000;
 const REFUSED_RETRY_MS = 5_000;
+
+/**
+ * Parallel streams per link. One HTTP/2 stream moved 1 MiB writes at ~370 MB/s, four at
+ * ~720 MB/s (measured with a bare client against the secondary): grpc-js processes each
+ * stream's messages one after another, so lanes let large writes overlap.
+ */
+const LANES = 4;
+
+interface Lane {
+  stream: grpc.ClientDuplexStream<Buffer, Buffer>;
+  /** The stream asked us to wait for 'drain'. */
+  blocked: boolean;
+}
+
+/** A queued op; a FLUSH is queued once per lane (it covers only what went before it there). */
+type Queued = Op & { lane?: number };
 
 interface Pending {
   resolve: () => void;
@@ -81,13 +96,13 @@ export class PeerLink {
   private readonly channel: grpc.Channel;
   private readonly rpc: ReplicationClient;
   private readonly streamClient: grpc.Client;
-  private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
+  private lanes: Lane[] = [];
+  private nextLane = 0;
   private epoch = 0;
   private nextSeq = 1;
   private readonly pending = new Map<number, Pending>();
-  private queue: Op[] = [];
+  private queue: Queued[] = [];
   private flushScheduled = false;
-  private blocked = false;
   private retryMs = RETRY_MIN_MS;
   private retryTimer: NodeJS.Timeout | undefined;
   private readonly sweeper: NodeJS.Timeout;
@@ -126,7 +141,7 @@ export class PeerLink {
 
   /** Live writes go to the peer (it is connected, catching up or in sync). */
   get streaming(): boolean {
-    return STREAMING.has(this.state) && this.stream !== undefined;
+    return STREAMING.has(this.state) && this.lanes.length > 0;
   }
 
   // ---- the data stream ---------------------------------------------------------------------
@@ -148,42 +163,77 @@ export class PeerLink {
       }
       return Promise.all(parts).then(() => undefined);
     }
-    const seq = this.nextSeq++;
-    this.queue.push({ kind, fua, seq, offset, length, data });
+    if (kind === OpKind.FLUSH) {
+      return Promise.all(
+        this.lanes.map((_, lane) => this.enqueue({ kind, fua, seq: 0, offset, length, lane })),
+      ).then(() => undefined);
+    }
     if (data) this.liveBytesSent += data.length;
-    if (!this.flushScheduled && !this.blocked) {
+    return this.enqueue({ kind, fua, seq: 0, offset, length, data });
+  }
+
+  private enqueue(op: Queued): Promise<void> {
+    op.seq = this.nextSeq++;
+    this.queue.push(op);
+    if (!this.flushScheduled) {
       this.flushScheduled = true;
       // Everything queued in this turn of the event loop (e.g. a socket read's worth of NBD
       // requests) travels in one message.
       process.nextTick(() => this.flushQueue());
     }
     return new Promise((resolve, reject) =>
-      this.pending.set(seq, { resolve, reject, sentAt: performance.now() }),
+      this.pending.set(op.seq, { resolve, reject, sentAt: performance.now() }),
     );
   }
 
   private flushQueue(): void {
     this.flushScheduled = false;
-    const stream = this.stream;
-    while (stream && !this.blocked && this.queue.length > 0) {
+    const lanes = this.lanes;
+    while (lanes.length > 0 && this.queue.length > 0) {
+      const head = this.queue[0];
+      if (head.lane !== undefined) {
+        // In queue order, so it follows every op already written to its lane.
+        const lane = lanes[head.lane];
+        if (lane.blocked) return;
+        this.write(lane, this.queue.splice(0, 1));
+        continue;
+      }
+      const lane = this.freeLane();
+      if (!lane) return;
       let bytes = 0;
       let n = 0;
       while (
         n < this.queue.length &&
+        this.queue[n].lane === undefined &&
         (n === 0 || bytes + encodedSize(this.queue[n]) <= MAX_MESSAGE_BYTES)
       ) {
         bytes += encodedSize(this.queue[n]);
         n++;
       }
-      // The write callback only means grpc-js took the bytes; the peer's ack is what counts.
-      if (!stream.write(encodeOps(this.queue.splice(0, n)))) {
-        this.blocked = true;
-        stream.once('drain', () => {
-          if (stream !== this.stream) return;
-          this.blocked = false;
-          this.flushQueue();
-        });
+      this.write(lane, this.queue.splice(0, n));
+    }
+  }
+
+  private freeLane(): Lane | undefined {
+    for (let i = 0; i < this.lanes.length; i++) {
+      const lane = this.lanes[(this.nextLane + i) % this.lanes.length];
+      if (!lane.blocked) {
+        this.nextLane = (this.nextLane + i + 1) % this.lanes.length;
+        return lane;
       }
+    }
+    return undefined;
+  }
+
+  private write(lane: Lane, ops: Queued[]): void {
+    // The write callback only means grpc-js took the bytes; the peer's ack is what counts.
+    if (!lane.stream.write(encodeOps(ops))) {
+      lane.blocked = true;
+      lane.stream.once('drain', () => {
+        if (!this.lanes.includes(lane)) return;
+        lane.blocked = false;
+        this.flushQueue();
+      });
     }
   }
 
@@ -221,7 +271,7 @@ export class PeerLink {
   /** Drops the connection: pending ops fail (the host marks them dirty), reconnect follows. */
   fail(reason: string): void {
     if (this.stopped) return;
-    const wasStreaming = this.stream !== undefined;
+    const wasStreaming = this.lanes.length > 0;
     this.teardown(reason);
     if (wasStreaming || this.state === 'Connecting') {
       this.log.warn({ reason }, 'peer link failed');
@@ -236,11 +286,10 @@ export class PeerLink {
 
   private teardown(reason: string): void {
     this.epoch++;
-    const stream = this.stream;
-    this.stream = undefined;
-    stream?.cancel();
+    const lanes = this.lanes;
+    this.lanes = [];
+    for (const l of lanes) l.stream.cancel();
     this.queue = [];
-    this.blocked = false;
     const err = new PeerUnavailable(this.address, reason);
     const pending = [...this.pending.values()];
     this.pending.clear();
@@ -357,22 +406,24 @@ export class PeerLink {
       const md = new grpc.Metadata();
       md.set(VOLUME_KEY, host.volumeName);
       md.set(SESSION_KEY, hello.session);
-      const stream = this.streamClient.makeBidiStreamRequest<Buffer, Buffer>(
-        '/lockstep.v1.ReplicationStream/Replicate',
-        (b: Buffer) => b,
-        (b: Buffer) => b,
-        md,
-      );
-      this.stream = stream;
-      stream.on('data', (msg: Buffer) => {
-        if (epoch === this.epoch) this.onAcks(msg);
-      });
-      stream.on('error', (err: grpc.ServiceError) => {
-        if (epoch === this.epoch) this.fail(`stream error: ${err.details || err.message}`);
-      });
-      stream.on('end', () => {
-        if (epoch === this.epoch) this.fail('peer closed the stream');
-      });
+      for (let i = 0; i < LANES; i++) {
+        const stream = this.streamClient.makeBidiStreamRequest<Buffer, Buffer>(
+          '/lockstep.v1.ReplicationStream/Replicate',
+          (b: Buffer) => b,
+          (b: Buffer) => b,
+          md,
+        );
+        this.lanes.push({ stream, blocked: false });
+        stream.on('data', (msg: Buffer) => {
+          if (epoch === this.epoch) this.onAcks(msg);
+        });
+        stream.on('error', (err: grpc.ServiceError) => {
+          if (epoch === this.epoch) this.fail(`stream error: ${err.details || err.message}`);
+        });
+        stream.on('end', () => {
+          if (epoch === this.epoch) this.fail('peer closed the stream');
+        });
+      }
       this.retryMs = RETRY_MIN_MS;
       this.condition = '';
       this.setState(decision.kind === 'baseline' ? 'Baselining' : 'Resyncing');
