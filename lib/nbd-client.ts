@@ -8,6 +8,7 @@
 // wrong constant cannot agree with itself; interoperability is checked against qemu-io.
 import net from 'node:net';
 import { LockstepError, errorMessage } from './errors';
+import { ElementCollector } from './element-collector';
 
 export type NbdTarget = { socketPath: string } | { host: string; port: number };
 
@@ -135,8 +136,7 @@ function checkRange(offset: number, length: number): void {
 export class NbdClient {
   private state: ParseState = { kind: 'greeting' };
   /** A fixed-size element split across socket reads, collected until complete. */
-  private carry = Buffer.allocUnsafe(64);
-  private carryLength = 0;
+  private readonly collector = new ElementCollector();
   private readonly pending = new Map<number, Pending>();
   private nextCookie = 1;
   /** Set once the connection is unusable; later calls reject with it. */
@@ -426,25 +426,9 @@ export class NbdClient {
         if (state.filled === into.length) this.onReadComplete(state.request);
         continue;
       }
-      const need = this.elementSize();
-      if (this.carryLength === 0 && chunk.length - off >= need) {
-        off += need;
-        this.onElement(chunk.subarray(off - need, off));
-        continue;
-      }
-      if (this.carry.length < need) {
-        const bigger = Buffer.allocUnsafe(need);
-        this.carry.copy(bigger, 0, 0, this.carryLength);
-        this.carry = bigger;
-      }
-      const k = Math.min(need - this.carryLength, chunk.length - off);
-      chunk.copy(this.carry, this.carryLength, off, off + k);
-      this.carryLength += k;
-      off += k;
-      if (this.carryLength === need) {
-        this.carryLength = 0;
-        this.onElement(this.carry.subarray(0, need));
-      }
+      const element = this.collector.take(this.elementSize(), chunk, off, chunk.length);
+      off += this.collector.used;
+      if (element) this.onElement(element);
     }
   }
 

@@ -11,6 +11,7 @@ import type { Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../store/block-device';
+import { ElementCollector } from '../../../../lib/element-collector';
 import type { BufferPool } from './buffer-pool';
 import {
   ClientFlag,
@@ -124,8 +125,7 @@ export class NbdConnection {
   readonly id = nextConnectionId++;
   private phase: Phase = { kind: 'client-flags' };
   /** A protocol element split across reads, collected until complete. */
-  private carry = Buffer.allocUnsafe(64);
-  private carryLength = 0;
+  private readonly collector = new ElementCollector();
   private noZeroes = false;
   private blockSizeNegotiated = false;
   private exp: NbdExport | undefined;
@@ -236,23 +236,10 @@ export class NbdConnection {
         }
         continue;
       }
-      const need = this.elementSize();
-      if (this.carryLength === 0 && end - off >= need) {
-        off += need;
-        this.onElement(buf.subarray(off - need, off));
-        continue;
-      }
-      // The element straddles reads: collect it (a copy, but only of a header's few bytes or
-      // of negotiation data).
-      if (this.carry.length < need) this.carry = Buffer.allocUnsafe(need);
-      const k = Math.min(need - this.carryLength, end - off);
-      buf.copy(this.carry, this.carryLength, off, off + k);
-      this.carryLength += k;
-      off += k;
-      if (this.carryLength === need) {
-        this.carryLength = 0;
-        this.onElement(this.carry.subarray(0, need));
-      }
+      // A header split across reads is copied; one inside this read is parsed in place.
+      const element = this.collector.take(this.elementSize(), buf, off, end);
+      off += this.collector.used;
+      if (element) this.onElement(element);
     }
   }
 
