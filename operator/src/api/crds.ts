@@ -1,0 +1,290 @@
+// The lockstep.dev/v1alpha1 API: one source of truth for the CustomResourceDefinitions that
+// `npm run gen:crds` writes to deploy/crds/ (and that the tests apply to a real apiserver).
+// Validation lives in the schema and in CEL rules, so bad specs are refused by the apiserver
+// with a message, before any controller sees them.
+import { arr, bool, conditions, int, obj, rule, str, type Schema } from './schema';
+
+export const GROUP = 'lockstep.dev';
+export const VERSION = 'v1alpha1';
+
+const DNS_LABEL = '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$';
+const HOST_PORT = '^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$';
+
+interface Kind {
+  kind: string;
+  plural: string;
+  singular: string;
+  shortNames: string[];
+  scope: 'Namespaced' | 'Cluster';
+  spec: Schema;
+  status: Schema;
+  printerColumns: Array<{ name: string; type: string; jsonPath: string; description?: string }>;
+}
+
+const consistencyGroup: Kind = {
+  kind: 'ConsistencyGroup',
+  plural: 'consistencygroups',
+  singular: 'consistencygroup',
+  shortNames: ['lcg'],
+  scope: 'Namespaced',
+  spec: obj(
+    'Volumes that must stay write-order consistent together: listed by PVC, or selected by PVC labels.',
+    {
+      volumes: arr(
+        'The volumes, each a block file inside a PVC.',
+        obj(
+          'One volume.',
+          {
+            name: str('Name of the volume within the group (used for the agent volume).', {
+              pattern: DNS_LABEL,
+            }),
+            pvc: str('PersistentVolumeClaim in the same namespace.', { pattern: DNS_LABEL }),
+            file: str('Path of the block file inside the PVC.', {
+              default: 'disk.img',
+              minLength: 1,
+              maxLength: 255,
+            }),
+          },
+          {
+            required: ['name', 'pvc'],
+            'x-kubernetes-validations': [
+              rule(
+                "!self.file.contains('..') && !self.file.startsWith('/')",
+                'file must be a relative path inside the PVC',
+              ),
+            ],
+          },
+        ),
+        {
+          minItems: 1,
+          maxItems: 64,
+          'x-kubernetes-list-type': 'map',
+          'x-kubernetes-list-map-keys': ['name'],
+        },
+      ),
+      pvcSelector: obj(
+        'Select PVCs by label instead of listing them; each selected PVC contributes `file`.',
+        {
+          matchLabels: {
+            type: 'object',
+            additionalProperties: { type: 'string' },
+            description: 'Labels the PVCs must carry.',
+          },
+          file: str('Path of the block file inside each PVC.', { default: 'disk.img' }),
+        },
+        { required: ['matchLabels'] },
+      ),
+    },
+    {
+      'x-kubernetes-validations': [
+        rule(
+          'has(self.volumes) != has(self.pvcSelector)',
+          'set exactly one of volumes or pvcSelector',
+        ),
+      ],
+    },
+  ),
+  status: obj('Observed state.', {
+    observedGeneration: int('Spec generation last acted on.'),
+    phase: str('Pending, Ready or Failed.'),
+    conditions,
+  }),
+  printerColumns: [
+    { name: 'Phase', type: 'string', jsonPath: '.status.phase' },
+    { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },
+  ],
+};
+
+const target = obj(
+  'Where a replica lives: a node of this cluster, or an agent in another cluster.',
+  {
+    node: str('A node of this cluster (its agent holds the replica).', {
+      pattern: '^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$',
+    }),
+    endpoint: str('HOST:PORT of an agent in another cluster.', { pattern: HOST_PORT }),
+    tlsSecretRef: str('Secret with the client certificate for a remote endpoint.', {
+      pattern: DNS_LABEL,
+    }),
+    pvc: str(
+      'Optional PVC on the target node to hold the replica files (otherwise the agent data dir).',
+      { pattern: DNS_LABEL },
+    ),
+  },
+  {
+    'x-kubernetes-validations': [
+      rule(
+        'has(self.node) != has(self.endpoint)',
+        'a target is either a node or a remote endpoint, not both',
+      ),
+      rule(
+        '!has(self.endpoint) || has(self.tlsSecretRef)',
+        'a remote endpoint needs tlsSecretRef (mTLS)',
+      ),
+    ],
+  },
+);
+
+const syncRelationship: Kind = {
+  kind: 'SyncRelationship',
+  plural: 'syncrelationships',
+  singular: 'syncrelationship',
+  shortNames: ['lsr'],
+  scope: 'Namespaced',
+  spec: obj(
+    'Replicate a consistency group from a source node to one or more targets.',
+    {
+      consistencyGroup: str('The ConsistencyGroup to replicate (same namespace).', {
+        pattern: DNS_LABEL,
+      }),
+      mode: str(
+        'Sync: acknowledged on every in-sync copy, a lost peer is tracked and resynced. StrictSync: a write that cannot reach every replica fails. Async: bounded lag.',
+        {
+          enum: ['Sync', 'StrictSync', 'Async'],
+          default: 'Sync',
+        },
+      ),
+      source: obj(
+        'The node whose PVCs hold the original copies.',
+        { node: str('Node name.', { minLength: 1 }) },
+        { required: ['node'] },
+      ),
+      targets: arr('Replica locations.', target, { minItems: 1, maxItems: 4 }),
+      primary: str(
+        'Which side serves writes: "source", or the node of a target (a planned switchover).',
+        { default: 'source', minLength: 1 },
+      ),
+      resync: obj('Resync and baseline limits.', {
+        maxBytesPerSecond: int('Bandwidth cap for resync (0: unlimited).', {
+          minimum: 0,
+          default: 0,
+        }),
+        regionSize: int('Dirty-tracking granularity in bytes.', {
+          enum: [4096, 16384, 65536, 262144, 1048576],
+          default: 65536,
+        }),
+      }),
+      failover: obj('What happens when the primary is lost.', {
+        policy: str('Manual: an operator switches. Automatic: the mediator decides.', {
+          enum: ['Manual', 'Automatic'],
+          default: 'Manual',
+        }),
+      }),
+      deleteDataOnRemoval: bool(
+        'Delete replica files when the relationship is deleted (default: keep them).',
+      ),
+    },
+    {
+      required: ['consistencyGroup', 'source', 'targets'],
+      'x-kubernetes-validations': [
+        rule(
+          'self.consistencyGroup == oldSelf.consistencyGroup',
+          'consistencyGroup is immutable; create a new relationship',
+        ),
+        rule('self.source == oldSelf.source', 'source is immutable; create a new relationship'),
+        rule(
+          "self.primary == 'source' || self.targets.exists(t, has(t.node) && t.node == self.primary)",
+          'primary must be "source" or the node of one of the targets',
+        ),
+        rule(
+          "self.mode != 'StrictSync' || self.targets.all(t, has(t.node))",
+          'StrictSync needs every target in this cluster: a remote endpoint can only be Sync or Async',
+        ),
+        rule(
+          'self.targets.all(t, !has(t.node) || t.node != self.source.node)',
+          'a target cannot be the source node',
+        ),
+      ],
+    },
+  ),
+  status: obj('Observed state, for people and for alerts.', {
+    observedGeneration: int('Spec generation last acted on.'),
+    phase: str('Pending, Baselining, InSync, Resyncing, Degraded, SplitBrain or Failed.'),
+    progression: str(
+      'The step under way, e.g. CreatingReplicas, Baselining, InSync, SwitchingPrimary.',
+    ),
+    primaryNode: str('Node currently serving writes.'),
+    dirtyBytes: int('Bytes the replicas are known to miss, summed over peers.'),
+    baseline: obj('Baseline progress.', {
+      doneBytes: int('Bytes done.'),
+      totalBytes: int('Bytes to do.'),
+      etaSeconds: int('Estimated seconds left; -1 unknown.'),
+    }),
+    lastInSyncTime: str('When every replica was last in sync.', { format: 'date-time' }),
+    conditions,
+  }),
+  printerColumns: [
+    { name: 'Phase', type: 'string', jsonPath: '.status.phase' },
+    { name: 'Mode', type: 'string', jsonPath: '.spec.mode' },
+    { name: 'Primary', type: 'string', jsonPath: '.status.primaryNode' },
+    { name: 'Dirty', type: 'integer', jsonPath: '.status.dirtyBytes' },
+    { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },
+  ],
+};
+
+const lockstepNode: Kind = {
+  kind: 'LockstepNode',
+  plural: 'lockstepnodes',
+  singular: 'lockstepnode',
+  shortNames: ['lsn'],
+  scope: 'Cluster',
+  spec: obj(
+    'An agent’s registration; its heartbeat is a coordination Lease of the same name.',
+    {
+      endpoint: str('HOST:PORT of the agent’s gRPC API.', { pattern: HOST_PORT }),
+      version: str('Agent version.'),
+      capacityBytes: int('Bytes available for volumes.', { minimum: 0 }),
+    },
+    { required: ['endpoint'] },
+  ),
+  status: obj('Observed state.', { conditions }),
+  printerColumns: [
+    { name: 'Endpoint', type: 'string', jsonPath: '.spec.endpoint' },
+    { name: 'Version', type: 'string', jsonPath: '.spec.version' },
+    { name: 'Ready', type: 'string', jsonPath: ".status.conditions[?(@.type=='Ready')].status" },
+    { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },
+  ],
+};
+
+export const KINDS: readonly Kind[] = [consistencyGroup, syncRelationship, lockstepNode];
+
+export function customResourceDefinition(k: Kind): Record<string, unknown> {
+  return {
+    apiVersion: 'apiextensions.k8s.io/v1',
+    kind: 'CustomResourceDefinition',
+    metadata: { name: `${k.plural}.${GROUP}` },
+    spec: {
+      group: GROUP,
+      scope: k.scope,
+      names: {
+        kind: k.kind,
+        plural: k.plural,
+        singular: k.singular,
+        shortNames: k.shortNames,
+        categories: ['lockstep'],
+      },
+      versions: [
+        {
+          name: VERSION,
+          served: true,
+          storage: true,
+          subresources: { status: {} },
+          additionalPrinterColumns: k.printerColumns,
+          schema: {
+            openAPIV3Schema: {
+              type: 'object',
+              description: `${k.kind} (${GROUP}/${VERSION}).`,
+              properties: {
+                apiVersion: { type: 'string' },
+                kind: { type: 'string' },
+                metadata: { type: 'object' },
+                spec: k.spec,
+                status: k.status,
+              },
+              required: ['spec'],
+            },
+          },
+        },
+      ],
+    },
+  };
+}

@@ -1,0 +1,151 @@
+// The lockstep.dev CRDs on a real apiserver: they install with kubectl, refuse invalid specs
+// with a message people can act on, enforce immutable fields, and print useful columns.
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
+import { kubectl } from '../harness/control-plane';
+import { waitFor } from '../harness/processes';
+
+const kubeconfig = process.env.LOCKSTEP_TEST_KUBECONFIG!;
+const root = path.resolve(__dirname, '..', '..');
+
+function apply(manifest: object): string {
+  return kubectl(kubeconfig, ['apply', '-f', '-'], JSON.stringify(manifest));
+}
+
+function rejection(manifest: object): string {
+  try {
+    apply(manifest);
+  } catch (err) {
+    return String((err as { stderr?: string }).stderr ?? err);
+  }
+  throw new Error('the apiserver accepted an invalid object');
+}
+
+const relationship = (name: string, spec: Record<string, unknown>) => ({
+  apiVersion: 'lockstep.dev/v1alpha1',
+  kind: 'SyncRelationship',
+  metadata: { name, namespace: 'default' },
+  spec: {
+    consistencyGroup: 'db',
+    source: { node: 'node-a' },
+    targets: [{ node: 'node-b' }],
+    ...spec,
+  },
+});
+
+describe('lockstep.dev CRDs', () => {
+  beforeAll(async () => {
+    kubectl(kubeconfig, ['apply', '-f', path.join(root, 'deploy', 'crds')]);
+    await waitFor(
+      'CRDs established',
+      () =>
+        Promise.resolve(
+          kubectl(kubeconfig, [
+            'wait',
+            '--for=condition=Established',
+            '--timeout=20s',
+            'crd',
+            'syncrelationships.lockstep.dev',
+            'consistencygroups.lockstep.dev',
+            'lockstepnodes.lockstep.dev',
+          ])
+            ? true
+            : undefined,
+        ),
+      30_000,
+    );
+  });
+
+  it('are generated from the API source (deploy/crds is up to date)', () => {
+    expect(() =>
+      execFileSync(process.execPath, [path.join(root, 'scripts', 'gen-crds.js'), '--check'], {
+        stdio: 'pipe',
+      }),
+    ).not.toThrow();
+  });
+
+  it.each([
+    [
+      'no targets',
+      { targets: [] },
+      /spec.targets: Invalid value: 0: spec.targets in body should have at least 1 items/,
+    ],
+    ['an unknown mode', { mode: 'Sometimes' }, /spec.mode: Unsupported value: "Sometimes"/],
+    [
+      'a target that is both node and endpoint',
+      { targets: [{ node: 'node-b', endpoint: '10.0.0.1:7400', tlsSecretRef: 's' }] },
+      /a target is either a node or a remote endpoint/,
+    ],
+    [
+      'a remote endpoint without TLS',
+      { targets: [{ endpoint: 'agent.example:7400' }] },
+      /a remote endpoint needs tlsSecretRef/,
+    ],
+    [
+      'StrictSync to a remote endpoint',
+      { mode: 'StrictSync', targets: [{ endpoint: 'agent.example:7400', tlsSecretRef: 's' }] },
+      /StrictSync needs every target in this cluster/,
+    ],
+    [
+      'a primary that is not a side',
+      { primary: 'node-z' },
+      /primary must be "source" or the node of one of the targets/,
+    ],
+    [
+      'a target on the source node',
+      { targets: [{ node: 'node-a' }] },
+      /a target cannot be the source node/,
+    ],
+    [
+      'a region size that is not offered',
+      { resync: { regionSize: 1000 } },
+      /spec.resync.regionSize: Unsupported value: 1000/,
+    ],
+  ])('refuse %s with a clear message', (_what, spec, message) => {
+    expect(rejection(relationship('bad', spec))).toMatch(message);
+  });
+
+  it('accept a valid relationship, default its fields, and keep the group and source immutable', () => {
+    apply(relationship('good', {}));
+    const got = JSON.parse(kubectl(kubeconfig, ['get', 'lsr', 'good', '-o', 'json'])) as {
+      spec: Record<string, unknown>;
+    };
+    expect(got.spec).toMatchObject({ mode: 'Sync', primary: 'source' });
+    expect(rejection(relationship('good', { consistencyGroup: 'other' }))).toMatch(
+      /consistencyGroup is immutable/,
+    );
+    expect(rejection(relationship('good', { source: { node: 'node-c' } }))).toMatch(
+      /source is immutable/,
+    );
+    // A switchover (primary → a target node) is an allowed change.
+    apply(relationship('good', { primary: 'node-b' }));
+    const table = kubectl(kubeconfig, ['get', 'lsr']);
+    expect(table.split('\n')[0]).toMatch(/^NAME\s+PHASE\s+MODE\s+PRIMARY\s+DIRTY\s+AGE$/);
+    expect(table).toMatch(/^good\s+Sync\s+/m);
+  });
+
+  it('require exactly one way of naming a group’s volumes, and a relative file path', () => {
+    const group = (spec: object) => ({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'ConsistencyGroup',
+      metadata: { name: 'db', namespace: 'default' },
+      spec,
+    });
+    expect(rejection(group({}))).toMatch(/set exactly one of volumes or pvcSelector/);
+    expect(
+      rejection(group({ volumes: [{ name: 'data', pvc: 'data', file: '../etc/passwd' }] })),
+    ).toMatch(/file must be a relative path inside the PVC/);
+    apply(
+      group({
+        volumes: [
+          { name: 'data', pvc: 'data-pvc' },
+          { name: 'log', pvc: 'log-pvc', file: 'log.img' },
+        ],
+      }),
+    );
+    const got = JSON.parse(kubectl(kubeconfig, ['get', 'lcg', 'db', '-o', 'json'])) as {
+      spec: { volumes: { file: string }[] };
+    };
+    expect(got.spec.volumes.map((v) => v.file)).toEqual(['disk.img', 'log.img']);
+  });
+});
