@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AgentProcess, run, systemPython } from '../harness/agent-process';
+import { AgentProcess, fioVerify, run, systemPython } from '../harness/agent-process';
 
 const MiB = 1024 * 1024;
 
@@ -128,24 +128,7 @@ describe('NBD export with real clients', () => {
 
   it('fio random writes at queue depth 16 verify with crc32c', async () => {
     const uri = await agent.createVolume('fio', '64MiB');
-    const json = await run(
-      'fio',
-      [
-        '--name=verify',
-        '--ioengine=nbd',
-        `--uri=${uri}`,
-        '--rw=randwrite',
-        '--bs=4k',
-        '--iodepth=16',
-        '--size=64M',
-        '--verify=crc32c',
-        '--do_verify=1',
-        '--verify_fatal=1',
-        '--verify_state_save=0',
-        '--output-format=json',
-      ],
-      { timeoutMs: 180_000 },
-    );
+    const json = await fioVerify(uri, '64M', ['--output-format=json']);
     // fio prints a connection notice before its JSON report.
     const job = (
       JSON.parse(json.slice(json.indexOf('{'))) as {

@@ -4,7 +4,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
-import { run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
+import { fioVerify, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
 import {
   expectIdentical,
@@ -17,26 +17,6 @@ import {
 import { TcpProxy } from '../harness/tcp-proxy';
 
 const MiB = 1024 * 1024;
-
-function fioVerify(uri: string, size: string): Promise<string> {
-  return run(
-    'fio',
-    [
-      '--name=v',
-      '--ioengine=nbd',
-      `--uri=${uri}`,
-      '--rw=randwrite',
-      '--bs=4k',
-      '--iodepth=16',
-      `--size=${size}`,
-      '--verify=crc32c',
-      '--do_verify=1',
-      '--verify_fatal=1',
-      '--verify_state_save=0',
-    ],
-    { timeoutMs: 180_000 },
-  );
-}
 
 async function ackedLines(log: string, atLeast: number): Promise<void> {
   await waitFor(

@@ -176,3 +176,22 @@ export async function verifyAckedWrites(uri: string, logFile: string): Promise<n
   if (!m) throw new Error(`acknowledged writes missing: ${out}`);
   return Number(m[1]);
 }
+
+/** fio's nbd engine: 4k random writes at queue depth 16, then a crc32c verify pass. */
+export function fioVerify(uri: string, size: string, extraArgs: string[] = []): Promise<string> {
+  const args = [
+    '--name=verify',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    '--rw=randwrite',
+    '--bs=4k',
+    '--iodepth=16',
+    `--size=${size}`,
+    '--verify=crc32c',
+    '--do_verify=1',
+    '--verify_fatal=1',
+    '--verify_state_save=0',
+    ...extraArgs,
+  ];
+  return run('fio', args, { timeoutMs: 180_000 });
+}
