@@ -1,0 +1,130 @@
+// The operator's Prometheus metrics, in a registry of its own (not prom-client's global one) so
+// several operators in one test process, or an embedding program, never collide. Controllers and
+// informers bind their label children once, at setup.
+import http from 'node:http';
+import client from 'prom-client';
+
+export type ReconcileOutcome = 'success' | 'error' | 'requeue_after';
+export type InformerRestartReason = 'error' | 'quiet';
+export type InformerEventKind = 'add' | 'update' | 'delete';
+
+export interface ControllerRecorder {
+  reconciled(outcome: ReconcileOutcome, seconds: number): void;
+}
+
+export interface InformerRecorder {
+  restarted(reason: InformerRestartReason): void;
+  event(kind: InformerEventKind): void;
+}
+
+export class ControllerMetrics {
+  readonly registry = new client.Registry();
+  private readonly reconciles: client.Counter;
+  private readonly duration: client.Histogram;
+  private readonly restarts: client.Counter;
+  private readonly events: client.Counter;
+  /** Read at scrape time, so the gauge is exact without touching the queue's hot path. */
+  private readonly queueLengths = new Map<string, () => number>();
+
+  constructor() {
+    const registers = [this.registry];
+    client.collectDefaultMetrics({ register: this.registry, prefix: 'lockstep_operator_' });
+    this.reconciles = new client.Counter({
+      name: 'lockstep_operator_reconcile_total',
+      help: 'Reconciles finished, by controller and result (success, error, requeue_after).',
+      labelNames: ['controller', 'result'],
+      registers,
+    });
+    this.duration = new client.Histogram({
+      name: 'lockstep_operator_reconcile_duration_seconds',
+      help: 'Time spent in one reconcile, by controller.',
+      labelNames: ['controller'],
+      buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers,
+    });
+    const queueLengths = this.queueLengths;
+    new client.Gauge({
+      name: 'lockstep_operator_workqueue_depth',
+      help: 'Keys waiting in a controller’s work queue (not counting those being reconciled).',
+      labelNames: ['controller'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [controller, length] of queueLengths) this.set({ controller }, length());
+      },
+    });
+    this.restarts = new client.Counter({
+      name: 'lockstep_operator_informer_restarts_total',
+      help: 'Informer list-watch restarts, by resource and reason (error, or quiet for too long).',
+      labelNames: ['resource', 'reason'],
+      registers,
+    });
+    this.events = new client.Counter({
+      name: 'lockstep_operator_informer_events_total',
+      help: 'Changes delivered by informers to their handlers, by resource and kind.',
+      labelNames: ['resource', 'kind'],
+      registers,
+    });
+  }
+
+  controller(name: string): ControllerRecorder {
+    const outcomes = {
+      success: this.reconciles.labels(name, 'success'),
+      error: this.reconciles.labels(name, 'error'),
+      requeue_after: this.reconciles.labels(name, 'requeue_after'),
+    };
+    const seconds = this.duration.labels(name);
+    return {
+      reconciled(outcome, s) {
+        outcomes[outcome].inc();
+        seconds.observe(s);
+      },
+    };
+  }
+
+  /** Reports `length()` as the controller's queue depth until the returned function is called. */
+  trackQueue(controller: string, length: () => number): () => void {
+    this.queueLengths.set(controller, length);
+    return () => {
+      if (this.queueLengths.get(controller) === length) this.queueLengths.delete(controller);
+    };
+  }
+
+  informer(resource: string): InformerRecorder {
+    const restarts = {
+      error: this.restarts.labels(resource, 'error'),
+      quiet: this.restarts.labels(resource, 'quiet'),
+    };
+    const events = {
+      add: this.events.labels(resource, 'add'),
+      update: this.events.labels(resource, 'update'),
+      delete: this.events.labels(resource, 'delete'),
+    };
+    return {
+      restarted: (reason) => restarts[reason].inc(),
+      event: (kind) => events[kind].inc(),
+    };
+  }
+
+  async serve(host: string, port: number): Promise<{ address: string; close(): Promise<void> }> {
+    const server = http.createServer((req, res) => {
+      if (req.url !== '/metrics') {
+        res.writeHead(404).end('metrics are at /metrics\n');
+        return;
+      }
+      this.registry.metrics().then(
+        (text) => res.writeHead(200, { 'Content-Type': this.registry.contentType }).end(text),
+        (err: unknown) => res.writeHead(500).end(String(err)),
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve());
+    });
+    const addr = server.address() as { address: string; port: number };
+    return {
+      address: `${addr.address}:${addr.port}`,
+      close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+    };
+  }
+}
