@@ -49,9 +49,13 @@ export class AgentClient {
       .volumes;
   }
 
-  createVolume(name: string, sizeBytes: number, readOnly = false): Promise<VolumeInfo> {
+  createVolume(
+    name: string,
+    sizeBytes: number,
+    options: { readOnly?: boolean; dataPath?: string; secondaryOfUuid?: string } = {},
+  ): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) =>
-      this.raw.CreateVolume({ name, sizeBytes, readOnly }, o, cb),
+      this.raw.CreateVolume({ name, sizeBytes, ...options }, o, cb),
     );
   }
 
@@ -65,8 +69,13 @@ export class AgentClient {
     mode: string;
     regionSize: number;
     maxResyncBytesPerSecond: number;
+    replaceTargets?: boolean;
   }): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.Replicate(req, o, cb));
+  }
+
+  stopReplication(name: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.StopReplication({ name }, o, cb));
   }
 
   promote(name: string, force = false): Promise<VolumeInfo> {
@@ -83,6 +92,10 @@ export class AgentClient {
 
   async deleteVolume(name: string, force = false): Promise<void> {
     await this.call((o, cb) => this.raw.DeleteVolume({ name, force }, o, cb));
+  }
+
+  async releaseVolume(name: string, force = false): Promise<void> {
+    await this.call((o, cb) => this.raw.ReleaseVolume({ name, force }, o, cb));
   }
 
   close(): void {

@@ -3,6 +3,8 @@ import { Command, Option } from 'commander';
 import { createLogger } from '../../lib/logger';
 import { errorMessage, isLockstepError } from '../../lib/errors';
 import { Agent } from '../../sidecar/src/agent';
+import { positiveInteger } from '../arguments';
+import { loadKubeConfig } from '../../lib/kube';
 
 export function agentCommand(): Command {
   return new Command('agent')
@@ -22,16 +24,25 @@ export function agentCommand(): Command {
     .option(
       '--peer-timeout <ms>',
       'fail a peer link when a replicated write is unacknowledged this long',
-      '5000',
+      positiveInteger,
+      5000,
     )
+    .option('--register', 'register a LockstepNode and heartbeat through a Lease', false)
+    .option('--kubeconfig <file>', 'kubeconfig for --register (default: in-cluster or $KUBECONFIG)')
+    .option('--namespace <ns>', 'namespace of the heartbeat Lease', 'lockstep-system')
     .action(
       async (opts: {
+        register: boolean;
+        kubeconfig?: string;
+        namespace: string;
         node: string;
         dataDir: string;
         listen: string;
         nbdSocket: string;
         nbdListen?: string;
         metricsListen?: string;
+        advertise?: string;
+        peerTimeout: number;
       }) => {
         const log = createLogger('agent', { node: opts.node });
         let agent: Agent;
@@ -43,6 +54,11 @@ export function agentCommand(): Command {
             nbdSocket: opts.nbdSocket === '<data-dir>/nbd.sock' ? undefined : opts.nbdSocket,
             nbdListen: opts.nbdListen,
             metricsListen: opts.metricsListen,
+            advertise: opts.advertise,
+            peerTimeoutMs: opts.peerTimeout,
+            register: opts.register
+              ? { kc: loadKubeConfig(opts.kubeconfig), namespace: opts.namespace }
+              : undefined,
             log,
           });
         } catch (err) {

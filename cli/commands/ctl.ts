@@ -64,18 +64,40 @@ export function ctlCommand(): Command {
   const volume = ctl.command('volume').description('create, list and delete volumes');
   volume
     .command('create <name>')
-    .description('create a volume (a sparse file of the given size)')
-    .requiredOption('--size <size>', 'size, e.g. 256MiB or 10GiB (a multiple of 4KiB)')
+    .description(
+      'create a volume: a sparse file of the given size, or an existing file served in place',
+    )
+    .option('--size <size>', 'size, e.g. 256MiB or 10GiB (a multiple of 4KiB)')
     .option('--read-only', 'serve the volume read-only', false)
+    .option(
+      '--data-path <file>',
+      'serve this file (absolute path on the agent’s node), created if absent',
+    )
+    .option('--secondary-of <uuid>', 'create a secondary copy of the volume with this UUID')
     .addOption(outputOption())
     .action(
       async (
         name: string,
-        opts: { size: string; readOnly: boolean; output: OutputFormat },
+        opts: {
+          size?: string;
+          readOnly: boolean;
+          dataPath?: string;
+          secondaryOf?: string;
+          output: OutputFormat;
+        },
         cmd: Command,
       ) => {
-        const size = parseSize(opts.size, '--size');
-        const created = await withClient(cmd, (c) => c.createVolume(name, size, opts.readOnly));
+        if (opts.size === undefined && opts.dataPath === undefined) {
+          cmd.error('error: --size is required unless --data-path names an existing file');
+        }
+        const size = opts.size === undefined ? 0 : parseSize(opts.size, '--size');
+        const created = await withClient(cmd, (c) =>
+          c.createVolume(name, size, {
+            readOnly: opts.readOnly,
+            dataPath: opts.dataPath,
+            secondaryOfUuid: opts.secondaryOf,
+          }),
+        );
         if (opts.output === 'json') return printJson(created);
         process.stdout.write(
           `volume ${created.name} created (${formatSize(created.sizeBytes)}): ${created.exportUri}\n`,
@@ -99,6 +121,14 @@ export function ctlCommand(): Command {
       await withClient(cmd, (c) => c.deleteVolume(name, opts.force));
       process.stdout.write(`volume ${name} deleted\n`);
     });
+  volume
+    .command('release <name>')
+    .description('stop serving a volume whose data file lives outside the data dir; keep the file')
+    .option('--force', 'disconnect attached NBD clients first', false)
+    .action(async (name: string, opts: { force: boolean }, cmd: Command) => {
+      await withClient(cmd, (c) => c.releaseVolume(name, opts.force));
+      process.stdout.write(`volume ${name} released; its data file is kept\n`);
+    });
   ctl
     .command('replicate <volume>')
     .description(
@@ -117,6 +147,7 @@ export function ctlCommand(): Command {
     )
     .option('--region-size <size>', 'dirty-tracking granularity', '64KiB')
     .option('--max-resync-rate <size>', 'resync bandwidth per second (0: unlimited)', '0')
+    .option('--replace', 'replicate to exactly these targets, dropping peers not listed', false)
     .addOption(outputOption())
     .action(
       async (
@@ -126,6 +157,7 @@ export function ctlCommand(): Command {
           mode: string;
           regionSize: string;
           maxResyncRate: string;
+          replace: boolean;
           output: OutputFormat;
         },
         cmd: Command,
@@ -137,12 +169,19 @@ export function ctlCommand(): Command {
             mode: opts.mode,
             regionSize: parseSize(opts.regionSize, '--region-size'),
             maxResyncBytesPerSecond: parseSize(opts.maxResyncRate, '--max-resync-rate'),
+            replaceTargets: opts.replace,
           }),
         );
         if (opts.output === 'json') return printJson(v);
         printVolume(v);
       },
     );
+  ctl
+    .command('unreplicate <volume>')
+    .description('stop replicating (run on the primary); the copies are kept')
+    .action(async (name: string, _opts: object, cmd: Command) => {
+      printVolume(await withClient(cmd, (c) => c.stopReplication(name)));
+    });
   ctl
     .command('promote <volume>')
     .description(

@@ -2,6 +2,9 @@
 // them to and from peer agents, exposes the Agent control API and the Replication service over
 // gRPC and metrics over HTTP. `stop()` drains and flushes everything.
 import { mkdir } from 'node:fs/promises';
+import type { KubeConfig } from '@kubernetes/client-node';
+import { packageVersion } from '../../lib/package-root';
+import { NodeRegistration } from './k8s/node-registration';
 import path from 'node:path';
 import { LockstepError } from '../../lib/errors';
 import type { Logger } from '../../lib/logger';
@@ -21,6 +24,7 @@ import { replicationStreamService } from './replication/stream-method';
 import { lockDataDir, type DataDirLock } from './store/data-dir-lock';
 import type { NewVolume, ReplicationMode } from './store/volume-metadata';
 import { VolumeStore, type Volume } from './store/volume-store';
+import { ZERO_GENERATION } from './replication/generations';
 
 export interface AgentOptions {
   node: string;
@@ -35,6 +39,8 @@ export interface AgentOptions {
   metricsListen?: string;
   /** A replicated op not acknowledged within this time fails the peer link. */
   peerTimeoutMs?: number;
+  /** Register a LockstepNode and heartbeat through a Lease in this cluster. */
+  register?: { kc: KubeConfig; namespace: string };
   log: Logger;
 }
 
@@ -50,6 +56,7 @@ export interface VolumeView {
   exportUri: string;
   role: string;
   replication: ReplicationStatus | undefined;
+  dataPath: string;
 }
 
 export function splitHostPort(value: string, flag: string): [string, number] {
@@ -77,6 +84,7 @@ export class Agent implements ExportSource {
   private grpc: BoundServer | undefined;
   private metricsServer: { close(): Promise<void> } | undefined;
   private stopping: Promise<void> | undefined;
+  private registration: NodeRegistration | undefined;
 
   private constructor(
     readonly options: AgentOptions,
@@ -155,6 +163,17 @@ export class Agent implements ExportSource {
         agent.metricsServer = served;
         agent.metricsAddress = served.address;
       }
+      if (options.register) {
+        agent.registration = new NodeRegistration({
+          ...options.register,
+          node: options.node,
+          endpoint: agent.ctx.address,
+          version: packageVersion,
+          dataDir: options.dataDir,
+          log: log.child({ subsystem: 'registration' }),
+        });
+        agent.registration.start();
+      }
       log.info(
         {
           node: options.node,
@@ -222,6 +241,7 @@ export class Agent implements ExportSource {
       exportUri: ready ? this.exportUri(volume.name) : '',
       role: ready ? volume.meta.role : '',
       replication: rv?.meta.replication ? rv.status() : undefined,
+      dataPath: ready ? (volume.meta.dataPath ?? '') : '',
     };
   }
 
@@ -240,9 +260,46 @@ export class Agent implements ExportSource {
     throw new LockstepError('LOCKSTEP_ERR_VOLUME_FAILED', `volume ${name} is not open`);
   }
 
-  async createVolume(name: string, sizeBytes: number, readOnly: boolean): Promise<VolumeView> {
-    const rv = await this.createReplica({ name, sizeBytes, readOnly });
-    this.log.info({ volume: name, sizeBytes, readOnly, uuid: rv.uuid }, 'volume created');
+  async createVolume(spec: {
+    name: string;
+    sizeBytes?: number;
+    readOnly: boolean;
+    dataPath?: string;
+    secondaryOfUuid?: string;
+  }): Promise<VolumeView> {
+    const { name, dataPath, secondaryOfUuid } = spec;
+    const existing = dataPath === undefined ? undefined : this.replicas.get(name);
+    if (existing) {
+      // The operator repeats its requests: the same file (and identity) is the same volume.
+      const same =
+        existing.meta.dataPath === dataPath &&
+        (secondaryOfUuid === undefined || existing.uuid === secondaryOfUuid);
+      if (same) return this.volume(name);
+      throw new LockstepError(
+        'LOCKSTEP_ERR_VOLUME_EXISTS',
+        `volume ${name} already exists here with data file ${existing.meta.dataPath ?? '(in the data dir)'} and UUID ${existing.uuid}`,
+      );
+    }
+    const rv = await this.createReplica({
+      name,
+      sizeBytes: spec.sizeBytes,
+      readOnly: spec.readOnly,
+      dataPath,
+      ...(secondaryOfUuid === undefined
+        ? {}
+        : { uuid: secondaryOfUuid, role: 'secondary', generation: ZERO_GENERATION }),
+    });
+    this.log.info(
+      {
+        volume: name,
+        sizeBytes: rv.sizeBytes,
+        readOnly: spec.readOnly,
+        uuid: rv.uuid,
+        dataPath,
+        role: rv.meta.role,
+      },
+      'volume created',
+    );
     return this.volume(name);
   }
 
@@ -252,6 +309,7 @@ export class Agent implements ExportSource {
     mode: ReplicationMode,
     regionSize: number,
     maxResyncBytesPerSecond: number,
+    replaceTargets = false,
   ): Promise<VolumeView> {
     if (targets.length === 0)
       throw new LockstepError(
@@ -259,11 +317,22 @@ export class Agent implements ExportSource {
         'replicate needs at least one --to HOST:PORT',
       );
     for (const t of targets) splitHostPort(t, '--to');
-    await this.replicaOf(name).configure(targets, mode, regionSize, maxResyncBytesPerSecond);
+    await this.replicaOf(name).configure(
+      targets,
+      mode,
+      regionSize,
+      maxResyncBytesPerSecond,
+      replaceTargets,
+    );
     this.log.info(
-      { volume: name, targets, mode, regionSize, maxResyncBytesPerSecond },
+      { volume: name, targets, mode, regionSize, maxResyncBytesPerSecond, replaceTargets },
       'replication configured',
     );
+    return this.volume(name);
+  }
+
+  async stopReplication(name: string): Promise<VolumeView> {
+    await this.replicaOf(name).stopReplication();
     return this.volume(name);
   }
 
@@ -283,13 +352,30 @@ export class Agent implements ExportSource {
   }
 
   async deleteVolume(name: string, force: boolean): Promise<void> {
+    const clients = await this.closeVolume(name, force);
+    await this.store.delete(name);
+    this.log.info({ volume: name, force, disconnectedClients: clients }, 'volume deleted');
+  }
+
+  async releaseVolume(name: string, force: boolean): Promise<void> {
+    const volume = this.store.releasable(name);
+    const clients = await this.closeVolume(name, force);
+    await this.store.release(name);
+    this.log.info(
+      { volume: name, force, disconnectedClients: clients, dataFile: volume.dataFile },
+      'volume released; data file kept',
+    );
+  }
+
+  /** Disconnects (with force) or refuses NBD clients, and stops the volume's replication engine. */
+  private async closeVolume(name: string, force: boolean): Promise<number> {
     this.store.get(name);
     const clients = this.nbd.clientsOf(name);
     if (clients > 0) {
       if (!force) {
         throw new LockstepError(
           'LOCKSTEP_ERR_VOLUME_IN_USE',
-          `volume ${name} has ${clients} NBD client(s) attached; disconnect them or delete with --force`,
+          `volume ${name} has ${clients} NBD client(s) attached; disconnect them or use --force`,
         );
       }
       await this.nbd.disconnectExport(name);
@@ -297,15 +383,15 @@ export class Agent implements ExportSource {
     const rv = this.replicas.get(name);
     this.replicas.delete(name);
     await rv?.close();
-    await this.store.delete(name);
     this.metrics.forgetVolume(name);
-    this.log.info({ volume: name, force, disconnectedClients: clients }, 'volume deleted');
+    return clients;
   }
 
   /** Drains NBD requests in flight, stops replication cleanly, flushes, closes. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info('agent stopping: draining NBD requests');
+      this.registration?.stop();
       await this.nbd.shutdown();
       for (const rv of this.replicas.values()) await rv.close();
       await this.store.flushAll();

@@ -28,6 +28,7 @@ describe('lockstep ctl', () => {
       [
         'allocatedBytes',
         'clients',
+        'dataPath',
         'error',
         'exportUri',
         'name',

@@ -50,8 +50,21 @@ export function agentHandlers(agent: Agent): AgentHandlers {
     ListVolumes: unary(() => ({ volumes: agent.volumes().map(wire) })),
     GetVolume: unary((req) => wire(agent.volume(req.name))),
     CreateVolume: unary(async (req) =>
-      wire(await agent.createVolume(req.name, req.sizeBytes, req.readOnly)),
+      wire(
+        await agent.createVolume({
+          name: req.name,
+          sizeBytes: req.sizeBytes || undefined,
+          readOnly: req.readOnly,
+          dataPath: req.dataPath || undefined,
+          secondaryOfUuid: req.secondaryOfUuid || undefined,
+        }),
+      ),
     ),
+    ReleaseVolume: unary(async (req) => {
+      await agent.releaseVolume(req.name, req.force);
+      return {};
+    }),
+    StopReplication: unary(async (req) => wire(await agent.stopReplication(req.name))),
     DeleteVolume: unary(async (req) => {
       await agent.deleteVolume(req.name, req.force);
       return {};
@@ -64,6 +77,7 @@ export function agentHandlers(agent: Agent): AgentHandlers {
           mode(req.mode),
           req.regionSize || DEFAULT_REGION_SIZE,
           req.maxResyncBytesPerSecond,
+          req.replaceTargets,
         ),
       ),
     ),

@@ -29,7 +29,7 @@ import type {
 import type { Volume, VolumeStore } from '../store/volume-store';
 import { ActivityLog } from '../tracking/activity-log';
 import { DEFAULT_REGION_SIZE, DirtyBitmap, loadDirtyBitmap } from '../tracking/dirty-bitmap';
-import { VolumeTracking } from '../tracking/volume-tracking';
+import { VolumeTracking, bitmapFile } from '../tracking/volume-tracking';
 import { RegionLocks } from './region-locks';
 
 type ReadyVolume = Extract<Volume, { state: 'Ready' }>;
@@ -343,7 +343,8 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   // ---- roles and configuration -------------------------------------------------------------
 
   private async startPeers(): Promise<void> {
-    const repl = this.meta.replication!;
+    const repl = this.meta.replication;
+    if (!repl || repl.peers.length === 0) return;
     this.tracking = await VolumeTracking.open({
       dir: this.volume.dir,
       volumeUuid: this.uuid,
@@ -365,21 +366,28 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     return new Promise((resolve) => this.idle.push(resolve));
   }
 
-  private async stopPeers(announce: boolean): Promise<void> {
+  /** Stops the links; those in `announceTo` ('all', or addresses) hear that we are leaving. */
+  private async stopPeers(announceTo: 'all' | readonly string[]): Promise<void> {
     const links = this.links;
     this.links = [];
-    if (announce)
-      await Promise.allSettled(links.filter((l) => l.streaming).map((l) => l.announceLeaving()));
+    const told = links.filter(
+      (l) => l.streaming && (announceTo === 'all' || announceTo.includes(l.address)),
+    );
+    await Promise.allSettled(told.map((l) => l.announceLeaving()));
     for (const l of links) l.stop();
     if (links.length > 0) await this.tracking.close();
   }
 
-  /** Makes this primary replicate to `targets` (added to any it already has). */
+  /**
+   * Makes this primary replicate to `targets`: added to the peers it already has or, with
+   * `replace`, exactly these (a dropped peer's bitmap goes with it).
+   */
   async configure(
     targets: string[],
     mode: ReplicationMode,
     regionSize: number,
     maxResyncBytesPerSecond: number,
+    replace = false,
   ): Promise<void> {
     if (this.meta.role !== 'primary') {
       throw new LockstepError(
@@ -395,7 +403,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       );
     }
     new DirtyBitmap(this.sizeBytes, regionSize); // throws a clear error for a bad region size
-    const peers = [...(current?.peers ?? [])];
+    const kept = (current?.peers ?? []).filter((p) => !replace || targets.includes(p.address));
+    const dropped = (current?.peers ?? []).filter((p) => !kept.includes(p));
+    const peers = [...kept];
     for (const t of targets) {
       if (t === this.localAddress) {
         throw new LockstepError(
@@ -406,10 +416,32 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       if (!peers.some((p) => p.address === t))
         peers.push({ address: t, node: '', bitmapUuid: null });
     }
-    const replication: ReplicationConfig = { mode, regionSize, maxResyncBytesPerSecond, peers };
+    await this.reconfigure(
+      peers.length > 0 ? { mode, regionSize, maxResyncBytesPerSecond, peers } : null,
+      dropped.map((p) => p.address),
+    );
+  }
+
+  /** Stops replicating: the peers are told, their tracking is dropped, the copy stands alone. */
+  async stopReplication(): Promise<void> {
+    const repl = this.meta.replication;
+    if (this.meta.role !== 'primary' || !repl) return;
+    await this.reconfigure(
+      null,
+      repl.peers.map((p) => p.address),
+    );
+    this.log.info('replication stopped');
+  }
+
+  private async reconfigure(
+    replication: ReplicationConfig | null,
+    dropped: string[],
+  ): Promise<void> {
     await this.drainWrites();
-    await this.stopPeers(false);
+    await this.stopPeers(dropped);
     await this.saveMeta({ ...this.meta, replication });
+    for (const peer of dropped) await rm(bitmapFile(this.volume.dir, peer), { force: true });
+    if (!replication) await rm(path.join(this.volume.dir, 'activity.log'), { force: true });
     await this.startPeers();
   }
 
@@ -454,7 +486,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       await this.flush().catch((err: unknown) =>
         this.log.warn({ err: errorMessage(err) }, 'flush before demotion failed'),
       );
-      await this.stopPeers(true);
+      await this.stopPeers('all');
       await this.saveMeta({ ...this.meta, role: 'secondary' });
     } finally {
       this.demoting = false;
@@ -603,7 +635,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   /** Agent shutdown: writes drained, bitmaps saved, activity log marked clean. */
   async close(): Promise<void> {
     await this.drainWrites();
-    await this.stopPeers(false);
+    await this.stopPeers([]);
     await this.metaWrite.catch(() => undefined);
   }
 }

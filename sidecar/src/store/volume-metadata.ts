@@ -41,6 +41,11 @@ const metadataBody = z.object({
   sizeBytes: z.number().int().positive(),
   createdAt: z.string(),
   readOnly: z.boolean(),
+  /**
+   * Absolute path of a data file that lives outside the data dir (a block file in a PVC's
+   * volume); absent when the data is the volume directory's own data.img.
+   */
+  dataPath: z.string().startsWith('/').optional(),
   role: z.enum(['primary', 'secondary']),
   replication: replicationConfig.nullable(),
   /** DRBD-style generation identifiers: replication decides resync direction from them. */
@@ -62,8 +67,11 @@ function checksumOf(body: VolumeMetadata): string {
 
 export interface NewVolume {
   name: string;
-  sizeBytes: number;
+  /** Optional only when adopting an existing `dataPath` file, whose size it then is. */
+  sizeBytes?: number;
   readOnly?: boolean;
+  /** Serve this existing (or new) file instead of a data.img in the volume directory. */
+  dataPath?: string;
   /** For a replica: the primary's volume UUID, so every copy carries the same identity. */
   uuid?: string;
   role?: Role;
@@ -72,7 +80,7 @@ export interface NewVolume {
   generation?: string;
 }
 
-export function newVolumeMetadata(v: NewVolume): VolumeMetadata {
+export function newVolumeMetadata(v: NewVolume & { sizeBytes: number }): VolumeMetadata {
   return {
     format: METADATA_FORMAT,
     uuid: v.uuid ?? randomUUID(),
@@ -80,6 +88,7 @@ export function newVolumeMetadata(v: NewVolume): VolumeMetadata {
     sizeBytes: v.sizeBytes,
     createdAt: new Date().toISOString(),
     readOnly: v.readOnly ?? false,
+    ...(v.dataPath === undefined ? {} : { dataPath: v.dataPath }),
     role: v.role ?? 'primary',
     replication: v.replication ?? null,
     generation: { current: v.generation ?? randomUUID(), history: [] },

@@ -16,7 +16,8 @@ import {
 } from './volume-metadata';
 
 export const VOLUME_SIZE_ALIGNMENT = 4096;
-const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+// Up to 253 characters, so the operator can name volumes <namespace>.<group>.<volume>.
+const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$/;
 
 export type Volume =
   | {
@@ -33,7 +34,7 @@ export function validateVolumeName(name: string): void {
   if (!NAME_PATTERN.test(name)) {
     throw new LockstepError(
       'LOCKSTEP_ERR_INVALID_ARGUMENT',
-      `invalid volume name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '-', '.', '_', ` +
+      `invalid volume name ${JSON.stringify(name)}: use 1-253 lowercase letters, digits, '-', '.', '_', ` +
         'starting and ending with a letter or digit',
     );
   }
@@ -80,7 +81,8 @@ export class VolumeStore {
   }
 
   private async load(name: string): Promise<Volume> {
-    const { dir, metaFile, dataFile } = this.paths(name);
+    const { dir, metaFile } = this.paths(name);
+    let { dataFile } = this.paths(name);
     try {
       const meta = await readVolumeMetadata(metaFile);
       if (meta.name !== name) {
@@ -89,6 +91,7 @@ export class VolumeStore {
           `volume metadata ${metaFile} names volume ${JSON.stringify(meta.name)}, not its directory ${JSON.stringify(name)}`,
         );
       }
+      dataFile = meta.dataPath ?? dataFile;
       const device = openDevice(dataFile, meta);
       return { state: 'Ready', name, dir, dataFile, meta, device };
     } catch (err) {
@@ -127,44 +130,61 @@ export class VolumeStore {
     return volume;
   }
 
+  /**
+   * Creates a volume: a new sparse data.img in its directory or, with `dataPath`, a file
+   * elsewhere (a PVC's block file) that is adopted as it is, or created if absent.
+   */
   async create(spec: NewVolume): Promise<Volume> {
-    const { name, sizeBytes } = spec;
+    const { name } = spec;
     validateVolumeName(name);
-    validateVolumeSize(sizeBytes);
     if (this.volumes.has(name) || this.busy.has(name)) {
       throw new LockstepError(
         'LOCKSTEP_ERR_VOLUME_EXISTS',
         `volume ${JSON.stringify(name)} already exists`,
       );
     }
+    const sharing = this.list().find(
+      (v) => spec.dataPath !== undefined && v.dataFile === path.resolve(spec.dataPath),
+    );
+    if (sharing) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_VOLUME_EXISTS',
+        `data file ${spec.dataPath} is already served as volume ${sharing.name}`,
+      );
+    }
     this.busy.add(name);
     const staging = this.paths(name, path.join(this.root, `.creating-${name}`));
+    let createdData: string | undefined;
     try {
       await fs.promises.rm(staging.dir, { recursive: true, force: true });
       await fs.promises.mkdir(staging.dir, { mode: 0o700 });
-      const handle = await fs.promises.open(staging.dataFile, 'wx', 0o600);
-      try {
-        await handle.truncate(sizeBytes);
-        await handle.sync();
-      } finally {
-        await handle.close();
+      let sizeBytes: number;
+      if (spec.dataPath === undefined) {
+        sizeBytes = await createSparseFile(staging.dataFile, spec.sizeBytes);
+      } else {
+        const adopted = await adoptDataFile(spec.dataPath, spec.sizeBytes);
+        sizeBytes = adopted.sizeBytes;
+        if (adopted.created) createdData = spec.dataPath;
       }
-      const meta = newVolumeMetadata(spec);
+      const meta = newVolumeMetadata({ ...spec, sizeBytes });
       await writeVolumeMetadata(staging.metaFile, meta);
       const final = this.paths(name);
       await fs.promises.rename(staging.dir, final.dir);
       await fsyncDir(this.root);
+      const dataFile = spec.dataPath ?? final.dataFile;
       const volume: Volume = {
         state: 'Ready',
         name,
-        ...final,
+        dir: final.dir,
+        dataFile,
         meta,
-        device: openDevice(final.dataFile, meta),
+        device: openDevice(dataFile, meta),
       };
       this.volumes.set(name, volume);
       return volume;
     } catch (err) {
       await fs.promises.rm(staging.dir, { recursive: true, force: true });
+      if (createdData) await fs.promises.rm(createdData, { force: true });
       if (isLockstepError(err)) throw err;
       const code =
         (err as NodeJS.ErrnoException).code === 'ENOSPC'
@@ -178,12 +198,43 @@ export class VolumeStore {
     }
   }
 
-  /** Removes the volume and its files. The caller makes sure nobody is using it. */
+  /**
+   * Forgets a volume whose data file lives outside the data dir: its Lockstep state (metadata,
+   * bitmaps, activity log) goes, the data file stays where it is.
+   */
+  async release(name: string): Promise<void> {
+    await this.removeDir(this.releasable(name));
+  }
+
+  /** The volume, if releasing it keeps its data; the reason otherwise. */
+  releasable(name: string): Volume {
+    const volume = this.get(name);
+    if (volume.state === 'Ready' && volume.meta.dataPath === undefined) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${name} keeps its data in the agent's data dir; releasing it would lose the data (delete it instead)`,
+      );
+    }
+    return volume;
+  }
+
+  /** Removes the volume and its files, an adopted data file included. The caller makes sure nobody is using it. */
   async delete(name: string): Promise<void> {
     const volume = this.get(name);
-    this.volumes.delete(name);
+    await this.removeDir(volume);
+    if (volume.state === 'Ready' && volume.meta.dataPath !== undefined) {
+      await fs.promises.rm(volume.meta.dataPath, { force: true });
+      await fsyncDir(path.dirname(volume.meta.dataPath));
+    }
+  }
+
+  private async removeDir(volume: Volume): Promise<void> {
+    this.volumes.delete(volume.name);
     if (volume.state === 'Ready') volume.device.close();
-    const graveyard = path.join(this.root, `.deleting-${name}-${randomBytes(4).toString('hex')}`);
+    const graveyard = path.join(
+      this.root,
+      `.deleting-${volume.name}-${randomBytes(4).toString('hex')}`,
+    );
     await fs.promises.rename(volume.dir, graveyard);
     await fsyncDir(this.root);
     await fs.promises.rm(graveyard, { recursive: true, force: true });
@@ -213,6 +264,60 @@ export class VolumeStore {
     for (const v of this.volumes.values()) if (v.state === 'Ready') v.device.close();
     this.volumes.clear();
   }
+}
+
+async function createSparseFile(file: string, sizeBytes: number | undefined): Promise<number> {
+  if (sizeBytes === undefined) {
+    throw new LockstepError('LOCKSTEP_ERR_INVALID_ARGUMENT', 'a new volume needs a size');
+  }
+  validateVolumeSize(sizeBytes);
+  const handle = await fs.promises.open(file, 'wx', 0o600);
+  try {
+    await handle.truncate(sizeBytes);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  return sizeBytes;
+}
+
+/**
+ * Takes an existing block file as it is (its size must suit a volume; `sizeBytes` is ignored),
+ * or creates it sparse with `sizeBytes`.
+ */
+async function adoptDataFile(
+  file: string,
+  sizeBytes: number | undefined,
+): Promise<{ sizeBytes: number; created: boolean }> {
+  if (!path.isAbsolute(file)) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `data path ${JSON.stringify(file)} must be absolute`,
+    );
+  }
+  let stat: fs.Stats;
+  try {
+    stat = await fs.promises.stat(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+    const created = await createSparseFile(file, sizeBytes);
+    await fsyncDir(path.dirname(file));
+    return { sizeBytes: created, created: true };
+  }
+  if (!stat.isFile()) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `data path ${file} is not a regular file`,
+    );
+  }
+  if (stat.size === 0 || stat.size % VOLUME_SIZE_ALIGNMENT !== 0) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `data file ${file} is ${stat.size} bytes; a volume must be a positive multiple of ${VOLUME_SIZE_ALIGNMENT} bytes`,
+    );
+  }
+  return { sizeBytes: stat.size, created: false };
 }
 
 function openDevice(dataFile: string, meta: VolumeMetadata): FileBlockDevice {

@@ -29,7 +29,7 @@ export interface TrackingOptions {
   log: Logger;
 }
 
-function bitmapFile(dir: string, peer: string): string {
+export function bitmapFile(dir: string, peer: string): string {
   return path.join(dir, `bitmap-${peer.replace(/[^A-Za-z0-9.-]/g, '_')}.bin`);
 }
 
