@@ -179,18 +179,19 @@ export class LeaderElector {
   /** One try, failures logged; bounded by renewDeadline so a hung request cannot stall us. */
   private async attempt(): Promise<Attempt | undefined> {
     let timer: NodeJS.Timeout | undefined;
-    const attempt = this.tryAcquireOrRenew();
-    this.inFlight = attempt.catch(() => {});
+    const bounded = Promise.race([
+      this.tryAcquireOrRenew(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`no answer within ${this.renewDeadlineMs} ms`)),
+          this.renewDeadlineMs,
+        );
+      }),
+    ]);
+    // release() waits for this, never for a request that may hang forever.
+    this.inFlight = bounded.catch(() => {});
     try {
-      return await Promise.race([
-        attempt,
-        new Promise<never>((_, reject) => {
-          timer = setTimeout(
-            () => reject(new Error(`no answer within ${this.renewDeadlineMs} ms`)),
-            this.renewDeadlineMs,
-          );
-        }),
-      ]);
+      return await bounded;
     } catch (err) {
       this.log.warn({ err: describe(err) }, 'could not acquire or renew the lease');
       return undefined;
