@@ -5,6 +5,7 @@ import { packageVersion } from '../lib/package-root';
 import { agentCommand } from './commands/agent';
 import { ctlCommand } from './commands/ctl';
 import { demoCommand } from './commands/demo';
+import { operatorCommand } from './commands/operator';
 
 export function buildProgram(): Command {
   return new Command('lockstep')
@@ -13,6 +14,7 @@ export function buildProgram(): Command {
     .showHelpAfterError()
     .addCommand(agentCommand())
     .addCommand(ctlCommand())
+    .addCommand(operatorCommand())
     .addCommand(demoCommand());
 }
 

@@ -1,0 +1,76 @@
+// `lockstep operator`: runs the controllers until SIGTERM/SIGINT, or until it loses leadership
+// (then it exits non-zero so its Deployment restarts it as a standby, as controller-runtime does).
+import { Command } from 'commander';
+import { createLogger } from '../../lib/logger';
+import { errorMessage } from '../../lib/errors';
+import { loadKubeConfig } from '../../lib/kube';
+import { Operator } from '../../operator/src/operator';
+import { positiveInteger } from '../arguments';
+
+export function operatorCommand(): Command {
+  return new Command('operator')
+    .description('run the operator: turns SyncRelationships into replication on the agents')
+    .option('--kubeconfig <file>', 'kubeconfig (default: in-cluster or $KUBECONFIG)')
+    .option(
+      '--namespace <ns>',
+      'namespace of the leader and agent heartbeat Leases',
+      'lockstep-system',
+    )
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics')
+    .option('--leader-elect', 'run as one of several replicas, leading through a Lease', false)
+    .option(
+      '--agent-poll <ms>',
+      'how often each agent’s replication state is read',
+      positiveInteger,
+      1000,
+    )
+    .action(
+      async (opts: {
+        kubeconfig?: string;
+        namespace: string;
+        metricsListen?: string;
+        leaderElect: boolean;
+        agentPoll: number;
+      }) => {
+        const log = createLogger('operator');
+        let operator: Operator;
+        try {
+          operator = new Operator({
+            kc: loadKubeConfig(opts.kubeconfig),
+            namespace: opts.namespace,
+            metricsListen: opts.metricsListen,
+            leaderElect: opts.leaderElect,
+            agentPollMs: opts.agentPoll,
+            log,
+          });
+        } catch (err) {
+          log.fatal({ err: errorMessage(err) }, 'operator failed to start');
+          process.exitCode = 1;
+          return;
+        }
+        const stopped = new Promise<'signal'>((resolve) => {
+          const onSignal = (signal: NodeJS.Signals) => {
+            log.info({ signal }, 'signal received');
+            process.off('SIGTERM', onSignal).off('SIGINT', onSignal);
+            resolve('signal');
+          };
+          process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
+        });
+        const started = operator.start().then(
+          () => operator.lost.then(() => 'lost' as const),
+          (err: unknown) => {
+            log.fatal({ err: errorMessage(err) }, 'operator failed');
+            return 'failed' as const;
+          },
+        );
+        const why = await Promise.race([stopped, started]);
+        if (why !== 'signal') process.exitCode = 1;
+        if (why === 'lost') log.error('leadership lost: exiting so a standby takes over');
+        await operator.stop().catch((err: unknown) => {
+          log.error({ err: errorMessage(err) }, 'operator stop failed');
+          process.exitCode = 1;
+        });
+        process.exit();
+      },
+    );
+}

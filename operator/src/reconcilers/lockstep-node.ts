@@ -1,0 +1,90 @@
+// The LockstepNode reconciler: an agent is Ready while its heartbeat Lease is fresh, as the
+// node lifecycle controller judges kubelets. The condition is written only when it flips.
+import type * as k8s from '@kubernetes/client-node';
+import { GROUP, VERSION, apiErrorMessage, isNotFound } from '../../../lib/kube';
+import type { LockstepNode } from '../api/types';
+import type { SupervisedInformer } from '../informers/supervised-informer';
+import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
+import type { EventRecorder } from '../status/event-recorder';
+import type { ReconcileResult } from '../workqueue/controller-loop';
+
+export interface NodeDeps {
+  nodes: SupervisedInformer<LockstepNode>;
+  leaseOf: (node: string) => k8s.V1Lease | undefined;
+  objects: k8s.CustomObjectsApi;
+  events: EventRecorder;
+}
+
+/** When the node's lease lapses (ms since the epoch), or undefined without a lease. */
+function leaseExpiry(lease: k8s.V1Lease | undefined): number | undefined {
+  const renewed = lease?.spec?.renewTime;
+  const seconds = lease?.spec?.leaseDurationSeconds;
+  if (!renewed || !seconds) return undefined;
+  return new Date(renewed).getTime() + seconds * 1000;
+}
+
+export function nodeReady(_node: LockstepNode, lease: k8s.V1Lease | undefined, now: Date): boolean {
+  const expiry = leaseExpiry(lease);
+  return expiry !== undefined && expiry > now.getTime();
+}
+
+export class LockstepNodeReconciler {
+  constructor(private readonly deps: NodeDeps) {}
+
+  async reconcile(name: string): Promise<ReconcileResult> {
+    const node = this.deps.nodes.get(name);
+    if (!node) return;
+    const now = new Date();
+    const lease = this.deps.leaseOf(name);
+    const ready = nodeReady(node, lease, now);
+    const expiry = leaseExpiry(lease);
+    const desired: DesiredCondition = ready
+      ? {
+          type: 'Ready',
+          status: 'True',
+          reason: 'HeartbeatFresh',
+          message: 'the agent renews its lease',
+        }
+      : {
+          type: 'Ready',
+          status: 'False',
+          reason: lease ? 'HeartbeatLapsed' : 'NoHeartbeat',
+          message: lease
+            ? `the agent's lease was last renewed at ${String(lease.spec?.renewTime)}`
+            : 'the agent has not created its heartbeat lease',
+        };
+    const conditions = mergeConditions(
+      node.status?.conditions,
+      [desired],
+      node.metadata.generation ?? 0,
+      now,
+    );
+    if (!sameJson(node.status?.conditions, conditions)) {
+      try {
+        await this.deps.objects.replaceClusterCustomObjectStatus({
+          group: GROUP,
+          version: VERSION,
+          plural: 'lockstepnodes',
+          name,
+          body: { ...node, status: { ...node.status, conditions } },
+        });
+      } catch (err) {
+        if (isNotFound(err)) return;
+        throw new Error(`writing LockstepNode status: ${apiErrorMessage(err)}`, { cause: err });
+      }
+      const was = node.status?.conditions?.find((c) => c.type === 'Ready')?.status;
+      if (was !== desired.status) {
+        await this.deps.events.record(
+          node,
+          ready ? 'Normal' : 'Warning',
+          ready ? 'NodeReady' : 'NodeNotReady',
+          desired.message,
+        );
+      }
+    }
+    // Look again when the lease would lapse, unless it is renewed first (which wakes us too).
+    return ready && expiry !== undefined
+      ? { requeueAfterMs: expiry - now.getTime() + 100 }
+      : undefined;
+  }
+}

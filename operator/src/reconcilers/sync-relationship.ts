@@ -1,0 +1,560 @@
+// The SyncRelationship reconciler: from a relationship, its ConsistencyGroup, the PVCs' volumes
+// and the registered agents, it opens each volume on the source agent, prepares replicas on
+// target PVCs, configures replication on the primary, and reports what the agents say.
+// Level-triggered: every pass re-reads the world, takes the steps still missing, and writes
+// status only when it changed; an idle, in-sync relationship costs no API writes.
+import type * as k8s from '@kubernetes/client-node';
+import type { AgentClient, VolumeInfo } from '../../../lib/agent-client';
+import { errorMessage, isLockstepError } from '../../../lib/errors';
+import {
+  GROUP,
+  VERSION,
+  apiErrorMessage,
+  isConflict,
+  isNotFound,
+  mergePatch,
+} from '../../../lib/kube';
+import type { Logger } from '../../../lib/logger';
+import type {
+  ConsistencyGroup,
+  LockstepNode,
+  RelationshipPhase,
+  SyncMode,
+  SyncRelationship,
+  SyncRelationshipStatus,
+} from '../api/types';
+import type { AgentPool } from '../agents/agent-pool';
+import type { SupervisedInformer } from '../informers/supervised-informer';
+import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
+import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
+import type { EventRecorder } from '../status/event-recorder';
+import type { ReconcileResult } from '../workqueue/controller-loop';
+import { nodeReady } from './lockstep-node';
+
+export const FINALIZER = 'lockstep.dev/teardown';
+const PLURAL = 'syncrelationships';
+/** How often progress is read back while something is in motion. */
+const PROGRESS_POLL_MS = 1_000;
+const DEFAULT_REGION_SIZE = 65536;
+
+const AGENT_MODE: Record<SyncMode, string> = {
+  Sync: 'sync',
+  StrictSync: 'strict-sync',
+  Async: 'async',
+};
+
+export interface RelationshipDeps {
+  relationships: SupervisedInformer<SyncRelationship>;
+  groups: SupervisedInformer<ConsistencyGroup>;
+  nodes: SupervisedInformer<LockstepNode>;
+  lookup: Lookup;
+  leaseOf: (node: string) => k8s.V1Lease | undefined;
+  agents: AgentPool;
+  objects: k8s.CustomObjectsApi;
+  events: EventRecorder;
+  log: Logger;
+}
+
+/** The name of a group volume on the agents: unique per namespace and group. */
+export function agentVolumeName(namespace: string, group: string, volume: string): string {
+  return `${namespace}.${group}.${volume}`;
+}
+
+interface Side {
+  node: string;
+  endpoint: string;
+}
+
+interface VolumePlan {
+  agentName: string;
+  dataPath: string;
+  sizeBytes: number;
+  /** Replica files on target PVCs; a target without a PVC keeps its copy in its data dir. */
+  targetPaths: Map<string, string>;
+}
+
+interface Plan {
+  source: Side;
+  targets: Side[];
+  volumes: VolumePlan[];
+}
+
+type Blocked = { blocked: true; reason: string; message: string };
+
+interface Observed {
+  volumes: VolumeInfo[];
+  unreachable?: string;
+}
+
+class Refusal extends Error {
+  constructor(
+    readonly reason: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class SyncRelationshipReconciler {
+  constructor(private readonly deps: RelationshipDeps) {}
+
+  async reconcile(key: string): Promise<ReconcileResult> {
+    const [namespace, name] = key.split('/') as [string, string];
+    const rel = this.deps.relationships.get(name, namespace);
+    if (!rel) return;
+    if (rel.metadata.deletionTimestamp) {
+      if (rel.metadata.finalizers?.includes(FINALIZER)) {
+        await this.teardown(rel);
+        await this.setFinalizers(
+          rel,
+          rel.metadata.finalizers.filter((f) => f !== FINALIZER),
+        );
+      }
+      return;
+    }
+    if (!rel.metadata.finalizers?.includes(FINALIZER)) {
+      // The update this causes brings the relationship back through the queue.
+      await this.setFinalizers(rel, [...(rel.metadata.finalizers ?? []), FINALIZER]);
+      return;
+    }
+
+    const plan = this.plan(rel);
+    if ('blocked' in plan) {
+      await this.writeStatus(rel, blockedStatus(rel, plan));
+      return { requeueAfterMs: 10_000 };
+    }
+    let observed: Observed;
+    try {
+      observed = { volumes: await this.apply(rel, plan) };
+    } catch (err) {
+      if (err instanceof Refusal) {
+        await this.writeStatus(
+          rel,
+          blockedStatus(rel, { blocked: true, reason: err.reason, message: err.message }),
+        );
+        return { requeueAfterMs: 10_000 };
+      }
+      if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
+      observed = { volumes: [], unreachable: errorMessage(err) };
+    }
+    const status = summarize(rel, plan, observed);
+    await this.writeStatus(rel, status);
+    return status.phase === 'InSync' ? undefined : { requeueAfterMs: PROGRESS_POLL_MS };
+  }
+
+  // ---- desired state ---------------------------------------------------------------------
+
+  /** Resolves everything the relationship needs, or the first thing that is missing. */
+  private plan(rel: SyncRelationship): Plan | Blocked {
+    const ns = rel.metadata.namespace ?? '';
+    const { spec } = rel;
+    const block = (reason: string, message: string): Blocked => ({
+      blocked: true,
+      reason,
+      message,
+    });
+    const group = this.deps.groups.get(spec.consistencyGroup, ns);
+    if (!group) {
+      return block(
+        'ConsistencyGroupNotFound',
+        `ConsistencyGroup ${spec.consistencyGroup} does not exist`,
+      );
+    }
+    const owner = this.groupOwner(ns, spec.consistencyGroup);
+    if (owner && owner !== rel.metadata.name) {
+      return block(
+        'ConsistencyGroupInUse',
+        `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
+      );
+    }
+    if (spec.primary !== 'source') {
+      return block(
+        'SwitchoverNotSupported',
+        `primary ${spec.primary}: switching the primary to a target is not supported by this operator version; set primary to "source"`,
+      );
+    }
+    const remote = spec.targets.find((t) => t.endpoint);
+    if (remote) {
+      return block(
+        'RemoteTargetsNotSupported',
+        `target ${remote.endpoint}: replication to agents in other clusters (mTLS) is not supported by this operator version`,
+      );
+    }
+    const side = (node: string): Side | Blocked => {
+      const n = this.deps.nodes.get(node);
+      if (!n)
+        return block('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
+      if (!nodeReady(n, this.deps.leaseOf(node), new Date())) {
+        return block(
+          'AgentNotReady',
+          `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
+        );
+      }
+      return { node, endpoint: n.spec.endpoint };
+    };
+    const source = side(spec.source.node);
+    if ('blocked' in source) return source;
+    const targets: Side[] = [];
+    for (const t of spec.targets) {
+      const s = side(t.node ?? '');
+      if ('blocked' in s) return s;
+      targets.push(s);
+    }
+    const volumes: VolumePlan[] = [];
+    const members = groupVolumes(group, this.deps.lookup);
+    if (members.length === 0) {
+      return block('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
+    }
+    for (const v of members) {
+      const where = locate(ns, v.pvc, this.deps.lookup);
+      if (!where.ok) return block(where.reason, where.message);
+      if (where.node !== undefined && where.node !== spec.source.node) {
+        return block(
+          'VolumeNotOnSource',
+          `PVC ${v.pvc} lives on node ${where.node}, not on the source node ${spec.source.node}`,
+        );
+      }
+      const targetPaths = new Map<string, string>();
+      for (const t of spec.targets) {
+        if (!t.pvc || !t.node) continue;
+        const at = locate(ns, t.pvc, this.deps.lookup);
+        if (!at.ok) return block(at.reason, `target ${t.node}: ${at.message}`);
+        if (at.node !== undefined && at.node !== t.node) {
+          return block(
+            'VolumeNotOnTarget',
+            `PVC ${t.pvc} lives on node ${at.node}, not on the target node ${t.node}`,
+          );
+        }
+        // One target PVC holds the replicas of every volume of the group, one directory each.
+        targetPaths.set(t.node, `${at.path}/${v.name}/${v.file}`);
+      }
+      volumes.push({
+        agentName: agentVolumeName(ns, group.metadata.name, v.name),
+        dataPath: `${where.path}/${v.file}`,
+        sizeBytes: Math.floor(where.capacityBytes / 4096) * 4096,
+        targetPaths,
+      });
+    }
+    return { source, targets, volumes };
+  }
+
+  /** The oldest relationship that names the group owns it; others are refused. */
+  private groupOwner(namespace: string, group: string): string | undefined {
+    const claimants = this.deps.relationships
+      .list(namespace)
+      .filter((r) => r.spec.consistencyGroup === group && !r.metadata.deletionTimestamp)
+      // Timestamps arrive as strings from watches and as Dates from lists: compare instants.
+      .sort((a, b) => created(a) - created(b) || a.metadata.name.localeCompare(b.metadata.name));
+    return claimants[0]?.metadata.name;
+  }
+
+  // ---- acting on the agents ---------------------------------------------------------------
+
+  /** Takes the steps still missing on the agents; returns the primary's view of each volume. */
+  private async apply(rel: SyncRelationship, plan: Plan): Promise<VolumeInfo[]> {
+    const source = this.deps.agents.get(plan.source.endpoint);
+    const mode = AGENT_MODE[rel.spec.mode];
+    const regionSize = rel.spec.resync?.regionSize ?? DEFAULT_REGION_SIZE;
+    const rate = rel.spec.resync?.maxBytesPerSecond ?? 0;
+    const out: VolumeInfo[] = [];
+    for (const v of plan.volumes) {
+      let vol = await getOrCreate(source, v.agentName, () =>
+        source.createVolume(v.agentName, v.sizeBytes, { dataPath: v.dataPath }),
+      );
+      if (vol.dataPath !== v.dataPath) {
+        throw new Refusal(
+          'VolumeConflict',
+          `agent ${plan.source.node} already has a volume ${v.agentName} on ${vol.dataPath || 'its data dir'}, not ${v.dataPath}`,
+        );
+      }
+      for (const t of plan.targets) {
+        const path = v.targetPaths.get(t.node);
+        if (!path) continue;
+        const agent = this.deps.agents.get(t.endpoint);
+        await getOrCreate(agent, v.agentName, () =>
+          agent.createVolume(v.agentName, vol.sizeBytes, {
+            dataPath: path,
+            secondaryOfUuid: vol.uuid,
+          }),
+        );
+      }
+      const want = plan.targets.map((t) => t.endpoint).sort();
+      const r = vol.replication;
+      const have = (r?.peers ?? []).map((p) => p.address).sort();
+      if (
+        !r ||
+        r.mode !== mode ||
+        r.regionSize !== regionSize ||
+        !sameJson(have, want) ||
+        r.maxResyncBytesPerSecond !== rate
+      ) {
+        vol = await source.replicate({
+          name: v.agentName,
+          targets: want,
+          mode,
+          regionSize,
+          maxResyncBytesPerSecond: rate,
+          replaceTargets: true,
+        });
+        this.deps.log.info(
+          { relationship: rel.metadata.name, volume: v.agentName, targets: want, mode },
+          'replication configured',
+        );
+      }
+      out.push(vol);
+    }
+    return out;
+  }
+
+  private async teardown(rel: SyncRelationship): Promise<void> {
+    const ns = rel.metadata.namespace ?? '';
+    const prefix = agentVolumeName(ns, rel.spec.consistencyGroup, '');
+    const agentOf = (node: string): AgentClient | undefined => {
+      const n = this.deps.nodes.get(node);
+      return n ? this.deps.agents.get(n.spec.endpoint) : undefined;
+    };
+    const source = agentOf(rel.spec.source.node);
+    if (source) {
+      for (const v of await source.listVolumes()) {
+        // The source volume stays served: it is the workload's disk; only protection stops.
+        if (v.name.startsWith(prefix) && v.replication) await source.stopReplication(v.name);
+      }
+    }
+    for (const t of rel.spec.targets) {
+      const agent = t.node ? agentOf(t.node) : undefined;
+      if (!agent) continue;
+      for (const v of await agent.listVolumes()) {
+        if (!v.name.startsWith(prefix)) continue;
+        if (rel.spec.deleteDataOnRemoval) await agent.deleteVolume(v.name, true);
+        else if (v.dataPath) await agent.releaseVolume(v.name, true);
+      }
+    }
+    this.deps.log.info(
+      { relationship: `${ns}/${rel.metadata.name}`, deleteData: !!rel.spec.deleteDataOnRemoval },
+      'relationship torn down',
+    );
+    await this.deps.events.record(
+      rel,
+      'Normal',
+      'TornDown',
+      rel.spec.deleteDataOnRemoval
+        ? 'replication stopped; replica files deleted'
+        : 'replication stopped; replica files kept',
+    );
+  }
+
+  // ---- writing back -------------------------------------------------------------------------
+
+  private async setFinalizers(rel: SyncRelationship, finalizers: string[]): Promise<void> {
+    try {
+      await this.deps.objects.patchNamespacedCustomObject(
+        {
+          group: GROUP,
+          version: VERSION,
+          namespace: rel.metadata.namespace ?? '',
+          plural: PLURAL,
+          name: rel.metadata.name,
+          // The resourceVersion makes this a compare-and-swap: a stale cache gets a conflict.
+          body: { metadata: { finalizers, resourceVersion: rel.metadata.resourceVersion } },
+        },
+        mergePatch,
+      );
+    } catch (err) {
+      if (isNotFound(err)) return;
+      throw new Error(`updating finalizers: ${apiErrorMessage(err)}`, { cause: err });
+    }
+  }
+
+  private async writeStatus(rel: SyncRelationship, status: SyncRelationshipStatus): Promise<void> {
+    const previous = rel.status ?? {};
+    if (sameJson(previous, status)) return;
+    try {
+      await this.deps.objects.replaceNamespacedCustomObjectStatus({
+        group: GROUP,
+        version: VERSION,
+        namespace: rel.metadata.namespace ?? '',
+        plural: PLURAL,
+        name: rel.metadata.name,
+        body: { ...rel, status },
+      });
+    } catch (err) {
+      if (isNotFound(err)) return;
+      if (isConflict(err)) throw new Error('status conflict: the relationship changed meanwhile');
+      throw new Error(`writing status: ${apiErrorMessage(err)}`, { cause: err });
+    }
+    if (previous.phase !== status.phase) {
+      const bad: RelationshipPhase[] = ['Degraded', 'SplitBrain', 'Failed', 'Pending'];
+      const ready = status.conditions?.find((c) => c.type === 'Ready');
+      await this.deps.events.record(
+        rel,
+        bad.includes(status.phase ?? 'Pending') ? 'Warning' : 'Normal',
+        status.phase ?? 'Pending',
+        `${previous.phase ?? 'new'} → ${status.phase}: ${describe(status) || ready?.message || ''}`,
+      );
+    }
+  }
+}
+
+function created(o: SyncRelationship): number {
+  return new Date(o.metadata.creationTimestamp ?? 0).getTime();
+}
+
+async function getOrCreate(
+  agent: AgentClient,
+  name: string,
+  create: () => Promise<VolumeInfo>,
+): Promise<VolumeInfo> {
+  try {
+    return await agent.getVolume(name);
+  } catch (err) {
+    if (!isLockstepError(err, 'LOCKSTEP_ERR_VOLUME_NOT_FOUND')) throw err;
+    return create();
+  }
+}
+
+// ---- status -------------------------------------------------------------------------------
+
+const SPLIT: ReadonlySet<string> = new Set(['SplitBrain', 'PeerIsPrimary', 'PeerIsNewer']);
+const DOWN: ReadonlySet<string> = new Set(['OutOfSync', 'Disconnected', 'Connecting']);
+
+function blockedStatus(rel: SyncRelationship, b: Blocked): SyncRelationshipStatus {
+  const gen = rel.metadata.generation ?? 0;
+  const now = new Date();
+  return {
+    ...rel.status,
+    observedGeneration: gen,
+    phase: 'Pending',
+    progression: 'WaitingForPrerequisites',
+    conditions: mergeConditions(
+      rel.status?.conditions,
+      [
+        { type: 'Ready', status: 'False', reason: b.reason, message: b.message },
+        ...unknownConditions(),
+      ],
+      gen,
+      now,
+    ),
+  };
+}
+
+function unknownConditions(): DesiredCondition[] {
+  return ['InSync', 'Degraded', 'Resyncing', 'SplitBrain'].map((type) => ({
+    type,
+    status: 'Unknown',
+    reason: 'NotReplicating',
+    message: 'replication is not set up',
+  }));
+}
+
+function describe(status: SyncRelationshipStatus): string {
+  const d = status.conditions?.find((c) => c.type === 'Degraded' && c.status === 'True');
+  const s = status.conditions?.find((c) => c.type === 'SplitBrain' && c.status === 'True');
+  return (s ?? d)?.message ?? '';
+}
+
+/** The relationship's status from the primary's view of each volume. */
+function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncRelationshipStatus {
+  const gen = rel.metadata.generation ?? 0;
+  const now = new Date();
+  const nodeOf = new Map(plan.targets.map((t) => [t.endpoint, t.node]));
+  const peers = observed.volumes.flatMap((v) =>
+    (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
+  );
+  const list = (pred: (state: string) => boolean) =>
+    peers
+      .filter((p) => pred(p.state))
+      .map(
+        (p) =>
+          `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.condition ? ` (${p.condition})` : ''}`,
+      );
+  const split = list((s) => SPLIT.has(s));
+  const down = list((s) => DOWN.has(s));
+  const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
+  const resyncing = peers.filter((p) => p.state === 'Resyncing');
+  const expected = plan.volumes.length * plan.targets.length;
+  const allInSync =
+    peers.length === expected &&
+    peers.every((p) => p.state === 'InSync' && Number(p.dirtyBytes) === 0);
+
+  let phase: RelationshipPhase;
+  let progression: string;
+  if (observed.unreachable) [phase, progression] = ['Degraded', 'WaitingForPrimary'];
+  else if (split.length) [phase, progression] = ['SplitBrain', 'WaitingForResolution'];
+  else if (allInSync) [phase, progression] = ['InSync', 'InSync'];
+  else if (baselining.length) [phase, progression] = ['Baselining', 'Baselining'];
+  else if (resyncing.length) [phase, progression] = ['Resyncing', 'Resyncing'];
+  else if (down.length) [phase, progression] = ['Degraded', 'WaitingForPeers'];
+  else [phase, progression] = ['Baselining', 'CreatingReplicas'];
+
+  const cond = (type: string, on: boolean, reason: string, message: string): DesiredCondition => ({
+    type,
+    status: on ? 'True' : 'False',
+    reason,
+    message,
+  });
+  const desired: DesiredCondition[] = [
+    observed.unreachable
+      ? cond('Ready', false, 'PrimaryUnreachable', observed.unreachable)
+      : cond(
+          'Ready',
+          true,
+          'Replicating',
+          `replicating ${plan.volumes.length} volume(s) to ${plan.targets.map((t) => t.node).join(', ')}`,
+        ),
+    cond(
+      'InSync',
+      phase === 'InSync',
+      phase === 'InSync' ? 'AllPeersInSync' : phase,
+      phase === 'InSync' ? 'every replica holds every acknowledged write' : `phase ${phase}`,
+    ),
+    cond(
+      'Degraded',
+      phase === 'Degraded' || phase === 'SplitBrain',
+      observed.unreachable
+        ? 'PrimaryUnreachable'
+        : split.length
+          ? 'SplitBrain'
+          : down.length
+            ? 'PeerOutOfSync'
+            : 'AllPeersHealthy',
+      observed.unreachable ?? ([...split, ...down].join('; ') || 'no replica is behind'),
+    ),
+    cond(
+      'Resyncing',
+      phase === 'Baselining' || phase === 'Resyncing',
+      baselining.length ? 'Baseline' : resyncing.length ? 'Resync' : 'Idle',
+      baselining.length || resyncing.length
+        ? `${baselining.length + resyncing.length} replica volume(s) catching up`
+        : 'nothing to copy',
+    ),
+    cond(
+      'SplitBrain',
+      split.length > 0,
+      split.length ? 'Diverged' : 'NoSplitBrain',
+      split.join('; ') || 'no divergence',
+    ),
+  ];
+
+  const base = baselining.filter((p) => p.resync);
+  const status: SyncRelationshipStatus = {
+    observedGeneration: gen,
+    phase,
+    progression,
+    primaryNode: plan.source.node,
+    dirtyBytes: peers.reduce((n, p) => n + Number(p.dirtyBytes), 0),
+    conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
+  };
+  if (base.length) {
+    const eta = base.map((p) => Number(p.resync?.etaSeconds ?? -1));
+    status.baseline = {
+      doneBytes: base.reduce((n, p) => n + Number(p.resync?.doneBytes ?? 0), 0),
+      totalBytes: base.reduce((n, p) => n + Number(p.resync?.totalBytes ?? 0), 0),
+      etaSeconds: eta.includes(-1) ? -1 : Math.max(...eta),
+    };
+  }
+  const lastInSync = allInSync ? Math.max(...peers.map((p) => Number(p.lastInSyncMs))) : 0;
+  status.lastInSyncTime =
+    lastInSync > 0 ? new Date(lastInSync).toISOString() : rel.status?.lastInSyncTime;
+  if (!status.lastInSyncTime) delete status.lastInSyncTime;
+  return status;
+}

@@ -1,0 +1,381 @@
+// The operator end to end on a real control plane (etcd, kube-apiserver, the PV controller):
+// agents as separate processes standing in for two nodes, local PVs in temp dirs bound through
+// the real PV controller, operator replicas running with the ServiceAccount tokens of
+// deploy/rbac. A SyncRelationship walks through baseline to InSync; losing the replica shows
+// as Degraded with an Event; the standby operator takes over; at rest the operator writes
+// nothing; deleting the relationship stops replication and keeps the files.
+import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { AgentProcess } from '../harness/agent-process';
+import { fioVerify } from '../harness/agent-process';
+import {
+  NAMESPACE,
+  OperatorProcess,
+  adminKubeconfig,
+  apply,
+  clusterAgent,
+  getJson,
+  installLockstep,
+  localPv,
+  nodeDisk,
+  pvc,
+  removeDir,
+  serviceAccountKubeconfig,
+  waitBound,
+} from '../harness/cluster';
+import { kubectl } from '../harness/control-plane';
+import { waitFor } from '../harness/processes';
+import { expectSameFiles } from '../harness/replication';
+
+const MiB = 1024 * 1024;
+const NS = 'shop';
+const OPERATOR_USER = `system:serviceaccount:${NAMESPACE}:lockstep-operator`;
+const AGENT_USER = `system:serviceaccount:${NAMESPACE}:lockstep-agent`;
+
+interface Condition {
+  type: string;
+  status: string;
+  reason: string;
+  message: string;
+  observedGeneration: number;
+}
+interface RelationshipJson {
+  metadata: { finalizers?: string[]; generation: number };
+  status?: {
+    phase?: string;
+    progression?: string;
+    primaryNode?: string;
+    dirtyBytes?: number;
+    baseline?: { doneBytes: number; totalBytes: number; etaSeconds: number };
+    lastInSyncTime?: string;
+    observedGeneration?: number;
+    conditions?: Condition[];
+  };
+}
+interface AuditEvent {
+  verb: string;
+  stage: string;
+  user: { username: string };
+  objectRef?: { resource?: string; subresource?: string; name?: string; namespace?: string };
+}
+
+const relationship = (name: string): RelationshipJson => getJson('lsr', name, '-n', NS);
+const condition = (r: RelationshipJson, type: string) =>
+  r.status?.conditions?.find((c) => c.type === type);
+
+function patterned(file: string, sizeBytes: number, dataBytes: number, seed: number): void {
+  const buf = Buffer.alloc(sizeBytes);
+  for (let i = 0; i < dataBytes; i += 4) buf.writeUInt32LE((i * 2654435761 + seed) >>> 0, i);
+  writeFileSync(file, buf);
+}
+
+function eventsOf(name: string): Array<{ type: string; reason: string; message: string }> {
+  const list = getJson<{ items: Array<{ type: string; reason: string; message: string }> }>(
+    'events',
+    '-n',
+    NS,
+    '--field-selector',
+    `involvedObject.name=${name}`,
+  );
+  return list.items;
+}
+
+async function phase(name: string, want: string, timeoutMs = 60_000): Promise<RelationshipJson> {
+  return waitFor(
+    `${name} ${want}`,
+    () => {
+      const r = relationship(name);
+      return Promise.resolve(r.status?.phase === want ? r : undefined);
+    },
+    timeoutMs,
+    100,
+  );
+}
+
+function auditEntries(from: number): AuditEvent[] {
+  const file = path.join(process.env.LOCKSTEP_TEST_CP_DIR ?? '', 'audit.log');
+  return readFileSync(file)
+    .subarray(from)
+    .toString('utf8')
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as AuditEvent)
+    .filter((e) => e.stage === 'ResponseComplete');
+}
+const auditSize = () =>
+  statSync(path.join(process.env.LOCKSTEP_TEST_CP_DIR ?? '', 'audit.log')).size;
+const WRITES = new Set(['create', 'update', 'patch', 'delete', 'deletecollection']);
+
+describe('operator on a real control plane', () => {
+  let root: string;
+  let operatorKc: string;
+  let a: AgentProcess;
+  let b: AgentProcess;
+  const operators: OperatorProcess[] = [];
+  const disks: Record<string, string> = {};
+
+  beforeAll(async () => {
+    root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-cluster-'));
+    installLockstep();
+    operatorKc = serviceAccountKubeconfig(root, 'lockstep-operator');
+    const agentKc = serviceAccountKubeconfig(root, 'lockstep-agent');
+    a = await clusterAgent('k8s-node-a', agentKc).start();
+    b = await clusterAgent('k8s-node-b', agentKc).start();
+    kubectl(adminKubeconfig(), ['create', 'namespace', NS]);
+    const volumes: Array<[string, string, string]> = [
+      ['data', 'k8s-node-a', '64Mi'],
+      ['log', 'k8s-node-a', '32Mi'],
+      ['data2', 'k8s-node-a', '64Mi'],
+      ['replica', 'k8s-node-b', '256Mi'],
+    ];
+    for (const [name, node, size] of volumes) {
+      disks[name] = nodeDisk(root, node, `pv-${name}`);
+      apply(localPv(`pv-${NS}-${name}`, node, disks[name] ?? '', size));
+      apply(pvc(name, NS, `pv-${NS}-${name}`, size));
+    }
+    // The workload's data is already there: the volume is adopted, not created.
+    patterned(path.join(disks.data ?? '', 'disk.img'), 64 * MiB, 24 * MiB, 1);
+    patterned(path.join(disks.data2 ?? '', 'disk.img'), 64 * MiB, 40 * MiB, 2);
+    await waitBound(NS, ['data', 'log', 'data2', 'replica']);
+    const first = new OperatorProcess('operator-1', operatorKc).start();
+    operators.push(first);
+    await first.leading();
+  });
+
+  afterAll(async () => {
+    for (const o of operators) await o.dispose();
+    await a?.dispose();
+    await b?.dispose();
+    if (root) removeDir(root);
+  });
+
+  it('registers the agents as LockstepNodes with heartbeat leases, Ready', async () => {
+    await waitFor(
+      'both LockstepNodes Ready',
+      () => {
+        const nodes = getJson<{
+          items: Array<{
+            metadata: { name: string };
+            spec: { endpoint: string };
+            status?: { conditions?: Condition[] };
+          }>;
+        }>('lsn');
+        const ready = nodes.items.filter((n) =>
+          n.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True'),
+        );
+        return Promise.resolve(ready.length >= 2 ? nodes : undefined);
+      },
+      30_000,
+      100,
+    );
+    const node = getJson<{ spec: { endpoint: string; version: string; capacityBytes: number } }>(
+      'lsn',
+      'k8s-node-a',
+    );
+    expect(node.spec.endpoint).toBe(a.grpcAddress);
+    expect(node.spec.capacityBytes).toBeGreaterThan(0);
+    const lease = getJson<{ spec: { holderIdentity: string; leaseDurationSeconds: number } }>(
+      'lease',
+      'k8s-node-a',
+      '-n',
+      NAMESPACE,
+    );
+    expect(lease.spec.holderIdentity).toBe('k8s-node-a');
+  });
+
+  it('walks a relationship of a two-volume group through baseline to InSync, replicas identical', async () => {
+    apply({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'ConsistencyGroup',
+      metadata: { name: 'db', namespace: NS },
+      spec: {
+        volumes: [
+          { name: 'data', pvc: 'data' },
+          { name: 'log', pvc: 'log' },
+        ],
+      },
+    });
+    apply({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'SyncRelationship',
+      metadata: { name: 'db-sync', namespace: NS },
+      spec: {
+        consistencyGroup: 'db',
+        source: { node: 'k8s-node-a' },
+        targets: [{ node: 'k8s-node-b', pvc: 'replica' }],
+        // Slow enough to watch the baseline progress.
+        resync: { maxBytesPerSecond: 8 * MiB },
+      },
+    });
+    const seen = new Set<string>();
+    let progress: { doneBytes: number; totalBytes: number } | undefined;
+    const final = await waitFor(
+      'db-sync InSync',
+      () => {
+        const r = relationship('db-sync');
+        if (r.status?.phase) seen.add(r.status.phase);
+        const bl = r.status?.baseline;
+        if (bl && bl.doneBytes > 0 && bl.doneBytes < bl.totalBytes) progress = bl;
+        return Promise.resolve(r.status?.phase === 'InSync' ? r : undefined);
+      },
+      60_000,
+      100,
+    );
+    expect(seen.has('Baselining')).toBe(true);
+    expect(progress).toBeDefined();
+    expect(final.metadata.finalizers).toContain('lockstep.dev/teardown');
+    expect(final.status).toMatchObject({
+      primaryNode: 'k8s-node-a',
+      dirtyBytes: 0,
+      observedGeneration: final.metadata.generation,
+    });
+    expect(final.status?.lastInSyncTime).toBeTruthy();
+    expect(condition(final, 'InSync')).toMatchObject({ status: 'True' });
+    expect(condition(final, 'Ready')).toMatchObject({ status: 'True' });
+    expect(condition(final, 'Degraded')).toMatchObject({ status: 'False' });
+    const group = getJson<{ status?: { phase?: string } }>('lcg', 'db', '-n', NS);
+    expect(group.status?.phase).toBe('Ready');
+    expect(eventsOf('db-sync').map((e) => e.reason)).toEqual(
+      expect.arrayContaining(['Baselining', 'InSync']),
+    );
+
+    // Writes through the primary's NBD export reach the replica file on the target PVC.
+    await fioVerify(a.uri(`${NS}.db.data`), '16M');
+    await waitFor(
+      'dirty bytes drained',
+      () => Promise.resolve(relationship('db-sync').status?.phase === 'InSync' || undefined),
+      30_000,
+      100,
+    );
+    await expectSameFiles(
+      path.join(disks.data ?? '', 'disk.img'),
+      path.join(disks.replica ?? '', 'data', 'disk.img'),
+    );
+    await expectSameFiles(
+      path.join(disks.log ?? '', 'disk.img'),
+      path.join(disks.replica ?? '', 'log', 'disk.img'),
+    );
+    expect(statSync(path.join(disks.log ?? '', 'disk.img')).size).toBe(32 * MiB);
+    expect(kubectl(adminKubeconfig(), ['get', 'lsr', '-n', NS])).toMatch(
+      /db-sync\s+InSync\s+Sync\s+k8s-node-a\s+0/,
+    );
+  });
+
+  it('shows Degraded with an Event within seconds of losing the replica agent, and heals', async () => {
+    await b.kill('SIGKILL');
+    const t0 = Date.now();
+    const degraded = await phase('db-sync', 'Degraded', 20_000);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(condition(degraded, 'Degraded')).toMatchObject({ status: 'True' });
+    expect(condition(degraded, 'InSync')).toMatchObject({ status: 'False' });
+    await waitFor(
+      'a Degraded warning event',
+      () =>
+        Promise.resolve(
+          eventsOf('db-sync').find((e) => e.reason === 'Degraded' && e.type === 'Warning'),
+        ),
+      10_000,
+      100,
+    );
+    await run(a, `${NS}.db.data`);
+    await b.start();
+    await phase('db-sync', 'InSync', 60_000);
+    await expectSameFiles(
+      path.join(disks.data ?? '', 'disk.img'),
+      path.join(disks.replica ?? '', 'data', 'disk.img'),
+    );
+  });
+
+  it('makes no API writes at rest for 60 s (agents only renew their leases)', async () => {
+    await phase('db-sync', 'InSync');
+    await new Promise((r) => setTimeout(r, 3_000));
+    const from = auditSize();
+    await new Promise((r) => setTimeout(r, 60_000));
+    const entries = auditEntries(from);
+    const writes = entries.filter((e) => WRITES.has(e.verb));
+    const byOperator = writes.filter((e) => e.user.username === OPERATOR_USER);
+    const leaderRenewals = byOperator.filter(
+      (e) => e.objectRef?.resource === 'leases' && e.objectRef.name === 'lockstep-operator',
+    );
+    // Counting works: the leader's own lease renewals are there, and nothing else is.
+    expect(leaderRenewals.length).toBeGreaterThan(0);
+    expect(byOperator.filter((e) => !leaderRenewals.includes(e))).toEqual([]);
+    const byAgents = writes.filter((e) => e.user.username === AGENT_USER);
+    expect(byAgents.length).toBeGreaterThan(0);
+    expect(byAgents.filter((e) => e.objectRef?.resource !== 'leases')).toEqual([]);
+  }, 120_000);
+
+  it('runs with the deploy/ RBAC and is refused outside it', () => {
+    const refused = (args: string[]) => {
+      try {
+        kubectl(operatorKc, args);
+      } catch (err) {
+        return String((err as { stderr?: string }).stderr);
+      }
+      throw new Error(`the operator's ServiceAccount may ${args.join(' ')}`);
+    };
+    expect(refused(['get', 'secrets', '-n', 'kube-system'])).toMatch(/forbidden/i);
+    expect(refused(['delete', 'pvc', 'data', '-n', NS])).toMatch(/forbidden/i);
+    expect(
+      kubectl(operatorKc, ['auth', 'can-i', 'patch', 'syncrelationships/status', '-n', NS]).trim(),
+    ).toBe('yes');
+  });
+
+  it('fails over to the standby operator, which finishes a reconcile in progress', async () => {
+    const standby = new OperatorProcess('operator-2', operatorKc).start();
+    operators.push(standby);
+    await new Promise((r) => setTimeout(r, 2_000));
+    expect(standby.proc.log()).not.toContain('"msg":"leading"');
+    apply({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'ConsistencyGroup',
+      metadata: { name: 'db2', namespace: NS },
+      spec: { volumes: [{ name: 'data', pvc: 'data2' }] },
+    });
+    apply({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'SyncRelationship',
+      metadata: { name: 'db2-sync', namespace: NS },
+      spec: {
+        consistencyGroup: 'db2',
+        source: { node: 'k8s-node-a' },
+        targets: [{ node: 'k8s-node-b' }],
+        resync: { maxBytesPerSecond: 4 * MiB },
+      },
+    });
+    await phase('db2-sync', 'Baselining', 30_000);
+    await operators[0]?.proc.kill('SIGKILL');
+    await standby.leading(60_000);
+    const done = await phase('db2-sync', 'InSync', 60_000);
+    expect(condition(done, 'InSync')).toMatchObject({ status: 'True' });
+    // The standby's own pass wrote the final status.
+    expect(standby.proc.log()).toContain('"msg":"leading"');
+  }, 150_000);
+
+  it('stops replicating and keeps the files when the relationship is deleted', async () => {
+    const before = readFileSync(path.join(disks.replica ?? '', 'data', 'disk.img'));
+    kubectl(adminKubeconfig(), ['delete', 'lsr', 'db-sync', '-n', NS, '--timeout=30s']);
+    expect(kubectl(adminKubeconfig(), ['get', 'lsr', '-n', NS, '-o', 'name'])).not.toContain(
+      'db-sync',
+    );
+    const source = JSON.parse(await a.ctl('status', `${NS}.db.data`, '-o', 'json')) as {
+      role: string;
+      replication: unknown;
+    };
+    expect(source).toMatchObject({ role: 'primary', replication: null });
+    const onB = JSON.parse(await b.ctl('volume', 'list', '-o', 'json')) as {
+      volumes: Array<{ name: string }>;
+    };
+    expect(onB.volumes.map((v) => v.name).filter((n) => n.startsWith(`${NS}.db.`))).toEqual([]);
+    const kept = path.join(disks.replica ?? '', 'data', 'disk.img');
+    expect(existsSync(kept)).toBe(true);
+    expect(readFileSync(kept).equals(before)).toBe(true);
+    expect(eventsOf('db-sync').map((e) => e.reason)).toContain('TornDown');
+  });
+});
+
+/** A few writes while the replica is away, so there is something to resync. */
+async function run(agent: AgentProcess, volume: string): Promise<void> {
+  await fioVerify(agent.uri(volume), '4M');
+}
