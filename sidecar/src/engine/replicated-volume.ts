@@ -59,6 +59,7 @@ export interface ReplicationStatus {
   role: Role;
   mode: ReplicationMode | '';
   regionSize: number;
+  maxResyncBytesPerSecond: number;
   generation: string;
   /** Secondary: a primary is streaming to this copy right now. */
   primaryConnected: boolean;
@@ -601,6 +602,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       role: this.meta.role,
       mode: this.meta.replication?.mode ?? '',
       regionSize: this.regionSize,
+      maxResyncBytesPerSecond: this.maxResyncBytesPerSecond,
       generation: this.meta.generation.current,
       primaryConnected: this.meta.role === 'secondary' && this.primaryStreams > 0,
       peers: this.links.map((l) => {
