@@ -353,6 +353,78 @@ describe('operator on a real control plane', () => {
     expect(standby.proc.log()).toContain('"msg":"leading"');
   }, 150_000);
 
+  it('switches the primary to the target and back when spec.primary says so', async () => {
+    const patchPrimary = (primary: string) =>
+      kubectl(adminKubeconfig(), [
+        'patch',
+        'lsr',
+        'db-sync',
+        '-n',
+        NS,
+        '--type=merge',
+        '-p',
+        JSON.stringify({ spec: { primary } }),
+      ]);
+    const role = async (agent: AgentProcess) =>
+      (JSON.parse(await agent.ctl('status', `${NS}.db.data`, '-o', 'json')) as { role: string })
+        .role;
+    patchPrimary('k8s-node-b');
+    const switched = await waitFor(
+      'node-b primary and in sync',
+      () => {
+        const r = relationship('db-sync');
+        const s = r.status;
+        return Promise.resolve(
+          s?.primaryNode === 'k8s-node-b' &&
+            s.phase === 'InSync' &&
+            s.observedGeneration === r.metadata.generation
+            ? r
+            : undefined,
+        );
+      },
+      60_000,
+      100,
+    );
+    expect(condition(switched, 'InSync')).toMatchObject({ status: 'True' });
+    expect(await role(b)).toBe('primary');
+    expect(await role(a)).toBe('secondary');
+    // The workload now writes on node-b; node-a's PVC file follows.
+    await fioVerify(b.uri(`${NS}.db.data`), '8M');
+    await phase('db-sync', 'InSync');
+    await waitFor(
+      'node-a caught up',
+      async () => {
+        try {
+          await expectSameFiles(
+            path.join(disks.data ?? '', 'disk.img'),
+            path.join(disks.replica ?? '', 'data', 'disk.img'),
+          );
+          return true;
+        } catch {
+          return undefined;
+        }
+      },
+      20_000,
+      200,
+    );
+    expect(eventsOf('db-sync').map((e) => e.reason)).toContain('SwitchedPrimary');
+
+    patchPrimary('source');
+    await waitFor(
+      'node-a primary again',
+      () => {
+        const s = relationship('db-sync').status;
+        return Promise.resolve(
+          (s?.primaryNode === 'k8s-node-a' && s.phase === 'InSync') || undefined,
+        );
+      },
+      60_000,
+      100,
+    );
+    expect(await role(a)).toBe('primary');
+    expect(await role(b)).toBe('secondary');
+  });
+
   it('stops replicating and keeps the files when the relationship is deleted', async () => {
     const before = readFileSync(path.join(disks.replica ?? '', 'data', 'disk.img'));
     kubectl(adminKubeconfig(), ['delete', 'lsr', 'db-sync', '-n', NS, '--timeout=30s']);

@@ -76,6 +76,8 @@ interface VolumePlan {
 interface Plan {
   source: Side;
   targets: Side[];
+  /** The side that serves writes (spec.primary); the others are its secondaries. */
+  primary: Side;
   volumes: VolumePlan[];
 }
 
@@ -167,12 +169,6 @@ export class SyncRelationshipReconciler {
         `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
       );
     }
-    if (spec.primary !== 'source') {
-      return block(
-        'SwitchoverNotSupported',
-        `primary ${spec.primary}: switching the primary to a target is not supported by this operator version; set primary to "source"`,
-      );
-    }
     const remote = spec.targets.find((t) => t.endpoint);
     if (remote) {
       return block(
@@ -235,7 +231,15 @@ export class SyncRelationshipReconciler {
         targetPaths,
       });
     }
-    return { source, targets, volumes };
+    const primary =
+      spec.primary === 'source' ? source : targets.find((t) => t.node === spec.primary);
+    if (!primary) {
+      return block(
+        'PrimaryNotATarget',
+        `primary ${spec.primary} is neither "source" nor a target node`,
+      );
+    }
+    return { source, targets, primary, volumes };
   }
 
   /** The oldest relationship that names the group owns it; others are refused. */
@@ -278,7 +282,14 @@ export class SyncRelationshipReconciler {
           }),
         );
       }
-      const want = plan.targets.map((t) => t.endpoint).sort();
+      if (plan.primary !== plan.source || vol.role !== 'primary') {
+        vol = await this.switchPrimary(rel, plan, v.agentName);
+      }
+      const primary = this.deps.agents.get(plan.primary.endpoint);
+      const want = [plan.source, ...plan.targets]
+        .filter((s) => s !== plan.primary)
+        .map((s) => s.endpoint)
+        .sort();
       const r = vol.replication;
       const have = (r?.peers ?? []).map((p) => p.address).sort();
       if (
@@ -288,7 +299,7 @@ export class SyncRelationshipReconciler {
         !sameJson(have, want) ||
         r.maxResyncBytesPerSecond !== rate
       ) {
-        vol = await source.replicate({
+        vol = await primary.replicate({
           name: v.agentName,
           targets: want,
           mode,
@@ -306,6 +317,49 @@ export class SyncRelationshipReconciler {
     return out;
   }
 
+  /**
+   * A planned switchover to the side spec.primary names: any other side that is primary is
+   * demoted first (it drains, flushes and tells its secondaries it is leaving), then the chosen
+   * copy is promoted, so there is never a moment with two primaries. Returns the new primary's
+   * view of the volume.
+   */
+  private async switchPrimary(
+    rel: SyncRelationship,
+    plan: Plan,
+    name: string,
+  ): Promise<VolumeInfo> {
+    const chosen = this.deps.agents.get(plan.primary.endpoint);
+    let vol: VolumeInfo;
+    try {
+      vol = await chosen.getVolume(name);
+    } catch (err) {
+      if (!isLockstepError(err, 'LOCKSTEP_ERR_VOLUME_NOT_FOUND')) throw err;
+      throw new Refusal(
+        'NoCopyOnPrimary',
+        `node ${plan.primary.node} has no copy of ${name} yet; it can become primary once it has been baselined`,
+      );
+    }
+    if (vol.role === 'primary') return vol;
+    for (const side of [plan.source, ...plan.targets]) {
+      if (side === plan.primary) continue;
+      const agent = this.deps.agents.get(side.endpoint);
+      const other = await agent.getVolume(name).catch(() => undefined);
+      if (other?.role === 'primary') await agent.demote(name);
+    }
+    vol = await chosen.promote(name, false);
+    this.deps.log.info(
+      { relationship: rel.metadata.name, volume: name, primary: plan.primary.node },
+      'switched primary',
+    );
+    await this.deps.events.record(
+      rel,
+      'Normal',
+      'SwitchedPrimary',
+      `${name}: node ${plan.primary.node} is now primary`,
+    );
+    return vol;
+  }
+
   private async teardown(rel: SyncRelationship): Promise<void> {
     const ns = rel.metadata.namespace ?? '';
     const prefix = agentVolumeName(ns, rel.spec.consistencyGroup, '');
@@ -313,18 +367,26 @@ export class SyncRelationshipReconciler {
       const n = this.deps.nodes.get(node);
       return n ? this.deps.agents.get(n.spec.endpoint) : undefined;
     };
-    const source = agentOf(rel.spec.source.node);
-    if (source) {
-      for (const v of await source.listVolumes()) {
-        // The source volume stays served: it is the workload's disk; only protection stops.
-        if (v.name.startsWith(prefix) && v.replication) await source.stopReplication(v.name);
+    const sides = [
+      rel.spec.source.node,
+      ...rel.spec.targets.flatMap((t) => (t.node ? [t.node] : [])),
+    ];
+    const held = new Map<string, VolumeInfo[]>();
+    for (const node of sides) {
+      const agent = agentOf(node);
+      if (!agent) continue;
+      const volumes = (await agent.listVolumes()).filter((v) => v.name.startsWith(prefix));
+      held.set(node, volumes);
+      // The primary copy stays served: it is the workload's disk; only protection stops.
+      for (const v of volumes) {
+        if (v.role === 'primary' && v.replication) await agent.stopReplication(v.name);
       }
     }
     for (const t of rel.spec.targets) {
       const agent = t.node ? agentOf(t.node) : undefined;
-      if (!agent) continue;
-      for (const v of await agent.listVolumes()) {
-        if (!v.name.startsWith(prefix)) continue;
+      if (!agent || !t.node) continue;
+      for (const v of held.get(t.node) ?? []) {
+        if (v.role === 'primary') continue; // never drop the copy that serves writes
         if (rel.spec.deleteDataOnRemoval) await agent.deleteVolume(v.name, true);
         else if (v.dataPath) await agent.releaseVolume(v.name, true);
       }
@@ -456,7 +518,7 @@ function describe(status: SyncRelationshipStatus): string {
 function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncRelationshipStatus {
   const gen = rel.metadata.generation ?? 0;
   const now = new Date();
-  const nodeOf = new Map(plan.targets.map((t) => [t.endpoint, t.node]));
+  const nodeOf = new Map([plan.source, ...plan.targets].map((t) => [t.endpoint, t.node]));
   const peers = observed.volumes.flatMap((v) =>
     (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
   );
@@ -471,6 +533,7 @@ function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncR
   const down = list((s) => DOWN.has(s));
   const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
   const resyncing = peers.filter((p) => p.state === 'Resyncing');
+  // Every side but the primary is a peer of each volume.
   const expected = plan.volumes.length * plan.targets.length;
   const allInSync =
     peers.length === expected &&
@@ -499,7 +562,13 @@ function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncR
           'Ready',
           true,
           'Replicating',
-          `replicating ${plan.volumes.length} volume(s) to ${plan.targets.map((t) => t.node).join(', ')}`,
+          `replicating ${plan.volumes.length} volume(s) from ${plan.primary.node} to ${[
+            plan.source,
+            ...plan.targets,
+          ]
+            .filter((t) => t !== plan.primary)
+            .map((t) => t.node)
+            .join(', ')}`,
         ),
     cond(
       'InSync',
@@ -540,7 +609,7 @@ function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncR
     observedGeneration: gen,
     phase,
     progression,
-    primaryNode: plan.source.node,
+    primaryNode: plan.primary.node,
     dirtyBytes: peers.reduce((n, p) => n + Number(p.dirtyBytes), 0),
     conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
   };
