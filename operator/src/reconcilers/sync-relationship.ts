@@ -60,12 +60,12 @@ export function agentVolumeName(namespace: string, group: string, volume: string
   return `${namespace}.${group}.${volume}`;
 }
 
-interface Side {
+export interface Side {
   node: string;
   endpoint: string;
 }
 
-interface VolumePlan {
+export interface VolumePlan {
   agentName: string;
   dataPath: string;
   sizeBytes: number;
@@ -73,7 +73,7 @@ interface VolumePlan {
   targetPaths: Map<string, string>;
 }
 
-interface Plan {
+export interface Plan {
   source: Side;
   targets: Side[];
   /** The side that serves writes (spec.primary); the others are its secondaries. */
@@ -83,7 +83,7 @@ interface Plan {
 
 type Blocked = { blocked: true; reason: string; message: string };
 
-interface Observed {
+export interface Observed {
   volumes: VolumeInfo[];
   unreachable?: string;
 }
@@ -515,7 +515,11 @@ function describe(status: SyncRelationshipStatus): string {
 }
 
 /** The relationship's status from the primary's view of each volume. */
-function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncRelationshipStatus {
+export function summarize(
+  rel: SyncRelationship,
+  plan: Plan,
+  observed: Observed,
+): SyncRelationshipStatus {
   const gen = rel.metadata.generation ?? 0;
   const now = new Date();
   const nodeOf = new Map([plan.source, ...plan.targets].map((t) => [t.endpoint, t.node]));
@@ -532,7 +536,10 @@ function summarize(rel: SyncRelationship, plan: Plan, observed: Observed): SyncR
   const split = list((s) => SPLIT.has(s));
   const down = list((s) => DOWN.has(s));
   const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
-  const resyncing = peers.filter((p) => p.state === 'Resyncing');
+  // An in-sync peer with dirty bytes is catching up on a backlog (async mode's lag).
+  const resyncing = peers.filter(
+    (p) => p.state === 'Resyncing' || (p.state === 'InSync' && Number(p.dirtyBytes) > 0),
+  );
   // Every side but the primary is a peer of each volume.
   const expected = plan.volumes.length * plan.targets.length;
   const allInSync =
