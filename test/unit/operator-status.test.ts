@@ -82,7 +82,7 @@ describe('locating a PVC', () => {
       'UnsupportedVolumeKind',
     ],
   ])('refuses %s with a reason', (_what, pvc, pvName, pv, reason) => {
-    expect(locatePvc(pvc, pvName, pv as V1PersistentVolume | undefined, 'c')).toMatchObject({
+    expect(locatePvc(pvc, pvName, pv, 'c')).toMatchObject({
       ok: false,
       reason,
     });
