@@ -7,7 +7,7 @@ import path from 'node:path';
 import { KubeConfig } from '@kubernetes/client-node';
 import { AgentProcess, lockstepBin, repoRoot } from './agent-process';
 import { kubectl, writeKubeconfig } from './control-plane';
-import { startProcess, waitFor, type ManagedProcess } from './processes';
+import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
 
 export const NAMESPACE = 'lockstep-system';
 
@@ -81,6 +81,7 @@ export function clusterAgent(node: string, kubeconfig: string): AgentProcess {
 
 export class OperatorProcess {
   proc!: ManagedProcess;
+  metricsPort = 0;
   private starts = 0;
   readonly dir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-operator-'));
 
@@ -89,7 +90,8 @@ export class OperatorProcess {
     private readonly kubeconfig: string,
   ) {}
 
-  start(): this {
+  async start(): Promise<this> {
+    this.metricsPort ||= await freePort();
     this.proc = startProcess(
       this.name,
       process.execPath,
@@ -103,10 +105,17 @@ export class OperatorProcess {
         '--leader-elect',
         '--agent-poll',
         '500',
+        '--metrics-listen',
+        `127.0.0.1:${this.metricsPort}`,
       ],
       path.join(this.dir, `operator.${++this.starts}.log`),
     );
     return this;
+  }
+
+  async scrape(): Promise<string> {
+    const res = await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`);
+    return res.text();
   }
 
   /** Waits until this replica logs that it leads. */

@@ -138,7 +138,7 @@ describe('operator on a real control plane', () => {
     patterned(path.join(disks.data ?? '', 'disk.img'), 64 * MiB, 24 * MiB, 1);
     patterned(path.join(disks.data2 ?? '', 'disk.img'), 64 * MiB, 40 * MiB, 2);
     await waitBound(NS, ['data', 'log', 'data2', 'replica']);
-    const first = new OperatorProcess('operator-1', operatorKc).start();
+    const first = await new OperatorProcess('operator-1', operatorKc).start();
     operators.push(first);
     await first.leading();
   });
@@ -239,6 +239,13 @@ describe('operator on a real control plane', () => {
     expect(eventsOf('db-sync').map((e) => e.reason)).toEqual(
       expect.arrayContaining(['Baselining', 'InSync']),
     );
+    const metrics = await operators[0]?.scrape();
+    expect(metrics).toMatch(
+      /lockstep_operator_reconcile_total\{controller="syncrelationship",result="(success|requeue_after)"\} [1-9]/,
+    );
+    expect(metrics).toMatch(
+      /lockstep_operator_informer_events_total\{resource="syncrelationships"/,
+    );
 
     // Writes through the primary's NBD export reach the replica file on the target PVC.
     await fioVerify(a.uri(`${NS}.db.data`), '16M');
@@ -323,7 +330,7 @@ describe('operator on a real control plane', () => {
   });
 
   it('fails over to the standby operator, which finishes a reconcile in progress', async () => {
-    const standby = new OperatorProcess('operator-2', operatorKc).start();
+    const standby = await new OperatorProcess('operator-2', operatorKc).start();
     operators.push(standby);
     await new Promise((r) => setTimeout(r, 2_000));
     expect(standby.proc.log()).not.toContain('"msg":"leading"');
