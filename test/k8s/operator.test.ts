@@ -184,6 +184,51 @@ describe('operator on a real control plane', () => {
     expect(lease.spec.holderIdentity).toBe('k8s-node-a');
   });
 
+  it('marks a node Ready=False with an Event when its heartbeat lease lapses', async () => {
+    apply({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'LockstepNode',
+      metadata: { name: 'ghost' },
+      spec: { endpoint: '127.0.0.1:9', version: 'test' },
+    });
+    // A lease renewed just now for 3 s: Ready, then not, without anyone touching anything.
+    apply({
+      apiVersion: 'coordination.k8s.io/v1',
+      kind: 'Lease',
+      metadata: { name: 'ghost', namespace: NAMESPACE },
+      spec: {
+        holderIdentity: 'ghost',
+        leaseDurationSeconds: 3,
+        renewTime: new Date().toISOString().replace('Z', '000Z'),
+      },
+    });
+    const ready = (status: string) =>
+      waitFor(
+        `ghost Ready=${status}`,
+        () => {
+          const n = getJson<{ status?: { conditions?: Condition[] } }>('lsn', 'ghost');
+          const c = n.status?.conditions?.find((x) => x.type === 'Ready');
+          return Promise.resolve(c?.status === status ? c : undefined);
+        },
+        15_000,
+        100,
+      );
+    await ready('True');
+    const lapsed = await ready('False');
+    expect(lapsed.reason).toBe('HeartbeatLapsed');
+    const events = getJson<{ items: Array<{ reason: string; type: string }> }>(
+      'events',
+      '-n',
+      'default',
+      '--field-selector',
+      'involvedObject.name=ghost',
+    ).items;
+    expect(events).toContainEqual(
+      expect.objectContaining({ reason: 'NodeNotReady', type: 'Warning' }),
+    );
+    kubectl(adminKubeconfig(), ['delete', 'lsn', 'ghost']);
+  });
+
   it('walks a relationship of a two-volume group through baseline to InSync, replicas identical', async () => {
     apply({
       apiVersion: 'lockstep.dev/v1alpha1',
