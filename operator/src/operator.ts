@@ -18,7 +18,7 @@ import { LockstepNodeReconciler } from './reconcilers/lockstep-node';
 import { SyncRelationshipReconciler, agentVolumeName } from './reconcilers/sync-relationship';
 import { groupUsesPvc, type Lookup } from './resolve/group-volumes';
 import { EventRecorder } from './status/event-recorder';
-import { runControllerLoop } from './workqueue/controller-loop';
+import { runControllerLoop, type ReconcileResult } from './workqueue/controller-loop';
 import { WorkQueue } from './workqueue/work-queue';
 
 export interface OperatorOptions {
@@ -231,10 +231,10 @@ export class Operator {
     const loop = (
       name: string,
       queue: WorkQueue,
-      fn: (key: string) => Promise<unknown>,
+      fn: (key: string) => Promise<ReconcileResult>,
       workers: number,
     ) =>
-      runControllerLoop(queue, (k) => fn(k) as ReturnType<typeof rel.reconcile>, {
+      runControllerLoop(queue, fn, {
         name,
         workers,
         log,
