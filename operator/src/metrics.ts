@@ -1,8 +1,8 @@
 // The operator's Prometheus metrics, in a registry of its own (not prom-client's global one) so
 // several operators in one test process, or an embedding program, never collide. Controllers and
 // informers bind their label children once, at setup.
-import http from 'node:http';
 import client from 'prom-client';
+import { serveMetrics, type MetricsServer } from '../../lib/metrics-server';
 
 export type ReconcileOutcome = 'success' | 'error' | 'requeue_after';
 export type InformerRestartReason = 'error' | 'quiet';
@@ -106,25 +106,8 @@ export class ControllerMetrics {
     };
   }
 
-  async serve(host: string, port: number): Promise<{ address: string; close(): Promise<void> }> {
-    const server = http.createServer((req, res) => {
-      if (req.url !== '/metrics') {
-        res.writeHead(404).end('metrics are at /metrics\n');
-        return;
-      }
-      this.registry.metrics().then(
-        (text) => res.writeHead(200, { 'Content-Type': this.registry.contentType }).end(text),
-        (err: unknown) => res.writeHead(500).end(String(err)),
-      );
-    });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, host, () => resolve());
-    });
-    const addr = server.address() as { address: string; port: number };
-    return {
-      address: `${addr.address}:${addr.port}`,
-      close: () => new Promise<void>((resolve) => server.close(() => resolve())),
-    };
+  serve(host: string, port: number): Promise<MetricsServer> {
+    return serveMetrics(this.registry, host, port);
   }
+
 }

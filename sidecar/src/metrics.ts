@@ -1,10 +1,10 @@
 // The agent's Prometheus metrics. Label children are bound once per volume and operation, so
 // recording a request is a map lookup and three increments.
-import http from 'node:http';
 import client from 'prom-client';
 import type { RequestKind, RequestObserver } from './frontend/nbd/connection';
 import type { VolumeStore } from './store/volume-store';
 import type { ReplicationStatus } from './engine/replicated-volume';
+import { serveMetrics, type MetricsServer } from '../../lib/metrics-server';
 
 type CounterChild = ReturnType<client.Counter['labels']>;
 
@@ -172,25 +172,8 @@ export class AgentMetrics {
     }
   }
 
-  async serve(host: string, port: number): Promise<{ address: string; close(): Promise<void> }> {
-    const server = http.createServer((req, res) => {
-      if (req.url !== '/metrics') {
-        res.writeHead(404).end('metrics are at /metrics\n');
-        return;
-      }
-      this.registry.metrics().then(
-        (text) => res.writeHead(200, { 'Content-Type': this.registry.contentType }).end(text),
-        (err: unknown) => res.writeHead(500).end(String(err)),
-      );
-    });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, host, () => resolve());
-    });
-    const addr = server.address() as { address: string; port: number };
-    return {
-      address: `${addr.address}:${addr.port}`,
-      close: () => new Promise<void>((resolve) => server.close(() => resolve())),
-    };
+  serve(host: string, port: number): Promise<MetricsServer> {
+    return serveMetrics(this.registry, host, port);
   }
+
 }
