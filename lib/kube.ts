@@ -1,4 +1,7 @@
 // Kubernetes client plumbing shared by the agent (registration) and the operator.
+import { createHash } from 'node:crypto';
+import type http from 'node:http';
+import type https from 'node:https';
 import * as k8s from '@kubernetes/client-node';
 
 export const GROUP = 'lockstep.dev';
@@ -9,7 +12,43 @@ export function loadKubeConfig(file?: string): k8s.KubeConfig {
   const kc = new k8s.KubeConfig();
   if (file) kc.loadFromFile(file);
   else kc.loadFromDefault();
+  reuseConnections(kc);
   return kc;
+}
+
+type AgentFactory = (cluster: unknown, options: https.AgentOptions) => http.Agent;
+
+/**
+ * client-node 1.4 builds a new https.Agent for every request, so each API call paid a fresh
+ * TLS handshake (measured: a third of the operator's CPU while 500 relationships were set up,
+ * and as much again on the apiserver). This keeps one keep-alive agent per distinct TLS
+ * identity. It replaces a private method; if that ever disappears, requests still work, they
+ * just do not share connections.
+ */
+function reuseConnections(kc: k8s.KubeConfig): void {
+  const target = kc as unknown as { createAgent?: AgentFactory };
+  const original = target.createAgent?.bind(kc);
+  if (!original) return;
+  const agents = new Map<string, http.Agent>();
+  target.createAgent = (cluster, options) => {
+    const key = createHash('sha256')
+      .update(
+        JSON.stringify([
+          options.ca,
+          options.cert,
+          options.key,
+          options.rejectUnauthorized,
+          options.servername,
+        ]),
+      )
+      .digest('hex');
+    let agent = agents.get(key);
+    if (!agent) {
+      agent = original(cluster, { ...options, keepAlive: true });
+      agents.set(key, agent);
+    }
+    return agent;
+  };
 }
 
 export const mergePatch = k8s.setHeaderOptions('Content-Type', k8s.PatchStrategy.MergePatch);

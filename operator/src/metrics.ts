@@ -109,5 +109,4 @@ export class ControllerMetrics {
   serve(host: string, port: number): Promise<MetricsServer> {
     return serveMetrics(this.registry, host, port);
   }
-
 }

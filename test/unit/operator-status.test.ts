@@ -169,6 +169,14 @@ describe('relationship status from the agents’ view', () => {
     expect(phaseOf([volume(state, dirty)])).toBe(phase);
   });
 
+  it('counts a peer connecting for the first time as setting up, one that was in sync as down', () => {
+    expect(phaseOf([volume('Connecting')])).toBe('Baselining');
+    const reconnecting = volume('Connecting');
+    const peer = (reconnecting.replication?.peers ?? [])[0] as { lastInSyncMs: number };
+    peer.lastInSyncMs = 1_700_000_000_000;
+    expect(phaseOf([reconnecting])).toBe('Degraded');
+  });
+
   it('is Degraded with the reason when the primary agent cannot be reached', () => {
     const s = summarize(rel, plan, { volumes: [], unreachable: 'peer a:1 is unavailable' });
     expect(s.phase).toBe('Degraded');

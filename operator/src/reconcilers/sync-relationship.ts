@@ -102,7 +102,7 @@ export class SyncRelationshipReconciler {
 
   async reconcile(key: string): Promise<ReconcileResult> {
     const [namespace, name] = key.split('/') as [string, string];
-    const rel = this.deps.relationships.get(name, namespace);
+    let rel = this.deps.relationships.get(name, namespace);
     if (!rel) return;
     if (rel.metadata.deletionTimestamp) {
       if (rel.metadata.finalizers?.includes(FINALIZER)) {
@@ -115,9 +115,9 @@ export class SyncRelationshipReconciler {
       return;
     }
     if (!rel.metadata.finalizers?.includes(FINALIZER)) {
-      // The update this causes brings the relationship back through the queue.
-      await this.setFinalizers(rel, [...(rel.metadata.finalizers ?? []), FINALIZER]);
-      return;
+      // Carry on with the object the patch returned: its resourceVersion is the current one.
+      rel = await this.setFinalizers(rel, [...(rel.metadata.finalizers ?? []), FINALIZER]);
+      if (!rel) return;
     }
 
     const plan = this.plan(rel);
@@ -407,9 +407,13 @@ export class SyncRelationshipReconciler {
 
   // ---- writing back -------------------------------------------------------------------------
 
-  private async setFinalizers(rel: SyncRelationship, finalizers: string[]): Promise<void> {
+  /** Returns the updated object, or undefined if it is gone. */
+  private async setFinalizers(
+    rel: SyncRelationship,
+    finalizers: string[],
+  ): Promise<SyncRelationship | undefined> {
     try {
-      await this.deps.objects.patchNamespacedCustomObject(
+      return (await this.deps.objects.patchNamespacedCustomObject(
         {
           group: GROUP,
           version: VERSION,
@@ -420,9 +424,9 @@ export class SyncRelationshipReconciler {
           body: { metadata: { finalizers, resourceVersion: rel.metadata.resourceVersion } },
         },
         mergePatch,
-      );
+      )) as SyncRelationship;
     } catch (err) {
-      if (isNotFound(err)) return;
+      if (isNotFound(err)) return undefined;
       throw new Error(`updating finalizers: ${apiErrorMessage(err)}`, { cause: err });
     }
   }
@@ -526,15 +530,13 @@ export function summarize(
   const peers = observed.volumes.flatMap((v) =>
     (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
   );
-  const list = (pred: (state: string) => boolean) =>
-    peers
-      .filter((p) => pred(p.state))
-      .map(
-        (p) =>
-          `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.condition ? ` (${p.condition})` : ''}`,
-      );
-  const split = list((s) => SPLIT.has(s));
-  const down = list((s) => DOWN.has(s));
+  const describePeer = (p: (typeof peers)[number]) =>
+    `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.condition ? ` (${p.condition})` : ''}`;
+  const split = peers.filter((p) => SPLIT.has(p.state)).map(describePeer);
+  // A peer connecting for the first time is not down: it has simply not been in sync yet.
+  const down = peers
+    .filter((p) => DOWN.has(p.state) && !(p.state === 'Connecting' && !Number(p.lastInSyncMs)))
+    .map(describePeer);
   const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
   // An in-sync peer with dirty bytes is catching up on a backlog (async mode's lag).
   const resyncing = peers.filter(
