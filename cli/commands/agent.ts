@@ -20,6 +20,14 @@ export function agentCommand(): Command {
       'the address peers dial to reach this agent (default: --listen)',
     )
     .option(
+      '--data-listen <host:port>',
+      'replication data lanes (default: --listen host, a free port)',
+    )
+    .option(
+      '--data-advertise <host:port>',
+      'the data address primaries dial (default: --advertise host and the bound port)',
+    )
+    .option(
       '--peer-timeout <ms>',
       'fail a peer link when a replicated write is unacknowledged this long',
       '5000',
@@ -32,8 +40,21 @@ export function agentCommand(): Command {
         nbdSocket: string;
         nbdListen?: string;
         metricsListen?: string;
+        advertise?: string;
+        dataListen?: string;
+        dataAdvertise?: string;
+        peerTimeout: string;
       }) => {
         const log = createLogger('agent', { node: opts.node });
+        const peerTimeoutMs = Number(opts.peerTimeout);
+        if (!Number.isInteger(peerTimeoutMs) || peerTimeoutMs < 100) {
+          log.fatal(
+            { peerTimeout: opts.peerTimeout },
+            '--peer-timeout must be an integer ≥ 100 (ms)',
+          );
+          process.exitCode = 1;
+          return;
+        }
         let agent: Agent;
         try {
           agent = await Agent.start({
@@ -43,6 +64,10 @@ export function agentCommand(): Command {
             nbdSocket: opts.nbdSocket === '<data-dir>/nbd.sock' ? undefined : opts.nbdSocket,
             nbdListen: opts.nbdListen,
             metricsListen: opts.metricsListen,
+            advertise: opts.advertise,
+            dataListen: opts.dataListen,
+            dataAdvertise: opts.dataAdvertise,
+            peerTimeoutMs,
             log,
           });
         } catch (err) {

@@ -12,7 +12,7 @@ import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../store/block-device';
 import { ElementCollector } from '../../../../lib/element-collector';
-import type { BufferPool } from './buffer-pool';
+import type { BufferPool } from '../../../../lib/buffer-pool';
 import {
   ClientFlag,
   Command,
