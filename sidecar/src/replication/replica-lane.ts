@@ -275,7 +275,7 @@ export class ReplicaLane {
   // ---- acks ----------------------------------------------------------------------------------
 
   private ack(seq: number, errno: number): void {
-    if (this.phase.kind === 'closed') return;
+    if (this.socket.destroyed) return;
     if (this.ackEnd + ACK_BYTES > this.ackArena.length) {
       // The socket may still hold the written part of the old arena; it is dropped, not reused.
       const fresh = Buffer.allocUnsafe(ACK_ARENA_BYTES);
@@ -317,7 +317,15 @@ export class ReplicaLane {
     if (this.phase.kind === 'hello' || this.phase.kind === 'hello-name')
       return this.refuse(`bad hello: ${reason}`);
     this.log.warn({ reason }, 'malformed replication stream: closing the data lane');
-    this.close(reason);
+    // Ignore the rest, but let the ops already received finish and their acks leave first, so
+    // the primary only re-sends what this lane never applied.
+    this.phase = { kind: 'closed' };
+    this.socket.pause();
+    void this.barrier.barrier().then(() => {
+      if (this.ackEnd > this.ackStart)
+        this.socket.write(this.ackArena.subarray(this.ackStart, this.ackEnd));
+      this.socket.destroySoon();
+    });
   }
 
   /** Closes the connection; ops already being applied finish, their acks are dropped. */
