@@ -392,7 +392,9 @@ export class PeerLink implements LaneOwner {
       const kind =
         decision.kind === 'baseline' ? 'baseline' : decision.kind === 'full' ? 'full' : 'bitmap';
       this.resync = { kind, doneBytes: 0, totalBytes: bitmap.dirtyBytes(), startedAt: Date.now() };
-      await resyncDirtyRegions(this, host, () => stale());
+      await resyncDirtyRegions(this, host, () => stale(), {
+        peerIsZero: decision.kind === 'baseline' && hello.fresh,
+      });
       if (stale()) return;
       await this.unary<unknown>((o, cb) =>
         this.rpc.SetGeneration(

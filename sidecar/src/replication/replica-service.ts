@@ -47,6 +47,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       }
       new DirtyBitmap(req.sizeBytes, req.regionSize); // rejects a bad geometry with a clear error
       let rv = host.replicated(req.volume);
+      const fresh = !rv;
       if (!rv) {
         if (!req.createIfMissing) needVolume(host, req.volume);
         rv = await host.createReplica({
@@ -91,6 +92,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         role: rv.meta.role,
         generation: rv.meta.generation,
         differs,
+        fresh,
         session: rv.session,
         dataAddress: host.dataAddress,
       };

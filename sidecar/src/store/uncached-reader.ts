@@ -3,17 +3,25 @@
 // fills it with hole pages, and on ext4 every later 4k write into such a page costs ~50 µs
 // instead of ~3 µs (measured) — a baseline would leave the volume 15× slower to write. Direct
 // reads of holes are also fast (1 GiB in 20 ms) and leave the cache alone.
+//
+// Direct reads need an aligned buffer, and Node offers no aligned allocation: one slab is
+// probed for alignment once and cut into CHUNK-sized buffers. Scans borrow them (`acquire`),
+// so data is read straight where it is used, with no copy and no fresh allocation per read
+// (measured on a half-full 1 GiB baseline: a 1 MiB allocation and copy per read cost 8 % of
+// the primary's time and a quarter of the secondary's went to GC).
 import fs from 'node:fs';
 
 const CHUNK = 1024 * 1024;
 const ALIGN = 4096;
+/** Chunks in the slab: reads and scan buffers in use at once. */
+const SLAB_CHUNKS = 16;
 
 /**
- * Node offers no aligned allocation, so probe for an offset into a buffer at which the kernel
- * accepts direct reads (EINVAL otherwise). The probe reads real data from a scratch file next
- * to the volume: a read of a hole is accepted whatever the alignment, so it proves nothing.
+ * Probes for an offset into a fresh slab at which the kernel accepts direct reads (EINVAL
+ * otherwise). The probe reads real data from a scratch file next to the volume: a read of a
+ * hole is accepted whatever the alignment, so it proves nothing.
  */
-function alignedScratch(file: string): Buffer | undefined {
+function alignedSlab(file: string): Buffer | undefined {
   const probe = `${file}.direct-probe`;
   let fd: number | undefined;
   try {
@@ -21,11 +29,11 @@ function alignedScratch(file: string): Buffer | undefined {
     fs.fsyncSync((fd = fs.openSync(probe, 'r')));
     fs.closeSync(fd);
     fd = fs.openSync(probe, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-    const raw = Buffer.allocUnsafeSlow(CHUNK + ALIGN);
+    const raw = Buffer.allocUnsafeSlow(SLAB_CHUNKS * CHUNK + ALIGN);
     for (let start = 0; start < ALIGN; start += 16) {
       try {
         if (fs.readSync(fd, raw, start, ALIGN, 0) === ALIGN)
-          return raw.subarray(start, start + CHUNK);
+          return raw.subarray(start, start + SLAB_CHUNKS * CHUNK);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EINVAL') return undefined;
       }
@@ -40,22 +48,25 @@ function alignedScratch(file: string): Buffer | undefined {
 }
 
 export class UncachedReader {
-  private chain: Promise<void> = Promise.resolve();
+  /** Aligned chunks not in use. */
+  private readonly free: Buffer[] = [];
+  private readonly waiting: ((chunk: Buffer) => void)[] = [];
 
   private constructor(
     private readonly fd: number,
-    /** A CHUNK-sized view at an address the kernel accepts for direct I/O. */
-    private readonly scratch: Buffer,
-  ) {}
+    private readonly slab: Buffer,
+  ) {
+    for (let i = 0; i < SLAB_CHUNKS; i++) this.free.push(slab.subarray(i * CHUNK, (i + 1) * CHUNK));
+  }
 
   /** Undefined where direct I/O is unavailable (tmpfs, some filesystems): read buffered then. */
   static open(file: string): UncachedReader | undefined {
-    const scratch = alignedScratch(file);
-    if (!scratch) return undefined;
+    const slab = alignedSlab(file);
+    if (!slab) return undefined;
     try {
       return new UncachedReader(
         fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT),
-        scratch,
+        slab,
       );
     } catch {
       return undefined;
@@ -67,29 +78,71 @@ export class UncachedReader {
     return offset % ALIGN === 0 && length % ALIGN === 0;
   }
 
-  /** Fills `target` from `offset`; reads are serialized through the one aligned scratch. */
-  read(offset: number, target: Buffer): Promise<void> {
-    const run = () => this.readNow(offset, target);
-    const next = this.chain.then(run, run);
-    this.chain = next.catch(() => undefined);
-    return next;
+  static readonly chunkBytes = CHUNK;
+
+  /** An aligned CHUNK-byte buffer that `read` fills directly (so does any prefix of it). */
+  acquire(): Promise<Buffer> {
+    const chunk = this.free.pop();
+    if (chunk) return Promise.resolve(chunk);
+    return new Promise((resolve) => this.waiting.push(resolve));
   }
 
-  private async readNow(offset: number, target: Buffer): Promise<void> {
-    for (let done = 0; done < target.length;) {
-      const want = Math.min(CHUNK, target.length - done);
+  /** Returns a buffer from `acquire` (the whole chunk, not a view of part of it). */
+  release(chunk: Buffer): void {
+    const next = this.waiting.shift();
+    if (next) next(chunk);
+    else this.free.push(chunk);
+  }
+
+  private ownsChunkStart(target: Buffer): boolean {
+    const at = target.byteOffset - this.slab.byteOffset;
+    return (
+      target.buffer === this.slab.buffer &&
+      at >= 0 &&
+      at % CHUNK === 0 &&
+      target.length <= CHUNK &&
+      at < this.slab.length
+    );
+  }
+
+  /** Fills `target` from `offset`: directly if it came from `acquire`, else through a chunk. */
+  async read(offset: number, target: Buffer): Promise<void> {
+    if (this.ownsChunkStart(target)) {
+      await this.readDirect(offset, target);
+      return;
+    }
+    const chunk = await this.acquire();
+    try {
+      for (let done = 0; done < target.length;) {
+        const want = Math.min(CHUNK, target.length - done);
+        const n = await this.readDirect(offset + done, chunk.subarray(0, want));
+        chunk.copy(target, done, 0, n);
+        if (n < want) {
+          target.fill(0, done + n);
+          return;
+        }
+        done += n;
+      }
+    } finally {
+      this.release(chunk);
+    }
+  }
+
+  /** Reads into an aligned buffer; past the end of the file reads as zeroes. Returns bytes read. */
+  private async readDirect(offset: number, target: Buffer): Promise<number> {
+    let done = 0;
+    while (done < target.length) {
+      const at = done;
       const n = await new Promise<number>((resolve, reject) =>
-        fs.read(this.fd, this.scratch, 0, want, offset + done, (err, bytes) =>
+        fs.read(this.fd, target, at, target.length - at, offset + at, (err, bytes) =>
           err ? reject(err) : resolve(bytes),
         ),
       );
-      if (n === 0) {
-        target.fill(0, done);
-        return;
-      }
-      this.scratch.copy(target, done, 0, n);
+      if (n === 0) break;
       done += n;
     }
+    target.fill(0, done);
+    return done;
   }
 
   close(): void {
