@@ -14,6 +14,8 @@ export interface PeerJson {
   dirtyBytes: number;
   resyncBytesSent: number;
   liveBytesSent: number;
+  /** Epoch ms when the peer last reached InSync, by the primary's clock. */
+  lastInSyncMs: number;
 }
 
 export interface VolumeJson {
