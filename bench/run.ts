@@ -280,7 +280,7 @@ async function main(): Promise<void> {
         const a = pick(anchor);
         const ratios = o.map((v, i) => v / a[i]).filter(Number.isFinite);
         if (ratios.length === 0) return 'n/a';
-        return `${median(o)} / ${median(a)} → **${median(ratios).toFixed(2)}**`;
+        return `${+median(o).toFixed(1)} / ${+median(a).toFixed(1)} → **${median(ratios).toFixed(2)}**`;
       });
       rows.push(`| ${ours} / ${anchor} | ${job} | ${cells.join(' | ')} |`);
     }
