@@ -161,21 +161,23 @@ export class FileBlockDevice implements BlockDevice {
     // Node cannot punch holes (no fallocate), so zeroing writes zeroes. Where the range already
     // reads as zeroes (a hole, typically) and a hole is allowed, skip the write: the file stays
     // sparse, which matters for copies that arrive as zero runs (qemu-img convert, baselines).
-    const scratch = opts.noHole ? undefined : await this.scanBuffer();
-    try {
-      for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
-        const n = Math.min(ZERO_CHUNK, offset + length - pos);
-        if (scratch) {
+    const reader = this.uncachedReader();
+    let scratch: Buffer | undefined;
+    for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, offset + length - pos);
+      if (!opts.noHole) {
+        if (reader && UncachedReader.aligned(pos, n)) {
+          if (await reader.isZero(pos, n, zeroes)) continue;
+        } else {
+          scratch ??= Buffer.allocUnsafe(Math.min(length, ZERO_CHUNK));
           const view = scratch.subarray(0, n);
-          await this.preadUncached(pos, view);
+          await pread(this.fd, view, pos);
           if (view.equals(zeroes.subarray(0, n))) continue;
         }
-        await pwrite(this.fd, zeroes.subarray(0, n), pos);
       }
-      if (opts.fua) await fdatasync(this.fd);
-    } finally {
-      if (scratch) this.releaseScanBuffer(scratch);
+      await pwrite(this.fd, zeroes.subarray(0, n), pos);
     }
+    if (opts.fua) await fdatasync(this.fd);
   }
 
   async trim(offset: number, length: number): Promise<void> {
