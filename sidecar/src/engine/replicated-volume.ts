@@ -66,6 +66,11 @@ export interface ReplicationStatus {
   peers: PeerStatus[];
 }
 
+/** Runs `op` once the work queued with process.nextTick so far (the peers' batch) is done. */
+function afterBatch(op: () => Promise<void>): Promise<void> {
+  return new Promise((resolve, reject) => process.nextTick(() => op().then(resolve, reject)));
+}
+
 /** Async mode bounds the writes acknowledged locally but not yet by every peer. */
 const ASYNC_MAX_BACKLOG = 512;
 
@@ -235,12 +240,16 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       throw err;
     }
 
-    const legs: Promise<void>[] = [localOp()];
+    // Peers first: their ops leave in this turn's batch (PeerLink flushes on process.nextTick),
+    // and the local write is queued behind that flush, so the round trip to the replica and
+    // its write overlap ours instead of following every local write of the batch.
+    const legs: Promise<void>[] = [];
     for (const l of links) {
       if (l.streaming)
         legs.push(peerOp(l).catch((err: unknown) => this.missed(l, offset, length, err)));
       else this.missed(l, offset, length);
     }
+    legs.unshift(legs.length > 0 ? afterBatch(localOp) : localOp());
     const settled = Promise.allSettled(legs).finally(release);
     if (this.mode === 'async' && this.asyncBacklog < ASYNC_MAX_BACKLOG) {
       // Acknowledge on the local copy; the region stays locked until the peers have it, so
