@@ -116,7 +116,7 @@ export function writeAck(buf: Buffer, at: number, seq: number, errno: number): v
   writeU64(buf, seq, at + 8);
 }
 
-/** The ack at `at`: its seq, and its errno in `ackErrno` (returned in pairs without allocating). */
+/** The seq of the ack record at `at` (checked to be one); its errno is `readAckErrno`. */
 export function readAckSeq(buf: Buffer, at: number): number {
   if (buf[at] !== ACK_KIND) throw new FrameError(`unknown ack kind ${buf[at]}`);
   return readU64(buf, at + 8);
