@@ -78,7 +78,7 @@ export class PeerUnavailable extends LockstepError {
   }
 }
 
-export class PeerLink implements LaneOwner {
+export class PeerLink {
   state: PeerState = 'Connecting';
   /** Why the link is not in sync (last failure or refusal), for status. */
   condition = '';
@@ -200,7 +200,7 @@ export class PeerLink implements LaneOwner {
     );
   }
 
-  onAck(seq: number, errno: number): void {
+  private onAck(seq: number, errno: number): void {
     const p = this.pending.get(seq);
     if (!p) return;
     this.pending.delete(seq);
@@ -212,10 +212,6 @@ export class PeerLink implements LaneOwner {
           `peer ${this.address} failed op ${seq} with errno ${errno}`,
         ),
       );
-  }
-
-  onLaneFailed(reason: string): void {
-    this.fail(reason);
   }
 
   /** The ack deadline, and pings on idle lanes so a half-open peer is noticed without writes. */
