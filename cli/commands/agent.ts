@@ -22,6 +22,14 @@ export function agentCommand(): Command {
       'the address peers dial to reach this agent (default: --listen)',
     )
     .option(
+      '--data-listen <host:port>',
+      'replication data lanes (default: --listen host, a free port)',
+    )
+    .option(
+      '--data-advertise <host:port>',
+      'the data address primaries dial (default: --advertise host and the bound port)',
+    )
+    .option(
       '--peer-timeout <ms>',
       'fail a peer link when a replicated write is unacknowledged this long',
       positiveInteger,
@@ -42,6 +50,8 @@ export function agentCommand(): Command {
         nbdListen?: string;
         metricsListen?: string;
         advertise?: string;
+        dataListen?: string;
+        dataAdvertise?: string;
         peerTimeout: number;
       }) => {
         const log = createLogger('agent', { node: opts.node });
@@ -55,6 +65,8 @@ export function agentCommand(): Command {
             nbdListen: opts.nbdListen,
             metricsListen: opts.metricsListen,
             advertise: opts.advertise,
+            dataListen: opts.dataListen,
+            dataAdvertise: opts.dataAdvertise,
             peerTimeoutMs: opts.peerTimeout,
             register: opts.register
               ? { kc: loadKubeConfig(opts.kubeconfig), namespace: opts.namespace }

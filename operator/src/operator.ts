@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import * as k8s from '@kubernetes/client-node';
 import type { Logger } from '../../lib/logger';
 import { GROUP, VERSION } from '../../lib/kube';
-import { splitHostPort } from '../../sidecar/src/agent';
+import { splitHostPort } from '../../lib/host-port';
 import type { ConsistencyGroup, LockstepNode, SyncRelationship } from './api/types';
 import { AgentPool } from './agents/agent-pool';
 import { AgentWatcher } from './agents/agent-watcher';

@@ -7,6 +7,7 @@ import { packageVersion } from '../../lib/package-root';
 import { NodeRegistration } from './k8s/node-registration';
 import path from 'node:path';
 import { LockstepError } from '../../lib/errors';
+import { splitHostPort } from '../../lib/host-port';
 import type { Logger } from '../../lib/logger';
 import { agentProto, replicationProto } from '../../proto';
 import { agentHandlers } from './control/agent-service';
@@ -19,8 +20,8 @@ import {
 import type { BlockDevice } from './store/block-device';
 import { NbdServer, type ExportSource } from './frontend/nbd/server';
 import { AgentMetrics } from './metrics';
-import { replicateStreamHandler, replicationHandlers } from './replication/replica-service';
-import { replicationStreamService } from './replication/stream-method';
+import { DataListener } from './replication/data-listener';
+import { attachLane, replicationHandlers } from './replication/replica-service';
 import { lockDataDir, type DataDirLock } from './store/data-dir-lock';
 import type { NewVolume, ReplicationMode } from './store/volume-metadata';
 import { VolumeStore, type Volume } from './store/volume-store';
@@ -33,6 +34,10 @@ export interface AgentOptions {
   listen: string;
   /** The address peers dial to reach this agent; defaults to the bound --listen address. */
   advertise?: string;
+  /** Replication data lanes, HOST:PORT; defaults to --listen's host and a port the OS picks. */
+  dataListen?: string;
+  /** The data address primaries dial; defaults to --advertise's host (else the bound one). */
+  dataAdvertise?: string;
   nbdSocket?: string;
   /** Opt-in NBD over TCP, HOST:PORT. */
   nbdListen?: string;
@@ -59,21 +64,11 @@ export interface VolumeView {
   dataPath: string;
 }
 
-export function splitHostPort(value: string, flag: string): [string, number] {
-  const i = value.lastIndexOf(':');
-  const port = Number(value.slice(i + 1));
-  if (i <= 0 || !Number.isInteger(port) || port < 0 || port > 65535) {
-    throw new LockstepError(
-      'LOCKSTEP_ERR_INVALID_ARGUMENT',
-      `${flag} must be HOST:PORT, got ${JSON.stringify(value)}`,
-    );
-  }
-  return [value.slice(0, i).replace(/^\[|\]$/g, ''), port];
-}
-
 export class Agent implements ExportSource {
   readonly startedAtMs = Date.now();
   grpcAddress = '';
+  /** Where primaries open data lanes to this agent, as they should dial it. */
+  dataAddress = '';
   nbdTcpAddress = '';
   metricsAddress = '';
   readonly nbd: NbdServer;
@@ -82,6 +77,7 @@ export class Agent implements ExportSource {
   private readonly replicas = new Map<string, ReplicatedVolume>();
   private readonly ctx: ReplicationContext;
   private grpc: BoundServer | undefined;
+  private data: DataListener | undefined;
   private metricsServer: { close(): Promise<void> } | undefined;
   private stopping: Promise<void> | undefined;
   private registration: NodeRegistration | undefined;
@@ -141,10 +137,27 @@ export class Agent implements ExportSource {
       for (const v of store.list()) {
         if (v.state === 'Ready') agent.replicas.set(v.name, new ReplicatedVolume(agent.ctx, v));
       }
+      // The data port is bound first: handshakes answered over gRPC advertise it.
+      const [dataHost, dataPort] = options.dataListen
+        ? splitHostPort(options.dataListen, '--data-listen')
+        : [grpcHost, 0];
+      const replicaHost = agent;
+      agent.data = await DataListener.listen(
+        dataHost,
+        dataPort,
+        (hello, lane) => attachLane(replicaHost, hello, lane),
+        agent.ctx.log.child({ subsystem: 'data-lanes' }),
+      );
+      const [, boundDataPort] = splitHostPort(agent.data.address, 'data address');
+      const advertisedHost = options.advertise
+        ? splitHostPort(options.advertise, '--advertise')[0]
+        : dataHost;
+      agent.dataAddress =
+        options.dataAdvertise ??
+        `${advertisedHost.includes(':') ? `[${advertisedHost}]` : advertisedHost}:${boundDataPort}`;
       agent.grpc = await startGrpcServer(options.listen, [
         [agentProto().Agent.service, agentHandlers(agent)],
         [replicationProto().Replication.service, replicationHandlers(agent)],
-        [replicationStreamService, { Replicate: replicateStreamHandler(agent) }],
       ]);
       agent.grpcAddress = agent.grpc.address.replace(/^[^:]*(?=:\d+$)/, grpcHost);
       // Peers learn our address in the handshake, so links start once it is bound.
@@ -180,6 +193,8 @@ export class Agent implements ExportSource {
           dataDir: options.dataDir,
           grpc: agent.grpcAddress,
           advertise: agent.ctx.address,
+          data: agent.data.address,
+          dataAdvertise: agent.dataAddress,
           nbdSocket: agent.nbdSocket,
           nbdTcp: agent.nbdTcpAddress || undefined,
           metrics: agent.metricsAddress || undefined,
@@ -393,6 +408,7 @@ export class Agent implements ExportSource {
       this.log.info('agent stopping: draining NBD requests');
       this.registration?.stop();
       await this.nbd.shutdown();
+      await this.data?.close();
       for (const rv of this.replicas.values()) await rv.close();
       await this.store.flushAll();
       await this.grpc?.close();

@@ -1,17 +1,20 @@
-// The agent's Prometheus metrics. Label children are bound once per volume and operation, so
-// recording a request is a map lookup and three increments.
+// The agent's Prometheus metrics. Per volume and operation, request and byte counts are plain
+// numbers, handed to prom-client only when scraped: a prom-client label child re-hashes its
+// labels on every increment (measured: ~3 % of a primary's time under 4k writes). So recording
+// a request is a map lookup, two additions and one histogram observation.
 import client from 'prom-client';
 import type { RequestKind, RequestObserver } from './frontend/nbd/connection';
 import type { VolumeStore } from './store/volume-store';
 import type { ReplicationStatus } from './engine/replicated-volume';
 import { serveMetrics, type MetricsServer } from '../../lib/metrics-server';
 
-type CounterChild = ReturnType<client.Counter['labels']>;
-
 interface Bound {
-  ok: CounterChild;
-  failed: CounterChild;
-  bytes: CounterChild;
+  volume: string;
+  kind: RequestKind;
+  /** Counts not yet handed to prom-client. */
+  ok: number;
+  failed: number;
+  bytes: number;
   seconds: ReturnType<client.Histogram['labels']>;
 }
 
@@ -31,17 +34,31 @@ export class AgentMetrics {
     const registers = [this.registry];
     this.registry.setDefaultLabels({ node });
     client.collectDefaultMetrics({ register: this.registry, prefix: 'lockstep_agent_' });
+    const pending = () => [...this.bound.values()].flatMap((m) => [...m.values()]);
     this.requests = new client.Counter({
       name: 'lockstep_nbd_requests_total',
       help: 'NBD requests answered, by volume, operation and result.',
       labelNames: ['volume', 'op', 'result'],
       registers,
+      collect() {
+        for (const b of pending()) {
+          if (b.ok > 0) this.inc({ volume: b.volume, op: b.kind, result: 'ok' }, b.ok);
+          if (b.failed > 0) this.inc({ volume: b.volume, op: b.kind, result: 'error' }, b.failed);
+          b.ok = b.failed = 0;
+        }
+      },
     });
     this.bytes = new client.Counter({
       name: 'lockstep_nbd_bytes_total',
       help: 'Bytes read, written, zeroed or trimmed through NBD.',
       labelNames: ['volume', 'op'],
       registers,
+      collect() {
+        for (const b of pending()) {
+          if (b.bytes > 0) this.inc({ volume: b.volume, op: b.kind }, b.bytes);
+          b.bytes = 0;
+        }
+      },
     });
     this.duration = new client.Histogram({
       name: 'lockstep_nbd_request_duration_seconds',
@@ -148,16 +165,15 @@ export class AgentMetrics {
     if (!perVolume) this.bound.set(volume, (perVolume = new Map<RequestKind, Bound>()));
     let b = perVolume.get(kind);
     if (!b) {
-      b = {
-        ok: this.requests.labels(volume, kind, 'ok'),
-        failed: this.requests.labels(volume, kind, 'error'),
-        bytes: this.bytes.labels(volume, kind),
-        seconds: this.duration.labels(volume, kind),
-      };
+      b = { volume, kind, ok: 0, failed: 0, bytes: 0, seconds: this.duration.labels(volume, kind) };
       perVolume.set(kind, b);
     }
-    (errno === 0 ? b.ok : b.failed).inc();
-    if (errno === 0) b.bytes.inc(bytes);
+    if (errno === 0) {
+      b.ok++;
+      b.bytes += bytes;
+    } else {
+      b.failed++;
+    }
     b.seconds.observe(seconds);
   };
 
@@ -175,5 +191,4 @@ export class AgentMetrics {
   serve(host: string, port: number): Promise<MetricsServer> {
     return serveMetrics(this.registry, host, port);
   }
-
 }

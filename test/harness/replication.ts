@@ -1,8 +1,10 @@
 // Helpers for replication tests: agents that know each other, volume status as JSON, waiting
-// for a peer state, comparing the copies' files.
+// for a peer state, comparing the copies' files, and a proxy in front of every connection a
+// primary makes to its replica (gRPC control and raw data lanes).
 import path from 'node:path';
 import { AgentProcess, run } from './agent-process';
-import { waitFor } from './processes';
+import { freePort, waitFor } from './processes';
+import { TcpProxy, type ProxyMode } from './tcp-proxy';
 
 export interface PeerJson {
   address: string;
@@ -12,6 +14,8 @@ export interface PeerJson {
   dirtyBytes: number;
   resyncBytesSent: number;
   liveBytesSent: number;
+  /** Epoch ms when the peer last reached InSync, by the primary's clock. */
+  lastInSyncMs: number;
 }
 
 export interface VolumeJson {
@@ -75,4 +79,65 @@ export function expectIdentical(a: AgentProcess, b: AgentProcess, name: string):
 export async function expectSameFiles(a: string, b: string): Promise<void> {
   const out = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b]);
   if (!out.includes('Images are identical')) throw new Error(out);
+}
+
+/**
+ * A replica reached only through proxies: its gRPC address and its data port (which it
+ * advertises as the proxy's), so breaking the link breaks the control calls and the data lanes.
+ */
+export class ProxiedReplica {
+  private constructor(
+    readonly agent: AgentProcess,
+    readonly control: TcpProxy,
+    readonly data: TcpProxy,
+  ) {}
+
+  static async start(node: string, extraArgs: string[] = []): Promise<ProxiedReplica> {
+    const dataPort = await freePort();
+    const data = await TcpProxy.start(`127.0.0.1:${dataPort}`);
+    const agent = replicationAgent(node, [
+      '--data-listen',
+      `127.0.0.1:${dataPort}`,
+      '--data-advertise',
+      data.address,
+      ...extraArgs,
+    ]);
+    await agent.start();
+    const control = await TcpProxy.start(agent.grpcAddress);
+    return new ProxiedReplica(agent, control, data);
+  }
+
+  /** The address a primary replicates to. */
+  get address(): string {
+    return this.control.address;
+  }
+
+  /** Stands in for the agent where helpers look peers up by address. */
+  get asPeer(): AgentProcess {
+    return { grpcAddress: this.address, node: this.agent.node } as AgentProcess;
+  }
+
+  setMode(mode: ProxyMode): void {
+    this.control.setMode(mode);
+    this.data.setMode(mode);
+  }
+
+  setDelay(ms: number): void {
+    this.control.setDelay(ms);
+    this.data.setDelay(ms);
+  }
+
+  dropAll(): void {
+    this.control.dropAll();
+    this.data.dropAll();
+  }
+
+  get dataBytesForwarded(): number {
+    return this.data.bytesForwarded;
+  }
+
+  async close(): Promise<void> {
+    await this.control.close();
+    await this.data.close();
+  }
 }

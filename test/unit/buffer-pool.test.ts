@@ -1,4 +1,4 @@
-import { BufferPool } from '../../sidecar/src/frontend/nbd/buffer-pool';
+import { BufferPool } from '../../lib/buffer-pool';
 
 describe('BufferPool', () => {
   it('hands out buffers of the exact length and reuses released ones of the same class', () => {

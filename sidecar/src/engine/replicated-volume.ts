@@ -9,15 +9,16 @@
 //   4. reply when local + every in-sync peer acknowledged (sync), or local alone (async);
 //      a peer that cannot take the write gets it marked in its dirty bitmap (sync, async) or
 //      fails the write (strict-sync). `missed()` owns that policy.
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import { OpKind } from '../replication/frames';
+import { OpKind, TOKEN_BYTES } from '../replication/frames';
 import { advance, ZERO_GENERATION, type Generations } from '../replication/generations';
 import { PeerLink, type PeerState } from '../replication/peer-link';
 import type { PeerHost } from '../replication/peer-host';
+import type { LaneBinding, ReplicaLane } from '../replication/replica-lane';
 import type { BlockDevice, ZeroOptions } from '../store/block-device';
 import type { FileBlockDevice } from '../store/file-device';
 import type {
@@ -66,6 +67,11 @@ export interface ReplicationStatus {
   peers: PeerStatus[];
 }
 
+/** Runs `op` once the work queued with process.nextTick so far (the peers' batch) is done. */
+function afterBatch(op: () => Promise<void>): Promise<void> {
+  return new Promise((resolve, reject) => process.nextTick(() => op().then(resolve, reject)));
+}
+
 /** Async mode bounds the writes acknowledged locally but not yet by every peer. */
 const ASYNC_MAX_BACKLOG = 512;
 
@@ -73,7 +79,6 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   readonly locks = new RegionLocks();
   tracking!: VolumeTracking;
   private links: PeerLink[] = [];
-  private primaryStreams = 0;
   private primaryLeft = false;
   private asyncBacklog = 0;
   private inFlight = 0;
@@ -81,8 +86,11 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   private demoting = false;
   private metaWrite: Promise<void> = Promise.resolve();
   readonly log: Logger;
-  /** Secondary: the session a primary opened with Handshake; its stream must present it. */
+  /** Secondary: the session a primary opened with Handshake; its data lanes must present it. */
   session = '';
+  /** Secondary: the primary that opened the session, and its data lanes by index. */
+  private sessionPrimary = '';
+  private readonly primaryLanes = new Map<number, ReplicaLane>();
 
   constructor(
     private readonly ctx: ReplicationContext,
@@ -150,11 +158,14 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    // Links may send the caller's buffer as is until the peer acknowledges it; async mode
+    // answers before that, when the caller may reuse the buffer, so the peers get a copy.
+    const shipped = this.mode === 'async' && this.links.length > 0 ? Buffer.from(data) : data;
     return this.replicate(
       offset,
       data.length,
       () => this.local.write(offset, data, fua),
-      (l) => l.send(OpKind.WRITE, offset, data.length, data, fua),
+      (l) => l.send(OpKind.WRITE, offset, data.length, shipped, fua),
     );
   }
 
@@ -230,12 +241,16 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       throw err;
     }
 
-    const legs: Promise<void>[] = [localOp()];
+    // Peers first: their ops leave in this turn's batch (PeerLink flushes on process.nextTick),
+    // and the local write is queued behind that flush, so the round trip to the replica and
+    // its write overlap ours instead of following every local write of the batch.
+    const legs: Promise<void>[] = [];
     for (const l of links) {
       if (l.streaming)
         legs.push(peerOp(l).catch((err: unknown) => this.missed(l, offset, length, err)));
       else this.missed(l, offset, length);
     }
+    legs.unshift(legs.length > 0 ? afterBatch(localOp) : localOp());
     const settled = Promise.allSettled(legs).finally(release);
     if (this.mode === 'async' && this.asyncBacklog < ASYNC_MAX_BACKLOG) {
       // Acknowledge on the local copy; the region stays locked until the peers have it, so
@@ -454,7 +469,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
         `volume ${this.volumeName} has never completed its first sync; promoting it would serve incomplete data (use --force to accept that)`,
       );
     }
-    if (this.primaryStreams > 0 && !this.primaryLeft && !force) {
+    if (this.primaryLanes.size > 0 && !this.primaryLeft && !force) {
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
         `a primary is replicating volume ${this.volumeName} to this copy; demote it first, or use --force if it is gone`,
@@ -474,7 +489,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       replication: repl ? { ...repl, peers } : null,
     });
     this.primaryLeft = false;
-    this.session = '';
+    this.endSession('promoted to primary: it takes no more replicated writes');
     this.log.info({ force, generation: generation.current }, 'promoted to primary');
     if (peers.length > 0) await this.startPeers();
   }
@@ -517,6 +532,16 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     regionSize: number;
   }): Promise<{ differs: Buffer }> {
     if (this.meta.role === 'secondary') {
+      if (
+        this.primaryLanes.size > 0 &&
+        this.sessionPrimary !== primary.address &&
+        !this.primaryLeft
+      ) {
+        throw new LockstepError(
+          'LOCKSTEP_ERR_NOT_ALLOWED',
+          `volume ${this.volumeName} is being replicated from ${this.sessionPrimary}; a second primary (${primary.address}) is refused: demote one of them`,
+        );
+      }
       const repl = this.meta.replication;
       const known = repl?.peers.length === 1 && repl.peers[0].address === primary.address;
       if (!known || repl.mode !== primary.mode || repl.regionSize !== primary.regionSize) {
@@ -530,7 +555,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
           },
         });
       }
-      this.session = randomUUID();
+      this.endSession('a new handshake replaced the session');
+      this.session = randomBytes(TOKEN_BYTES).toString('hex');
+      this.sessionPrimary = primary.address;
       this.primaryLeft = false;
     }
     return { differs: await this.differs(primary.regionSize) };
@@ -585,11 +612,42 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     }
   }
 
-  primaryStreamOpened(): void {
-    this.primaryStreams++;
+  /** Binds a data lane that presented `token` as lane `index`; throws why not. */
+  attachLane(token: string, index: number, lane: ReplicaLane): LaneBinding {
+    if (this.meta.role !== 'secondary') {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${this.volumeName} is a primary here; it takes no replicated writes`,
+      );
+    }
+    if (!this.session || token !== this.session) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `stale or unknown session token for volume ${this.volumeName} (a newer handshake replaced it, or there was none): handshake again`,
+      );
+    }
+    if (this.primaryLanes.has(index)) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `lane ${index} of volume ${this.volumeName}'s session is already connected`,
+      );
+    }
+    this.primaryLanes.set(index, lane);
+    return {
+      device: this.local,
+      detach: () => {
+        if (this.primaryLanes.get(index) === lane) this.primaryLanes.delete(index);
+      },
+    };
   }
-  primaryStreamClosed(): void {
-    this.primaryStreams--;
+
+  /** Closes the current session's lanes: its token is no longer accepted. */
+  private endSession(reason: string): void {
+    this.session = '';
+    this.sessionPrimary = '';
+    const lanes = [...this.primaryLanes.values()];
+    this.primaryLanes.clear();
+    for (const lane of lanes) lane.close(reason);
   }
   primaryLeaving(): void {
     this.primaryLeft = true;
@@ -604,7 +662,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       regionSize: this.regionSize,
       maxResyncBytesPerSecond: this.maxResyncBytesPerSecond,
       generation: this.meta.generation.current,
-      primaryConnected: this.meta.role === 'secondary' && this.primaryStreams > 0,
+      primaryConnected: this.meta.role === 'secondary' && this.primaryLanes.size > 0,
       peers: this.links.map((l) => {
         const dirtyBytes = this.tracking.bitmap(l.address).dirtyBytes();
         let resync: PeerStatus['resync'];
@@ -636,6 +694,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
 
   /** Agent shutdown: writes drained, bitmaps saved, activity log marked clean. */
   async close(): Promise<void> {
+    this.endSession('volume closing');
     await this.drainWrites();
     await this.stopPeers([]);
     await this.metaWrite.catch(() => undefined);

@@ -1,44 +1,59 @@
-// The replication data stream's binary frames. Writes are the hot path, so they skip protobuf:
-// each gRPC message on the `lockstep.v1.ReplicationStream/Replicate` stream is a raw buffer of
-// back-to-back records (layout below, all integers big-endian). The primary batches whatever
-// is queued when the stream is ready into one message; the secondary answers with batched acks.
+// The replication data channel's wire format. The data path skips gRPC and protobuf: a primary
+// opens a few plain TCP connections ("lanes", see data-lane.ts) to the data address its
+// secondary advertised in Handshake, and each carries, after a hello, a stream of op records
+// one way and ack records the other. Every record says its own length, so both sides parse the
+// stream in place without a message layer. All integers are big-endian.
 //
-// primary → secondary, one or more ops per message:
-//   u8  kind     1 WRITE | 2 ZERO | 3 FLUSH
+// primary → secondary, once per connection, HELLO (HELLO_BYTES + name):
+//   u32 magic        HELLO_MAGIC
+//   u16 version      PROTOCOL_VERSION
+//   u16 lane         0 .. MAX_LANES-1, each used once per session
+//   u32 keepaliveMs  the primary pings at least this often; silence for longer is a dead link
+//   u16 nameLength   1 .. MAX_NAME_BYTES
+//   u16 reserved     0
+//   16 bytes token   the session from Handshake (one-time: a new handshake replaces it)
+//   name             the volume, UTF-8
+//
+// secondary → primary, the answer to HELLO (REPLY_BYTES + message):
+//   u32 magic        REPLY_MAGIC
+//   u16 version      PROTOCOL_VERSION
+//   u16 status       0 accepted; anything else: refused, and the secondary closes
+//   u32 length       bytes of UTF-8 message that follow (why it was refused), ≤ MAX_REPLY_MESSAGE
+//
+// then primary → secondary, op records (OP_HEADER_BYTES + payload):
+//   u8  kind     1 WRITE | 2 ZERO | 3 FLUSH | 4 PING
 //   u8  flags    bit 0: FUA (durable before the ack)
 //   u16 reserved 0
-//   u32 length   WRITE: payload bytes that follow; ZERO: bytes to zero; FLUSH: 0
-//   u64 seq      per-stream sequence number, echoed by the ack
+//   u32 length   WRITE: payload bytes that follow (≤ MAX_WRITE_BYTES); ZERO: bytes to zero
+//   u64 seq      per-link sequence number, echoed by the ack
 //   u64 offset   byte offset in the volume
 //   [length payload bytes, WRITE only]
 //
-// secondary → primary, one message of acks:
-//   u8  kind 0x81 (ACKS), u8 reserved, u16 count, u32 reserved
-//   count × { u64 seq, u32 errno (0 = done), u32 reserved }
+// and secondary → primary, ack records (ACK_BYTES):
+//   u8  kind 0x81, u8 reserved, u16 reserved, u32 errno (0 = done), u64 seq
 //
 // Ops in flight never overlap (the primary's region locks guarantee it), so the secondary may
-// apply them concurrently; a FLUSH covers every op received before it.
+// apply them concurrently; a FLUSH covers every op received before it on its lane. PING does
+// nothing but come back acknowledged: it keeps an idle lane's liveness checked both ways.
 
-export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3 } as const;
+export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3, PING: 4 } as const;
 export type OpKind = (typeof OpKind)[keyof typeof OpKind];
 export const OP_FLAG_FUA = 1;
 export const OP_HEADER_BYTES = 24;
-const ACKS_KIND = 0x81;
-const ACK_BYTES = 16;
-const ACKS_HEADER_BYTES = 8;
-/** Messages stay well below grpc-js's default 4 MiB receive limit. */
-export const MAX_MESSAGE_BYTES = 3 * 1024 * 1024;
+export const ACK_BYTES = 16;
+const ACK_KIND = 0x81;
 
-export interface Op {
-  kind: OpKind;
-  fua: boolean;
-  seq: number;
-  offset: number;
-  /** WRITE: the data; otherwise undefined. */
-  data?: Buffer;
-  /** ZERO: bytes to zero. */
-  length: number;
-}
+export const HELLO_MAGIC = 0x4c4b5244; // "LKRD"
+export const REPLY_MAGIC = 0x4c4b5241; // "LKRA"
+export const PROTOCOL_VERSION = 1;
+export const HELLO_BYTES = 32;
+export const REPLY_BYTES = 12;
+export const TOKEN_BYTES = 16;
+export const MAX_NAME_BYTES = 255;
+export const MAX_REPLY_MESSAGE = 4096;
+export const MAX_LANES = 16;
+/** The hard cap on one record's payload; a larger length is a protocol error, not a read. */
+export const MAX_WRITE_BYTES = 4 * 1024 * 1024;
 
 export class FrameError extends Error {}
 
@@ -53,94 +68,134 @@ function readU64(buf: Buffer, at: number): number {
   return hi * 0x100000000 + buf.readUInt32BE(at + 4);
 }
 
-export function encodedSize(op: Op): number {
-  return OP_HEADER_BYTES + (op.kind === OpKind.WRITE ? op.data!.length : 0);
+export function writeOpHeader(
+  buf: Buffer,
+  at: number,
+  kind: OpKind,
+  fua: boolean,
+  length: number,
+  seq: number,
+  offset: number,
+): void {
+  buf[at] = kind;
+  buf[at + 1] = fua ? OP_FLAG_FUA : 0;
+  buf.writeUInt16BE(0, at + 2);
+  buf.writeUInt32BE(length, at + 4);
+  writeU64(buf, seq, at + 8);
+  writeU64(buf, offset, at + 16);
 }
 
-/** One message holding `ops`, copied once into a single buffer. */
-export function encodeOps(ops: readonly Op[]): Buffer {
-  let total = 0;
-  for (const op of ops) total += encodedSize(op);
-  const out = Buffer.allocUnsafe(total);
-  let at = 0;
-  for (const op of ops) {
-    out.writeUInt8(op.kind, at);
-    out.writeUInt8(op.fua ? OP_FLAG_FUA : 0, at + 1);
-    out.writeUInt16BE(0, at + 2);
-    out.writeUInt32BE(op.kind === OpKind.WRITE ? op.data!.length : op.length, at + 4);
-    writeU64(out, op.seq, at + 8);
-    writeU64(out, op.offset, at + 16);
-    at += OP_HEADER_BYTES;
-    if (op.kind === OpKind.WRITE) {
-      op.data!.copy(out, at);
-      at += op.data!.length;
-    }
+/** One op header, parsed into a reused object (the receive path allocates nothing per op). */
+export class OpHeader {
+  kind: OpKind = OpKind.PING;
+  fua = false;
+  length = 0;
+  seq = 0;
+  offset = 0;
+
+  /** Parses `buf[at, at + OP_HEADER_BYTES)`; throws FrameError if malformed. */
+  parse(buf: Buffer, at: number): this {
+    const kind = buf[at];
+    if (kind < OpKind.WRITE || kind > OpKind.PING) throw new FrameError(`unknown op kind ${kind}`);
+    this.kind = kind as OpKind;
+    this.fua = (buf[at + 1] & OP_FLAG_FUA) !== 0;
+    this.length = buf.readUInt32BE(at + 4);
+    this.seq = readU64(buf, at + 8);
+    this.offset = readU64(buf, at + 16);
+    if (this.kind === OpKind.WRITE && this.length > MAX_WRITE_BYTES)
+      throw new FrameError(`write of ${this.length} bytes exceeds the ${MAX_WRITE_BYTES}-byte cap`);
+    return this;
   }
+}
+
+export function writeAck(buf: Buffer, at: number, seq: number, errno: number): void {
+  buf[at] = ACK_KIND;
+  buf[at + 1] = 0;
+  buf.writeUInt16BE(0, at + 2);
+  buf.writeUInt32BE(errno, at + 4);
+  writeU64(buf, seq, at + 8);
+}
+
+/** The seq of the ack record at `at` (checked to be one); its errno is `readAckErrno`. */
+export function readAckSeq(buf: Buffer, at: number): number {
+  if (buf[at] !== ACK_KIND) throw new FrameError(`unknown ack kind ${buf[at]}`);
+  return readU64(buf, at + 8);
+}
+
+export function readAckErrno(buf: Buffer, at: number): number {
+  return buf.readUInt32BE(at + 4);
+}
+
+export interface Hello {
+  lane: number;
+  keepaliveMs: number;
+  /** Hex, as the session string Handshake returned. */
+  token: string;
+  volume: string;
+}
+
+/** The session string Handshake hands out: TOKEN_BYTES of randomness, in hex. */
+export function isToken(session: string): boolean {
+  return session.length === TOKEN_BYTES * 2 && /^[0-9a-f]+$/.test(session);
+}
+
+export function encodeHello(h: Hello): Buffer {
+  const name = Buffer.from(h.volume, 'utf8');
+  if (name.length === 0 || name.length > MAX_NAME_BYTES) throw new FrameError('bad volume name');
+  if (!isToken(h.token)) throw new FrameError('bad session token');
+  const out = Buffer.alloc(HELLO_BYTES + name.length);
+  out.writeUInt32BE(HELLO_MAGIC, 0);
+  out.writeUInt16BE(PROTOCOL_VERSION, 4);
+  out.writeUInt16BE(h.lane, 6);
+  out.writeUInt32BE(h.keepaliveMs, 8);
+  out.writeUInt16BE(name.length, 12);
+  Buffer.from(h.token, 'hex').copy(out, 16);
+  name.copy(out, HELLO_BYTES);
   return out;
 }
 
-/** The ops in a message; WRITE data are views into `msg` (no copy). Throws FrameError if malformed. */
-export function decodeOps(msg: Buffer): Op[] {
-  const ops: Op[] = [];
-  let at = 0;
-  while (at < msg.length) {
-    if (msg.length - at < OP_HEADER_BYTES) throw new FrameError('truncated op header');
-    const kind = msg.readUInt8(at);
-    const fua = (msg.readUInt8(at + 1) & OP_FLAG_FUA) !== 0;
-    const length = msg.readUInt32BE(at + 4);
-    const seq = readU64(msg, at + 8);
-    const offset = readU64(msg, at + 16);
-    at += OP_HEADER_BYTES;
-    switch (kind) {
-      case OpKind.WRITE:
-        if (msg.length - at < length) throw new FrameError('truncated write payload');
-        ops.push({ kind, fua, seq, offset, length, data: msg.subarray(at, at + length) });
-        at += length;
-        break;
-      case OpKind.ZERO:
-      case OpKind.FLUSH:
-        ops.push({ kind, fua, seq, offset, length });
-        break;
-      default:
-        throw new FrameError(`unknown op kind ${kind}`);
-    }
-  }
-  return ops;
+/** Checks the fixed part of a hello; returns the name length that follows. */
+export function helloNameLength(buf: Buffer): number {
+  const magic = buf.readUInt32BE(0);
+  if (magic !== HELLO_MAGIC)
+    throw new FrameError(`bad hello magic 0x${magic.toString(16)} (not a Lockstep primary?)`);
+  const version = buf.readUInt16BE(4);
+  if (version !== PROTOCOL_VERSION)
+    throw new FrameError(`unsupported protocol version ${version} (this agent speaks 1)`);
+  const nameLength = buf.readUInt16BE(12);
+  if (nameLength === 0 || nameLength > MAX_NAME_BYTES)
+    throw new FrameError(`bad volume name length ${nameLength}`);
+  return nameLength;
 }
 
-export interface Ack {
-  seq: number;
-  errno: number;
+/** The whole hello (fixed part already checked by helloNameLength). */
+export function decodeHello(buf: Buffer): Hello {
+  const lane = buf.readUInt16BE(6);
+  if (lane >= MAX_LANES) throw new FrameError(`lane ${lane} out of range (max ${MAX_LANES - 1})`);
+  return {
+    lane,
+    keepaliveMs: buf.readUInt32BE(8),
+    token: buf.toString('hex', 16, 16 + TOKEN_BYTES),
+    volume: buf.toString('utf8', HELLO_BYTES, HELLO_BYTES + buf.readUInt16BE(12)),
+  };
 }
 
-export function encodeAcks(acks: readonly Ack[]): Buffer {
-  const out = Buffer.allocUnsafe(ACKS_HEADER_BYTES + acks.length * ACK_BYTES);
-  out.writeUInt8(ACKS_KIND, 0);
-  out.writeUInt8(0, 1);
-  out.writeUInt16BE(acks.length, 2);
-  out.writeUInt32BE(0, 4);
-  let at = ACKS_HEADER_BYTES;
-  for (const a of acks) {
-    writeU64(out, a.seq, at);
-    out.writeUInt32BE(a.errno, at + 8);
-    out.writeUInt32BE(0, at + 12);
-    at += ACK_BYTES;
-  }
+export function encodeReply(status: number, message: string): Buffer {
+  const text = Buffer.from(message, 'utf8').subarray(0, MAX_REPLY_MESSAGE);
+  const out = Buffer.alloc(REPLY_BYTES + text.length);
+  out.writeUInt32BE(REPLY_MAGIC, 0);
+  out.writeUInt16BE(PROTOCOL_VERSION, 4);
+  out.writeUInt16BE(status, 6);
+  out.writeUInt32BE(text.length, 8);
+  text.copy(out, REPLY_BYTES);
   return out;
 }
 
-export function decodeAcks(msg: Buffer): Ack[] {
-  if (msg.length < ACKS_HEADER_BYTES || msg.readUInt8(0) !== ACKS_KIND)
-    throw new FrameError('not an ack message');
-  const count = msg.readUInt16BE(2);
-  if (msg.length !== ACKS_HEADER_BYTES + count * ACK_BYTES)
-    throw new FrameError('ack count does not match length');
-  const acks: Ack[] = [];
-  for (let i = 0, at = ACKS_HEADER_BYTES; i < count; i++, at += ACK_BYTES) {
-    acks.push({ seq: readU64(msg, at), errno: msg.readUInt32BE(at + 8) });
-  }
-  return acks;
+/** Checks the fixed part of a reply; returns [status, message length]. */
+export function decodeReplyHeader(buf: Buffer): [number, number] {
+  if (buf.readUInt32BE(0) !== REPLY_MAGIC) throw new FrameError('bad reply magic');
+  if (buf.readUInt16BE(4) !== PROTOCOL_VERSION) throw new FrameError('unsupported reply version');
+  const length = buf.readUInt32BE(8);
+  if (length > MAX_REPLY_MESSAGE) throw new FrameError(`reply message of ${length} bytes`);
+  return [buf.readUInt16BE(6), length];
 }
-
-/** Max acks per message (u16 count). */
-export const MAX_ACKS_PER_MESSAGE = 0xffff;

@@ -1,29 +1,28 @@
-// The secondary's side of replication: answers a primary's handshake (creating the copy on
-// first contact), applies the primary's stream of writes and acknowledges each one, and
-// serves region checksums for checksum-based resync.
-import type * as grpc from '@grpc/grpc-js';
-import { LockstepError, errorMessage } from '../../../lib/errors';
-import { toServiceError, unary } from '../../../lib/grpc-errors';
+// The secondary's control side of replication: answers a primary's handshake (creating the copy
+// on first contact, opening a session for its data lanes), serves region checksums for
+// checksum-based resync, and takes generation changes. The data lanes themselves arrive on the
+// data port (data-listener.ts) and are bound to the session by `attachLane`.
+import { LockstepError } from '../../../lib/errors';
+import { unary } from '../../../lib/grpc-errors';
 import type { Logger } from '../../../lib/logger';
 import type { ReplicationHandlers } from '../../../proto';
 import type { ReplicatedVolume } from '../engine/replicated-volume';
 import { REPLICATION_MODES, type NewVolume, type ReplicationMode } from '../store/volume-metadata';
 import { validateVolumeName } from '../store/volume-store';
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
-import { encodeAcks, decodeOps, MAX_ACKS_PER_MESSAGE, OpKind, type Ack } from './frames';
+import type { Hello } from './frames';
 import { ZERO_GENERATION } from './generations';
+import type { LaneBinding, ReplicaLane } from './replica-lane';
 import { regionDigest } from './resync';
-import { SESSION_KEY, VOLUME_KEY, tuneStreamConnection } from './stream-method';
 
 export interface ReplicaHost {
   readonly node: string;
+  /** Where primaries open data lanes to this agent, as they should dial it. */
+  readonly dataAddress: string;
   readonly log: Logger;
   replicated(name: string): ReplicatedVolume | undefined;
   createReplica(spec: NewVolume): Promise<ReplicatedVolume>;
 }
-
-const EIO = 5;
-const ENOSPC = 28;
 
 function needVolume(host: ReplicaHost, name: string): ReplicatedVolume {
   const rv = host.replicated(name);
@@ -48,6 +47,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       }
       new DirtyBitmap(req.sizeBytes, req.regionSize); // rejects a bad geometry with a clear error
       let rv = host.replicated(req.volume);
+      const fresh = !rv;
       if (!rv) {
         if (!req.createIfMissing) needVolume(host, req.volume);
         rv = await host.createReplica({
@@ -92,7 +92,9 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         role: rv.meta.role,
         generation: rv.meta.generation,
         differs,
+        fresh,
         session: rv.session,
+        dataAddress: host.dataAddress,
       };
     }),
     RegionChecksums: unary(async (req) => {
@@ -128,115 +130,14 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
   };
 }
 
-/** Applies one primary's stream of ops to the local copy and acknowledges them. */
-export function replicateStreamHandler(host: ReplicaHost) {
-  return (call: grpc.ServerDuplexStream<Buffer, Buffer>): void => {
-    const name = String(call.metadata.get(VOLUME_KEY)[0] ?? '');
-    const session = String(call.metadata.get(SESSION_KEY)[0] ?? '');
-    const rv = host.replicated(name);
-    const refuse = (err: LockstepError) => {
-      call.emit('error', toServiceError(err));
-      call.destroy();
-    };
-    if (!rv || rv.meta.role !== 'secondary' || !session || session !== rv.session) {
-      refuse(
-        new LockstepError(
-          'LOCKSTEP_ERR_NOT_ALLOWED',
-          `no replication session ${session} for volume ${name} on node ${host.node} (handshake first; a primary copy takes no stream)`,
-        ),
-      );
-      return;
-    }
-    tuneStreamConnection(call);
-    rv.primaryStreamOpened();
-    const local = rv.local;
-    const inFlight = new Set<Promise<void>>();
-    let acks: Ack[] = [];
-    let ackScheduled = false;
-    let open = true;
-
-    const sendAcks = () => {
-      ackScheduled = false;
-      while (acks.length > 0 && open) call.write(encodeAcks(acks.splice(0, MAX_ACKS_PER_MESSAGE)));
-    };
-    const ack = (seq: number, errno: number) => {
-      acks.push({ seq, errno });
-      if (!ackScheduled) {
-        ackScheduled = true;
-        // Acks of every op that completes in this turn of the event loop leave together.
-        setImmediate(sendAcks);
-      }
-    };
-    const track = (seq: number, work: Promise<void>) => {
-      const p: Promise<void> = work.then(
-        () => ack(seq, 0),
-        (err: unknown) => {
-          host.log.warn({ volume: name, seq, err: errorMessage(err) }, 'replicated op failed');
-          ack(
-            seq,
-            err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE' ? ENOSPC : EIO,
-          );
-        },
-      );
-      const tracked = p.finally(() => inFlight.delete(tracked));
-      inFlight.add(tracked);
-    };
-
-    call.on('data', (msg: Buffer) => {
-      if (rv.meta.role !== 'secondary') {
-        refuse(
-          new LockstepError(
-            'LOCKSTEP_ERR_NOT_ALLOWED',
-            `volume ${name} was promoted on node ${host.node}; it takes no more replicated writes`,
-          ),
-        );
-        return;
-      }
-      let ops;
-      try {
-        ops = decodeOps(msg);
-      } catch (err) {
-        refuse(
-          new LockstepError(
-            'LOCKSTEP_ERR_INVALID_ARGUMENT',
-            `malformed replication frame: ${errorMessage(err)}`,
-          ),
-        );
-        return;
-      }
-      for (const op of ops) {
-        switch (op.kind) {
-          case OpKind.WRITE:
-            track(op.seq, local.write(op.offset, op.data!, op.fua));
-            break;
-          case OpKind.ZERO:
-            track(op.seq, local.writeZeroes(op.offset, op.length, { fua: op.fua, noHole: false }));
-            break;
-          case OpKind.FLUSH:
-            // Covers every op received before it, finished or not.
-            track(
-              op.seq,
-              Promise.allSettled([...inFlight]).then(() => local.flush()),
-            );
-            break;
-        }
-      }
-    });
-    const done = () => {
-      if (!open) return;
-      open = false;
-      acks = [];
-      rv.primaryStreamClosed();
-    };
-    call.on('end', () => {
-      void Promise.allSettled([...inFlight]).then(() => {
-        sendAcks();
-        call.end();
-        done();
-      });
-    });
-    call.on('error', done);
-    call.on('close', done);
-    call.on('cancelled', done);
-  };
+/** Binds a data lane to the session its hello names, or throws why not. */
+export function attachLane(host: ReplicaHost, hello: Hello, lane: ReplicaLane): LaneBinding {
+  const rv = host.replicated(hello.volume);
+  if (!rv) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_VOLUME_NOT_FOUND',
+      `volume ${JSON.stringify(hello.volume)} does not exist on node ${host.node} (handshake first)`,
+    );
+  }
+  return rv.attachLane(hello.token, hello.lane, lane);
 }

@@ -3,6 +3,7 @@
 // flight; clear a region's bit only once the peer acknowledged it. Zero regions travel as ZERO
 // ops, so holes cost a few bytes on the wire.
 import { createHash } from 'node:crypto';
+import { FileBlockDevice } from '../store/file-device';
 import { OpKind } from './frames';
 import type { PeerHost } from './peer-host';
 import type { PeerLink } from './peer-link';
@@ -33,6 +34,7 @@ async function copyRun(
   first: number,
   last: number,
   limiter: RateLimiter,
+  opts: ResyncOptions,
 ): Promise<void> {
   const bitmap = host.tracking.bitmap(link.address);
   const wait = host.locks.acquire(first, last);
@@ -40,36 +42,17 @@ async function copyRun(
   try {
     const start = bitmap.regionRange(first).offset;
     const end = bitmap.regionRange(last).offset + bitmap.regionRange(last).length;
-    const data = Buffer.allocUnsafe(end - start);
-    await host.local.readUncached(start, data);
-    // Maximal stretches of zero or non-zero regions: a hole of any length is one small op.
-    const sends: Promise<void>[] = [];
-    let segStart = first;
-    let segZero = isZero(data.subarray(0, bitmap.regionRange(first).length));
-    const flushSegment = async (segEnd: number) => {
-      const off = bitmap.regionRange(segStart).offset;
-      const len = bitmap.regionRange(segEnd).offset + bitmap.regionRange(segEnd).length - off;
-      if (segZero) {
-        sends.push(link.send(OpKind.ZERO, off, len, undefined, false));
-      } else {
-        await limiter.take(len);
-        sends.push(
-          link.send(OpKind.WRITE, off, len, data.subarray(off - start, off - start + len), false),
-        );
-        link.resyncBytesSent += len;
-      }
-    };
-    for (let r = first + 1; r <= last; r++) {
-      const { offset, length } = bitmap.regionRange(r);
-      const zero = isZero(data.subarray(offset - start, offset - start + length));
-      if (zero !== segZero) {
-        await flushSegment(r - 1);
-        segStart = r;
-        segZero = zero;
-      }
+    // A pooled buffer the direct read fills in place; the lanes send from it, so it goes back
+    // only once every op of the run is settled.
+    const pooled = end - start <= FileBlockDevice.scanBufferBytes;
+    const buf = pooled ? await host.local.scanBuffer() : Buffer.allocUnsafe(end - start);
+    try {
+      const data = buf.subarray(0, end - start);
+      await host.local.readUncached(start, data);
+      await sendRun(link, host, first, last, start, data, limiter, opts);
+    } finally {
+      if (pooled) host.local.releaseScanBuffer(buf);
     }
-    await flushSegment(last);
-    await Promise.all(sends);
     for (let r = first; r <= last; r++) host.tracking.clearRegion(link.address, r);
     if (link.resync) link.resync.doneBytes += end - start;
   } finally {
@@ -77,11 +60,65 @@ async function copyRun(
   }
 }
 
+/** Sends a run read into `data` (from byte `start`): zero stretches as ZERO ops, the rest as writes. */
+async function sendRun(
+  link: PeerLink,
+  host: PeerHost,
+  first: number,
+  last: number,
+  start: number,
+  data: Buffer,
+  limiter: RateLimiter,
+  opts: ResyncOptions,
+): Promise<void> {
+  const bitmap = host.tracking.bitmap(link.address);
+  // Maximal stretches of zero or non-zero regions: a hole of any length is one small op.
+  const sends: Promise<void>[] = [];
+  let segStart = first;
+  let segZero = isZero(data.subarray(0, bitmap.regionRange(first).length));
+  const flushSegment = async (segEnd: number) => {
+    const off = bitmap.regionRange(segStart).offset;
+    const len = bitmap.regionRange(segEnd).offset + bitmap.regionRange(segEnd).length - off;
+    if (segZero) {
+      if (!opts.peerIsZero) sends.push(link.send(OpKind.ZERO, off, len, undefined, false));
+    } else {
+      await limiter.take(len);
+      sends.push(
+        link.send(OpKind.WRITE, off, len, data.subarray(off - start, off - start + len), false),
+      );
+      link.resyncBytesSent += len;
+    }
+  };
+  for (let r = first + 1; r <= last; r++) {
+    const { offset, length } = bitmap.regionRange(r);
+    const zero = isZero(data.subarray(offset - start, offset - start + length));
+    if (zero !== segZero) {
+      await flushSegment(r - 1);
+      segStart = r;
+      segZero = zero;
+    }
+  }
+  await flushSegment(last);
+  const failed = (await Promise.allSettled(sends)).find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}
+
+export interface ResyncOptions {
+  /**
+   * The peer's copy reads as zeroes wherever it was not written since it was created (a baseline
+   * to a copy the handshake created): zero regions are then not sent at all. Live writes reach
+   * it while the scan runs, and a region is scanned under its lock, so whatever the scan reads
+   * as zero is zero on the peer too.
+   */
+  peerIsZero: boolean;
+}
+
 /** Copies dirty regions until none is left; throws if the link fails. */
 export async function resyncDirtyRegions(
   link: PeerLink,
   host: PeerHost,
   cancelled: () => boolean,
+  opts: ResyncOptions = { peerIsZero: false },
 ): Promise<void> {
   const bitmap = host.tracking.bitmap(link.address);
   const limiter = new RateLimiter(host.maxResyncBytesPerSecond);
@@ -99,7 +136,7 @@ export async function resyncDirtyRegions(
         bitmap.isDirty(last + 1)
       )
         last++;
-      const p: Promise<void> = copyRun(link, host, region, last, limiter).then(
+      const p: Promise<void> = copyRun(link, host, region, last, limiter, opts).then(
         () => {
           inFlight.delete(p);
         },

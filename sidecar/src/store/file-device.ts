@@ -117,10 +117,31 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   private preadUncached(offset: number, target: Buffer): Promise<void> {
-    if (this.uncached === null) this.uncached = UncachedReader.open(this.file);
-    if (this.uncached && UncachedReader.aligned(offset, target.length))
-      return this.uncached.read(offset, target);
+    const reader = this.uncachedReader();
+    if (reader && UncachedReader.aligned(offset, target.length)) return reader.read(offset, target);
     return pread(this.fd, target, offset);
+  }
+
+  private uncachedReader(): UncachedReader | undefined {
+    if (this.uncached === null) this.uncached = UncachedReader.open(this.file);
+    return this.uncached;
+  }
+
+  /** Bytes in a scan buffer. */
+  static readonly scanBufferBytes = UncachedReader.chunkBytes;
+
+  /**
+   * A buffer of `scanBufferBytes` that `readUncached` fills without a copy (when direct I/O is
+   * available); hand it back with `releaseScanBuffer` once nothing references it.
+   */
+  async scanBuffer(): Promise<Buffer> {
+    return (
+      (await this.uncachedReader()?.acquire()) ?? Buffer.allocUnsafe(UncachedReader.chunkBytes)
+    );
+  }
+
+  releaseScanBuffer(buf: Buffer): void {
+    this.uncached?.release(buf);
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -140,13 +161,19 @@ export class FileBlockDevice implements BlockDevice {
     // Node cannot punch holes (no fallocate), so zeroing writes zeroes. Where the range already
     // reads as zeroes (a hole, typically) and a hole is allowed, skip the write: the file stays
     // sparse, which matters for copies that arrive as zero runs (qemu-img convert, baselines).
-    const scratch = opts.noHole ? undefined : Buffer.allocUnsafe(Math.min(length, ZERO_CHUNK));
+    const reader = this.uncachedReader();
+    let scratch: Buffer | undefined;
     for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
       const n = Math.min(ZERO_CHUNK, offset + length - pos);
-      if (scratch) {
-        const view = scratch.subarray(0, n);
-        await this.preadUncached(pos, view);
-        if (view.equals(zeroes.subarray(0, n))) continue;
+      if (!opts.noHole) {
+        if (reader && UncachedReader.aligned(pos, n)) {
+          if (await reader.isZero(pos, n, zeroes)) continue;
+        } else {
+          scratch ??= Buffer.allocUnsafe(Math.min(length, ZERO_CHUNK));
+          const view = scratch.subarray(0, n);
+          await pread(this.fd, view, pos);
+          if (view.equals(zeroes.subarray(0, n))) continue;
+        }
       }
       await pwrite(this.fd, zeroes.subarray(0, n), pos);
     }

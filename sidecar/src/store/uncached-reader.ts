@@ -3,17 +3,32 @@
 // fills it with hole pages, and on ext4 every later 4k write into such a page costs ~50 µs
 // instead of ~3 µs (measured) — a baseline would leave the volume 15× slower to write. Direct
 // reads of holes are also fast (1 GiB in 20 ms) and leave the cache alone.
+//
+// Direct reads need an aligned buffer, and Node offers no aligned allocation: one slab per
+// process is probed for alignment once and cut into CHUNK-sized buffers. Scans borrow them
+// (`acquire`), so data is read straight where it is used, with no copy and no fresh allocation
+// per read (measured on a half-full 1 GiB baseline: a 1 MiB allocation and copy per read cost
+// 8 % of the primary's time and a quarter of the secondary's went to GC).
+//
+// A scan holds its buffer until a peer acknowledged the data, so scans may take only part of
+// the slab: short reads (zero checks, copies into caller buffers) always find a chunk soon.
+// Otherwise two agents baselining to each other could each hold every chunk while waiting for
+// acks that need the other's zero checks.
 import fs from 'node:fs';
 
 const CHUNK = 1024 * 1024;
 const ALIGN = 4096;
+/** Chunks in the slab: reads and scan buffers in use at once, across every volume. */
+const SLAB_CHUNKS = 16;
+/** Chunks scans may not take: held back for short reads. */
+const RESERVED_CHUNKS = 4;
 
 /**
- * Node offers no aligned allocation, so probe for an offset into a buffer at which the kernel
- * accepts direct reads (EINVAL otherwise). The probe reads real data from a scratch file next
- * to the volume: a read of a hole is accepted whatever the alignment, so it proves nothing.
+ * Probes for an offset into a fresh slab at which the kernel accepts direct reads (EINVAL
+ * otherwise). The probe reads real data from a scratch file next to the volume: a read of a
+ * hole is accepted whatever the alignment, so it proves nothing.
  */
-function alignedScratch(file: string): Buffer | undefined {
+function alignedSlab(file: string): Buffer | undefined {
   const probe = `${file}.direct-probe`;
   let fd: number | undefined;
   try {
@@ -21,11 +36,11 @@ function alignedScratch(file: string): Buffer | undefined {
     fs.fsyncSync((fd = fs.openSync(probe, 'r')));
     fs.closeSync(fd);
     fd = fs.openSync(probe, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-    const raw = Buffer.allocUnsafeSlow(CHUNK + ALIGN);
+    const raw = Buffer.allocUnsafeSlow(SLAB_CHUNKS * CHUNK + ALIGN);
     for (let start = 0; start < ALIGN; start += 16) {
       try {
         if (fs.readSync(fd, raw, start, ALIGN, 0) === ALIGN)
-          return raw.subarray(start, start + CHUNK);
+          return raw.subarray(start, start + SLAB_CHUNKS * CHUNK);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EINVAL') return undefined;
       }
@@ -39,23 +54,69 @@ function alignedScratch(file: string): Buffer | undefined {
   }
 }
 
-export class UncachedReader {
-  private chain: Promise<void> = Promise.resolve();
+/** The process's aligned chunks, handed out to scans (bounded) and to short reads. */
+class ChunkPool {
+  private readonly free: Buffer[] = [];
+  private readonly waitingScans: ((chunk: Buffer) => void)[] = [];
+  private readonly waitingShort: ((chunk: Buffer) => void)[] = [];
 
+  constructor(private readonly slab: Buffer) {
+    for (let i = 0; i < SLAB_CHUNKS; i++) this.free.push(slab.subarray(i * CHUNK, (i + 1) * CHUNK));
+  }
+
+  acquire(scan: boolean): Promise<Buffer> {
+    if (this.free.length > (scan ? RESERVED_CHUNKS : 0)) return Promise.resolve(this.free.pop()!);
+    return new Promise((resolve) => (scan ? this.waitingScans : this.waitingShort).push(resolve));
+  }
+
+  release(chunk: Buffer): void {
+    const short = this.waitingShort.shift();
+    if (short) return short(chunk);
+    if (this.free.length >= RESERVED_CHUNKS) {
+      const next = this.waitingScans.shift();
+      if (next) return next(chunk);
+    }
+    this.free.push(chunk);
+  }
+
+  /** Whether `target` starts a chunk of this pool (so a direct read can fill it in place). */
+  ownsChunkStart(target: Buffer): boolean {
+    const at = target.byteOffset - this.slab.byteOffset;
+    return (
+      target.buffer === this.slab.buffer &&
+      at >= 0 &&
+      at < this.slab.length &&
+      at % CHUNK === 0 &&
+      target.length <= CHUNK
+    );
+  }
+}
+
+/** Probed on first use, against the first volume file that wants direct reads. */
+let pool: ChunkPool | null | undefined;
+
+function chunkPool(file: string): ChunkPool | undefined {
+  if (pool === undefined) {
+    const slab = alignedSlab(file);
+    pool = slab ? new ChunkPool(slab) : null;
+  }
+  return pool ?? undefined;
+}
+
+export class UncachedReader {
   private constructor(
     private readonly fd: number,
-    /** A CHUNK-sized view at an address the kernel accepts for direct I/O. */
-    private readonly scratch: Buffer,
+    private readonly chunks: ChunkPool,
   ) {}
 
   /** Undefined where direct I/O is unavailable (tmpfs, some filesystems): read buffered then. */
   static open(file: string): UncachedReader | undefined {
-    const scratch = alignedScratch(file);
-    if (!scratch) return undefined;
+    const chunks = chunkPool(file);
+    if (!chunks) return undefined;
     try {
       return new UncachedReader(
         fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT),
-        scratch,
+        chunks,
       );
     } catch {
       return undefined;
@@ -67,29 +128,71 @@ export class UncachedReader {
     return offset % ALIGN === 0 && length % ALIGN === 0;
   }
 
-  /** Fills `target` from `offset`; reads are serialized through the one aligned scratch. */
-  read(offset: number, target: Buffer): Promise<void> {
-    const run = () => this.readNow(offset, target);
-    const next = this.chain.then(run, run);
-    this.chain = next.catch(() => undefined);
-    return next;
+  static readonly chunkBytes = CHUNK;
+
+  /**
+   * An aligned CHUNK-byte buffer that `read` fills directly (so does any prefix of it), for a
+   * scan to keep while its data is in flight. Give it back with `release`.
+   */
+  acquire(): Promise<Buffer> {
+    return this.chunks.acquire(true);
   }
 
-  private async readNow(offset: number, target: Buffer): Promise<void> {
-    for (let done = 0; done < target.length;) {
-      const want = Math.min(CHUNK, target.length - done);
+  /** Returns a buffer from `acquire` (the whole chunk, not a view of part of it). */
+  release(chunk: Buffer): void {
+    this.chunks.release(chunk);
+  }
+
+  /** Fills `target` from `offset`: directly if it came from `acquire`, else through a chunk. */
+  async read(offset: number, target: Buffer): Promise<void> {
+    if (this.chunks.ownsChunkStart(target)) {
+      await this.readDirect(offset, target);
+      return;
+    }
+    const chunk = await this.chunks.acquire(false);
+    try {
+      for (let done = 0; done < target.length;) {
+        const want = Math.min(CHUNK, target.length - done);
+        const n = await this.readDirect(offset + done, chunk.subarray(0, want));
+        chunk.copy(target, done, 0, n);
+        if (n < want) {
+          target.fill(0, done + n);
+          return;
+        }
+        done += n;
+      }
+    } finally {
+      this.chunks.release(chunk);
+    }
+  }
+
+  /** Whether `length` bytes from `offset` (at most a chunk) read as zeroes. */
+  async isZero(offset: number, length: number, zeroes: Buffer): Promise<boolean> {
+    const chunk = await this.chunks.acquire(false);
+    try {
+      const view = chunk.subarray(0, length);
+      await this.readDirect(offset, view);
+      return view.equals(zeroes.subarray(0, length));
+    } finally {
+      this.chunks.release(chunk);
+    }
+  }
+
+  /** Reads into an aligned buffer; past the end of the file reads as zeroes. Returns bytes read. */
+  private async readDirect(offset: number, target: Buffer): Promise<number> {
+    let done = 0;
+    while (done < target.length) {
+      const at = done;
       const n = await new Promise<number>((resolve, reject) =>
-        fs.read(this.fd, this.scratch, 0, want, offset + done, (err, bytes) =>
+        fs.read(this.fd, target, at, target.length - at, offset + at, (err, bytes) =>
           err ? reject(err) : resolve(bytes),
         ),
       );
-      if (n === 0) {
-        target.fill(0, done);
-        return;
-      }
-      this.scratch.copy(target, done, 0, n);
+      if (n === 0) break;
       done += n;
     }
+    target.fill(0, done);
+    return done;
   }
 
   close(): void {

@@ -12,7 +12,7 @@ import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../store/block-device';
 import { ElementCollector } from '../../../../lib/element-collector';
-import type { BufferPool } from './buffer-pool';
+import type { BufferPool } from '../../../../lib/buffer-pool';
 import {
   ClientFlag,
   Command,
@@ -132,6 +132,8 @@ export class NbdConnection {
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private paused = false;
+  /** Replies are being gathered until the end of this turn of the event loop. */
+  private corked = false;
   private disconnecting = false;
   private readonly handshakeTimer: NodeJS.Timeout;
 
@@ -594,9 +596,22 @@ export class NbdConnection {
     reply.writeUInt32BE(req.cookieHi, 8); // the client's cookie, echoed
     reply.writeUInt32BE(req.cookieLo, 12);
     if (this.phase.kind !== 'closed') {
+      if (!this.corked) {
+        // Replies finished in the same turn (a replica's batch of acks completes many writes at
+        // once) leave in one writev instead of one write syscall each (measured: the reply
+        // writes were the largest cost on a primary under 4k writes at queue depth 16).
+        this.corked = true;
+        this.socket.cork();
+        process.nextTick(this.uncork);
+      }
       this.socket.write(errno === 0 ? reply : reply.subarray(0, SIMPLE_REPLY_BYTES));
     }
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   private afterRequest(): void {
     if (

@@ -4,7 +4,8 @@ import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import { LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../store/block-device';
-import { BufferPool } from './buffer-pool';
+import { BufferPool } from '../../../../lib/buffer-pool';
+import { adoptAccepted } from '../../../../lib/onread-socket';
 
 /** Read scratch per connection: many small requests, or a good part of a big one, per read. */
 const SCRATCH_BYTES = 256 * 1024;
@@ -87,25 +88,10 @@ export class NbdServer implements ExportCatalog {
   }
 
   private accept(accepted: net.Socket): void {
-    // Node hands caller-supplied read buffers (`onread`) only to sockets it constructs, not to
-    // ones a server accepts; so the accepted (still paused) handle is re-wrapped in a socket
-    // that reads where the connection says: scratch, or straight into a write's payload.
-    // Node asks for the next read's buffer after each read (and once up front, before the
-    // connection exists).
+    // Reads land in the connection's scratch, or straight into a write's payload.
     let conn: NbdConnection | undefined;
     const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
-    const socket = new net.Socket({
-      handle: (accepted as unknown as { _handle: unknown })._handle,
-      onread: {
-        buffer: () => conn?.readBuffer() ?? scratch,
-        callback: (n: number, buf: Uint8Array) => {
-          conn!.onRead(n, buf as Buffer);
-          return true;
-        },
-      },
-    } as net.SocketConstructorOpts);
-    (accepted as unknown as { _handle: unknown })._handle = null;
-    accepted.destroy(); // releases the server's count of it; the handle lives on in `socket`
+    const socket = adoptAccepted(accepted, scratch, () => conn);
     conn = new NbdConnection(socket, scratch, this, this.log, this.observe, this.pool);
     this.connections.add(conn);
     socket.once('close', () => this.connections.delete(conn));

@@ -1,10 +1,11 @@
-// Reusable payload buffers in power-of-two size classes. Write payloads are received straight
-// into them and handed back when the request completes, so a stream of large writes allocates
-// nothing: fresh multi-megabyte buffers per request made V8 collect garbage dozens of times a
-// second under "external memory pressure".
+// Reusable payload buffers in power-of-two size classes: NBD write payloads, and replicated
+// writes arriving on a secondary. Payloads are received straight into them and handed back when
+// the request completes, so a stream of large writes allocates nothing: fresh multi-megabyte
+// buffers per request made V8 collect garbage dozens of times a second under "external memory
+// pressure".
 
 const MIN_CLASS = 12; // 4 KiB
-const MAX_CLASS = 25; // 32 MiB, the largest NBD payload we accept
+const MAX_CLASS = 25; // 32 MiB, the largest payload any of our protocols accepts
 
 export class BufferPool {
   private readonly free: ArrayBuffer[][] = [];

@@ -1,0 +1,348 @@
+// The secondary's end of one data lane: a hello that names the volume, lane and session token,
+// then a stream of op records applied to the local copy and answered with acks (layout in
+// frames.ts). The parser is an explicit state machine; each state names the bytes it waits
+// for. Reads land in a reused scratch buffer, or, while a write's payload is incomplete,
+// straight into that payload's pooled buffer (see lib/onread-socket.ts): one copy out of the
+// kernel and no allocation per op. Bad input closes this connection only, with the reason
+// logged; every op before it was applied and acknowledged or is re-sent by the primary.
+import type { Socket } from 'node:net';
+import type { BufferPool } from '../../../lib/buffer-pool';
+import { ElementCollector } from '../../../lib/element-collector';
+import { LockstepError, errorMessage } from '../../../lib/errors';
+import type { Logger } from '../../../lib/logger';
+import type { BlockDevice } from '../store/block-device';
+import { FlushBarrier } from './flush-barrier';
+import {
+  ACK_BYTES,
+  FrameError,
+  HELLO_BYTES,
+  OP_HEADER_BYTES,
+  OpHeader,
+  OpKind,
+  decodeHello,
+  encodeReply,
+  helloNameLength,
+  writeAck,
+  type Hello,
+} from './frames';
+
+/** What a lane is bound to once its hello is accepted: the copy it writes. */
+export interface LaneBinding {
+  readonly device: BlockDevice;
+  /** The lane closed; the session forgets it. */
+  detach(): void;
+}
+
+/** Finds the session a hello names; throws a LockstepError that says why it is refused. */
+export type LaneAttach = (hello: Hello, lane: ReplicaLane) => LaneBinding;
+
+type Phase =
+  | { kind: 'hello' }
+  | { kind: 'hello-name'; nameLength: number; fixed: Buffer }
+  | { kind: 'op-header' }
+  | {
+      kind: 'write-payload';
+      seq: number;
+      offset: number;
+      fua: boolean;
+      payload: Buffer;
+      filled: number;
+    }
+  | { kind: 'closed' };
+
+const EIO = 5;
+const ENOSPC = 28;
+/** A connection that has not said who it is by then is dropped. */
+const HELLO_TIMEOUT_MS = 10_000;
+/** Above this many payload bytes being applied, stop reading (the primary's TCP backs up). */
+const MAX_INFLIGHT_BYTES = 64 * 1024 * 1024;
+/** Acks are appended here and written in one piece per event-loop turn. */
+const ACK_ARENA_BYTES = 64 * 1024;
+/** However short the primary's keepalive, give it this long before calling the lane dead. */
+const MIN_IDLE_MS = 2_000;
+
+/** How long a refused connection stays open for its reason to reach the primary. */
+const REFUSE_LINGER_MS = 1_000;
+
+let nextLaneId = 1;
+
+export class ReplicaLane {
+  readonly id = nextLaneId++;
+  private phase: Phase = { kind: 'hello' };
+  private readonly collector = new ElementCollector();
+  private readonly header = new OpHeader();
+  private readonly barrier = new FlushBarrier();
+  private binding: LaneBinding | undefined;
+  private device: BlockDevice | undefined;
+  private inFlightBytes = 0;
+  private paused = false;
+  private ackArena = Buffer.allocUnsafe(ACK_ARENA_BYTES);
+  private ackStart = 0;
+  private ackEnd = 0;
+  private ackScheduled = false;
+  private readonly helloTimer: NodeJS.Timeout;
+  private readonly log: Logger;
+
+  /** `socket` must deliver reads to `onRead`, into the buffer `readBuffer()` names. */
+  constructor(
+    /** A TCP socket, or (one day) a TLS socket over one. */
+    private readonly socket: Socket,
+    /** Where reads land unless a write payload is being filled. */
+    private readonly scratch: Buffer,
+    private readonly attach: LaneAttach,
+    private readonly pool: BufferPool,
+    log: Logger,
+    readonly remote: string,
+  ) {
+    this.log = log.child({ lane: this.id, remote });
+    socket.setNoDelay(true);
+    socket.on('error', (err) => this.log.debug({ err: err.message }, 'data lane socket error'));
+    socket.on('timeout', () => this.close('no traffic from the primary within its keepalive'));
+    socket.on('close', () => this.onClose());
+    this.helloTimer = setTimeout(() => this.refuse('no hello in time'), HELLO_TIMEOUT_MS);
+  }
+
+  // ---- input ---------------------------------------------------------------------------------
+
+  readBuffer(): Buffer {
+    const phase = this.phase;
+    return phase.kind === 'write-payload' ? phase.payload.subarray(phase.filled) : this.scratch;
+  }
+
+  onRead(n: number, buf: Buffer): void {
+    if (this.phase.kind === 'closed') return;
+    try {
+      if (buf !== this.scratch) this.onPayloadBytes(n);
+      else this.parse(buf, n);
+    } catch (err) {
+      if (err instanceof FrameError) this.protocolError(err.message);
+      else this.protocolError(`internal error: ${errorMessage(err)}`);
+    }
+  }
+
+  private onPayloadBytes(n: number): void {
+    const phase = this.phase;
+    if (phase.kind !== 'write-payload') throw new Error('payload bytes outside a write');
+    phase.filled += n;
+    if (phase.filled === phase.payload.length) {
+      this.phase = { kind: 'op-header' };
+      this.applyWrite(phase.seq, phase.offset, phase.payload, phase.fua);
+    }
+  }
+
+  private elementSize(): number {
+    const phase = this.phase;
+    switch (phase.kind) {
+      case 'hello':
+        return HELLO_BYTES;
+      case 'hello-name':
+        return phase.nameLength;
+      case 'op-header':
+        return OP_HEADER_BYTES;
+      case 'write-payload':
+      case 'closed':
+        return 0;
+    }
+  }
+
+  private parse(buf: Buffer, end: number): void {
+    let off = 0;
+    while (off < end) {
+      const phase = this.phase;
+      if (phase.kind === 'closed') return;
+      if (phase.kind === 'write-payload') {
+        const k = Math.min(end - off, phase.payload.length - phase.filled);
+        buf.copy(phase.payload, phase.filled, off, off + k);
+        off += k;
+        this.onPayloadBytes(k);
+        continue;
+      }
+      // A header split across reads is copied; one inside this read is parsed in place.
+      const element = this.collector.take(this.elementSize(), buf, off, end);
+      off += this.collector.used;
+      if (element) this.onElement(element);
+    }
+  }
+
+  /** One complete element for the current state; `bytes` is valid only during this call. */
+  private onElement(bytes: Buffer): void {
+    const phase = this.phase;
+    switch (phase.kind) {
+      case 'hello':
+        this.phase = {
+          kind: 'hello-name',
+          nameLength: helloNameLength(bytes),
+          fixed: Buffer.from(bytes),
+        };
+        return;
+      case 'hello-name':
+        return this.onHello(Buffer.concat([phase.fixed, bytes]));
+      case 'op-header':
+        return this.onOp(this.header.parse(bytes, 0));
+      case 'write-payload':
+      case 'closed':
+        throw new Error(`no element in state ${phase.kind}`);
+    }
+  }
+
+  // ---- hello ---------------------------------------------------------------------------------
+
+  private onHello(raw: Buffer): void {
+    clearTimeout(this.helloTimer);
+    const hello = decodeHello(raw);
+    try {
+      this.binding = this.attach(hello, this);
+    } catch (err) {
+      return this.refuse(errorMessage(err));
+    }
+    this.device = this.binding.device;
+    // The primary pings every keepaliveMs; a few missed in a row means it is gone (a partition
+    // sends no FIN), and the session must not stay held by a dead lane.
+    this.socket.setTimeout(Math.max(MIN_IDLE_MS, 4 * hello.keepaliveMs));
+    this.phase = { kind: 'op-header' };
+    this.socket.write(encodeReply(0, ''));
+    this.log.debug({ volume: hello.volume, laneIndex: hello.lane }, 'data lane attached');
+  }
+
+  // ---- ops -----------------------------------------------------------------------------------
+
+  private onOp(h: OpHeader): void {
+    switch (h.kind) {
+      case OpKind.WRITE: {
+        const payload = this.pool.acquire(h.length);
+        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h.fua);
+        this.phase = {
+          kind: 'write-payload',
+          seq: h.seq,
+          offset: h.offset,
+          fua: h.fua,
+          payload,
+          filled: 0,
+        };
+        return;
+      }
+      case OpKind.ZERO:
+        return this.track(
+          h.seq,
+          0,
+          this.device!.writeZeroes(h.offset, h.length, { fua: h.fua, noHole: false }),
+        );
+      case OpKind.FLUSH: {
+        const device = this.device!;
+        return this.track(
+          h.seq,
+          0,
+          this.barrier.barrier().then(() => device.flush()),
+        );
+      }
+      case OpKind.PING:
+        return this.ack(h.seq, 0);
+    }
+  }
+
+  private applyWrite(seq: number, offset: number, payload: Buffer, fua: boolean): void {
+    this.inFlightBytes += payload.length;
+    if (this.inFlightBytes > MAX_INFLIGHT_BYTES && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    this.track(seq, payload.length, this.device!.write(offset, payload, fua), payload);
+  }
+
+  private track(seq: number, bytes: number, work: Promise<void>, payload?: Buffer): void {
+    const epoch = this.barrier.begin();
+    work.then(
+      () => this.done(seq, epoch, bytes, 0, payload),
+      (err: unknown) => {
+        this.log.warn({ seq, err: errorMessage(err) }, 'replicated op failed');
+        const noSpace = err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE';
+        this.done(seq, epoch, bytes, noSpace ? ENOSPC : EIO, payload);
+      },
+    );
+  }
+
+  private done(seq: number, epoch: number, bytes: number, errno: number, payload?: Buffer): void {
+    if (payload) this.pool.release(payload);
+    this.barrier.end(epoch);
+    this.inFlightBytes -= bytes;
+    if (this.paused && this.inFlightBytes <= MAX_INFLIGHT_BYTES / 2) {
+      this.paused = false;
+      if (this.phase.kind !== 'closed') this.socket.resume();
+    }
+    this.ack(seq, errno);
+  }
+
+  // ---- acks ----------------------------------------------------------------------------------
+
+  private ack(seq: number, errno: number): void {
+    if (this.socket.destroyed) return;
+    if (this.ackEnd + ACK_BYTES > this.ackArena.length) {
+      // The socket may still hold the written part of the old arena; it is dropped, not reused.
+      const fresh = Buffer.allocUnsafe(ACK_ARENA_BYTES);
+      this.ackArena.copy(fresh, 0, this.ackStart, this.ackEnd);
+      this.ackEnd -= this.ackStart;
+      this.ackStart = 0;
+      this.ackArena = fresh;
+    }
+    writeAck(this.ackArena, this.ackEnd, seq, errno);
+    this.ackEnd += ACK_BYTES;
+    if (!this.ackScheduled) {
+      this.ackScheduled = true;
+      // Acks of every op that completes in this turn of the event loop leave together.
+      setImmediate(() => this.sendAcks());
+    }
+  }
+
+  private sendAcks(): void {
+    this.ackScheduled = false;
+    if (this.phase.kind === 'closed' || this.ackEnd === this.ackStart) return;
+    this.socket.write(this.ackArena.subarray(this.ackStart, this.ackEnd));
+    this.ackStart = this.ackEnd;
+  }
+
+  // ---- closing -------------------------------------------------------------------------------
+
+  /** Refuses the hello with a reason the primary logs, then closes. */
+  private refuse(reason: string): void {
+    if (this.phase.kind === 'closed') return;
+    this.log.warn({ reason }, 'data lane refused');
+    this.phase = { kind: 'closed' };
+    // Half-close after the reason, keep discarding input, and close for good shortly after: an
+    // immediate close with unread input would reset the connection and lose the reason.
+    this.socket.end(encodeReply(1, reason));
+    setTimeout(() => this.socket.destroy(), REFUSE_LINGER_MS).unref();
+  }
+
+  private protocolError(reason: string): void {
+    if (this.phase.kind === 'hello' || this.phase.kind === 'hello-name')
+      return this.refuse(`bad hello: ${reason}`);
+    this.log.warn({ reason }, 'malformed replication stream: closing the data lane');
+    // Ignore the rest, but let the ops already received finish and their acks leave first, so
+    // the primary only re-sends what this lane never applied.
+    this.phase = { kind: 'closed' };
+    this.socket.pause();
+    void this.barrier.barrier().then(() => {
+      if (this.ackEnd > this.ackStart)
+        this.socket.write(this.ackArena.subarray(this.ackStart, this.ackEnd));
+      this.socket.destroySoon();
+    });
+  }
+
+  /** Closes the connection; ops already being applied finish, their acks are dropped. */
+  close(reason: string): void {
+    if (this.phase.kind === 'closed') return;
+    this.log.debug({ reason }, 'data lane closing');
+    this.phase = { kind: 'closed' };
+    this.socket.destroy();
+  }
+
+  private onClose(): void {
+    clearTimeout(this.helloTimer);
+    const phase = this.phase;
+    if (phase.kind === 'write-payload') this.pool.release(phase.payload);
+    this.phase = { kind: 'closed' };
+    const binding = this.binding;
+    this.binding = undefined;
+    binding?.detach();
+  }
+}
