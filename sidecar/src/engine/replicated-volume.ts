@@ -72,8 +72,13 @@ function afterBatch(op: () => Promise<void>): Promise<void> {
   return new Promise((resolve, reject) => process.nextTick(() => op().then(resolve, reject)));
 }
 
-/** Async mode bounds the writes acknowledged locally but not yet by every peer. */
+/**
+ * Async mode bounds what is acknowledged locally but not yet by every peer, in writes and in
+ * bytes: the bytes bound is the data a lost primary can take with it; the count bound keeps
+ * tiny writes from piling up unbounded bookkeeping. Beyond either, writes wait for the peers.
+ */
 const ASYNC_MAX_BACKLOG = 512;
+const ASYNC_MAX_BACKLOG_BYTES = 64 * 1024 * 1024;
 
 export class ReplicatedVolume implements BlockDevice, PeerHost {
   readonly locks = new RegionLocks();
@@ -81,6 +86,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   private links: PeerLink[] = [];
   private primaryLeft = false;
   private asyncBacklog = 0;
+  private asyncBacklogBytes = 0;
   private inFlight = 0;
   private idle: (() => void)[] = [];
   private demoting = false;
@@ -252,11 +258,19 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     }
     legs.unshift(legs.length > 0 ? afterBatch(localOp) : localOp());
     const settled = Promise.allSettled(legs).finally(release);
-    if (this.mode === 'async' && this.asyncBacklog < ASYNC_MAX_BACKLOG) {
+    if (
+      this.mode === 'async' &&
+      this.asyncBacklog < ASYNC_MAX_BACKLOG &&
+      this.asyncBacklogBytes + length <= ASYNC_MAX_BACKLOG_BYTES
+    ) {
       // Acknowledge on the local copy; the region stays locked until the peers have it, so
       // later overlapping writes still reach them in order.
       this.asyncBacklog++;
-      void settled.finally(() => this.asyncBacklog--);
+      this.asyncBacklogBytes += length;
+      void settled.finally(() => {
+        this.asyncBacklog--;
+        this.asyncBacklogBytes -= length;
+      });
       try {
         await legs[0];
       } catch (err) {
