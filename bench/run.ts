@@ -181,7 +181,10 @@ async function baselineRun(
       10_000,
     );
     const t0 = performance.now();
+    // --flush: a baseline ends with the copy on disk (the replica vouches for it), so the
+    // anchor's copy ends flushed too.
     await execFileAsync('nbdcopy', [
+      '--flush',
       `nbd+unix:///src?socket=${path.join(dir, 'src.sock')}`,
       `nbd+unix:///tgt?socket=${path.join(dir, 'tgt.sock')}`,
     ]);
@@ -189,16 +192,15 @@ async function baselineRun(
 
     const [a, b] = await replicatedPair('1G');
     try {
-      await a.stop();
-      fill(path.join(a.dataDir, 'volumes', 'bench', 'data.img'));
-      await a.start();
+      // The workload's half of the volume is written through the agent, as a workload would
+      // (so the agent knows which extents hold data); nbdcopy skips the source's holes.
+      await execFileAsync('nbdcopy', ['--flush', path.join(dir, 'src.raw'), a.uri('bench')]);
       // Timed from the Replicate call to the moment the agent saw the peer in sync (its own
-      // clock, same host). The call is made in-process: `lockstep ctl` would add a Node
-      // start-up (~0.2 s) that has nothing to do with copying; status polls spawn one each and
-      // would see the end up to ~0.2 s late.
+      // clock, same host). Calls and polls are made in-process: a `lockstep ctl` process per
+      // call would add a Node start-up (~0.2 s) and, polling, take CPU from the agents.
       const client = new AgentClient(a.grpcAddress);
-      const startedAt = Date.now();
       try {
+        const startedAt = Date.now();
         await client.replicate({
           name: 'bench',
           targets: [b.grpcAddress],
@@ -206,11 +208,21 @@ async function baselineRun(
           regionSize: 64 * 1024,
           maxResyncBytesPerSecond: 0,
         });
+        const lastInSyncMs = await waitFor(
+          'baseline in sync',
+          async () => {
+            const peer = (await client.getVolume('bench')).replication?.peers[0];
+            return peer?.state === 'InSync' && Number(peer.dirtyBytes) === 0
+              ? Number(peer.lastInSyncMs)
+              : undefined;
+          },
+          300_000,
+          50,
+        );
+        return { lockstepSeconds: (lastInSyncMs - startedAt) / 1000, nbdcopySeconds };
       } finally {
         client.close();
       }
-      const done = await waitPeer(a, 'bench', b, inSync, 'in sync', 300_000, 20);
-      return { lockstepSeconds: (Number(done.lastInSyncMs) - startedAt) / 1000, nbdcopySeconds };
     } finally {
       await a.dispose();
       await b.dispose();

@@ -411,6 +411,7 @@ export class Agent implements ExportSource {
       await this.data?.close();
       for (const rv of this.replicas.values()) await rv.close();
       await this.store.flushAll();
+      await this.store.saveAllocationMaps();
       await this.grpc?.close();
       await this.metricsServer?.close();
       this.store.close();

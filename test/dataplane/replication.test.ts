@@ -1,12 +1,13 @@
 // Synchronous replication between real agent processes: every acknowledged write survives the
 // loss of either copy, resync sends what was missed and not the volume, failures never hang a
 // write beyond the peer timeout, and the copies compare identical afterwards.
-import { existsSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
 import { fioVerify, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
 import {
+  dataFile,
   expectIdentical,
   inSync,
   peerOf,
@@ -216,6 +217,48 @@ describe('synchronous replication', () => {
     } finally {
       await link.close();
     }
+  });
+
+  it('baselines from the allocation map after a clean stop, and reads everything after a crash or an outside change', async () => {
+    const a = await start('node-a');
+    const uri = await a.createVolume('v', '64MiB');
+    await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x31 1m 3m',
+      '-c',
+      'write -P 0x32 40m 64k',
+      uri,
+    ]);
+    const mapFile = path.join(a.dataDir, 'volumes', 'v', 'allocation.map');
+    await a.stop();
+    expect(existsSync(mapFile)).toBe(true);
+    // Changed while the agent is down: the saved map no longer describes the file.
+    const fd = openSync(dataFile(a, 'v'), 'r+');
+    writeSync(fd, Buffer.alloc(64 * 1024, 0x33), 0, 64 * 1024, 20 * MiB);
+    closeSync(fd);
+    await a.start();
+    expect(existsSync(mapFile)).toBe(false); // consumed at start
+    const b = await start('node-b');
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress);
+    await waitPeer(a, 'v', b, inSync, 'baselined');
+    await expectIdentical(a, b, 'v');
+
+    // A clean stop and start: the map is trusted; a crash: there is none.
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x34 50m 1m', uri]);
+    await a.stop();
+    await a.start();
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x35 60m 64k', uri]);
+    await a.kill('SIGKILL');
+    expect(existsSync(mapFile)).toBe(false);
+    await a.start();
+    const c = await start('node-c');
+    await a.ctl('replicate', 'v', '--to', c.grpcAddress);
+    await waitPeer(a, 'v', c, inSync, 'baselined after the crash');
+    await waitPeer(a, 'v', b, inSync, 'in sync after the crash');
+    await expectIdentical(a, c, 'v');
+    await expectIdentical(a, b, 'v');
   });
 
   it('baselines a 1 GiB volume while the workload keeps writing, and ends identical', async () => {

@@ -615,6 +615,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
         `volume ${this.volumeName} is a primary here`,
       );
     }
+    // The data this generation vouches for must be on disk before the claim is: otherwise a
+    // power loss could leave a copy that says it is in sync and is not (it would never resync).
+    await this.local.flush();
     await this.saveMeta({
       ...this.meta,
       generation: { current: gen.current, history: gen.history },

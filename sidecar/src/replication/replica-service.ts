@@ -110,7 +110,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       for (let i = 0; i < req.count; i++) {
         const { offset, length } = bitmap.regionRange(req.firstRegion + i);
         const data = Buffer.allocUnsafe(length);
-        await rv.local.readUncached(offset, data);
+        await rv.local.readForScan(offset, data);
         regionDigest(data).copy(digests, 16 * i);
       }
       return { digests };

@@ -48,7 +48,7 @@ async function copyRun(
     const buf = pooled ? await host.local.scanBuffer() : Buffer.allocUnsafe(end - start);
     try {
       const data = buf.subarray(0, end - start);
-      await host.local.readUncached(start, data);
+      await host.local.readForScan(start, data);
       await sendRun(link, host, first, last, start, data, limiter, opts);
     } finally {
       if (pooled) host.local.releaseScanBuffer(buf);
@@ -169,7 +169,7 @@ export async function markDifferingRegions(
     for (let i = 0; i < count; i++) {
       const { offset, length } = bitmap.regionRange(first + i);
       const data = Buffer.allocUnsafe(length);
-      await host.local.readUncached(offset, data);
+      await host.local.readForScan(offset, data);
       if (!regionDigest(data).equals(remote.subarray(i * 16, i * 16 + 16)))
         bitmap.markRegion(first + i);
       if (link.resync) link.resync.doneBytes += length;

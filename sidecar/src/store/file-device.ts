@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, ZeroOptions } from './block-device';
+import { EXTENT_BYTES, type AllocationMap } from './allocation-map';
 import { UncachedReader } from './uncached-reader';
 
 const ZERO_CHUNK = 1 << 20;
@@ -74,6 +75,12 @@ export class FileBlockDevice implements BlockDevice {
   private pending = 0;
 
   private uncached: UncachedReader | undefined | null = null;
+  /**
+   * The first failed fdatasync. Linux reports a writeback error to one fdatasync only, so a
+   * flush that failed (even one nobody waited for) fails every later flush too: an error is
+   * never lost, and the copy is never again said to be on disk.
+   */
+  private syncError: LockstepError | undefined;
 
   constructor(
     private readonly fd: number,
@@ -81,6 +88,8 @@ export class FileBlockDevice implements BlockDevice {
     readonly readOnly: boolean,
     /** The file's path, for a second, direct-I/O descriptor (see UncachedReader). */
     private readonly file: string,
+    /** Which extents were ever written: scans read those and skip the rest. */
+    readonly allocation: AllocationMap,
   ) {}
 
   private check(op: string, offset: number, length: number, writing: boolean): void {
@@ -116,6 +125,32 @@ export class FileBlockDevice implements BlockDevice {
     return this.guarded(() => this.preadUncached(offset, target));
   }
 
+  /**
+   * Reads for a scan (baseline, resync): extents never written are zeroes without a read, the
+   * written ones come through the page cache (where recent data still is: far faster than the
+   * disk). Where the allocation is unknown, everything is read directly, so that a sparse
+   * file's holes do not fill the page cache.
+   */
+  async readForScan(offset: number, target: Buffer): Promise<void> {
+    if (!this.allocation.known) return this.readUncached(offset, target);
+    this.check('read', offset, target.length, false);
+    return this.guarded(async () => {
+      const end = offset + target.length;
+      let pos = offset;
+      while (pos < end) {
+        // The longest stretch from `pos` that is uniformly written or never written.
+        const written = this.allocation.mayHoldData(pos, 1);
+        let next = Math.min(end, (Math.floor(pos / EXTENT_BYTES) + 1) * EXTENT_BYTES);
+        while (next < end && this.allocation.mayHoldData(next, 1) === written)
+          next = Math.min(end, next + EXTENT_BYTES);
+        const view = target.subarray(pos - offset, next - offset);
+        if (written) await pread(this.fd, view, pos);
+        else view.fill(0);
+        pos = next;
+      }
+    });
+  }
+
   private preadUncached(offset: number, target: Buffer): Promise<void> {
     const reader = this.uncachedReader();
     if (reader && UncachedReader.aligned(offset, target.length)) return reader.read(offset, target);
@@ -146,9 +181,10 @@ export class FileBlockDevice implements BlockDevice {
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.check('write', offset, data.length, true);
+    this.allocation.markWritten(offset, data.length);
     return this.guarded(async () => {
       await pwrite(this.fd, data, offset);
-      if (fua) await fdatasync(this.fd);
+      if (fua) await this.sync();
     });
   }
 
@@ -177,7 +213,7 @@ export class FileBlockDevice implements BlockDevice {
       }
       await pwrite(this.fd, zeroes.subarray(0, n), pos);
     }
-    if (opts.fua) await fdatasync(this.fd);
+    if (opts.fua) await this.sync();
   }
 
   async trim(offset: number, length: number): Promise<void> {
@@ -190,7 +226,17 @@ export class FileBlockDevice implements BlockDevice {
   async flush(): Promise<void> {
     if (this.closed)
       throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', 'flush on a closed volume');
-    return this.guarded(() => fdatasync(this.fd));
+    return this.guarded(() => this.sync());
+  }
+
+  private async sync(): Promise<void> {
+    if (this.syncError) throw this.syncError;
+    try {
+      await fdatasync(this.fd);
+    } catch (err) {
+      this.syncError ??= err as LockstepError;
+      throw err;
+    }
   }
 
   /** Refuses new operations; the descriptor closes once the ones in progress finish. */

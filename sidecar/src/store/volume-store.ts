@@ -6,6 +6,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LockstepError, errorMessage, isLockstepError } from '../../../lib/errors';
 import { fsyncDir } from './atomic-file';
+import { AllocationMap } from './allocation-map';
 import { FileBlockDevice } from './file-device';
 import {
   newVolumeMetadata,
@@ -16,6 +17,7 @@ import {
 } from './volume-metadata';
 
 export const VOLUME_SIZE_ALIGNMENT = 4096;
+const ALLOCATION_MAP = 'allocation.map';
 // Up to 253 characters, so the operator can name volumes <namespace>.<group>.<volume>.
 const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$/;
 
@@ -92,7 +94,11 @@ export class VolumeStore {
         );
       }
       dataFile = meta.dataPath ?? dataFile;
-      const device = openDevice(dataFile, meta);
+      const device = openDevice(
+        dataFile,
+        meta,
+        AllocationMap.load(path.join(dir, ALLOCATION_MAP), dataFile, meta.sizeBytes),
+      );
       return { state: 'Ready', name, dir, dataFile, meta, device };
     } catch (err) {
       const error = isLockstepError(err)
@@ -159,11 +165,13 @@ export class VolumeStore {
       await fs.promises.rm(staging.dir, { recursive: true, force: true });
       await fs.promises.mkdir(staging.dir, { mode: 0o700 });
       let sizeBytes: number;
+      let fresh = true;
       if (spec.dataPath === undefined) {
         sizeBytes = await createSparseFile(staging.dataFile, spec.sizeBytes);
       } else {
         const adopted = await adoptDataFile(spec.dataPath, spec.sizeBytes);
         sizeBytes = adopted.sizeBytes;
+        fresh = adopted.created;
         if (adopted.created) createdData = spec.dataPath;
       }
       const meta = newVolumeMetadata({ ...spec, sizeBytes });
@@ -178,7 +186,12 @@ export class VolumeStore {
         dir: final.dir,
         dataFile,
         meta,
-        device: openDevice(dataFile, meta),
+        // An adopted file's data is wherever it is: unknown until a clean stop saves a map.
+        device: openDevice(
+          dataFile,
+          meta,
+          fresh ? AllocationMap.fresh(sizeBytes) : AllocationMap.unknown(sizeBytes),
+        ),
       };
       this.volumes.set(name, volume);
       return volume;
@@ -256,6 +269,17 @@ export class VolumeStore {
     }
   }
 
+  /**
+   * Saves each volume's allocation map with its data file's identity. Only after the last write
+   * and flush of a clean stop: a map saved while writes continue would be trusted wrongly.
+   */
+  async saveAllocationMaps(): Promise<void> {
+    for (const v of this.list()) {
+      if (v.state === 'Ready')
+        await v.device.allocation.save(path.join(v.dir, ALLOCATION_MAP), v.dataFile);
+    }
+  }
+
   async flushAll(): Promise<void> {
     await Promise.all(this.list().flatMap((v) => (v.state === 'Ready' ? [v.device.flush()] : [])));
   }
@@ -320,7 +344,11 @@ async function adoptDataFile(
   return { sizeBytes: stat.size, created: false };
 }
 
-function openDevice(dataFile: string, meta: VolumeMetadata): FileBlockDevice {
+function openDevice(
+  dataFile: string,
+  meta: VolumeMetadata,
+  allocation: AllocationMap,
+): FileBlockDevice {
   let fd: number;
   try {
     fd = fs.openSync(dataFile, 'r+');
@@ -340,5 +368,5 @@ function openDevice(dataFile: string, meta: VolumeMetadata): FileBlockDevice {
         'it was truncated or replaced outside lockstep, so the volume is not served',
     );
   }
-  return new FileBlockDevice(fd, meta.sizeBytes, meta.readOnly, dataFile);
+  return new FileBlockDevice(fd, meta.sizeBytes, meta.readOnly, dataFile, allocation);
 }
