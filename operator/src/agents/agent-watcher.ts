@@ -37,13 +37,14 @@ function fingerprint(v: VolumeInfo): string {
 export class AgentWatcher {
   private readonly seen = new Map<string, Map<string, string>>();
   private readonly reachable = new Map<string, boolean>();
+  private readonly polling = new Set<string>();
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
 
   constructor(private readonly opts: AgentWatcherOptions) {}
 
   start(): void {
-    void this.poll();
+    this.poll();
   }
 
   stop(): void {
@@ -51,13 +52,19 @@ export class AgentWatcher {
     clearTimeout(this.timer);
   }
 
-  private async poll(): Promise<void> {
+  private poll(): void {
     const agents = this.opts.agents();
-    await Promise.all(agents.map((a) => this.pollOne(a)));
+    // Each agent on its own: one that does not answer (its deadline runs) must not delay
+    // noticing a change on the others.
+    for (const a of agents) {
+      if (this.polling.has(a.node)) continue;
+      this.polling.add(a.node);
+      void this.pollOne(a).finally(() => this.polling.delete(a.node));
+    }
     const current = new Set(agents.map((a) => a.node));
     for (const node of this.seen.keys()) if (!current.has(node)) this.seen.delete(node);
     if (!this.stopped) {
-      this.timer = setTimeout(() => void this.poll(), this.opts.intervalMs ?? 1_000);
+      this.timer = setTimeout(() => this.poll(), this.opts.intervalMs ?? 1_000);
       this.timer.unref();
     }
   }
