@@ -86,7 +86,7 @@ class RawLane {
 
 function op(kind: OpKind, seq: number, offset: number, length: number, data?: Buffer): Buffer {
   const h = Buffer.alloc(OP_HEADER_BYTES);
-  writeOpHeader(h, 0, kind, false, length, seq, offset);
+  writeOpHeader(h, 0, kind, 0, length, seq, offset);
   return data ? Buffer.concat([h, data]) : h;
 }
 

@@ -4,6 +4,7 @@ import {
   HELLO_BYTES,
   MAX_WRITE_BYTES,
   OP_HEADER_BYTES,
+  OpFlag,
   OpHeader,
   OpKind,
   REPLY_BYTES,
@@ -24,30 +25,34 @@ const token = '0123456789abcdef0123456789abcdef';
 describe('replication frames', () => {
   it('round-trips op headers, 64-bit fields included, into a reused object', () => {
     const buf = Buffer.alloc(OP_HEADER_BYTES * 2);
-    writeOpHeader(buf, 0, OpKind.WRITE, true, 4096, 2 ** 33 + 5, 2 ** 40);
-    writeOpHeader(buf, OP_HEADER_BYTES, OpKind.FLUSH, false, 0, 7, 0);
+    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.FUA, 4096, 2 ** 33 + 5, 2 ** 40);
+    writeOpHeader(buf, OP_HEADER_BYTES, OpKind.FLUSH, 0, 0, 7, 0);
     const h = new OpHeader();
     expect({ ...h.parse(buf, 0) }).toEqual({
       kind: OpKind.WRITE,
       fua: true,
+      bulk: false,
       length: 4096,
       seq: 2 ** 33 + 5,
       offset: 2 ** 40,
     });
     expect(h.parse(buf, OP_HEADER_BYTES)).toBe(h);
-    expect(h).toMatchObject({ kind: OpKind.FLUSH, fua: false, seq: 7 });
+    expect(h).toMatchObject({ kind: OpKind.FLUSH, fua: false, bulk: false, seq: 7 });
+    // Flag bits a later version may add are ignored, not refused.
+    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.BULK | 0x80, 65536, 8, 0);
+    expect(h.parse(buf, 0)).toMatchObject({ kind: OpKind.WRITE, fua: false, bulk: true });
   });
 
   it('rejects unknown kinds, oversized writes and unsafe 64-bit values', () => {
     const buf = Buffer.alloc(OP_HEADER_BYTES);
     const h = new OpHeader();
-    writeOpHeader(buf, 0, OpKind.WRITE, false, MAX_WRITE_BYTES + 1, 1, 0);
+    writeOpHeader(buf, 0, OpKind.WRITE, 0, MAX_WRITE_BYTES + 1, 1, 0);
     expect(() => h.parse(buf, 0)).toThrow(/exceeds the .*-byte cap/);
-    writeOpHeader(buf, 0, OpKind.ZERO, false, 0xffffffff, 1, 0);
+    writeOpHeader(buf, 0, OpKind.ZERO, 0, 0xffffffff, 1, 0);
     expect(h.parse(buf, 0).length).toBe(0xffffffff); // a zero range has no payload to cap
     buf[0] = 9;
     expect(() => h.parse(buf, 0)).toThrow(/unknown op kind 9/);
-    writeOpHeader(buf, 0, OpKind.PING, false, 0, 1, 0);
+    writeOpHeader(buf, 0, OpKind.PING, 0, 0, 1, 0);
     buf.writeUInt32BE(0xffffffff, 8);
     expect(() => h.parse(buf, 0)).toThrow(FrameError);
   });

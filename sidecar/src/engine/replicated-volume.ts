@@ -14,7 +14,7 @@ import { readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import { OpKind, TOKEN_BYTES } from '../replication/frames';
+import { OpFlag, OpKind, TOKEN_BYTES } from '../replication/frames';
 import { advance, ZERO_GENERATION, type Generations } from '../replication/generations';
 import { PeerLink, type PeerState } from '../replication/peer-link';
 import type { PeerHost } from '../replication/peer-host';
@@ -171,7 +171,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       offset,
       data.length,
       () => this.local.write(offset, data, fua),
-      (l) => l.send(OpKind.WRITE, offset, data.length, shipped, fua),
+      (l) => l.send(OpKind.WRITE, offset, data.length, shipped, fua ? OpFlag.FUA : 0),
     );
   }
 
@@ -180,7 +180,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       offset,
       length,
       () => this.local.writeZeroes(offset, length, opts),
-      (l) => l.send(OpKind.ZERO, offset, length, undefined, opts.fua),
+      (l) => l.send(OpKind.ZERO, offset, length, undefined, opts.fua ? OpFlag.FUA : 0),
     );
   }
 
@@ -195,7 +195,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       if (l.streaming) {
         legs.push(
           l
-            .send(OpKind.FLUSH, 0, 0, undefined, false)
+            .send(OpKind.FLUSH, 0, 0, undefined, 0)
             .catch((err: unknown) => this.flushMissed(l, err)),
         );
       } else if (this.mode === 'strict-sync') {

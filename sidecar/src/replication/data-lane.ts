@@ -113,10 +113,13 @@ export class DataLane {
 
   // ---- output --------------------------------------------------------------------------------
 
-  /** Adds one op to the batch the next `flush` writes. `data` must stay unchanged until acked. */
+  /**
+   * Adds one op (`flags`: OpFlag bits) to the batch the next `flush` writes. `data` must stay
+   * unchanged until acked.
+   */
   append(
     kind: OpKind,
-    fua: boolean,
+    flags: number,
     length: number,
     seq: number,
     offset: number,
@@ -130,7 +133,7 @@ export class DataLane {
       this.arena = Buffer.allocUnsafe(Math.max(ARENA_BYTES, need));
       this.arenaUsed = this.runStart = 0;
     }
-    writeOpHeader(this.arena, this.arenaUsed, kind, fua, length, seq, offset);
+    writeOpHeader(this.arena, this.arenaUsed, kind, flags, length, seq, offset);
     this.arenaUsed += OP_HEADER_BYTES;
     if (inline) {
       data.copy(this.arena, this.arenaUsed);

@@ -23,6 +23,8 @@
 // then primary → secondary, op records (OP_HEADER_BYTES + payload):
 //   u8  kind     1 WRITE | 2 ZERO | 3 FLUSH | 4 PING
 //   u8  flags    bit 0: FUA (durable before the ack)
+//                bit 1: BULK (catch-up data, baseline or resync: the secondary may write it
+//                       around its page cache; other bits are ignored)
 //   u16 reserved 0
 //   u32 length   WRITE: payload bytes that follow (≤ MAX_WRITE_BYTES); ZERO: bytes to zero
 //   u64 seq      per-link sequence number, echoed by the ack
@@ -38,7 +40,7 @@
 
 export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3, PING: 4 } as const;
 export type OpKind = (typeof OpKind)[keyof typeof OpKind];
-export const OP_FLAG_FUA = 1;
+export const OpFlag = { FUA: 1, BULK: 2 } as const;
 export const OP_HEADER_BYTES = 24;
 export const ACK_BYTES = 16;
 const ACK_KIND = 0x81;
@@ -68,17 +70,18 @@ function readU64(buf: Buffer, at: number): number {
   return hi * 0x100000000 + buf.readUInt32BE(at + 4);
 }
 
+/** `flags`: OpFlag bits. */
 export function writeOpHeader(
   buf: Buffer,
   at: number,
   kind: OpKind,
-  fua: boolean,
+  flags: number,
   length: number,
   seq: number,
   offset: number,
 ): void {
   buf[at] = kind;
-  buf[at + 1] = fua ? OP_FLAG_FUA : 0;
+  buf[at + 1] = flags;
   buf.writeUInt16BE(0, at + 2);
   buf.writeUInt32BE(length, at + 4);
   writeU64(buf, seq, at + 8);
@@ -89,6 +92,7 @@ export function writeOpHeader(
 export class OpHeader {
   kind: OpKind = OpKind.PING;
   fua = false;
+  bulk = false;
   length = 0;
   seq = 0;
   offset = 0;
@@ -98,7 +102,8 @@ export class OpHeader {
     const kind = buf[at];
     if (kind < OpKind.WRITE || kind > OpKind.PING) throw new FrameError(`unknown op kind ${kind}`);
     this.kind = kind as OpKind;
-    this.fua = (buf[at + 1] & OP_FLAG_FUA) !== 0;
+    this.fua = (buf[at + 1] & OpFlag.FUA) !== 0;
+    this.bulk = (buf[at + 1] & OpFlag.BULK) !== 0;
     this.length = buf.readUInt32BE(at + 4);
     this.seq = readU64(buf, at + 8);
     this.offset = readU64(buf, at + 16);

@@ -145,28 +145,29 @@ export class PeerLink {
   // ---- the data lanes ----------------------------------------------------------------------
 
   /**
-   * Sends one op; resolves when the peer acknowledged it, rejects if the link fails first.
-   * `data` must stay unchanged until then (small payloads are copied, large ones are not).
+   * Sends one op (`flags`: OpFlag bits); resolves when the peer acknowledged it, rejects if the
+   * link fails first. `data` must stay unchanged until then (small payloads are copied, large
+   * ones are not).
    */
   send(
     kind: OpKind,
     offset: number,
     length: number,
     data: Buffer | undefined,
-    fua: boolean,
+    flags: number,
   ): Promise<void> {
     if (!this.streaming) return Promise.reject(new PeerUnavailable(this.address, this.state));
     if (data && data.length > MAX_OP_DATA) {
       const parts: Promise<void>[] = [];
       for (let at = 0; at < data.length; at += MAX_OP_DATA) {
         const piece = data.subarray(at, at + MAX_OP_DATA);
-        parts.push(this.send(kind, offset + at, piece.length, piece, fua));
+        parts.push(this.send(kind, offset + at, piece.length, piece, flags));
       }
       return Promise.all(parts).then(() => undefined);
     }
     if (kind === OpKind.FLUSH) {
       // A FLUSH covers what went before it on its own lane, so it goes down every lane.
-      return Promise.all(this.lanes.map((lane) => this.enqueue(lane, kind, false, 0, 0))).then(
+      return Promise.all(this.lanes.map((lane) => this.enqueue(lane, kind, 0, 0, 0))).then(
         () => undefined,
       );
     }
@@ -176,19 +177,19 @@ export class PeerLink {
       this.current = (this.current + 1) % this.lanes.length;
       lane = this.lanes[this.current];
     }
-    return this.enqueue(lane, kind, fua, length, offset, data);
+    return this.enqueue(lane, kind, flags, length, offset, data);
   }
 
   private enqueue(
     lane: DataLane,
     kind: OpKind,
-    fua: boolean,
+    flags: number,
     length: number,
     offset: number,
     data?: Buffer,
   ): Promise<void> {
     const seq = this.nextSeq++;
-    lane.append(kind, fua, length, seq, offset, data);
+    lane.append(kind, flags, length, seq, offset, data);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       // Everything sent in this turn of the event loop (e.g. a socket read's worth of NBD
@@ -224,7 +225,7 @@ export class PeerLink {
     if (!this.streaming) return;
     for (const lane of this.lanes) {
       if (now - lane.lastSentAt >= this.keepaliveMs)
-        this.enqueue(lane, OpKind.PING, false, 0, 0).catch(() => undefined);
+        this.enqueue(lane, OpKind.PING, 0, 0, 0).catch(() => undefined);
     }
   }
 

@@ -10,7 +10,7 @@ import type { BufferPool } from '../../../lib/buffer-pool';
 import { ElementCollector } from '../../../lib/element-collector';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import type { BlockDevice } from '../store/block-device';
+import type { FileBlockDevice } from '../store/file-device';
 import { FlushBarrier } from './flush-barrier';
 import {
   ACK_BYTES,
@@ -28,7 +28,7 @@ import {
 
 /** What a lane is bound to once its hello is accepted: the copy it writes. */
 export interface LaneBinding {
-  readonly device: BlockDevice;
+  readonly device: FileBlockDevice;
   /** The lane closed; the session forgets it. */
   detach(): void;
 }
@@ -46,6 +46,8 @@ type Phase =
       offset: number;
       fua: boolean;
       payload: Buffer;
+      /** The payload is the device's aligned buffer: written around the page cache. */
+      aligned: boolean;
       filled: number;
     }
   | { kind: 'closed' };
@@ -73,7 +75,7 @@ export class ReplicaLane {
   private readonly header = new OpHeader();
   private readonly barrier = new FlushBarrier();
   private binding: LaneBinding | undefined;
-  private device: BlockDevice | undefined;
+  private device: FileBlockDevice | undefined;
   private inFlightBytes = 0;
   private paused = false;
   private ackArena = Buffer.allocUnsafe(ACK_ARENA_BYTES);
@@ -126,7 +128,7 @@ export class ReplicaLane {
     phase.filled += n;
     if (phase.filled === phase.payload.length) {
       this.phase = { kind: 'op-header' };
-      this.applyWrite(phase.seq, phase.offset, phase.payload, phase.fua);
+      this.applyWrite(phase.seq, phase.offset, phase.payload, phase.fua, phase.aligned);
     }
   }
 
@@ -209,14 +211,18 @@ export class ReplicaLane {
   private onOp(h: OpHeader): void {
     switch (h.kind) {
       case OpKind.WRITE: {
-        const payload = this.pool.acquire(h.length);
-        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h.fua);
+        // Catch-up data is received where it can be written around the page cache, if it can.
+        const alignedBuf = h.bulk ? this.device!.tryAlignedBuffer(h.offset, h.length) : undefined;
+        const payload = alignedBuf ?? this.pool.acquire(h.length);
+        const aligned = alignedBuf !== undefined;
+        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h.fua, aligned);
         this.phase = {
           kind: 'write-payload',
           seq: h.seq,
           offset: h.offset,
           fua: h.fua,
           payload,
+          aligned,
           filled: 0,
         };
         return;
@@ -240,29 +246,51 @@ export class ReplicaLane {
     }
   }
 
-  private applyWrite(seq: number, offset: number, payload: Buffer, fua: boolean): void {
+  private applyWrite(
+    seq: number,
+    offset: number,
+    payload: Buffer,
+    fua: boolean,
+    aligned: boolean,
+  ): void {
     this.inFlightBytes += payload.length;
     if (this.inFlightBytes > MAX_INFLIGHT_BYTES && !this.paused) {
       this.paused = true;
       this.socket.pause();
     }
-    this.track(seq, payload.length, this.device!.write(offset, payload, fua), payload);
+    const device = this.device!;
+    // A bulk write never carries FUA (the catch-up ends with a flush), so `aligned` implies !fua.
+    const work = aligned ? device.writeAround(offset, payload) : device.write(offset, payload, fua);
+    this.track(seq, payload.length, work, payload, aligned);
   }
 
-  private track(seq: number, bytes: number, work: Promise<void>, payload?: Buffer): void {
+  private track(
+    seq: number,
+    bytes: number,
+    work: Promise<void>,
+    payload?: Buffer,
+    aligned = false,
+  ): void {
     const epoch = this.barrier.begin();
     work.then(
-      () => this.done(seq, epoch, bytes, 0, payload),
+      () => this.done(seq, epoch, bytes, 0, payload, aligned),
       (err: unknown) => {
         this.log.warn({ seq, err: errorMessage(err) }, 'replicated op failed');
         const noSpace = err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE';
-        this.done(seq, epoch, bytes, noSpace ? ENOSPC : EIO, payload);
+        this.done(seq, epoch, bytes, noSpace ? ENOSPC : EIO, payload, aligned);
       },
     );
   }
 
-  private done(seq: number, epoch: number, bytes: number, errno: number, payload?: Buffer): void {
-    if (payload) this.pool.release(payload);
+  private done(
+    seq: number,
+    epoch: number,
+    bytes: number,
+    errno: number,
+    payload: Buffer | undefined,
+    aligned: boolean,
+  ): void {
+    if (payload) this.releasePayload(payload, aligned);
     this.barrier.end(epoch);
     this.inFlightBytes -= bytes;
     if (this.paused && this.inFlightBytes <= MAX_INFLIGHT_BYTES / 2) {
@@ -270,6 +298,11 @@ export class ReplicaLane {
       if (this.phase.kind !== 'closed') this.socket.resume();
     }
     this.ack(seq, errno);
+  }
+
+  private releasePayload(payload: Buffer, aligned: boolean): void {
+    if (aligned) this.device?.releaseAlignedBuffer(payload);
+    else this.pool.release(payload);
   }
 
   // ---- acks ----------------------------------------------------------------------------------
@@ -339,7 +372,7 @@ export class ReplicaLane {
   private onClose(): void {
     clearTimeout(this.helloTimer);
     const phase = this.phase;
-    if (phase.kind === 'write-payload') this.pool.release(phase.payload);
+    if (phase.kind === 'write-payload') this.releasePayload(phase.payload, phase.aligned);
     this.phase = { kind: 'closed' };
     const binding = this.binding;
     this.binding = undefined;

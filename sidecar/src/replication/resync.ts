@@ -4,7 +4,7 @@
 // ops, so holes cost a few bytes on the wire.
 import { createHash } from 'node:crypto';
 import { FileBlockDevice } from '../store/file-device';
-import { OpKind } from './frames';
+import { OpFlag, OpKind } from './frames';
 import type { PeerHost } from './peer-host';
 import type { PeerLink } from './peer-link';
 import { RateLimiter } from './rate-limiter';
@@ -44,14 +44,14 @@ async function copyRun(
     const end = bitmap.regionRange(last).offset + bitmap.regionRange(last).length;
     // A pooled buffer the direct read fills in place; the lanes send from it, so it goes back
     // only once every op of the run is settled.
-    const pooled = end - start <= FileBlockDevice.scanBufferBytes;
-    const buf = pooled ? await host.local.scanBuffer() : Buffer.allocUnsafe(end - start);
+    const pooled = end - start <= FileBlockDevice.alignedBufferBytes;
+    const buf = pooled ? await host.local.alignedBuffer() : Buffer.allocUnsafe(end - start);
     try {
       const data = buf.subarray(0, end - start);
       await host.local.readForScan(start, data);
       await sendRun(link, host, first, last, start, data, limiter, opts);
     } finally {
-      if (pooled) host.local.releaseScanBuffer(buf);
+      if (pooled) host.local.releaseAlignedBuffer(buf);
     }
     for (let r = first; r <= last; r++) host.tracking.clearRegion(link.address, r);
     if (link.resync) link.resync.doneBytes += end - start;
@@ -80,11 +80,17 @@ async function sendRun(
     const off = bitmap.regionRange(segStart).offset;
     const len = bitmap.regionRange(segEnd).offset + bitmap.regionRange(segEnd).length - off;
     if (segZero) {
-      if (!opts.peerIsZero) sends.push(link.send(OpKind.ZERO, off, len, undefined, false));
+      if (!opts.peerIsZero) sends.push(link.send(OpKind.ZERO, off, len, undefined, OpFlag.BULK));
     } else {
       await limiter.take(len);
       sends.push(
-        link.send(OpKind.WRITE, off, len, data.subarray(off - start, off - start + len), false),
+        link.send(
+          OpKind.WRITE,
+          off,
+          len,
+          data.subarray(off - start, off - start + len),
+          OpFlag.BULK,
+        ),
       );
       link.resyncBytesSent += len;
     }

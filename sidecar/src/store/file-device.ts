@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, ZeroOptions } from './block-device';
 import { EXTENT_BYTES, type AllocationMap } from './allocation-map';
-import { UncachedReader } from './uncached-reader';
+import { DirectIo } from './direct-io';
 
 const ZERO_CHUNK = 1 << 20;
 const zeroes = Buffer.alloc(ZERO_CHUNK);
@@ -74,7 +74,7 @@ export class FileBlockDevice implements BlockDevice {
    * late write can never land in a file that reused the descriptor number. */
   private pending = 0;
 
-  private uncached: UncachedReader | undefined | null = null;
+  private direct: DirectIo | undefined | null = null;
   /**
    * The first failed fdatasync. Linux reports a writeback error to one fdatasync only, so a
    * flush that failed (even one nobody waited for) fails every later flush too: an error is
@@ -86,7 +86,7 @@ export class FileBlockDevice implements BlockDevice {
     private readonly fd: number,
     readonly size: number,
     readonly readOnly: boolean,
-    /** The file's path, for a second, direct-I/O descriptor (see UncachedReader). */
+    /** The file's path, for a second, direct-I/O descriptor (see DirectIo). */
     private readonly file: string,
     /** Which extents were ever written: scans read those and skip the rest. */
     readonly allocation: AllocationMap,
@@ -152,31 +152,46 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   private preadUncached(offset: number, target: Buffer): Promise<void> {
-    const reader = this.uncachedReader();
-    if (reader && UncachedReader.aligned(offset, target.length)) return reader.read(offset, target);
+    const direct = this.directIo();
+    if (direct && DirectIo.aligned(offset, target.length)) return direct.read(offset, target);
     return pread(this.fd, target, offset);
   }
 
-  private uncachedReader(): UncachedReader | undefined {
-    if (this.uncached === null) this.uncached = UncachedReader.open(this.file);
-    return this.uncached;
+  private directIo(): DirectIo | undefined {
+    if (this.direct === null) this.direct = DirectIo.open(this.file, !this.readOnly);
+    return this.direct;
   }
 
-  /** Bytes in a scan buffer. */
-  static readonly scanBufferBytes = UncachedReader.chunkBytes;
+  /** Bytes in an aligned buffer. */
+  static readonly alignedBufferBytes = DirectIo.chunkBytes;
 
   /**
-   * A buffer of `scanBufferBytes` that `readUncached` fills without a copy (when direct I/O is
-   * available); hand it back with `releaseScanBuffer` once nothing references it.
+   * A buffer of `alignedBufferBytes` that `readUncached` fills without a copy (when direct I/O
+   * is available), waiting for one if need be; hand it back with `releaseAlignedBuffer` once
+   * nothing references it.
    */
-  async scanBuffer(): Promise<Buffer> {
-    return (
-      (await this.uncachedReader()?.acquire()) ?? Buffer.allocUnsafe(UncachedReader.chunkBytes)
-    );
+  async alignedBuffer(): Promise<Buffer> {
+    return (await this.directIo()?.acquire()) ?? Buffer.allocUnsafe(DirectIo.chunkBytes);
   }
 
-  releaseScanBuffer(buf: Buffer): void {
-    this.uncached?.release(buf);
+  /**
+   * An aligned buffer of `length` bytes that `writeAround` writes without a copy, if the range
+   * allows direct I/O and one is free now; undefined otherwise (any buffer will do then). Hand
+   * it back with `releaseAlignedBuffer`.
+   */
+  tryAlignedBuffer(offset: number, length: number): Buffer | undefined {
+    if (this.readOnly || length > DirectIo.chunkBytes || !DirectIo.aligned(offset, length))
+      return undefined;
+    return this.directIo()?.tryAcquire()?.subarray(0, length);
+  }
+
+  /** Takes back a buffer from `alignedBuffer` or `tryAlignedBuffer`. */
+  releaseAlignedBuffer(buf: Buffer): void {
+    this.direct?.release(buf.byteLength === DirectIo.chunkBytes ? buf : this.wholeChunk(buf));
+  }
+
+  private wholeChunk(view: Buffer): Buffer {
+    return Buffer.from(view.buffer, view.byteOffset, DirectIo.chunkBytes);
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -185,6 +200,29 @@ export class FileBlockDevice implements BlockDevice {
     return this.guarded(async () => {
       await pwrite(this.fd, data, offset);
       if (fua) await this.sync();
+    });
+  }
+
+  /**
+   * Writes data this copy will rarely read (a secondary's baseline and resync): from a buffer
+   * of `tryAlignedBuffer`, around the page cache (see DirectIo); from any other, as `write`.
+   * Durable, like any write, only after the next flush.
+   */
+  async writeAround(offset: number, data: Buffer): Promise<void> {
+    const direct = this.directIo();
+    if (!direct?.ownsChunk(data) || !DirectIo.aligned(offset, data.length))
+      return this.write(offset, data, false);
+    this.check('write', offset, data.length, true);
+    this.allocation.markWritten(offset, data.length);
+    return this.guarded(async () => {
+      try {
+        await direct.write(offset, data);
+      } catch (err) {
+        // A filesystem may refuse direct writes it accepted reads for: write through the cache.
+        if ((err as NodeJS.ErrnoException).code !== 'EINVAL')
+          throw ioError('write', err as NodeJS.ErrnoException);
+        await pwrite(this.fd, data, offset);
+      }
     });
   }
 
@@ -197,12 +235,12 @@ export class FileBlockDevice implements BlockDevice {
     // Node cannot punch holes (no fallocate), so zeroing writes zeroes. Where the range already
     // reads as zeroes (a hole, typically) and a hole is allowed, skip the write: the file stays
     // sparse, which matters for copies that arrive as zero runs (qemu-img convert, baselines).
-    const reader = this.uncachedReader();
+    const reader = this.directIo();
     let scratch: Buffer | undefined;
     for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
       const n = Math.min(ZERO_CHUNK, offset + length - pos);
       if (!opts.noHole) {
-        if (reader && UncachedReader.aligned(pos, n)) {
+        if (reader && DirectIo.aligned(pos, n)) {
           if (await reader.isZero(pos, n, zeroes)) continue;
         } else {
           scratch ??= Buffer.allocUnsafe(Math.min(length, ZERO_CHUNK));
@@ -248,6 +286,6 @@ export class FileBlockDevice implements BlockDevice {
 
   private closeFds(): void {
     fs.closeSync(this.fd);
-    this.uncached?.close();
+    this.direct?.close();
   }
 }
