@@ -128,9 +128,12 @@ async function resyncRun(): Promise<{
 }
 
 /** The same half-full 1 GiB image baselined by Lockstep, and copied by nbdcopy between two qemu exports. */
-async function baselineRun(
-  dir: string,
-): Promise<{ lockstepSeconds: number; nbdcopySeconds: number }> {
+interface Baseline {
+  lockstepSeconds: number;
+  nbdcopySeconds: number;
+}
+
+async function baselineRun(dir: string): Promise<Baseline> {
   const half = 512 * 1024 * 1024;
   const chunk = Buffer.alloc(1024 * 1024);
   // Both copies start from data that is on disk (and still cached), as a volume that exists
@@ -252,13 +255,11 @@ async function main(): Promise<void> {
   const { size, runtime } = values;
   const rounds = Number(values.rounds);
   const fio = path.join(bench, 'fio-nbd.sh');
+  const baselineLine = (round: number, b: Baseline) =>
+    `round${round} baseline lockstep_s=${b.lockstepSeconds.toFixed(3)} nbdcopy_s=${b.nbdcopySeconds.toFixed(3)} ratio=${(b.nbdcopySeconds / b.lockstepSeconds).toFixed(2)}`;
   if (values['baseline-only']) {
-    for (let round = 1; round <= rounds; round++) {
-      const b = await baselineRun(work2());
-      process.stdout.write(
-        `round${round} baseline lockstep_s=${b.lockstepSeconds.toFixed(3)} nbdcopy_s=${b.nbdcopySeconds.toFixed(3)} ratio=${(b.nbdcopySeconds / b.lockstepSeconds).toFixed(2)}\n`,
-      );
-    }
+    for (let round = 1; round <= rounds; round++)
+      process.stdout.write(`${baselineLine(round, await baselineRun(work2()))}\n`);
     return;
   }
 
@@ -304,9 +305,15 @@ async function main(): Promise<void> {
     rmSync(work, { recursive: true, force: true });
   }
 
-  process.stderr.write('resync after dirtying 1% of 1 GiB; baseline of a half-full 1 GiB volume\n');
+  process.stderr.write('resync after dirtying 1% of 1 GiB\n');
   const resync = await resyncRun();
-  const baseline = await baselineRun(work2());
+  // The baseline is a sub-second copy, so one run says little: a pair per round, as above.
+  const baselines: Baseline[] = [];
+  for (let round = 1; round <= rounds; round++) {
+    process.stderr.write(`round ${round}/${rounds}: baseline of a half-full 1 GiB volume\n`);
+    baselines.push(await baselineRun(work2()));
+  }
+  const baselineRatios = baselines.map((b) => b.nbdcopySeconds / b.lockstepSeconds);
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -342,8 +349,9 @@ async function main(): Promise<void> {
       `Resync after dirtying 1 % of 1 GiB (${resync.writtenBytes} bytes written while the replica was down): ` +
         `${resync.sentBytes} bytes sent for ${resync.dirtyBytes} dirty bytes → **${(resync.sentBytes / resync.dirtyBytes).toFixed(2)}×** the dirty bytes.`,
       '',
-      `Baseline of a half-full 1 GiB volume: lockstep ${baseline.lockstepSeconds.toFixed(2)} s, ` +
-        `nbdcopy between two qemu exports ${baseline.nbdcopySeconds.toFixed(2)} s → throughput ratio **${(baseline.nbdcopySeconds / baseline.lockstepSeconds).toFixed(2)}**.`,
+      `Baseline of a half-full 1 GiB volume: lockstep ${median(baselines.map((b) => b.lockstepSeconds)).toFixed(2)} s, ` +
+        `nbdcopy between two qemu exports ${median(baselines.map((b) => b.nbdcopySeconds)).toFixed(2)} s → throughput ratio **${median(baselineRatios).toFixed(2)}** ` +
+        `(median of ${rounds}; per round: ${baselineRatios.map((r) => r.toFixed(2)).join(', ')}).`,
       '',
       'Raw lines:',
       '```',
@@ -353,6 +361,7 @@ async function main(): Promise<void> {
             `round${i + 1} ${r.label}-${r.job} iops=${r.iops} MBps=${r.MBps} p50_us=${r.p50_us} p99_us=${r.p99_us}`,
         ),
       ),
+      ...baselines.map((b, i) => baselineLine(i + 1, b)),
       '```',
       '',
     ].join('\n'),
