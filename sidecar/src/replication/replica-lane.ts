@@ -359,6 +359,7 @@ export class ReplicaLane {
         this.socket.write(this.ackArena.subarray(this.ackStart, this.ackEnd));
       this.socket.destroySoon();
     });
+    this.detachWhenDrained();
   }
 
   /** Closes the connection; ops already being applied finish, their acks are dropped. */
@@ -367,6 +368,7 @@ export class ReplicaLane {
     this.log.debug({ reason }, 'data lane closing');
     this.phase = { kind: 'closed' };
     this.socket.destroy();
+    this.detachWhenDrained();
   }
 
   private onClose(): void {
@@ -374,8 +376,18 @@ export class ReplicaLane {
     const phase = this.phase;
     if (phase.kind === 'write-payload') this.releasePayload(phase.payload, phase.aligned);
     this.phase = { kind: 'closed' };
+    this.detachWhenDrained();
+  }
+
+  /**
+   * Gives the session back its lane once every op this lane started has finished: nothing from
+   * it can land after that, so another primary may be accepted. Not at the socket's 'close'
+   * event: that comes at the end of the event-loop turn, after a handshake read in the same
+   * turn would have found the dead lane still holding the volume.
+   */
+  private detachWhenDrained(): void {
     const binding = this.binding;
     this.binding = undefined;
-    binding?.detach();
+    if (binding) void this.barrier.barrier().then(() => binding.detach());
   }
 }
