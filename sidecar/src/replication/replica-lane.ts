@@ -46,8 +46,8 @@ type Phase =
       offset: number;
       fua: boolean;
       payload: Buffer;
-      /** The payload is the device's aligned buffer: written around the page cache. */
-      aligned: boolean;
+      /** Catch-up data (baseline, resync): written around the page cache if it can be. */
+      bulk: boolean;
       filled: number;
     }
   | { kind: 'closed' };
@@ -128,7 +128,7 @@ export class ReplicaLane {
     phase.filled += n;
     if (phase.filled === phase.payload.length) {
       this.phase = { kind: 'op-header' };
-      this.applyWrite(phase.seq, phase.offset, phase.payload, phase.fua, phase.aligned);
+      this.applyWrite(phase.seq, phase.offset, phase.payload, phase.fua, phase.bulk);
     }
   }
 
@@ -212,17 +212,17 @@ export class ReplicaLane {
     switch (h.kind) {
       case OpKind.WRITE: {
         // Catch-up data is received where it can be written around the page cache, if it can.
-        const alignedBuf = h.bulk ? this.device!.tryAlignedBuffer(h.offset, h.length) : undefined;
-        const payload = alignedBuf ?? this.pool.acquire(h.length);
-        const aligned = alignedBuf !== undefined;
-        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h.fua, aligned);
+        const payload =
+          (h.bulk ? this.device!.tryAlignedBuffer(h.offset, h.length) : undefined) ??
+          this.pool.acquire(h.length);
+        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h.fua, h.bulk);
         this.phase = {
           kind: 'write-payload',
           seq: h.seq,
           offset: h.offset,
           fua: h.fua,
           payload,
-          aligned,
+          bulk: h.bulk,
           filled: 0,
         };
         return;
@@ -251,7 +251,7 @@ export class ReplicaLane {
     offset: number,
     payload: Buffer,
     fua: boolean,
-    aligned: boolean,
+    bulk: boolean,
   ): void {
     this.inFlightBytes += payload.length;
     if (this.inFlightBytes > MAX_INFLIGHT_BYTES && !this.paused) {
@@ -259,38 +259,25 @@ export class ReplicaLane {
       this.socket.pause();
     }
     const device = this.device!;
-    // A bulk write never carries FUA (the catch-up ends with a flush), so `aligned` implies !fua.
-    const work = aligned ? device.writeAround(offset, payload) : device.write(offset, payload, fua);
-    this.track(seq, payload.length, work, payload, aligned);
+    const work =
+      bulk && !fua ? device.writeAround(offset, payload) : device.write(offset, payload, fua);
+    this.track(seq, payload.length, work, payload);
   }
 
-  private track(
-    seq: number,
-    bytes: number,
-    work: Promise<void>,
-    payload?: Buffer,
-    aligned = false,
-  ): void {
+  private track(seq: number, bytes: number, work: Promise<void>, payload?: Buffer): void {
     const epoch = this.barrier.begin();
     work.then(
-      () => this.done(seq, epoch, bytes, 0, payload, aligned),
+      () => this.done(seq, epoch, bytes, 0, payload),
       (err: unknown) => {
         this.log.warn({ seq, err: errorMessage(err) }, 'replicated op failed');
         const noSpace = err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE';
-        this.done(seq, epoch, bytes, noSpace ? ENOSPC : EIO, payload, aligned);
+        this.done(seq, epoch, bytes, noSpace ? ENOSPC : EIO, payload);
       },
     );
   }
 
-  private done(
-    seq: number,
-    epoch: number,
-    bytes: number,
-    errno: number,
-    payload: Buffer | undefined,
-    aligned: boolean,
-  ): void {
-    if (payload) this.releasePayload(payload, aligned);
+  private done(seq: number, epoch: number, bytes: number, errno: number, payload?: Buffer): void {
+    if (payload) this.releasePayload(payload);
     this.barrier.end(epoch);
     this.inFlightBytes -= bytes;
     if (this.paused && this.inFlightBytes <= MAX_INFLIGHT_BYTES / 2) {
@@ -300,9 +287,9 @@ export class ReplicaLane {
     this.ack(seq, errno);
   }
 
-  private releasePayload(payload: Buffer, aligned: boolean): void {
-    if (aligned) this.device?.releaseAlignedBuffer(payload);
-    else this.pool.release(payload);
+  /** A payload goes back where it came from: the device's aligned buffers or the pool. */
+  private releasePayload(payload: Buffer): void {
+    if (!this.device?.releaseAlignedBuffer(payload)) this.pool.release(payload);
   }
 
   // ---- acks ----------------------------------------------------------------------------------
@@ -374,7 +361,7 @@ export class ReplicaLane {
   private onClose(): void {
     clearTimeout(this.helloTimer);
     const phase = this.phase;
-    if (phase.kind === 'write-payload') this.releasePayload(phase.payload, phase.aligned);
+    if (phase.kind === 'write-payload') this.releasePayload(phase.payload);
     this.phase = { kind: 'closed' };
     this.detachWhenDrained();
   }

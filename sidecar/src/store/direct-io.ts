@@ -83,7 +83,18 @@ class ChunkPool {
     return this.free.pop();
   }
 
-  release(chunk: Buffer): void {
+  /**
+   * Takes back the chunk `view` starts (a whole chunk or a prefix of one); returns false, and
+   * takes nothing, for any other buffer.
+   */
+  release(view: Buffer): boolean {
+    if (!this.ownsChunkStart(view)) return false;
+    const at = view.byteOffset - this.slab.byteOffset;
+    this.recycle(view.length === CHUNK ? view : this.slab.subarray(at, at + CHUNK));
+    return true;
+  }
+
+  private recycle(chunk: Buffer): void {
     const short = this.waitingShort.shift();
     if (short) return short(chunk);
     if (this.free.length >= RESERVED_CHUNKS) {
@@ -161,9 +172,12 @@ export class DirectIo {
     return this.chunks.tryAcquire();
   }
 
-  /** Returns a buffer from `acquire` or `tryAcquire` (the whole chunk, not a view of part of it). */
-  release(chunk: Buffer): void {
-    this.chunks.release(chunk);
+  /**
+   * Takes back a buffer from `acquire` or `tryAcquire` (or a prefix of one); returns false for
+   * any other buffer, which it leaves alone.
+   */
+  release(chunk: Buffer): boolean {
+    return this.chunks.release(chunk);
   }
 
   /** Whether `data` starts one of the chunks (so `write` can take it as it is). */

@@ -185,13 +185,12 @@ export class FileBlockDevice implements BlockDevice {
     return this.directIo()?.tryAcquire()?.subarray(0, length);
   }
 
-  /** Takes back a buffer from `alignedBuffer` or `tryAlignedBuffer`. */
-  releaseAlignedBuffer(buf: Buffer): void {
-    this.direct?.release(buf.byteLength === DirectIo.chunkBytes ? buf : this.wholeChunk(buf));
-  }
-
-  private wholeChunk(view: Buffer): Buffer {
-    return Buffer.from(view.buffer, view.byteOffset, DirectIo.chunkBytes);
+  /**
+   * Takes back a buffer from `alignedBuffer` or `tryAlignedBuffer`; returns false for any other
+   * buffer, which it leaves alone.
+   */
+  releaseAlignedBuffer(buf: Buffer): boolean {
+    return this.direct?.release(buf) ?? false;
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
