@@ -55,7 +55,7 @@ export function ctlCommand(): Command {
       if (opts.output === 'json') return printJson(status);
       const info = status.info!;
       process.stdout.write(
-        `node:      ${info.node}\nversion:   ${info.version}\nstarted:   ${new Date(info.startedAtMs).toISOString()}\n` +
+        `node:      ${info.node}\nversion:   ${info.version}\nstarted:   ${new Date(info.startedAtMs).toISOString()}${info.serving ? '' : ' (still starting: volumes not yet exported)'}\n` +
           `data dir:  ${status.dataDir}\nnbd:       ${status.nbdSocket}${status.nbdTcp ? `, tcp ${status.nbdTcp}` : ''}\n\n`,
       );
       printTable(VOLUME_HEADERS, volumeRows(status.volumes));

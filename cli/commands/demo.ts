@@ -69,8 +69,9 @@ async function startAgent(node: string, root: string): Promise<DemoAgent> {
   const client = new AgentClient(address, 2000);
   for (let i = 0; ; i++) {
     try {
-      await client.info();
-      return { node, dir, address, child, client };
+      // Its API answers while volumes resume; their exports are open only once serving.
+      if ((await client.info()).serving) return { node, dir, address, child, client };
+      throw new Error('still starting');
     } catch (err) {
       if (i > 100 || child.exitCode !== null)
         throw new Error(`agent ${node} did not start: ${errorMessage(err)}`);

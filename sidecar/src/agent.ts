@@ -67,6 +67,8 @@ export interface VolumeView {
 
 export class Agent implements ExportSource {
   readonly startedAtMs = Date.now();
+  /** Start-up is over: volumes resumed, NBD listening (see GetInfoResponse.serving). */
+  serving = false;
   grpcAddress = '';
   /** Where primaries open data lanes to this agent, as they should dial it. */
   dataAddress = '';
@@ -193,6 +195,7 @@ export class Agent implements ExportSource {
         registration.start();
         agent.registration = registration;
       }
+      agent.serving = true;
       log.info(
         {
           node: options.node,

@@ -51,12 +51,13 @@ describe('lockstep ctl', () => {
 
   it('shows status with the node, version and volumes', async () => {
     const status = JSON.parse(await agent.ctl('status', '-o', 'json')) as {
-      info: { node: string; version: string };
+      info: { node: string; version: string; serving: boolean };
       nbdSocket: string;
       volumes: { name: string }[];
     };
     expect(status.info.node).toBe('node-ctl');
     expect(status.info.version).toMatch(/^\d+\.\d+\.\d+/);
+    expect(status.info.serving).toBe(true);
     expect(status.nbdSocket).toBe(agent.nbdSocket);
     expect(status.volumes.map((v) => v.name)).toEqual(expect.arrayContaining(['alpha', 'beta']));
     expect(await agent.ctl('status')).toMatch(/node:\s+node-ctl/);

@@ -5,7 +5,6 @@
 import { randomUUID } from 'node:crypto';
 import { openSync, readSync, closeSync, readFileSync } from 'node:fs';
 import net from 'node:net';
-import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { replicationProto } from '../../proto';
 import type { HandshakeResponse__Output } from '../../proto/gen/lockstep/v1/HandshakeResponse';
@@ -165,7 +164,7 @@ describe('replication data lanes, facing bad input', () => {
     return l;
   }
 
-  const agentLog = () => readFileSync(path.join(b.dataDir, 'agent.1.log'), 'utf8');
+  const agentLog = () => readFileSync(b.proc.logPath, 'utf8');
   /** The agent's log reaches its file a little after the socket events a test sees. */
   const logShows = (pattern: RegExp) =>
     waitFor(

@@ -16,6 +16,8 @@ export const lockstepBin = path.join(repoRoot, 'bin', 'lockstep.js');
 export interface AgentProcessOptions {
   node?: string;
   dataDir?: string;
+  /** Where its logs go (default: the data dir; elsewhere when that disk is meant to fill up). */
+  logDir?: string;
   nbdTcp?: boolean;
   metrics?: boolean;
   extraArgs?: string[];
@@ -71,7 +73,7 @@ export class AgentProcess {
       `agent-${this.node}`,
       process.execPath,
       args,
-      path.join(this.dataDir, `agent.${++this.starts}.log`),
+      path.join(this.opts.logDir ?? this.dataDir, `agent.${this.node}.${++this.starts}.log`),
     );
     await waitFor(
       `agent ${this.node} to serve`,
@@ -79,8 +81,8 @@ export class AgentProcess {
         if (this.proc.child.exitCode !== null) throw new Error(`agent exited:\n${this.proc.log()}`);
         const client = new AgentClient(this.grpcAddress, 1000);
         try {
-          await client.info();
-          return true;
+          // Its API answers while volumes resume; their exports are open only once serving.
+          return (await client.info()).serving || undefined;
         } finally {
           client.close();
         }

@@ -9,7 +9,12 @@ import { REPLICATION_MODES, type ReplicationMode } from '../store/volume-metadat
 import { DEFAULT_REGION_SIZE } from '../tracking/dirty-bitmap';
 
 function info(agent: Agent) {
-  return { node: agent.node, version: packageVersion, startedAtMs: agent.startedAtMs };
+  return {
+    node: agent.node,
+    version: packageVersion,
+    startedAtMs: agent.startedAtMs,
+    serving: agent.serving,
+  };
 }
 
 /** The wire shape of a volume: replication peers carry lastInSyncMs, resync is optional. */

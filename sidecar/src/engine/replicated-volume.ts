@@ -315,6 +315,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     for (const l of this.links) {
       this.tracking.markDirty(l.address, offset, length);
       this.startTracking(l.address);
+      l.resyncInPlace();
     }
   }
 

@@ -32,7 +32,7 @@
 //   [length payload bytes, WRITE only]
 //
 // and secondary → primary, ack records (ACK_BYTES):
-//   u8  kind 0x81, u8 reserved, u16 reserved, u32 errno (0 = done), u64 seq
+//   u8  kind 0x81, u8 reserved, u16 reserved, u32 errno (0 done, 5 EIO, 28 ENOSPC), u64 seq
 //
 // Ops in flight never overlap (the primary's region locks guarantee it), so the secondary may
 // apply them concurrently; a FLUSH covers every op received before it on its lane. PING does
@@ -41,6 +41,8 @@
 export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3, PING: 4 } as const;
 export type OpKind = (typeof OpKind)[keyof typeof OpKind];
 export const OpFlag = { FUA: 1, BULK: 2 } as const;
+/** The errnos an ack carries: Linux's numbers, so logs read as usual. */
+export const AckErrno = { EIO: 5, ENOSPC: 28 } as const;
 export const OP_HEADER_BYTES = 24;
 export const ACK_BYTES = 16;
 const ACK_KIND = 0x81;

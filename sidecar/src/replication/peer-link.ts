@@ -11,9 +11,9 @@ import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/H
 import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import { DataLane, type LaneOwner } from './data-lane';
-import { OpKind, isToken } from './frames';
+import { AckErrno, OpKind, isToken } from './frames';
 import { decideResync, type Generations } from './generations';
-import { markDifferingRegions, resyncDirtyRegions } from './resync';
+import { markDifferingRegions, resyncDirtyRegions, type ResyncOptions } from './resync';
 import type { PeerHost } from './peer-host';
 
 export type PeerState =
@@ -206,11 +206,18 @@ export class PeerLink {
     if (!p) return;
     this.pending.delete(seq);
     if (errno === 0) p.resolve();
+    else if (errno === AckErrno.ENOSPC)
+      p.reject(
+        new LockstepError(
+          'LOCKSTEP_ERR_NO_SPACE',
+          `peer ${this.address} has no space left on its disk (ENOSPC): free space there, or give the volume a larger disk`,
+        ),
+      );
     else
       p.reject(
         new LockstepError(
           'LOCKSTEP_ERR_IO',
-          `peer ${this.address} failed op ${seq} with errno ${errno}`,
+          `peer ${this.address} failed op ${seq} with errno ${errno} (an I/O error on its disk)`,
         ),
       );
   }
@@ -368,8 +375,6 @@ export class PeerLink {
 
       await this.openLanes(hello, epoch);
       if (stale()) return;
-      this.retryMs = RETRY_MIN_MS;
-      this.condition = '';
       this.setState(decision.kind === 'baseline' ? 'Baselining' : 'Resyncing');
       this.log.info(
         { decision: decision.kind, node: hello.node, dirtyBytes: bitmap.dirtyBytes() },
@@ -388,30 +393,54 @@ export class PeerLink {
       }
       const kind =
         decision.kind === 'baseline' ? 'baseline' : decision.kind === 'full' ? 'full' : 'bitmap';
-      this.resync = { kind, doneBytes: 0, totalBytes: bitmap.dirtyBytes(), startedAt: Date.now() };
-      await resyncDirtyRegions(this, host, () => stale(), {
-        peerIsZero: decision.kind === 'baseline' && hello.fresh,
-      });
-      if (stale()) return;
-      await this.unary<unknown>((o, cb) =>
-        this.rpc.SetGeneration(
-          {
-            volume: host.volumeName,
-            generation: host.generations(),
-          },
-          o,
-          cb,
-        ),
-      );
-      if (stale()) return;
-      await host.onPeerCaughtUp(this);
-      this.discardPeerData = false;
-      this.resync = undefined;
-      this.setState('InSync');
-      this.log.info({ resyncBytesSent: this.resyncBytesSent }, 'peer in sync');
+      await this.catchUp(kind, { peerIsZero: decision.kind === 'baseline' && hello.fresh }, stale);
     } catch (err) {
       if (!stale()) this.fail(errorMessage(err));
     }
+  }
+
+  /**
+   * Copies the dirty regions over the open lanes, then gives the peer this copy's generation:
+   * it is in sync. Throws if the link fails meanwhile.
+   */
+  private async catchUp(
+    kind: ResyncProgress['kind'],
+    opts: ResyncOptions,
+    stale: () => boolean,
+  ): Promise<void> {
+    const host = this.host;
+    const bitmap = host.tracking.bitmap(this.address);
+    this.resync = { kind, doneBytes: 0, totalBytes: bitmap.dirtyBytes(), startedAt: Date.now() };
+    await resyncDirtyRegions(this, host, stale, opts);
+    if (stale()) return;
+    await this.pushGeneration();
+    if (stale()) return;
+    await host.onPeerCaughtUp(this);
+    this.discardPeerData = false;
+    this.resync = undefined;
+    // Backoff starts over only once the peer caught up: a peer that accepts the connection and
+    // then fails every catch-up (its disk is full) is retried ever more slowly, not 5× a second.
+    this.retryMs = RETRY_MIN_MS;
+    this.condition = '';
+    this.setState('InSync');
+    this.log.info({ resyncBytesSent: this.resyncBytesSent }, 'peer in sync');
+    // Regions that turned dirty after the scan's last pass (see resyncInPlace).
+    if (bitmap.dirtyRegions > 0) this.resyncInPlace();
+  }
+
+  /**
+   * Regions turned dirty while the peer is in sync, without the link failing: the local write
+   * failed (a full disk) after the peer had taken it. They are copied again over the live
+   * lanes, so the peer gets back what this copy holds, without dropping the connection.
+   */
+  resyncInPlace(): void {
+    if (this.state !== 'InSync' || !this.streaming) return;
+    const epoch = this.epoch;
+    const stale = () => this.stopped || epoch !== this.epoch;
+    this.setState('Resyncing');
+    this.catchUp('bitmap', { peerIsZero: false }, stale).catch((err: unknown) => {
+      if (!stale()) this.fail(errorMessage(err));
+    });
   }
 
   /** Opens every data lane to the address and session the handshake gave; all or none. */

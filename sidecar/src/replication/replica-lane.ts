@@ -14,6 +14,7 @@ import type { FileBlockDevice } from '../store/file-device';
 import { FlushBarrier } from './flush-barrier';
 import {
   ACK_BYTES,
+  AckErrno,
   FrameError,
   HELLO_BYTES,
   OP_HEADER_BYTES,
@@ -52,8 +53,6 @@ type Phase =
     }
   | { kind: 'closed' };
 
-const EIO = 5;
-const ENOSPC = 28;
 /** A connection that has not said who it is by then is dropped. */
 const HELLO_TIMEOUT_MS = 10_000;
 /** Above this many payload bytes being applied, stop reading (the primary's TCP backs up). */
@@ -271,7 +270,7 @@ export class ReplicaLane {
       (err: unknown) => {
         this.log.warn({ seq, err: errorMessage(err) }, 'replicated op failed');
         const noSpace = err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE';
-        this.done(seq, epoch, bytes, noSpace ? ENOSPC : EIO, payload);
+        this.done(seq, epoch, bytes, noSpace ? AckErrno.ENOSPC : AckErrno.EIO, payload);
       },
     );
   }
