@@ -1,5 +1,6 @@
-// Region locks: a write holds the regions it touches until every copy has it, so an overlapping
-// write waits and dependent writes reach every copy in the order they arrived; the resync
+// Region locks: a write holds the regions it touches until every copy has it (an async write:
+// until the local copy has it, see PeerOrder for the peers), so an overlapping write waits and
+// dependent writes reach every copy in the order they arrived; the resync
 // scanner holds a region while it copies it, so no live write can interleave with the copy.
 // Waiters are served strictly in arrival order among those that overlap.
 

@@ -31,6 +31,7 @@ import type { Volume, VolumeStore } from '../store/volume-store';
 import { ActivityLog } from '../tracking/activity-log';
 import { DEFAULT_REGION_SIZE, DirtyBitmap, loadDirtyBitmap } from '../tracking/dirty-bitmap';
 import { VolumeTracking, bitmapFile } from '../tracking/volume-tracking';
+import { PeerOrder } from './peer-order';
 import { RegionLocks } from './region-locks';
 
 type ReadyVolume = Extract<Volume, { state: 'Ready' }>;
@@ -82,6 +83,7 @@ const ASYNC_MAX_BACKLOG_BYTES = 64 * 1024 * 1024;
 
 export class ReplicatedVolume implements BlockDevice, PeerHost {
   readonly locks = new RegionLocks();
+  private readonly peerOrder = new PeerOrder();
   tracking!: VolumeTracking;
   private links: PeerLink[] = [];
   private primaryLeft = false;
@@ -153,6 +155,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   generations(): Generations {
     return this.meta.generation;
   }
+  peerOpsAhead(first: number, last: number): Promise<void> | undefined {
+    return this.peerOrder.after(first, last);
+  }
   bitmapUuid(peer: string): string | null {
     return this.meta.replication?.peers.find((p) => p.address === peer)?.bitmapUuid ?? null;
   }
@@ -190,6 +195,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   }
 
   async flush(): Promise<void> {
+    // A FLUSH covers what the peers received before it: async writes still on their way first.
+    const ahead = this.peerOrder.all();
+    if (ahead) await ahead;
     const legs: Promise<void>[] = [this.local.flush()];
     for (const l of this.links) {
       if (l.streaming) {
@@ -230,9 +238,11 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     if (locked) await locked;
     this.inFlight++;
     const al = this.tracking.activityLog;
-    const release = () => {
+    const unlock = () => this.locks.release(first, last);
+    // The activity log keeps the regions until every copy has the write: a primary that dies
+    // before then must resync them.
+    const finished = () => {
       al.release(offset, length);
-      this.locks.release(first, last);
       if (--this.inFlight === 0) for (const wake of this.idle.splice(0)) wake();
     };
     try {
@@ -243,36 +253,53 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
         if (down) throw this.strictRefusal(down);
       }
     } catch (err) {
-      release();
+      unlock();
+      finished();
       throw err;
     }
 
-    // Peers first: their ops leave in this turn's batch (PeerLink flushes on process.nextTick),
-    // and the local write is queued behind that flush, so the round trip to the replica and
-    // its write overlap ours instead of following every local write of the batch.
-    const legs: Promise<void>[] = [];
-    for (const l of links) {
-      if (l.streaming)
-        legs.push(peerOp(l).catch((err: unknown) => this.missed(l, offset, length, err)));
-      else this.missed(l, offset, length);
+    const ahead = this.peerOrder.after(first, last);
+    let local: Promise<void>;
+    let peers: Promise<void>[];
+    if (ahead) {
+      // An async write to these regions is still on its way to the peers: this op follows it.
+      local = localOp();
+      peers = [
+        ahead.then(async () => {
+          await Promise.all(this.toPeers(links, offset, length, peerOp));
+        }),
+      ];
+    } else {
+      // Peers first: their ops leave in this turn's batch (PeerLink flushes on
+      // process.nextTick), and the local write is queued behind that flush, so the round trip to
+      // the replica and its write overlap ours instead of following every local write of the
+      // batch.
+      peers = this.toPeers(links, offset, length, peerOp);
+      local = peers.length > 0 ? afterBatch(localOp) : localOp();
     }
-    legs.unshift(legs.length > 0 ? afterBatch(localOp) : localOp());
-    const settled = Promise.allSettled(legs).finally(release);
+    const settled = Promise.allSettled([local, ...peers]);
     if (
       this.mode === 'async' &&
       this.asyncBacklog < ASYNC_MAX_BACKLOG &&
       this.asyncBacklogBytes + length <= ASYNC_MAX_BACKLOG_BYTES
     ) {
-      // Acknowledge on the local copy; the region stays locked until the peers have it, so
-      // later overlapping writes still reach them in order.
+      // Acknowledged, and unlocked, once on the local copy; later writes to these regions reach
+      // the peers after this one all the same (see PeerOrder).
+      this.peerOrder.record(
+        first,
+        last,
+        Promise.allSettled(peers).then(() => undefined),
+      );
       this.asyncBacklog++;
       this.asyncBacklogBytes += length;
-      void settled.finally(() => {
+      void local.then(unlock, unlock);
+      void settled.then(() => {
         this.asyncBacklog--;
         this.asyncBacklogBytes -= length;
+        finished();
       });
       try {
-        await legs[0];
+        await local;
       } catch (err) {
         this.localFailed(offset, length);
         throw err;
@@ -280,11 +307,29 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       return;
     }
     const results = await settled;
+    unlock();
+    finished();
     if (results[0].status === 'rejected') {
       this.localFailed(offset, length);
       throw results[0].reason;
     }
     for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /** Sends one op to every peer; a peer that cannot take it has the range marked dirty. */
+  private toPeers(
+    links: readonly PeerLink[],
+    offset: number,
+    length: number,
+    peerOp: (l: PeerLink) => Promise<void>,
+  ): Promise<void>[] {
+    const legs: Promise<void>[] = [];
+    for (const l of links) {
+      if (l.streaming)
+        legs.push(peerOp(l).catch((err: unknown) => this.missed(l, offset, length, err)));
+      else this.missed(l, offset, length);
+    }
+    return legs;
   }
 
   /**

@@ -24,6 +24,11 @@ export interface PeerHost {
   readonly tracking: VolumeTracking;
   readonly log: Logger;
   generations(): Generations;
+  /**
+   * Settles once the ops on regions [first, last] still on their way to the peers (async
+   * writes already acknowledged locally) have been answered; undefined if there is none.
+   */
+  peerOpsAhead(first: number, last: number): Promise<void> | undefined;
   bitmapUuid(peer: string): string | null;
   /** The peer holds everything up to our current generation. */
   onPeerCaughtUp(link: PeerLink): Promise<void>;

@@ -40,6 +40,10 @@ async function copyRun(
   const wait = host.locks.acquire(first, last);
   if (wait) await wait;
   try {
+    // An async write acknowledged before the lock may still be on its way: the copy, which
+    // reads what is here now, must reach the peer after it, not be overwritten by it.
+    const ahead = host.peerOpsAhead(first, last);
+    if (ahead) await ahead;
     const start = bitmap.regionRange(first).offset;
     const end = bitmap.regionRange(last).offset + bitmap.regionRange(last).length;
     // A pooled buffer the direct read fills in place; the lanes send from it, so it goes back
