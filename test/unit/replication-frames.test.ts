@@ -32,6 +32,7 @@ describe('replication frames', () => {
       kind: OpKind.WRITE,
       fua: true,
       bulk: false,
+      ordered: false,
       length: 4096,
       seq: 2 ** 33 + 5,
       offset: 2 ** 40,
@@ -39,8 +40,13 @@ describe('replication frames', () => {
     expect(h.parse(buf, OP_HEADER_BYTES)).toBe(h);
     expect(h).toMatchObject({ kind: OpKind.FLUSH, fua: false, bulk: false, seq: 7 });
     // Flag bits a later version may add are ignored, not refused.
-    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.BULK | 0x80, 65536, 8, 0);
-    expect(h.parse(buf, 0)).toMatchObject({ kind: OpKind.WRITE, fua: false, bulk: true });
+    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.BULK | OpFlag.ORDERED | 0x80, 65536, 8, 0);
+    expect(h.parse(buf, 0)).toMatchObject({
+      kind: OpKind.WRITE,
+      fua: false,
+      bulk: true,
+      ordered: true,
+    });
   });
 
   it('rejects unknown kinds, oversized writes and unsafe 64-bit values', () => {

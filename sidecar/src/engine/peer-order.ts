@@ -1,10 +1,10 @@
-// Which ops are still on their way to the peers, per region, so that a later op on the same
-// region reaches them after it. Async mode acknowledges a write, and unlocks its regions, once
-// it is on the local copy; its op to the peers may still be queued or in flight. A peer applies
-// the ops it receives concurrently (they arrive on several lanes), so the next op on that
-// region must not leave before the earlier one was acknowledged. Only regions with such an op
-// are held here: sync and strict-sync writes keep their regions locked until the peers have
-// them, and never need it.
+// Which async ops are still on their way to the peers, per region. Async mode acknowledges a
+// write, and unlocks its regions, once it is on the local copy; its op to the peers may still
+// be in flight. Async ops keep their order by travelling on one lane that the peer applies in
+// order, but anything sent another way must wait for them: a resync copy of the region, a
+// FLUSH, or a write after the mode changed (those go over every lane, applied concurrently).
+// Only regions with such an op are held here: sync and strict-sync writes keep their regions
+// locked until the peers have them, and never need it.
 export class PeerOrder {
   private readonly pending = new Map<number, Promise<void>>();
 

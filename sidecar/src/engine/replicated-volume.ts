@@ -195,8 +195,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   }
 
   async flush(): Promise<void> {
-    // A FLUSH covers what the peers received before it: async writes still on their way first.
-    const ahead = this.peerOrder.all();
+    // A FLUSH covers what its lane carried before it. Async writes travel on one lane ahead
+    // of it; in any other mode, async writes still on their way must be answered first.
+    const ahead = this.mode === 'async' ? undefined : this.peerOrder.all();
     if (ahead) await ahead;
     const legs: Promise<void>[] = [this.local.flush()];
     for (const l of this.links) {
@@ -258,11 +259,13 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       throw err;
     }
 
-    const ahead = this.peerOrder.after(first, last);
+    // Async ops travel in order on one lane (see PeerLink.send): a later one may leave at once.
+    const ahead = this.mode === 'async' ? undefined : this.peerOrder.after(first, last);
     let local: Promise<void>;
     let peers: Promise<void>[];
     if (ahead) {
-      // An async write to these regions is still on its way to the peers: this op follows it.
+      // An async write to these regions (made before the mode changed) is still on its way to
+      // the peers: this op follows it.
       local = localOp();
       peers = [
         ahead.then(async () => {

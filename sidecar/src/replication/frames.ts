@@ -24,7 +24,10 @@
 //   u8  kind     1 WRITE | 2 ZERO | 3 FLUSH | 4 PING
 //   u8  flags    bit 0: FUA (durable before the ack)
 //                bit 1: BULK (catch-up data, baseline or resync: the secondary may write it
-//                       around its page cache; other bits are ignored)
+//                       around its page cache)
+//                bit 2: ORDERED (async mode: applied only after every ORDERED op received
+//                       before it on this lane has been, so the copy always holds a prefix of
+//                       the primary's writes; other bits are ignored)
 //   u16 reserved 0
 //   u32 length   WRITE: payload bytes that follow (≤ MAX_WRITE_BYTES); ZERO: bytes to zero
 //   u64 seq      per-link sequence number, echoed by the ack
@@ -35,12 +38,14 @@
 //   u8  kind 0x81, u8 reserved, u16 reserved, u32 errno (0 done, 5 EIO, 28 ENOSPC), u64 seq
 //
 // Ops in flight never overlap (the primary's region locks guarantee it), so the secondary may
-// apply them concurrently; a FLUSH covers every op received before it on its lane. PING does
+// apply them concurrently, except ORDERED ones (async mode, where a write is acknowledged
+// before the peer has it: they travel on one lane and are applied in the order sent); a FLUSH
+// covers every op received before it on its lane. PING does
 // nothing but come back acknowledged: it keeps an idle lane's liveness checked both ways.
 
 export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3, PING: 4 } as const;
 export type OpKind = (typeof OpKind)[keyof typeof OpKind];
-export const OpFlag = { FUA: 1, BULK: 2 } as const;
+export const OpFlag = { FUA: 1, BULK: 2, ORDERED: 4 } as const;
 /** The errnos an ack carries: Linux's numbers, so logs read as usual. */
 export const AckErrno = { EIO: 5, ENOSPC: 28 } as const;
 export const OP_HEADER_BYTES = 24;
@@ -95,6 +100,7 @@ export class OpHeader {
   kind: OpKind = OpKind.PING;
   fua = false;
   bulk = false;
+  ordered = false;
   length = 0;
   seq = 0;
   offset = 0;
@@ -106,6 +112,7 @@ export class OpHeader {
     this.kind = kind as OpKind;
     this.fua = (buf[at + 1] & OpFlag.FUA) !== 0;
     this.bulk = (buf[at + 1] & OpFlag.BULK) !== 0;
+    this.ordered = (buf[at + 1] & OpFlag.ORDERED) !== 0;
     this.length = buf.readUInt32BE(at + 4);
     this.seq = readU64(buf, at + 8);
     this.offset = readU64(buf, at + 16);

@@ -11,7 +11,7 @@ import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/H
 import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import { DataLane, type LaneOwner } from './data-lane';
-import { AckErrno, OpKind, isToken } from './frames';
+import { AckErrno, OpFlag, OpKind, isToken } from './frames';
 import { decideResync, type Generations } from './generations';
 import { markDifferingRegions, resyncDirtyRegions, type ResyncOptions } from './resync';
 import type { PeerHost } from './peer-host';
@@ -172,6 +172,11 @@ export class PeerLink {
       );
     }
     if (data) this.liveBytesSent += data.length;
+    if (this.host.mode === 'async') {
+      // Acknowledged before the peer has it: the peer must apply writes in the order they were
+      // made, or a failover could find a later write without an earlier one it depends on.
+      return this.enqueue(this.lanes[0], kind, flags | OpFlag.ORDERED, length, offset, data);
+    }
     let lane = this.lanes[this.current];
     if (lane.batchBytes >= LANE_BATCH_BYTES) {
       this.current = (this.current + 1) % this.lanes.length;

@@ -49,6 +49,8 @@ type Phase =
       payload: Buffer;
       /** Catch-up data (baseline, resync): written around the page cache if it can be. */
       bulk: boolean;
+      /** Applied after the ORDERED ops received before it (see frames.ts). */
+      ordered: boolean;
       filled: number;
     }
   | { kind: 'closed' };
@@ -76,6 +78,8 @@ export class ReplicaLane {
   private binding: LaneBinding | undefined;
   private device: FileBlockDevice | undefined;
   private inFlightBytes = 0;
+  /** Settles when the last ORDERED op received so far has been applied (or failed). */
+  private orderedTail: Promise<void> = Promise.resolve();
   private paused = false;
   private ackArena = Buffer.allocUnsafe(ACK_ARENA_BYTES);
   private ackStart = 0;
@@ -127,7 +131,7 @@ export class ReplicaLane {
     phase.filled += n;
     if (phase.filled === phase.payload.length) {
       this.phase = { kind: 'op-header' };
-      this.applyWrite(phase.seq, phase.offset, phase.payload, phase.fua, phase.bulk);
+      this.applyWrite(phase.seq, phase.offset, phase.payload, phase);
     }
   }
 
@@ -214,7 +218,7 @@ export class ReplicaLane {
         const payload =
           (h.bulk ? this.device!.tryAlignedBuffer(h.offset, h.length) : undefined) ??
           this.pool.acquire(h.length);
-        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h.fua, h.bulk);
+        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h);
         this.phase = {
           kind: 'write-payload',
           seq: h.seq,
@@ -222,16 +226,20 @@ export class ReplicaLane {
           fua: h.fua,
           payload,
           bulk: h.bulk,
+          ordered: h.ordered,
           filled: 0,
         };
         return;
       }
-      case OpKind.ZERO:
+      case OpKind.ZERO: {
+        const device = this.device!;
+        const { offset, length, fua } = h;
         return this.track(
           h.seq,
           0,
-          this.device!.writeZeroes(h.offset, h.length, { fua: h.fua, noHole: false }),
+          this.inOrder(h.ordered, () => device.writeZeroes(offset, length, { fua, noHole: false })),
         );
+      }
       case OpKind.FLUSH: {
         const device = this.device!;
         return this.track(
@@ -249,8 +257,7 @@ export class ReplicaLane {
     seq: number,
     offset: number,
     payload: Buffer,
-    fua: boolean,
-    bulk: boolean,
+    { fua, bulk, ordered }: { fua: boolean; bulk: boolean; ordered: boolean },
   ): void {
     this.inFlightBytes += payload.length;
     if (this.inFlightBytes > MAX_INFLIGHT_BYTES && !this.paused) {
@@ -258,9 +265,21 @@ export class ReplicaLane {
       this.socket.pause();
     }
     const device = this.device!;
-    const work =
-      bulk && !fua ? device.writeAround(offset, payload) : device.write(offset, payload, fua);
+    const work = this.inOrder(ordered, () =>
+      bulk && !fua ? device.writeAround(offset, payload) : device.write(offset, payload, fua),
+    );
     this.track(seq, payload.length, work, payload);
+  }
+
+  /** Starts `op` now, or, if `ordered`, once the ORDERED ops received before it are done. */
+  private inOrder(ordered: boolean, op: () => Promise<void>): Promise<void> {
+    if (!ordered) return op();
+    const work = this.orderedTail.then(op);
+    this.orderedTail = work.then(
+      () => undefined,
+      () => undefined,
+    );
+    return work;
   }
 
   private track(seq: number, bytes: number, work: Promise<void>, payload?: Buffer): void {
