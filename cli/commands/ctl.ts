@@ -222,7 +222,7 @@ function printVolume(v: VolumeInfo): void {
     return;
   }
   printTable(
-    ['PEER', 'NODE', 'STATE', 'DIRTY', 'RESYNCED', 'PROGRESS', 'CONDITION'],
+    ['PEER', 'NODE', 'STATE', 'DIRTY', 'RESYNCED', 'PROGRESS', 'REASON'],
     r.peers.map((p) => [
       p.address,
       p.node || '-',
@@ -233,7 +233,7 @@ function printVolume(v: VolumeInfo): void {
         ? `${p.resync.kind} ${Math.floor((100 * p.resync.doneBytes) / Math.max(1, p.resync.totalBytes))}%` +
           (p.resync.etaSeconds >= 0 ? ` eta ${p.resync.etaSeconds}s` : '')
         : '-',
-      p.condition,
+      p.reason,
     ]),
   );
 }

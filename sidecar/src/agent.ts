@@ -13,11 +13,8 @@ import type { Logger } from '../../lib/logger';
 import { agentProto, replicationProto } from '../../proto';
 import { agentHandlers } from './control/agent-service';
 import { startGrpcServer, type BoundServer } from './control/grpc-server';
-import {
-  ReplicatedVolume,
-  type ReplicationContext,
-  type ReplicationStatus,
-} from './engine/replicated-volume';
+import { ReplicatedVolume, type ReplicationContext } from './engine/replicated-volume';
+import type { ReplicationStatus } from './replication/replication-status';
 import type { BlockDevice } from './store/block-device';
 import { NbdServer, type ExportSource } from './frontend/nbd/server';
 import { AgentMetrics } from './metrics';
@@ -77,7 +74,8 @@ export class Agent implements ExportSource {
   readonly nbd: NbdServer;
   readonly metrics: AgentMetrics;
   readonly log: Logger;
-  private readonly replicas = new Map<string, ReplicatedVolume>();
+  /** Every open volume's engine, primaries and secondaries alike. */
+  private readonly engines = new Map<string, ReplicatedVolume>();
   private readonly ctx: ReplicationContext;
   private grpc: BoundServer | undefined;
   private data: DataListener | undefined;
@@ -93,7 +91,7 @@ export class Agent implements ExportSource {
   ) {
     this.log = options.log;
     this.metrics = new AgentMetrics(store, options.node, () =>
-      [...this.replicas].flatMap(([volume, rv]) =>
+      [...this.engines].flatMap(([volume, rv]) =>
         rv.meta.replication ? [{ volume, status: rv.status() }] : [],
       ),
     );
@@ -138,7 +136,7 @@ export class Agent implements ExportSource {
         store,
       );
       for (const v of store.list()) {
-        if (v.state === 'Ready') agent.replicas.set(v.name, new ReplicatedVolume(agent.ctx, v));
+        if (v.state === 'Ready') agent.engines.set(v.name, new ReplicatedVolume(agent.ctx, v));
       }
       // The data port is bound first: handshakes answered over gRPC advertise it.
       const [dataHost, dataPort] = options.dataListen
@@ -165,7 +163,7 @@ export class Agent implements ExportSource {
       agent.grpcAddress = agent.grpc.address.replace(/^[^:]*(?=:\d+$)/, grpcHost);
       // Peers learn our address in the handshake, so links start once it is bound.
       agent.ctx.address = options.advertise ?? agent.grpcAddress;
-      for (const rv of agent.replicas.values()) await rv.resume();
+      for (const rv of agent.engines.values()) await rv.resume();
       await agent.nbd.listenUnix(agent.nbdSocket);
       if (options.nbdListen) {
         agent.nbdTcpAddress = await agent.nbd.listenTcp(
@@ -222,25 +220,25 @@ export class Agent implements ExportSource {
   // ---- ExportSource (NBD) and ReplicaHost (replication service) ------------------------------
 
   exportNames(): string[] {
-    return [...this.replicas.keys()].sort();
+    return [...this.engines.keys()].sort();
   }
 
   exportDevice(name: string): BlockDevice {
-    const rv = this.replicas.get(name);
+    const rv = this.engines.get(name);
     if (rv) return rv;
     this.store.ready(name); // throws the reason: unknown, or failed with its file named
     throw new LockstepError('LOCKSTEP_ERR_VOLUME_FAILED', `volume ${name} is not open`);
   }
 
   replicated(name: string): ReplicatedVolume | undefined {
-    return this.replicas.get(name);
+    return this.engines.get(name);
   }
 
   async createReplica(spec: NewVolume): Promise<ReplicatedVolume> {
     const volume = await this.store.create(spec);
     if (volume.state !== 'Ready') throw volume.error;
     const rv = new ReplicatedVolume(this.ctx, volume);
-    this.replicas.set(spec.name, rv);
+    this.engines.set(spec.name, rv);
     return rv;
   }
 
@@ -252,7 +250,7 @@ export class Agent implements ExportSource {
 
   view(volume: Volume): VolumeView {
     const ready = volume.state === 'Ready';
-    const rv = this.replicas.get(volume.name);
+    const rv = this.engines.get(volume.name);
     return {
       name: volume.name,
       uuid: ready ? volume.meta.uuid : '',
@@ -278,7 +276,7 @@ export class Agent implements ExportSource {
   }
 
   private replicaOf(name: string): ReplicatedVolume {
-    const rv = this.replicas.get(name);
+    const rv = this.engines.get(name);
     if (rv) return rv;
     this.store.ready(name);
     throw new LockstepError('LOCKSTEP_ERR_VOLUME_FAILED', `volume ${name} is not open`);
@@ -292,7 +290,7 @@ export class Agent implements ExportSource {
     secondaryOfUuid?: string;
   }): Promise<VolumeView> {
     const { name, dataPath, secondaryOfUuid } = spec;
-    const existing = dataPath === undefined ? undefined : this.replicas.get(name);
+    const existing = dataPath === undefined ? undefined : this.engines.get(name);
     if (existing) {
       // The operator repeats its requests: the same file (and identity) is the same volume.
       const same =
@@ -404,8 +402,8 @@ export class Agent implements ExportSource {
       }
       await this.nbd.disconnectExport(name);
     }
-    const rv = this.replicas.get(name);
-    this.replicas.delete(name);
+    const rv = this.engines.get(name);
+    this.engines.delete(name);
     await rv?.close();
     this.metrics.forgetVolume(name);
     return clients;
@@ -418,7 +416,7 @@ export class Agent implements ExportSource {
       this.registration?.stop();
       await this.nbd.shutdown();
       await this.data?.close();
-      for (const rv of this.replicas.values()) await rv.close();
+      for (const rv of this.engines.values()) await rv.close();
       await this.store.flushAll();
       await this.store.saveAllocationMaps();
       await this.grpc?.close();

@@ -5,7 +5,7 @@
 import client from 'prom-client';
 import type { RequestKind, RequestObserver } from './frontend/nbd/connection';
 import type { VolumeStore } from './store/volume-store';
-import type { ReplicationStatus } from './engine/replicated-volume';
+import type { ReplicationStatus } from './replication/replication-status';
 import { serveMetrics, type MetricsServer } from '../../lib/metrics-server';
 
 interface Bound {
@@ -146,6 +146,16 @@ export class AgentMetrics {
         this.reset();
         for (const { volume, p } of peers())
           this.set({ volume, peer: p.address }, p.resyncBytesSent);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_replication_peer_link_failures',
+      help: 'Times the link to each peer failed (lost, timed out, or the peer failed an op) since the agent started.',
+      labelNames: ['volume', 'peer'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, p } of peers()) this.set({ volume, peer: p.address }, p.linkFailures);
       },
     });
     new client.Gauge({

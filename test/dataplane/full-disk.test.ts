@@ -67,7 +67,7 @@ describe('a full disk', () => {
       a,
       'v',
       b,
-      (p) => /no space left on its disk \(ENOSPC\)/.test(p.condition),
+      (p) => /no space left on its disk \(ENOSPC\)/.test(p.reason),
       'ENOSPC reported',
       30_000,
     );

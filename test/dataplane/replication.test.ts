@@ -83,7 +83,7 @@ describe('synchronous replication', () => {
       (p) => p.state === 'OutOfSync' && p.dirtyBytes > 0,
       'out of sync',
     );
-    expect(behind.condition).not.toBe('');
+    expect(behind.reason).not.toBe('');
     const before = behind.resyncBytesSent;
     await b.start();
     const caught = await waitPeer(a, 'v', b, inSync, 'in sync again');
@@ -336,7 +336,7 @@ describe('synchronous replication', () => {
     await a.start();
     await a.ctl('demote', 'v');
     const p = await waitPeer(b, 'v', a, (x) => x.state === 'SplitBrain', 'split brain');
-    expect(p.condition).toMatch(/split brain/);
+    expect(p.reason).toMatch(/split brain/);
     // Nothing was overwritten on either side.
     await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x01 0 1m', a.uri('v')]);
     await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x02 0 1m', b.uri('v')]);

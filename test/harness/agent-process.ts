@@ -129,7 +129,8 @@ export class AgentProcess {
 
   async dispose(): Promise<void> {
     await this.proc?.kill('SIGKILL');
-    if (this.ownsDir) rmSync(this.dataDir, { recursive: true, force: true });
+    if (this.ownsDir && !process.env.KEEP_AGENT_DIRS)
+      rmSync(this.dataDir, { recursive: true, force: true });
   }
 }
 

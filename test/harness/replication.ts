@@ -10,12 +10,13 @@ export interface PeerJson {
   address: string;
   node: string;
   state: string;
-  condition: string;
+  reason: string;
   dirtyBytes: number;
   resyncBytesSent: number;
   liveBytesSent: number;
   /** Epoch ms when the peer last reached InSync, by the primary's clock. */
   lastInSyncMs: number;
+  linkFailures: number;
 }
 
 export interface VolumeJson {

@@ -30,7 +30,7 @@ function fingerprint(v: VolumeInfo): string {
     v.role,
     r?.mode,
     r?.primaryConnected,
-    (r?.peers ?? []).map((p) => [p.address, p.state, p.dirtyBytes > 0, p.condition]),
+    (r?.peers ?? []).map((p) => [p.address, p.state, p.dirtyBytes > 0, p.reason]),
   ]);
 }
 

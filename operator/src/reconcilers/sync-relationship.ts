@@ -531,7 +531,7 @@ export function summarize(
     (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
   );
   const describePeer = (p: (typeof peers)[number]) =>
-    `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.condition ? ` (${p.condition})` : ''}`;
+    `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.reason ? ` (${p.reason})` : ''}`;
   const split = peers.filter((p) => SPLIT.has(p.state)).map(describePeer);
   // A peer connecting for the first time is not down: it has simply not been in sync yet.
   const down = peers

@@ -1,40 +1,44 @@
-// The splitter: a volume as the NBD frontend sees it (a BlockDevice), fanning every write out
-// to the local file and to each peer in parallel and answering once the mode's rule is met.
-// It also owns the volume's role (primary / secondary), the peers' links and their tracking.
+// One volume's replication engine: the BlockDevice the NBD frontend serves, whatever this copy
+// is, and the role and configuration transitions between what it can be.
 //
-// Write path on a primary with peers:
-//   1. wait for overlapping writes (region locks: same order on every copy)
-//   2. activity log: a cold extent is logged durably first
-//   3. local write and every peer's send start together
-//   4. reply when local + every in-sync peer acknowledged (sync), or local alone (async);
-//      a peer that cannot take the write gets it marked in its dirty bitmap (sync, async) or
-//      fails the write (strict-sync). `missed()` owns that policy.
-import { randomBytes, randomUUID } from 'node:crypto';
-import { readdir, rm } from 'node:fs/promises';
+//   primary, alone          writes go to the local copy
+//   primary, replicating    writes go through the splitter (splitter.ts) to the local copy and
+//                           every peer link; the peers' tracking lives as long as the links
+//   secondary               the local copy takes a primary's replicated writes through its
+//                           session (replication/secondary-session.ts); the export is read-only
+//
+// Transitions (configure, stop, promote, demote) hold new writes until they are done and wait
+// for the writes in flight, so no write is ever made under one configuration and tracked
+// under another.
+import { randomUUID } from 'node:crypto';
+import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { LockstepError, errorMessage } from '../../../lib/errors';
+import { LockstepError } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import { OpFlag, OpKind, TOKEN_BYTES } from '../replication/frames';
 import { advance, ZERO_GENERATION, type Generations } from '../replication/generations';
-import { PeerLink, type PeerState } from '../replication/peer-link';
+import { PeerLink } from '../replication/peer-link';
 import type { PeerHost } from '../replication/peer-host';
 import type { LaneBinding, ReplicaLane } from '../replication/replica-lane';
+import type { ReplicaVolume } from '../replication/replica-service';
+import type { PeerState, ReplicationStatus } from '../replication/replication-status';
+import { SecondarySession, type PrimaryHello } from '../replication/secondary-session';
+import { SendBatch } from '../replication/send-batch';
 import type { BlockDevice, ZeroOptions } from '../store/block-device';
 import type { FileBlockDevice } from '../store/file-device';
+import { MetaWriter, type ReadyVolume } from '../store/meta-writer';
 import type {
   ReplicationConfig,
   ReplicationMode,
   Role,
   VolumeMetadata,
 } from '../store/volume-metadata';
-import type { Volume, VolumeStore } from '../store/volume-store';
-import { ActivityLog } from '../tracking/activity-log';
-import { DEFAULT_REGION_SIZE, DirtyBitmap, loadDirtyBitmap } from '../tracking/dirty-bitmap';
+import type { VolumeStore } from '../store/volume-store';
+import { DEFAULT_REGION_SIZE, DirtyBitmap } from '../tracking/dirty-bitmap';
+import { regionsHeldAlone } from '../tracking/former-primary';
 import { VolumeTracking, bitmapFile } from '../tracking/volume-tracking';
-import { PeerOrder } from './peer-order';
-import { RegionLocks } from './region-locks';
-
-type ReadyVolume = Extract<Volume, { state: 'Ready' }>;
+import { policyFor } from './mode-policy';
+import { Splitter } from './splitter';
+import { replicationStatus } from './status-view';
 
 export interface ReplicationContext {
   node: string;
@@ -45,78 +49,53 @@ export interface ReplicationContext {
   ackTimeoutMs: number;
 }
 
-export interface PeerStatus {
-  address: string;
-  node: string;
-  state: PeerState;
-  condition: string;
-  dirtyBytes: number;
-  resyncBytesSent: number;
-  liveBytesSent: number;
-  resync?: { kind: string; doneBytes: number; totalBytes: number; etaSeconds: number };
-  lastInSyncAt: number;
+/** A primary's peers and what exists only while it has them. */
+interface Replicating {
+  tracking: VolumeTracking;
+  links: PeerLink[];
+  splitter: Splitter;
 }
 
-export interface ReplicationStatus {
-  role: Role;
-  mode: ReplicationMode | '';
-  regionSize: number;
-  maxResyncBytesPerSecond: number;
-  generation: string;
-  /** Secondary: a primary is streaming to this copy right now. */
-  primaryConnected: boolean;
-  peers: PeerStatus[];
-}
+/** What this copy is now. */
+type Phase =
+  | { role: 'primary'; replicating: Replicating | undefined; demoting: boolean }
+  | { role: 'secondary'; session: SecondarySession };
 
-/** Runs `op` once the work queued with process.nextTick so far (the peers' batch) is done. */
-function afterBatch(op: () => Promise<void>): Promise<void> {
-  return new Promise((resolve, reject) => process.nextTick(() => op().then(resolve, reject)));
-}
-
-/**
- * Async mode bounds what is acknowledged locally but not yet by every peer, in writes and in
- * bytes: the bytes bound is the data a lost primary can take with it; the count bound keeps
- * tiny writes from piling up unbounded bookkeeping. Beyond either, writes wait for the peers.
- */
-const ASYNC_MAX_BACKLOG = 512;
-const ASYNC_MAX_BACKLOG_BYTES = 64 * 1024 * 1024;
-
-export class ReplicatedVolume implements BlockDevice, PeerHost {
-  readonly locks = new RegionLocks();
-  private readonly peerOrder = new PeerOrder();
-  tracking!: VolumeTracking;
-  private links: PeerLink[] = [];
-  private primaryLeft = false;
-  private asyncBacklog = 0;
-  private asyncBacklogBytes = 0;
-  private inFlight = 0;
-  private idle: (() => void)[] = [];
-  private demoting = false;
-  private metaWrite: Promise<void> = Promise.resolve();
+export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   readonly log: Logger;
-  /** Secondary: the session a primary opened with Handshake; its data lanes must present it. */
-  session = '';
-  /** Secondary: the primary that opened the session, and its data lanes by index. */
-  private sessionPrimary = '';
-  private readonly primaryLanes = new Map<number, ReplicaLane>();
+  private readonly record: MetaWriter;
+  private readonly batch = new SendBatch();
+  private phase: Phase;
+  /** Set while a transition runs: writes wait for it. */
+  private transition: Promise<void> | undefined;
+  /** Writes sent straight to the local copy (no peers) and not finished. */
+  private directWrites = 0;
+  private directIdle: (() => void)[] = [];
+  private readonly directDone = () => {
+    if (--this.directWrites === 0) for (const wake of this.directIdle.splice(0)) wake();
+  };
 
   constructor(
     private readonly ctx: ReplicationContext,
     private readonly volume: ReadyVolume,
   ) {
     this.log = ctx.log.child({ volume: volume.name });
+    this.record = new MetaWriter(volume, ctx.store, this.log);
+    this.phase =
+      volume.meta.role === 'primary'
+        ? { role: 'primary', replicating: undefined, demoting: false }
+        : { role: 'secondary', session: this.newSession() };
   }
 
   /** Starts replicating to the configured peers if this copy is a primary that has any. */
   async resume(): Promise<void> {
-    if (this.meta.role === 'primary' && this.meta.replication?.peers.length)
-      await this.startPeers();
+    if (this.phase.role === 'primary') await this.startPeers();
   }
 
-  // ---- identity (PeerHost) -------------------------------------------------------------------
+  // ---- identity ------------------------------------------------------------------------------
 
   get meta(): VolumeMetadata {
-    return this.volume.meta;
+    return this.record.meta;
   }
   get local(): FileBlockDevice {
     return this.volume.device;
@@ -132,6 +111,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   }
   get size(): number {
     return this.meta.sizeBytes;
+  }
+  get role(): Role {
+    return this.phase.role;
+  }
+  get generation(): Generations {
+    return this.meta.generation;
   }
   get regionSize(): number {
     return this.meta.replication?.regionSize ?? DEFAULT_REGION_SIZE;
@@ -150,43 +135,30 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   }
   /** Only a primary takes writes; a secondary's export serves reads. */
   get readOnly(): boolean {
-    return this.meta.readOnly || this.meta.role !== 'primary' || this.demoting;
-  }
-  generations(): Generations {
-    return this.meta.generation;
-  }
-  peerOpsAhead(first: number, last: number): Promise<void> | undefined {
-    return this.peerOrder.after(first, last);
-  }
-  bitmapUuid(peer: string): string | null {
-    return this.meta.replication?.peers.find((p) => p.address === peer)?.bitmapUuid ?? null;
+    const p = this.phase;
+    return this.meta.readOnly || p.role !== 'primary' || p.demoting;
   }
 
-  // ---- BlockDevice -------------------------------------------------------------------------
+  // ---- BlockDevice ---------------------------------------------------------------------------
 
   read(offset: number, target: Buffer): Promise<void> {
     return this.local.read(offset, target);
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
-    // Links may send the caller's buffer as is until the peer acknowledges it; async mode
-    // answers before that, when the caller may reuse the buffer, so the peers get a copy.
-    const shipped = this.mode === 'async' && this.links.length > 0 ? Buffer.from(data) : data;
-    return this.replicate(
-      offset,
-      data.length,
-      () => this.local.write(offset, data, fua),
-      (l) => l.send(OpKind.WRITE, offset, data.length, shipped, fua ? OpFlag.FUA : 0),
-    );
+    if (this.transition) return this.transition.then(() => this.write(offset, data, fua));
+    if (this.readOnly) return Promise.reject(this.readOnlyError());
+    const splitter = this.splitter();
+    if (splitter) return splitter.write(offset, data, fua);
+    return this.direct(() => this.local.write(offset, data, fua));
   }
 
   writeZeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
-    return this.replicate(
-      offset,
-      length,
-      () => this.local.writeZeroes(offset, length, opts),
-      (l) => l.send(OpKind.ZERO, offset, length, undefined, opts.fua ? OpFlag.FUA : 0),
-    );
+    if (this.transition) return this.transition.then(() => this.writeZeroes(offset, length, opts));
+    if (this.readOnly) return Promise.reject(this.readOnlyError());
+    const splitter = this.splitter();
+    if (splitter) return splitter.writeZeroes(offset, length, opts);
+    return this.direct(() => this.local.writeZeroes(offset, length, opts));
   }
 
   trim(offset: number, length: number): Promise<void> {
@@ -194,184 +166,100 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     return this.local.trim(offset, length);
   }
 
-  async flush(): Promise<void> {
-    // A FLUSH covers what its lane carried before it. Async writes travel on one lane ahead
-    // of it; in any other mode, async writes still on their way must be answered first.
-    const ahead = this.mode === 'async' ? undefined : this.peerOrder.all();
-    if (ahead) await ahead;
-    const legs: Promise<void>[] = [this.local.flush()];
-    for (const l of this.links) {
-      if (l.streaming) {
-        legs.push(
-          l
-            .send(OpKind.FLUSH, 0, 0, undefined, 0)
-            .catch((err: unknown) => this.flushMissed(l, err)),
-        );
-      } else if (this.mode === 'strict-sync') {
-        legs.push(Promise.reject(this.strictRefusal(l)));
-      }
-    }
-    const results = await Promise.allSettled(legs);
-    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  flush(): Promise<void> {
+    return (this.splitter() ?? this.local).flush();
   }
 
-  // ---- the write path ----------------------------------------------------------------------
-
-  private async replicate(
-    offset: number,
-    length: number,
-    localOp: () => Promise<void>,
-    peerOp: (l: PeerLink) => Promise<void>,
-  ): Promise<void> {
-    if (this.readOnly) {
-      throw new LockstepError(
-        'LOCKSTEP_ERR_READ_ONLY',
-        `volume ${this.volumeName} is ${this.meta.role}; writes go to the primary`,
-      );
-    }
-    const links = this.links;
-    if (links.length === 0) return localOp();
-
-    const rs = this.regionSize;
-    const first = Math.floor(offset / rs);
-    const last = Math.floor((offset + Math.max(length, 1) - 1) / rs);
-    const locked = this.locks.acquire(first, last);
-    if (locked) await locked;
-    this.inFlight++;
-    const al = this.tracking.activityLog;
-    const unlock = () => this.locks.release(first, last);
-    // The activity log keeps the regions until every copy has the write: a primary that dies
-    // before then must resync them.
-    const finished = () => {
-      al.release(offset, length);
-      if (--this.inFlight === 0) for (const wake of this.idle.splice(0)) wake();
-    };
-    try {
-      const logged = al.ensure(offset, length);
-      if (logged) await logged;
-      if (this.mode === 'strict-sync') {
-        const down = links.find((l) => !l.streaming);
-        if (down) throw this.strictRefusal(down);
-      }
-    } catch (err) {
-      unlock();
-      finished();
-      throw err;
-    }
-
-    // Async ops travel in order on one lane (see PeerLink.send): a later one may leave at once.
-    const ahead = this.mode === 'async' ? undefined : this.peerOrder.after(first, last);
-    let local: Promise<void>;
-    let peers: Promise<void>[];
-    if (ahead) {
-      // An async write to these regions (made before the mode changed) is still on its way to
-      // the peers: this op follows it.
-      local = localOp();
-      peers = [
-        ahead.then(async () => {
-          await Promise.all(this.toPeers(links, offset, length, peerOp));
-        }),
-      ];
-    } else {
-      // Peers first: their ops leave in this turn's batch (PeerLink flushes on
-      // process.nextTick), and the local write is queued behind that flush, so the round trip to
-      // the replica and its write overlap ours instead of following every local write of the
-      // batch.
-      peers = this.toPeers(links, offset, length, peerOp);
-      local = peers.length > 0 ? afterBatch(localOp) : localOp();
-    }
-    const settled = Promise.allSettled([local, ...peers]);
-    if (
-      this.mode === 'async' &&
-      this.asyncBacklog < ASYNC_MAX_BACKLOG &&
-      this.asyncBacklogBytes + length <= ASYNC_MAX_BACKLOG_BYTES
-    ) {
-      // Acknowledged, and unlocked, once on the local copy; later writes to these regions reach
-      // the peers after this one all the same (see PeerOrder).
-      this.peerOrder.record(
-        first,
-        last,
-        Promise.allSettled(peers).then(() => undefined),
-      );
-      this.asyncBacklog++;
-      this.asyncBacklogBytes += length;
-      void local.then(unlock, unlock);
-      void settled.then(() => {
-        this.asyncBacklog--;
-        this.asyncBacklogBytes -= length;
-        finished();
-      });
-      try {
-        await local;
-      } catch (err) {
-        this.localFailed(offset, length);
-        throw err;
-      }
-      return;
-    }
-    const results = await settled;
-    unlock();
-    finished();
-    if (results[0].status === 'rejected') {
-      this.localFailed(offset, length);
-      throw results[0].reason;
-    }
-    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  /** The splitter if this copy is a primary that replicates. */
+  private splitter(): Splitter | undefined {
+    return this.phase.role === 'primary' ? this.phase.replicating?.splitter : undefined;
   }
 
-  /** Sends one op to every peer; a peer that cannot take it has the range marked dirty. */
-  private toPeers(
-    links: readonly PeerLink[],
-    offset: number,
-    length: number,
-    peerOp: (l: PeerLink) => Promise<void>,
-  ): Promise<void>[] {
-    const legs: Promise<void>[] = [];
-    for (const l of links) {
-      if (l.streaming)
-        legs.push(peerOp(l).catch((err: unknown) => this.missed(l, offset, length, err)));
-      else this.missed(l, offset, length);
-    }
-    return legs;
-  }
-
-  /**
-   * The one place that decides what a peer's missed write means: it is recorded in the peer's
-   * dirty bitmap (so resync sends it later) and, in strict-sync, fails the write.
-   */
-  private missed(link: PeerLink, offset: number, length: number, err?: unknown): void {
-    this.tracking.markDirty(link.address, offset, length);
-    this.startTracking(link.address);
-    if (err !== undefined) link.fail(errorMessage(err));
-    if (this.mode === 'strict-sync') throw this.strictRefusal(link);
-  }
-
-  private flushMissed(link: PeerLink, err: unknown): void {
-    link.fail(errorMessage(err));
-    if (this.mode === 'strict-sync') throw this.strictRefusal(link);
-  }
-
-  private strictRefusal(link: PeerLink): LockstepError {
+  private readOnlyError(): LockstepError {
     return new LockstepError(
-      'LOCKSTEP_ERR_IO',
-      `strict-sync: peer ${link.address} is ${link.state}, so the write is refused rather than acknowledged on fewer copies`,
+      'LOCKSTEP_ERR_READ_ONLY',
+      `volume ${this.volumeName} is ${this.meta.role}; writes go to the primary`,
     );
   }
 
-  /** The local write failed: the peers may hold data we do not; resync makes them ours again. */
-  private localFailed(offset: number, length: number): void {
-    for (const l of this.links) {
-      this.tracking.markDirty(l.address, offset, length);
-      this.startTracking(l.address);
-      l.resyncInPlace();
+  private direct(op: () => Promise<void>): Promise<void> {
+    this.directWrites++;
+    return op().finally(this.directDone);
+  }
+
+  /** Waits until no write is on its way to any copy. */
+  private async drainWrites(): Promise<void> {
+    if (this.directWrites > 0) await new Promise<void>((resolve) => this.directIdle.push(resolve));
+    await this.splitter()?.drain();
+  }
+
+  /** Runs a transition alone: new writes wait for it, and it waits for the writes in flight. */
+  private async transit(work: () => Promise<void>): Promise<void> {
+    while (this.transition) await this.transition.catch(() => undefined);
+    const run = (async () => {
+      await this.drainWrites();
+      await work();
+    })();
+    this.transition = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    try {
+      await run;
+    } finally {
+      this.transition = undefined;
     }
   }
 
+  // ---- PeerHost ------------------------------------------------------------------------------
+
+  generations(): Generations {
+    return this.meta.generation;
+  }
+  bitmapUuid(peer: string): string | null {
+    return this.meta.replication?.peers.find((p) => p.address === peer)?.bitmapUuid ?? null;
+  }
+  get tracking(): VolumeTracking {
+    return this.replicating().tracking;
+  }
+  withRegionsLocked<T>(first: number, last: number, work: () => Promise<T>): Promise<T> {
+    return this.replicating().splitter.withRegionsLocked(first, last, work);
+  }
+
+  async onPeerCaughtUp(link: PeerLink): Promise<void> {
+    const repl = this.meta.replication!;
+    const peers = repl.peers.map((p) =>
+      p.address === link.address ? { ...p, node: link.node, bitmapUuid: null } : p,
+    );
+    await this.record.save({ ...this.meta, replication: { ...repl, peers } });
+  }
+
+  onPeerState(link: PeerLink, from: PeerState, to: PeerState): void {
+    this.log.info({ peer: link.address, from, to, reason: link.reason || undefined }, 'peer state');
+  }
+
+  private replicating(): Replicating {
+    const p = this.phase;
+    if (p.role !== 'primary' || !p.replicating) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${this.volumeName} has no peers here`,
+      );
+    }
+    return p.replicating;
+  }
+
+  // ---- a primary's peers ---------------------------------------------------------------------
+
   /**
-   * A peer just started missing writes. DRBD's rule: remember the generation it still has (its
-   * bitmap UUID) and move this copy to a new one, so copies that diverge can be told apart.
+   * A peer missed [offset, +length): its bitmap records it and, the first time, DRBD's rule
+   * applies: remember the generation it still has (its bitmap UUID) and move this copy to a new
+   * one, so copies that diverge can be told apart.
    */
-  private startTracking(peer: string): void {
+  private peerMissed(own: Replicating, peer: string, offset: number, length: number): void {
+    const { tracking, links } = own;
+    tracking.markDirty(peer, offset, length);
+    links.find((l) => l.address === peer)?.missedWrites();
     const repl = this.meta.replication!;
     const cfg = repl.peers.find((p) => p.address === peer);
     if (!cfg || cfg.bitmapUuid !== null) return;
@@ -379,52 +267,20 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     const peers = repl.peers.map((p) =>
       p.address === peer ? { ...p, bitmapUuid: this.meta.generation.current } : p,
     );
-    void this.saveMeta({ ...this.meta, generation, replication: { ...repl, peers } }).catch(
-      () => undefined,
-    );
+    void this.record
+      .save({ ...this.meta, generation, replication: { ...repl, peers } })
+      .catch(() => undefined);
     this.log.info({ peer, generation: generation.current }, 'peer missed writes: new generation');
-    for (const l of this.links) {
+    for (const l of links) {
       if (l.address !== peer && l.state === 'InSync')
         void l.pushGeneration().catch(() => undefined);
     }
   }
 
-  private saveMeta(meta: VolumeMetadata): Promise<void> {
-    this.volume.meta = meta;
-    // Metadata writes are applied in order; each writes the latest state.
-    this.metaWrite = this.metaWrite
-      .catch(() => undefined)
-      .then(() => this.ctx.store.updateMeta(this.volumeName, this.volume.meta))
-      .catch((err: unknown) => {
-        this.log.error({ err: errorMessage(err) }, 'volume metadata could not be saved');
-        throw err;
-      });
-    return this.metaWrite;
-  }
-
-  // ---- PeerHost callbacks -------------------------------------------------------------------
-
-  async onPeerCaughtUp(link: PeerLink): Promise<void> {
-    const repl = this.meta.replication!;
-    const peers = repl.peers.map((p) =>
-      p.address === link.address ? { ...p, node: link.node, bitmapUuid: null } : p,
-    );
-    await this.saveMeta({ ...this.meta, replication: { ...repl, peers } });
-  }
-
-  onPeerState(link: PeerLink, from: PeerState, to: PeerState): void {
-    this.log.info(
-      { peer: link.address, from, to, condition: link.condition || undefined },
-      'peer state',
-    );
-  }
-
-  // ---- roles and configuration -------------------------------------------------------------
-
   private async startPeers(): Promise<void> {
     const repl = this.meta.replication;
-    if (!repl || repl.peers.length === 0) return;
-    this.tracking = await VolumeTracking.open({
+    if (this.phase.role !== 'primary' || !repl || repl.peers.length === 0) return;
+    const tracking = await VolumeTracking.open({
       dir: this.volume.dir,
       volumeUuid: this.uuid,
       volumeSize: this.sizeBytes,
@@ -433,29 +289,47 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
       peersBehind: repl.peers.filter((p) => p.bitmapUuid !== null).map((p) => p.address),
       log: this.log,
     });
-    this.links = repl.peers.map(
-      (p) => new PeerLink(p.address, this, { ackTimeoutMs: this.ctx.ackTimeoutMs }),
+    const links = repl.peers.map(
+      (p) =>
+        new PeerLink(p.address, this, { ackTimeoutMs: this.ctx.ackTimeoutMs, batch: this.batch }),
     );
-    for (const l of this.links) l.start();
-  }
-
-  /** Waits until no write is between its lock and its last leg. */
-  private drainWrites(): Promise<void> {
-    if (this.inFlight === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idle.push(resolve));
+    const replicating: Replicating = {
+      tracking,
+      links,
+      splitter: new Splitter({
+        local: this.local,
+        peers: links,
+        policy: policyFor(repl.mode),
+        regionSize: repl.regionSize,
+        batch: this.batch,
+        activity: tracking.activityLog,
+        // These links' misses go to these links' tracking, even after a transition.
+        peerMissed: (peer, offset, length) => this.peerMissed(replicating, peer, offset, length),
+      }),
+    };
+    if (this.phase.role !== 'primary') {
+      await tracking.close();
+      return;
+    }
+    this.phase = { ...this.phase, replicating };
+    for (const l of links) l.start();
   }
 
   /** Stops the links; those in `announceTo` ('all', or addresses) hear that we are leaving. */
   private async stopPeers(announceTo: 'all' | readonly string[]): Promise<void> {
-    const links = this.links;
-    this.links = [];
+    const p = this.phase;
+    if (p.role !== 'primary' || !p.replicating) return;
+    const { links, tracking } = p.replicating;
+    this.phase = { ...p, replicating: undefined };
     const told = links.filter(
       (l) => l.streaming && (announceTo === 'all' || announceTo.includes(l.address)),
     );
     await Promise.allSettled(told.map((l) => l.announceLeaving()));
     for (const l of links) l.stop();
-    if (links.length > 0) await this.tracking.close();
+    await tracking.close();
   }
+
+  // ---- configuration and roles ---------------------------------------------------------------
 
   /**
    * Makes this primary replicate to `targets`: added to the peers it already has or, with
@@ -468,7 +342,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     maxResyncBytesPerSecond: number,
     replace = false,
   ): Promise<void> {
-    if (this.meta.role !== 'primary') {
+    if (this.phase.role !== 'primary') {
       throw new LockstepError(
         'LOCKSTEP_ERR_READ_ONLY',
         `volume ${this.volumeName} is a secondary; run replicate on its primary`,
@@ -504,7 +378,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
   /** Stops replicating: the peers are told, their tracking is dropped, the copy stands alone. */
   async stopReplication(): Promise<void> {
     const repl = this.meta.replication;
-    if (this.meta.role !== 'primary' || !repl) return;
+    if (this.phase.role !== 'primary' || !repl) return;
     await this.reconfigure(
       null,
       repl.peers.map((p) => p.address),
@@ -516,23 +390,25 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     replication: ReplicationConfig | null,
     dropped: string[],
   ): Promise<void> {
-    await this.drainWrites();
-    await this.stopPeers(dropped);
-    await this.saveMeta({ ...this.meta, replication });
-    for (const peer of dropped) await rm(bitmapFile(this.volume.dir, peer), { force: true });
-    if (!replication) await rm(path.join(this.volume.dir, 'activity.log'), { force: true });
-    await this.startPeers();
+    await this.transit(async () => {
+      await this.stopPeers(dropped);
+      await this.record.save({ ...this.meta, replication });
+      for (const peer of dropped) await rm(bitmapFile(this.volume.dir, peer), { force: true });
+      if (!replication) await rm(path.join(this.volume.dir, 'activity.log'), { force: true });
+      await this.startPeers();
+    });
   }
 
   async promote(force: boolean): Promise<void> {
-    if (this.meta.role === 'primary') return;
+    const p = this.phase;
+    if (p.role === 'primary') return;
     if (this.meta.generation.current === ZERO_GENERATION && !force) {
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
         `volume ${this.volumeName} has never completed its first sync; promoting it would serve incomplete data (use --force to accept that)`,
       );
     }
-    if (this.primaryLanes.size > 0 && !this.primaryLeft && !force) {
+    if (p.session.primaryActive && !force) {
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
         `a primary is replicating volume ${this.volumeName} to this copy; demote it first, or use --force if it is gone`,
@@ -540,41 +416,47 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     }
     const repl = this.meta.replication;
     // From now on the old primary (and any other peer) misses our writes until it resyncs.
-    const peers = (repl?.peers ?? []).map((p) => ({
-      ...p,
+    const peers = (repl?.peers ?? []).map((peer) => ({
+      ...peer,
       bitmapUuid: this.meta.generation.current,
     }));
     const generation = advance(this.meta.generation, randomUUID());
-    await this.saveMeta({
+    await this.record.save({
       ...this.meta,
       role: 'primary',
       generation,
       replication: repl ? { ...repl, peers } : null,
     });
-    this.primaryLeft = false;
-    this.endSession('promoted to primary: it takes no more replicated writes');
+    p.session.end('promoted to primary: it takes no more replicated writes');
+    this.phase = { role: 'primary', replicating: undefined, demoting: false };
     this.log.info({ force, generation: generation.current }, 'promoted to primary');
-    if (peers.length > 0) await this.startPeers();
+    await this.startPeers();
   }
 
   async demote(): Promise<void> {
-    if (this.meta.role === 'secondary') return;
-    this.demoting = true;
+    const p = this.phase;
+    if (p.role === 'secondary') return;
+    // Writes are refused from here on (read-only), the ones in flight finish first.
+    this.phase = { ...p, demoting: true };
     try {
-      await this.drainWrites();
-      await this.flush().catch((err: unknown) =>
-        this.log.warn({ err: errorMessage(err) }, 'flush before demotion failed'),
-      );
-      await this.stopPeers('all');
-      await this.saveMeta({ ...this.meta, role: 'secondary' });
+      await this.transit(async () => {
+        await this.flush().catch((err: unknown) =>
+          this.log.warn({ err: String(err) }, 'flush before demotion failed'),
+        );
+        await this.stopPeers('all');
+        await this.record.save({ ...this.meta, role: 'secondary' });
+        this.phase = { role: 'secondary', session: this.newSession() };
+      });
     } finally {
-      this.demoting = false;
+      if (this.phase.role === 'primary') this.phase = { ...this.phase, demoting: false };
     }
     this.log.info('demoted to secondary');
   }
 
   discardPeer(peer: string): void {
-    const link = this.links.find((l) => l.address === peer);
+    const p = this.phase;
+    const link =
+      p.role === 'primary' ? p.replicating?.links.find((l) => l.address === peer) : undefined;
     if (!link) {
       throw new LockstepError(
         'LOCKSTEP_ERR_INVALID_ARGUMENT',
@@ -585,184 +467,69 @@ export class ReplicatedVolume implements BlockDevice, PeerHost {
     link.discardPeer();
   }
 
-  // ---- the secondary side ------------------------------------------------------------------
+  // ---- the secondary's side (ReplicaVolume) --------------------------------------------------
 
-  /** Answers a primary's handshake; returns this copy's view for its decision. */
-  async acceptPrimary(primary: {
-    address: string;
-    node: string;
-    mode: ReplicationMode;
-    regionSize: number;
-  }): Promise<{ differs: Buffer }> {
-    if (this.meta.role === 'secondary') {
-      if (
-        this.primaryLanes.size > 0 &&
-        this.sessionPrimary !== primary.address &&
-        !this.primaryLeft
-      ) {
-        throw new LockstepError(
-          'LOCKSTEP_ERR_NOT_ALLOWED',
-          `volume ${this.volumeName} is being replicated from ${this.sessionPrimary}; a second primary (${primary.address}) is refused: demote one of them`,
-        );
-      }
-      const repl = this.meta.replication;
-      const known = repl?.peers.length === 1 && repl.peers[0].address === primary.address;
-      if (!known || repl.mode !== primary.mode || repl.regionSize !== primary.regionSize) {
-        await this.saveMeta({
-          ...this.meta,
-          replication: {
-            mode: primary.mode,
-            regionSize: primary.regionSize,
-            maxResyncBytesPerSecond: repl?.maxResyncBytesPerSecond ?? 0,
-            peers: [{ address: primary.address, node: primary.node, bitmapUuid: null }],
-          },
-        });
-      }
-      this.endSession('a new handshake replaced the session');
-      this.session = randomBytes(TOKEN_BYTES).toString('hex');
-      this.sessionPrimary = primary.address;
-      this.primaryLeft = false;
-    }
-    return { differs: await this.differs(primary.regionSize) };
+  private newSession(): SecondarySession {
+    return new SecondarySession({
+      name: this.volume.name,
+      dir: this.volume.dir,
+      meta: this.record,
+      local: this.local,
+    });
   }
 
-  /**
-   * Regions where this copy may hold data a new primary lacks: what it wrote as a primary that
-   * its peers never acknowledged (its saved bitmaps) and what was in flight when it last
-   * crashed as a primary (its activity log).
-   */
-  private async differs(regionSize: number): Promise<Buffer> {
-    const out = new DirtyBitmap(this.sizeBytes, regionSize);
-    const files = await readdir(this.volume.dir).catch(() => [] as string[]);
-    for (const f of files.filter((n) => n.startsWith('bitmap-'))) {
-      try {
-        const { bitmap } = await loadDirtyBitmap(path.join(this.volume.dir, f), {
-          volumeUuid: this.uuid,
-          volumeSize: this.sizeBytes,
-          regionSize,
-        });
-        out.merge(bitmap);
-      } catch {
-        out.setAll();
-      }
-    }
-    const recovered = await ActivityLog.recover(path.join(this.volume.dir, 'activity.log'), {
-      volumeUuid: this.uuid,
-      volumeSize: this.sizeBytes,
-      beforeEvict: () => Promise.resolve(),
-    });
-    if (recovered === 'all') out.setAll();
-    else for (const r of recovered) out.markRange(r.offset, r.length);
-    return out.dirtyRegions > 0 ? out.toBuffer() : Buffer.alloc(0);
+  /** Answers a primary's handshake: a session if this copy is a secondary, and its view. */
+  async acceptPrimary(primary: PrimaryHello): Promise<{ differs: Buffer; session: string }> {
+    if (this.phase.role === 'secondary') await this.phase.session.accept(primary);
+    const differs = await regionsHeldAlone(
+      { dir: this.volume.dir, volumeUuid: this.uuid, volumeSize: this.sizeBytes },
+      primary.regionSize,
+    );
+    return { differs, session: this.phase.role === 'secondary' ? this.phase.session.token : '' };
   }
 
   /** The primary says this copy now holds everything up to `gen`. */
-  async adoptGeneration(gen: Generations): Promise<void> {
-    if (this.meta.role !== 'secondary') {
-      throw new LockstepError(
-        'LOCKSTEP_ERR_NOT_ALLOWED',
-        `volume ${this.volumeName} is a primary here`,
-      );
-    }
-    // The data this generation vouches for must be on disk before the claim is: otherwise a
-    // power loss could leave a copy that says it is in sync and is not (it would never resync).
-    await this.local.flush();
-    await this.saveMeta({
-      ...this.meta,
-      generation: { current: gen.current, history: gen.history },
-    });
-    // Whatever this copy tracked as a former primary is now superseded by the new primary's data.
-    for (const f of await readdir(this.volume.dir)) {
-      if (f.startsWith('bitmap-') || f === 'activity.log')
-        await rm(path.join(this.volume.dir, f), { force: true });
-    }
+  adoptGeneration(gen: Generations): Promise<void> {
+    return this.session('is a primary here').adoptGeneration(gen);
   }
 
   /** Binds a data lane that presented `token` as lane `index`; throws why not. */
   attachLane(token: string, index: number, lane: ReplicaLane): LaneBinding {
-    if (this.meta.role !== 'secondary') {
-      throw new LockstepError(
-        'LOCKSTEP_ERR_NOT_ALLOWED',
-        `volume ${this.volumeName} is a primary here; it takes no replicated writes`,
-      );
-    }
-    if (!this.session || token !== this.session) {
-      throw new LockstepError(
-        'LOCKSTEP_ERR_NOT_ALLOWED',
-        `stale or unknown session token for volume ${this.volumeName} (a newer handshake replaced it, or there was none): handshake again`,
-      );
-    }
-    if (this.primaryLanes.has(index)) {
-      throw new LockstepError(
-        'LOCKSTEP_ERR_NOT_ALLOWED',
-        `lane ${index} of volume ${this.volumeName}'s session is already connected`,
-      );
-    }
-    this.primaryLanes.set(index, lane);
-    return {
-      device: this.local,
-      detach: () => {
-        if (this.primaryLanes.get(index) === lane) this.primaryLanes.delete(index);
-      },
-    };
+    return this.session('is a primary here; it takes no replicated writes').attach(
+      token,
+      index,
+      lane,
+    );
   }
 
-  /** Closes the current session's lanes: its token is no longer accepted. */
-  private endSession(reason: string): void {
-    this.session = '';
-    this.sessionPrimary = '';
-    const lanes = [...this.primaryLanes.values()];
-    this.primaryLanes.clear();
-    for (const lane of lanes) lane.close(reason);
-  }
   primaryLeaving(): void {
-    this.primaryLeft = true;
+    if (this.phase.role === 'secondary') this.phase.session.primaryLeaving();
   }
 
-  // ---- status and shutdown -----------------------------------------------------------------
+  private session(refusal: string): SecondarySession {
+    if (this.phase.role !== 'secondary')
+      throw new LockstepError('LOCKSTEP_ERR_NOT_ALLOWED', `volume ${this.volumeName} ${refusal}`);
+    return this.phase.session;
+  }
+
+  // ---- status and shutdown -------------------------------------------------------------------
 
   status(): ReplicationStatus {
-    return {
-      role: this.meta.role,
-      mode: this.meta.replication?.mode ?? '',
+    const p = this.phase;
+    return replicationStatus({
+      meta: this.meta,
       regionSize: this.regionSize,
-      maxResyncBytesPerSecond: this.maxResyncBytesPerSecond,
-      generation: this.meta.generation.current,
-      primaryConnected: this.meta.role === 'secondary' && this.primaryLanes.size > 0,
-      peers: this.links.map((l) => {
-        const dirtyBytes = this.tracking.bitmap(l.address).dirtyBytes();
-        let resync: PeerStatus['resync'];
-        if (l.resync) {
-          const elapsed = (Date.now() - l.resync.startedAt) / 1000;
-          const rate = elapsed > 0 ? l.resync.doneBytes / elapsed : 0;
-          const left = Math.max(0, l.resync.totalBytes - l.resync.doneBytes);
-          resync = {
-            kind: l.resync.kind,
-            doneBytes: l.resync.doneBytes,
-            totalBytes: l.resync.totalBytes,
-            etaSeconds: rate > 0 ? Math.ceil(left / rate) : -1,
-          };
-        }
-        return {
-          address: l.address,
-          node: l.node,
-          state: l.state,
-          condition: l.condition,
-          dirtyBytes,
-          resyncBytesSent: l.resyncBytesSent,
-          liveBytesSent: l.liveBytesSent,
-          resync,
-          lastInSyncAt: l.lastInSyncAt,
-        };
-      }),
-    };
+      primaryConnected: p.role === 'secondary' && p.session.connected,
+      links: p.role === 'primary' ? (p.replicating?.links ?? []) : [],
+      tracking: p.role === 'primary' ? p.replicating?.tracking : undefined,
+    });
   }
 
   /** Agent shutdown: writes drained, bitmaps saved, activity log marked clean. */
   async close(): Promise<void> {
-    this.endSession('volume closing');
+    if (this.phase.role === 'secondary') this.phase.session.end('volume closing');
     await this.drainWrites();
     await this.stopPeers([]);
-    await this.metaWrite.catch(() => undefined);
+    await this.record.settled();
   }
 }

@@ -15,19 +15,14 @@ import { AckErrno, OpFlag, OpKind, isToken } from './frames';
 import { decideResync, type Generations } from './generations';
 import { markDifferingRegions, resyncDirtyRegions, type ResyncOptions } from './resync';
 import type { PeerHost } from './peer-host';
+import { STREAMING_STATES, type PeerState, type ResyncProgress } from './replication-status';
+import type { SendBatch } from './send-batch';
 
-export type PeerState =
-  | 'Connecting'
-  | 'Baselining'
-  | 'Resyncing'
-  | 'InSync'
-  | 'OutOfSync'
-  | 'Disconnected'
-  | 'SplitBrain'
-  | 'PeerIsPrimary'
-  | 'PeerIsNewer';
-
-const STREAMING: ReadonlySet<PeerState> = new Set(['Baselining', 'Resyncing', 'InSync']);
+/**
+ * How an op travels: `spread` over the lanes (the secondary applies ops concurrently; they never
+ * overlap), or `ordered` on lane 0, applied in the order sent (see OpFlag.ORDERED).
+ */
+export type Route = 'spread' | 'ordered';
 
 /** Writes larger than this travel as several ops, spread over the lanes. */
 const MAX_OP_DATA = 1024 * 1024;
@@ -63,13 +58,8 @@ interface Pending {
 export interface PeerLinkOptions {
   /** An op not acknowledged within this time fails the link (a half-open peer). */
   ackTimeoutMs: number;
-}
-
-export interface ResyncProgress {
-  kind: 'baseline' | 'bitmap' | 'full';
-  doneBytes: number;
-  totalBytes: number;
-  startedAt: number;
+  /** The volume's batch of this turn's sends, shared by its links. */
+  batch: SendBatch;
 }
 
 export class PeerUnavailable extends LockstepError {
@@ -81,13 +71,15 @@ export class PeerUnavailable extends LockstepError {
 export class PeerLink {
   state: PeerState = 'Connecting';
   /** Why the link is not in sync (last failure or refusal), for status. */
-  condition = '';
+  reason = '';
   node = '';
   /** Bytes sent by resync and baseline (not live writes), over the link's life. */
   resyncBytesSent = 0;
   liveBytesSent = 0;
   resync: ResyncProgress | undefined;
   lastInSyncAt = 0;
+  /** Times the link failed, over the link's life. */
+  failures = 0;
   /** Set by an operator to resolve a split brain in our favour: the next connect overwrites the peer. */
   discardPeerData = false;
 
@@ -99,7 +91,8 @@ export class PeerLink {
   private epoch = 0;
   private nextSeq = 1;
   private readonly pending = new Map<number, Pending>();
-  private flushScheduled = false;
+  /** The connection failed and a retry is scheduled: it fails once until the next attempt. */
+  private failed = false;
   private retryMs = RETRY_MIN_MS;
   private retryTimer: NodeJS.Timeout | undefined;
   private readonly sweeper: NodeJS.Timeout;
@@ -107,7 +100,6 @@ export class PeerLink {
   private stopped = false;
   private readonly log: Logger;
   private readonly flushLanes = () => {
-    this.flushScheduled = false;
     for (const lane of this.lanes) lane.flush();
     // The next turn's batch starts on another lane, so batches spread over all of them.
     if (this.lanes.length > 0) this.current = (this.current + 1) % this.lanes.length;
@@ -139,15 +131,15 @@ export class PeerLink {
 
   /** Live writes go to the peer (it is connected, catching up or in sync). */
   get streaming(): boolean {
-    return STREAMING.has(this.state) && this.lanes.length > 0;
+    return STREAMING_STATES.has(this.state) && this.lanes.length > 0;
   }
 
   // ---- the data lanes ----------------------------------------------------------------------
 
   /**
-   * Sends one op (`flags`: OpFlag bits); resolves when the peer acknowledged it, rejects if the
-   * link fails first. `data` must stay unchanged until then (small payloads are copied, large
-   * ones are not).
+   * Sends one op (`flags`: OpFlag bits) the way `route` says; resolves when the peer
+   * acknowledged it, rejects if the peer failed it or the link failed first. `data` must stay
+   * unchanged until then (small payloads are copied, large ones are not).
    */
   send(
     kind: OpKind,
@@ -155,13 +147,14 @@ export class PeerLink {
     length: number,
     data: Buffer | undefined,
     flags: number,
+    route: Route,
   ): Promise<void> {
     if (!this.streaming) return Promise.reject(new PeerUnavailable(this.address, this.state));
     if (data && data.length > MAX_OP_DATA) {
       const parts: Promise<void>[] = [];
       for (let at = 0; at < data.length; at += MAX_OP_DATA) {
         const piece = data.subarray(at, at + MAX_OP_DATA);
-        parts.push(this.send(kind, offset + at, piece.length, piece, flags));
+        parts.push(this.send(kind, offset + at, piece.length, piece, flags, route));
       }
       return Promise.all(parts).then(() => undefined);
     }
@@ -172,11 +165,8 @@ export class PeerLink {
       );
     }
     if (data) this.liveBytesSent += data.length;
-    if (this.host.mode === 'async') {
-      // Acknowledged before the peer has it: the peer must apply writes in the order they were
-      // made, or a failover could find a later write without an earlier one it depends on.
+    if (route === 'ordered')
       return this.enqueue(this.lanes[0], kind, flags | OpFlag.ORDERED, length, offset, data);
-    }
     let lane = this.lanes[this.current];
     if (lane.batchBytes >= LANE_BATCH_BYTES) {
       this.current = (this.current + 1) % this.lanes.length;
@@ -195,12 +185,7 @@ export class PeerLink {
   ): Promise<void> {
     const seq = this.nextSeq++;
     lane.append(kind, flags, length, seq, offset, data);
-    if (!this.flushScheduled) {
-      this.flushScheduled = true;
-      // Everything sent in this turn of the event loop (e.g. a socket read's worth of NBD
-      // requests) leaves in one write per lane.
-      process.nextTick(this.flushLanes);
-    }
+    this.opts.batch.send(this.flushLanes);
     return new Promise((resolve, reject) =>
       this.pending.set(seq, { resolve, reject, sentAt: performance.now() }),
     );
@@ -243,20 +228,30 @@ export class PeerLink {
 
   // ---- connection lifecycle ----------------------------------------------------------------
 
-  /** Drops the connection: pending ops fail (the host marks them dirty), reconnect follows. */
+  /**
+   * Drops the connection: pending ops fail (the host marks them dirty), reconnect follows. Once
+   * per connection attempt: the ops it fails come back to the host, which may report them again.
+   */
   fail(reason: string): void {
-    if (this.stopped) return;
+    if (this.stopped || this.failed) return;
+    this.failed = true;
+    this.failures++;
     const wasStreaming = this.lanes.length > 0;
     this.teardown(reason);
     if (wasStreaming || this.state === 'Connecting') {
-      this.log.warn({ reason }, 'peer link failed');
+      this.log.warn({ reason, retryInMs: this.retryMs }, 'peer link failed');
     }
-    this.condition = reason;
+    this.reason = reason;
     this.setState(
       this.host.tracking.bitmap(this.address).dirtyRegions > 0 ? 'OutOfSync' : 'Disconnected',
     );
     this.scheduleRetry(this.retryMs);
     this.retryMs = Math.min(this.retryMs * 2, RETRY_MAX_MS);
+  }
+
+  /** The host recorded writes this peer missed: a disconnected peer is now out of sync. */
+  missedWrites(): void {
+    if (this.state === 'Disconnected') this.setState('OutOfSync');
   }
 
   private teardown(reason: string): void {
@@ -316,6 +311,7 @@ export class PeerLink {
 
   private async connect(): Promise<void> {
     if (this.stopped) return;
+    this.failed = false;
     const epoch = ++this.epoch;
     const host = this.host;
     const stale = () => this.stopped || epoch !== this.epoch;
@@ -363,7 +359,7 @@ export class PeerLink {
         };
       }
       if (decision.kind === 'refuse') {
-        this.condition = decision.reason;
+        this.reason = decision.reason;
         this.log.error(
           { condition: decision.condition, reason: decision.reason, remote, local: gen },
           'peer refused',
@@ -426,7 +422,7 @@ export class PeerLink {
     // Backoff starts over only once the peer caught up: a peer that accepts the connection and
     // then fails every catch-up (its disk is full) is retried ever more slowly, not 5× a second.
     this.retryMs = RETRY_MIN_MS;
-    this.condition = '';
+    this.reason = '';
     this.setState('InSync');
     this.log.info({ resyncBytesSent: this.resyncBytesSent }, 'peer in sync');
     // Regions that turned dirty after the scan's last pass (see resyncInPlace).

@@ -6,25 +6,46 @@ import { LockstepError } from '../../../lib/errors';
 import { unary } from '../../../lib/grpc-errors';
 import type { Logger } from '../../../lib/logger';
 import type { ReplicationHandlers } from '../../../proto';
-import type { ReplicatedVolume } from '../engine/replicated-volume';
-import { REPLICATION_MODES, type NewVolume, type ReplicationMode } from '../store/volume-metadata';
+import type { FileBlockDevice } from '../store/file-device';
+import {
+  REPLICATION_MODES,
+  type NewVolume,
+  type ReplicationMode,
+  type Role,
+} from '../store/volume-metadata';
 import { validateVolumeName } from '../store/volume-store';
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import type { Hello } from './frames';
-import { ZERO_GENERATION } from './generations';
+import { ZERO_GENERATION, type Generations } from './generations';
 import type { LaneBinding, ReplicaLane } from './replica-lane';
 import { regionDigest } from './resync';
+import type { PrimaryHello } from './secondary-session';
+
+/** A volume as a primary's calls reach it on this agent (the engine implements it). */
+export interface ReplicaVolume {
+  readonly uuid: string;
+  readonly sizeBytes: number;
+  readonly role: Role;
+  readonly generation: Generations;
+  /** The local copy, read by checksum scans. */
+  readonly local: FileBlockDevice;
+  /** A session for the primary's data lanes (empty if this copy is a primary), and its view. */
+  acceptPrimary(primary: PrimaryHello): Promise<{ differs: Buffer; session: string }>;
+  adoptGeneration(gen: Generations): Promise<void>;
+  primaryLeaving(): void;
+  attachLane(token: string, index: number, lane: ReplicaLane): LaneBinding;
+}
 
 export interface ReplicaHost {
   readonly node: string;
   /** Where primaries open data lanes to this agent, as they should dial it. */
   readonly dataAddress: string;
   readonly log: Logger;
-  replicated(name: string): ReplicatedVolume | undefined;
-  createReplica(spec: NewVolume): Promise<ReplicatedVolume>;
+  replicated(name: string): ReplicaVolume | undefined;
+  createReplica(spec: NewVolume): Promise<ReplicaVolume>;
 }
 
-function needVolume(host: ReplicaHost, name: string): ReplicatedVolume {
+function needVolume(host: ReplicaHost, name: string): ReplicaVolume {
   const rv = host.replicated(name);
   if (!rv)
     throw new LockstepError(
@@ -81,7 +102,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
           `volume ${req.volume} on node ${host.node} is ${rv.sizeBytes} bytes, the primary's ${req.sizeBytes}`,
         );
       }
-      const { differs } = await rv.acceptPrimary({
+      const { differs, session } = await rv.acceptPrimary({
         address: req.primaryAddress,
         node: req.primaryNode,
         mode,
@@ -89,11 +110,11 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       });
       return {
         node: host.node,
-        role: rv.meta.role,
-        generation: rv.meta.generation,
+        role: rv.role,
+        generation: rv.generation,
         differs,
         fresh,
-        session: rv.session,
+        session,
         dataAddress: host.dataAddress,
       };
     }),

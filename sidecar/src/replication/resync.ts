@@ -37,13 +37,9 @@ async function copyRun(
   opts: ResyncOptions,
 ): Promise<void> {
   const bitmap = host.tracking.bitmap(link.address);
-  const wait = host.locks.acquire(first, last);
-  if (wait) await wait;
-  try {
-    // An async write acknowledged before the lock may still be on its way: the copy, which
-    // reads what is here now, must reach the peer after it, not be overwritten by it.
-    const ahead = host.peerOpsAhead(first, last);
-    if (ahead) await ahead;
+  // Under the regions' lock, after any async write on them still on its way: the copy reads
+  // what is here now, so it must reach the peer after that write, not be overwritten by it.
+  await host.withRegionsLocked(first, last, async () => {
     const start = bitmap.regionRange(first).offset;
     const end = bitmap.regionRange(last).offset + bitmap.regionRange(last).length;
     // A pooled buffer the direct read fills in place; the lanes send from it, so it goes back
@@ -59,9 +55,7 @@ async function copyRun(
     }
     for (let r = first; r <= last; r++) host.tracking.clearRegion(link.address, r);
     if (link.resync) link.resync.doneBytes += end - start;
-  } finally {
-    host.locks.release(first, last);
-  }
+  });
 }
 
 /** Sends a run read into `data` (from byte `start`): zero stretches as ZERO ops, the rest as writes. */
@@ -84,7 +78,8 @@ async function sendRun(
     const off = bitmap.regionRange(segStart).offset;
     const len = bitmap.regionRange(segEnd).offset + bitmap.regionRange(segEnd).length - off;
     if (segZero) {
-      if (!opts.peerIsZero) sends.push(link.send(OpKind.ZERO, off, len, undefined, OpFlag.BULK));
+      if (!opts.peerIsZero)
+        sends.push(link.send(OpKind.ZERO, off, len, undefined, OpFlag.BULK, 'spread'));
     } else {
       await limiter.take(len);
       sends.push(
@@ -94,6 +89,7 @@ async function sendRun(
           len,
           data.subarray(off - start, off - start + len),
           OpFlag.BULK,
+          'spread',
         ),
       );
       link.resyncBytesSent += len;

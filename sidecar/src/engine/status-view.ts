@@ -1,0 +1,52 @@
+// A volume's replication status as the control API and metrics show it, read off the engine's
+// current state: per peer its link's state and progress, and what its bitmap says is missing.
+import type { PeerLink } from '../replication/peer-link';
+import type { PeerStatus, ReplicationStatus } from '../replication/replication-status';
+import type { VolumeMetadata } from '../store/volume-metadata';
+import type { VolumeTracking } from '../tracking/volume-tracking';
+
+export interface StatusSource {
+  meta: VolumeMetadata;
+  regionSize: number;
+  primaryConnected: boolean;
+  links: readonly PeerLink[];
+  /** The peers' tracking; present whenever `links` is not empty. */
+  tracking: VolumeTracking | undefined;
+}
+
+function resyncOf(link: PeerLink): PeerStatus['resync'] {
+  const r = link.resync;
+  if (!r) return undefined;
+  const elapsed = (Date.now() - r.startedAt) / 1000;
+  const rate = elapsed > 0 ? r.doneBytes / elapsed : 0;
+  const left = Math.max(0, r.totalBytes - r.doneBytes);
+  return {
+    kind: r.kind,
+    doneBytes: r.doneBytes,
+    totalBytes: r.totalBytes,
+    etaSeconds: rate > 0 ? Math.ceil(left / rate) : -1,
+  };
+}
+
+export function replicationStatus(s: StatusSource): ReplicationStatus {
+  return {
+    role: s.meta.role,
+    mode: s.meta.replication?.mode ?? '',
+    regionSize: s.regionSize,
+    maxResyncBytesPerSecond: s.meta.replication?.maxResyncBytesPerSecond ?? 0,
+    generation: s.meta.generation.current,
+    primaryConnected: s.primaryConnected,
+    peers: s.links.map((l) => ({
+      address: l.address,
+      node: l.node,
+      state: l.state,
+      reason: l.reason,
+      dirtyBytes: s.tracking?.bitmap(l.address).dirtyBytes() ?? 0,
+      resyncBytesSent: l.resyncBytesSent,
+      liveBytesSent: l.liveBytesSent,
+      resync: resyncOf(l),
+      lastInSyncAt: l.lastInSyncAt,
+      linkFailures: l.failures,
+    })),
+  };
+}

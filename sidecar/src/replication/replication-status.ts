@@ -1,0 +1,55 @@
+// The replication state every layer shares: a peer's state as the primary sees it, and the
+// status view the control API, metrics and the operator read. One module, so that the engine,
+// the links and the agent's services agree on these types without importing each other.
+import type { ReplicationMode, Role } from '../store/volume-metadata';
+
+export type PeerState =
+  | 'Connecting'
+  | 'Baselining'
+  | 'Resyncing'
+  | 'InSync'
+  | 'OutOfSync'
+  | 'Disconnected'
+  | 'SplitBrain'
+  | 'PeerIsPrimary'
+  | 'PeerIsNewer';
+
+/** States in which live writes are sent to the peer (connected, catching up or in sync). */
+export const STREAMING_STATES: ReadonlySet<PeerState> = new Set([
+  'Baselining',
+  'Resyncing',
+  'InSync',
+]);
+
+export interface ResyncProgress {
+  kind: 'baseline' | 'bitmap' | 'full';
+  doneBytes: number;
+  totalBytes: number;
+  startedAt: number;
+}
+
+export interface PeerStatus {
+  address: string;
+  node: string;
+  state: PeerState;
+  /** Why the peer is not in sync (the last failure or refusal); empty when it is. */
+  reason: string;
+  dirtyBytes: number;
+  resyncBytesSent: number;
+  liveBytesSent: number;
+  resync?: { kind: string; doneBytes: number; totalBytes: number; etaSeconds: number };
+  lastInSyncAt: number;
+  /** Times the link failed since the agent started: once per connection attempt at most. */
+  linkFailures: number;
+}
+
+export interface ReplicationStatus {
+  role: Role;
+  mode: ReplicationMode | '';
+  regionSize: number;
+  maxResyncBytesPerSecond: number;
+  generation: string;
+  /** Secondary: a primary is streaming to this copy right now. */
+  primaryConnected: boolean;
+  peers: PeerStatus[];
+}

@@ -1,0 +1,126 @@
+// The secondary's side of one volume's replication: the session a primary opens with its
+// handshake, the data lanes bound to it (at most one primary at a time), and the generation
+// the primary hands over once this copy has caught up. It exists while the copy is a secondary.
+import { randomBytes } from 'node:crypto';
+import { LockstepError } from '../../../lib/errors';
+import type { FileBlockDevice } from '../store/file-device';
+import type { MetaWriter } from '../store/meta-writer';
+import type { ReplicationMode } from '../store/volume-metadata';
+import { forgetPrimaryTracking } from '../tracking/former-primary';
+import { TOKEN_BYTES } from './frames';
+import type { Generations } from './generations';
+import type { LaneBinding, ReplicaLane } from './replica-lane';
+
+export interface PrimaryHello {
+  address: string;
+  node: string;
+  mode: ReplicationMode;
+  regionSize: number;
+}
+
+export interface SecondaryCopy {
+  readonly name: string;
+  readonly dir: string;
+  readonly meta: MetaWriter;
+  readonly local: FileBlockDevice;
+}
+
+export class SecondarySession {
+  /** The token the current primary's data lanes present; empty while there is no session. */
+  token = '';
+  private primary = '';
+  /** The primary said it steps down cleanly (demotion): this copy may be promoted. */
+  private primaryLeft = false;
+  private readonly lanes = new Map<number, ReplicaLane>();
+
+  constructor(private readonly copy: SecondaryCopy) {}
+
+  /** A primary's lanes are connected right now. */
+  get connected(): boolean {
+    return this.lanes.size > 0;
+  }
+
+  /** A primary is streaming to this copy and has not said it is leaving. */
+  get primaryActive(): boolean {
+    return this.lanes.size > 0 && !this.primaryLeft;
+  }
+
+  /** Opens a session for `primary` (replacing any earlier one); refuses a second primary. */
+  async accept(primary: PrimaryHello): Promise<void> {
+    const name = this.copy.name;
+    if (this.primaryActive && this.primary !== primary.address) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${name} is being replicated from ${this.primary}; a second primary (${primary.address}) is refused: demote one of them`,
+      );
+    }
+    const meta = this.copy.meta.meta;
+    const repl = meta.replication;
+    const known = repl?.peers.length === 1 && repl.peers[0].address === primary.address;
+    if (!known || repl.mode !== primary.mode || repl.regionSize !== primary.regionSize) {
+      await this.copy.meta.save({
+        ...meta,
+        replication: {
+          mode: primary.mode,
+          regionSize: primary.regionSize,
+          maxResyncBytesPerSecond: repl?.maxResyncBytesPerSecond ?? 0,
+          peers: [{ address: primary.address, node: primary.node, bitmapUuid: null }],
+        },
+      });
+    }
+    this.end('a new handshake replaced the session');
+    this.token = randomBytes(TOKEN_BYTES).toString('hex');
+    this.primary = primary.address;
+    this.primaryLeft = false;
+  }
+
+  /** Binds a data lane that presented `token` as lane `index`; throws why not. */
+  attach(token: string, index: number, lane: ReplicaLane): LaneBinding {
+    const name = this.copy.name;
+    if (!this.token || token !== this.token) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `stale or unknown session token for volume ${name} (a newer handshake replaced it, or there was none): handshake again`,
+      );
+    }
+    if (this.lanes.has(index)) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `lane ${index} of volume ${name}'s session is already connected`,
+      );
+    }
+    this.lanes.set(index, lane);
+    return {
+      device: this.copy.local,
+      detach: () => {
+        if (this.lanes.get(index) === lane) this.lanes.delete(index);
+      },
+    };
+  }
+
+  primaryLeaving(): void {
+    this.primaryLeft = true;
+  }
+
+  /** The primary says this copy now holds everything up to `gen`. */
+  async adoptGeneration(gen: Generations): Promise<void> {
+    // The data this generation vouches for must be on disk before the claim is: otherwise a
+    // power loss could leave a copy that says it is in sync and is not (it would never resync).
+    await this.copy.local.flush();
+    const meta = this.copy.meta.meta;
+    await this.copy.meta.save({
+      ...meta,
+      generation: { current: gen.current, history: gen.history },
+    });
+    await forgetPrimaryTracking(this.copy.dir);
+  }
+
+  /** Closes the session's lanes: its token is no longer accepted. */
+  end(reason: string): void {
+    this.token = '';
+    this.primary = '';
+    const lanes = [...this.lanes.values()];
+    this.lanes.clear();
+    for (const lane of lanes) lane.close(reason);
+  }
+}
