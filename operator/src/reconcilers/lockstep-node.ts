@@ -3,6 +3,7 @@
 import type * as k8s from '@kubernetes/client-node';
 import { GROUP, VERSION, apiErrorMessage, isNotFound } from '../../../lib/kube';
 import type { LockstepNode } from '../api/types';
+import { agentReady, leaseExpiry } from '../agents/heartbeat';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
@@ -15,19 +16,6 @@ export interface NodeDeps {
   events: EventRecorder;
 }
 
-/** When the node's lease lapses (ms since the epoch), or undefined without a lease. */
-function leaseExpiry(lease: k8s.V1Lease | undefined): number | undefined {
-  const renewed = lease?.spec?.renewTime;
-  const seconds = lease?.spec?.leaseDurationSeconds;
-  if (!renewed || !seconds) return undefined;
-  return new Date(renewed).getTime() + seconds * 1000;
-}
-
-export function nodeReady(_node: LockstepNode, lease: k8s.V1Lease | undefined, now: Date): boolean {
-  const expiry = leaseExpiry(lease);
-  return expiry !== undefined && expiry > now.getTime();
-}
-
 export class LockstepNodeReconciler {
   constructor(private readonly deps: NodeDeps) {}
 
@@ -36,7 +24,7 @@ export class LockstepNodeReconciler {
     if (!node) return;
     const now = new Date();
     const lease = this.deps.leaseOf(name);
-    const ready = nodeReady(node, lease, now);
+    const ready = agentReady(lease, now);
     const expiry = leaseExpiry(lease);
     const desired: DesiredCondition = ready
       ? {

@@ -24,12 +24,12 @@ import type {
   SyncRelationshipStatus,
 } from '../api/types';
 import type { AgentPool } from '../agents/agent-pool';
+import { agentReady } from '../agents/heartbeat';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
 import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
 import type { ReconcileResult } from '../workqueue/controller-loop';
-import { nodeReady } from './lockstep-node';
 
 export const FINALIZER = 'lockstep.dev/teardown';
 const PLURAL = 'syncrelationships';
@@ -180,7 +180,7 @@ export class SyncRelationshipReconciler {
       const n = this.deps.nodes.get(node);
       if (!n)
         return block('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
-      if (!nodeReady(n, this.deps.leaseOf(node), new Date())) {
+      if (!agentReady(this.deps.leaseOf(node), new Date())) {
         return block(
           'AgentNotReady',
           `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
