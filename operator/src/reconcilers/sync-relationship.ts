@@ -6,14 +6,7 @@
 import type * as k8s from '@kubernetes/client-node';
 import type { AgentClient, VolumeInfo } from '../../../lib/agent-client';
 import { errorMessage, isLockstepError } from '../../../lib/errors';
-import {
-  GROUP,
-  VERSION,
-  apiErrorMessage,
-  isConflict,
-  isNotFound,
-  mergePatch,
-} from '../../../lib/kube';
+import { GROUP, VERSION, apiErrorMessage, isNotFound, mergePatch } from '../../../lib/kube';
 import type { Logger } from '../../../lib/logger';
 import type {
   ConsistencyGroup,
@@ -29,6 +22,7 @@ import type { SupervisedInformer } from '../informers/supervised-informer';
 import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
 import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
+import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
 
 export const FINALIZER = 'lockstep.dev/teardown';
@@ -433,21 +427,7 @@ export class SyncRelationshipReconciler {
 
   private async writeStatus(rel: SyncRelationship, status: SyncRelationshipStatus): Promise<void> {
     const previous = rel.status ?? {};
-    if (sameJson(previous, status)) return;
-    try {
-      await this.deps.objects.replaceNamespacedCustomObjectStatus({
-        group: GROUP,
-        version: VERSION,
-        namespace: rel.metadata.namespace ?? '',
-        plural: PLURAL,
-        name: rel.metadata.name,
-        body: { ...rel, status },
-      });
-    } catch (err) {
-      if (isNotFound(err)) return;
-      if (isConflict(err)) throw new Error('status conflict: the relationship changed meanwhile');
-      throw new Error(`writing status: ${apiErrorMessage(err)}`, { cause: err });
-    }
+    if (!(await writeStatusIfChanged(this.deps.objects, PLURAL, rel, status))) return;
     if (previous.phase !== status.phase) {
       const bad: RelationshipPhase[] = ['Degraded', 'SplitBrain', 'Failed', 'Pending'];
       const ready = status.conditions?.find((c) => c.type === 'Ready');
