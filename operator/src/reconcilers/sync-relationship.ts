@@ -19,6 +19,7 @@ import type {
 import type { AgentPool } from '../agents/agent-pool';
 import { agentReady } from '../agents/heartbeat';
 import type { SupervisedInformer } from '../informers/supervised-informer';
+import { Blocked } from '../resolve/blocked';
 import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
 import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
@@ -29,6 +30,8 @@ export const FINALIZER = 'lockstep.dev/teardown';
 const PLURAL = 'syncrelationships';
 /** How often progress is read back while something is in motion. */
 const PROGRESS_POLL_MS = 1_000;
+/** How often a blocked relationship looks again, besides the events that wake it. */
+const BLOCKED_POLL_MS = 10_000;
 const DEFAULT_REGION_SIZE = 65536;
 
 const AGENT_MODE: Record<SyncMode, string> = {
@@ -75,20 +78,9 @@ export interface Plan {
   volumes: VolumePlan[];
 }
 
-type Blocked = { blocked: true; reason: string; message: string };
-
 export interface Observed {
   volumes: VolumeInfo[];
   unreachable?: string;
-}
-
-class Refusal extends Error {
-  constructor(
-    readonly reason: string,
-    message: string,
-  ) {
-    super(message);
-  }
 }
 
 export class SyncRelationshipReconciler {
@@ -114,68 +106,53 @@ export class SyncRelationshipReconciler {
       if (!rel) return;
     }
 
-    const plan = this.plan(rel);
-    if ('blocked' in plan) {
-      await this.writeStatus(rel, blockedStatus(rel, plan));
-      return { requeueAfterMs: 10_000 };
-    }
-    let observed: Observed;
+    let status: SyncRelationshipStatus;
     try {
-      observed = { volumes: await this.apply(rel, plan) };
+      const plan = this.plan(rel);
+      status = summarize(rel, plan, await this.observe(rel, plan));
     } catch (err) {
-      if (err instanceof Refusal) {
-        await this.writeStatus(
-          rel,
-          blockedStatus(rel, { blocked: true, reason: err.reason, message: err.message }),
-        );
-        return { requeueAfterMs: 10_000 };
-      }
-      if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
-      observed = { volumes: [], unreachable: errorMessage(err) };
+      if (!(err instanceof Blocked)) throw err;
+      await this.writeStatus(rel, blockedStatus(rel, err));
+      return { requeueAfterMs: BLOCKED_POLL_MS };
     }
-    const status = summarize(rel, plan, observed);
     await this.writeStatus(rel, status);
     return status.phase === 'InSync' ? undefined : { requeueAfterMs: PROGRESS_POLL_MS };
   }
 
   // ---- desired state ---------------------------------------------------------------------
 
-  /** Resolves everything the relationship needs, or the first thing that is missing. */
-  private plan(rel: SyncRelationship): Plan | Blocked {
+  /** Resolves everything the relationship needs; throws Blocked on the first thing missing. */
+  private plan(rel: SyncRelationship): Plan {
     const ns = rel.metadata.namespace ?? '';
     const { spec } = rel;
-    const block = (reason: string, message: string): Blocked => ({
-      blocked: true,
-      reason,
-      message,
-    });
     const group = this.deps.groups.get(spec.consistencyGroup, ns);
     if (!group) {
-      return block(
+      throw new Blocked(
         'ConsistencyGroupNotFound',
         `ConsistencyGroup ${spec.consistencyGroup} does not exist`,
       );
     }
     const owner = this.groupOwner(ns, spec.consistencyGroup);
     if (owner && owner !== rel.metadata.name) {
-      return block(
+      throw new Blocked(
         'ConsistencyGroupInUse',
         `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
       );
     }
     const remote = spec.targets.find((t) => t.endpoint);
     if (remote) {
-      return block(
+      throw new Blocked(
         'RemoteTargetsNotSupported',
         `target ${remote.endpoint}: replication to agents in other clusters (mTLS) is not supported by this operator version`,
       );
     }
-    const side = (node: string): Side | Blocked => {
+    const side = (node: string): Side => {
       const n = this.deps.nodes.get(node);
-      if (!n)
-        return block('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
+      if (!n) {
+        throw new Blocked('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
+      }
       if (!agentReady(this.deps.leaseOf(node), new Date())) {
-        return block(
+        throw new Blocked(
           'AgentNotReady',
           `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
         );
@@ -183,23 +160,17 @@ export class SyncRelationshipReconciler {
       return { node, endpoint: n.spec.endpoint };
     };
     const source = side(spec.source.node);
-    if ('blocked' in source) return source;
-    const targets: Side[] = [];
-    for (const t of spec.targets) {
-      const s = side(t.node ?? '');
-      if ('blocked' in s) return s;
-      targets.push(s);
-    }
+    const targets = spec.targets.map((t) => side(t.node ?? ''));
     const volumes: VolumePlan[] = [];
     const members = groupVolumes(group, this.deps.lookup);
     if (members.length === 0) {
-      return block('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
+      throw new Blocked('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
     }
     for (const v of members) {
       const where = locate(ns, v.pvc, this.deps.lookup);
-      if (!where.ok) return block(where.reason, where.message);
+      if (!where.ok) throw new Blocked(where.reason, where.message);
       if (where.node !== undefined && where.node !== spec.source.node) {
-        return block(
+        throw new Blocked(
           'VolumeNotOnSource',
           `PVC ${v.pvc} lives on node ${where.node}, not on the source node ${spec.source.node}`,
         );
@@ -208,9 +179,9 @@ export class SyncRelationshipReconciler {
       for (const t of spec.targets) {
         if (!t.pvc || !t.node) continue;
         const at = locate(ns, t.pvc, this.deps.lookup);
-        if (!at.ok) return block(at.reason, `target ${t.node}: ${at.message}`);
+        if (!at.ok) throw new Blocked(at.reason, `target ${t.node}: ${at.message}`);
         if (at.node !== undefined && at.node !== t.node) {
-          return block(
+          throw new Blocked(
             'VolumeNotOnTarget',
             `PVC ${t.pvc} lives on node ${at.node}, not on the target node ${t.node}`,
           );
@@ -228,7 +199,7 @@ export class SyncRelationshipReconciler {
     const primary =
       spec.primary === 'source' ? source : targets.find((t) => t.node === spec.primary);
     if (!primary) {
-      return block(
+      throw new Blocked(
         'PrimaryNotATarget',
         `primary ${spec.primary} is neither "source" nor a target node`,
       );
@@ -248,6 +219,16 @@ export class SyncRelationshipReconciler {
 
   // ---- acting on the agents ---------------------------------------------------------------
 
+  /** The primary's view of each volume after apply, or why the primary could not be reached. */
+  private async observe(rel: SyncRelationship, plan: Plan): Promise<Observed> {
+    try {
+      return { volumes: await this.apply(rel, plan) };
+    } catch (err) {
+      if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
+      return { volumes: [], unreachable: errorMessage(err) };
+    }
+  }
+
   /** Takes the steps still missing on the agents; returns the primary's view of each volume. */
   private async apply(rel: SyncRelationship, plan: Plan): Promise<VolumeInfo[]> {
     const source = this.deps.agents.get(plan.source.endpoint);
@@ -260,7 +241,7 @@ export class SyncRelationshipReconciler {
         source.createVolume(v.agentName, v.sizeBytes, { dataPath: v.dataPath }),
       );
       if (vol.dataPath !== v.dataPath) {
-        throw new Refusal(
+        throw new Blocked(
           'VolumeConflict',
           `agent ${plan.source.node} already has a volume ${v.agentName} on ${vol.dataPath || 'its data dir'}, not ${v.dataPath}`,
         );
@@ -328,7 +309,7 @@ export class SyncRelationshipReconciler {
       vol = await chosen.getVolume(name);
     } catch (err) {
       if (!isLockstepError(err, 'LOCKSTEP_ERR_VOLUME_NOT_FOUND')) throw err;
-      throw new Refusal(
+      throw new Blocked(
         'NoCopyOnPrimary',
         `node ${plan.primary.node} has no copy of ${name} yet; it can become primary once it has been baselined`,
       );
