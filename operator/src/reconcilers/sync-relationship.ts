@@ -17,10 +17,10 @@ import type {
   SyncRelationshipStatus,
 } from '../api/types';
 import type { AgentPool } from '../agents/agent-pool';
-import { agentReady } from '../agents/heartbeat';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import { Blocked } from '../resolve/blocked';
-import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
+import type { Lookup } from '../resolve/group-volumes';
+import { agentVolumeName, planRelationship, type Plan } from '../resolve/relationship-plan';
 import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
 import { writeStatusIfChanged } from '../status/status-writer';
@@ -50,32 +50,6 @@ export interface RelationshipDeps {
   objects: k8s.CustomObjectsApi;
   events: EventRecorder;
   log: Logger;
-}
-
-/** The name of a group volume on the agents: unique per namespace and group. */
-export function agentVolumeName(namespace: string, group: string, volume: string): string {
-  return `${namespace}.${group}.${volume}`;
-}
-
-export interface Side {
-  node: string;
-  endpoint: string;
-}
-
-export interface VolumePlan {
-  agentName: string;
-  dataPath: string;
-  sizeBytes: number;
-  /** Replica files on target PVCs; a target without a PVC keeps its copy in its data dir. */
-  targetPaths: Map<string, string>;
-}
-
-export interface Plan {
-  source: Side;
-  targets: Side[];
-  /** The side that serves writes (spec.primary); the others are its secondaries. */
-  primary: Side;
-  volumes: VolumePlan[];
 }
 
 export interface Observed {
@@ -108,7 +82,7 @@ export class SyncRelationshipReconciler {
 
     let status: SyncRelationshipStatus;
     try {
-      const plan = this.plan(rel);
+      const plan = planRelationship(rel, this.deps, new Date());
       status = summarize(rel, plan, await this.observe(rel, plan));
     } catch (err) {
       if (!(err instanceof Blocked)) throw err;
@@ -117,104 +91,6 @@ export class SyncRelationshipReconciler {
     }
     await this.writeStatus(rel, status);
     return status.phase === 'InSync' ? undefined : { requeueAfterMs: PROGRESS_POLL_MS };
-  }
-
-  // ---- desired state ---------------------------------------------------------------------
-
-  /** Resolves everything the relationship needs; throws Blocked on the first thing missing. */
-  private plan(rel: SyncRelationship): Plan {
-    const ns = rel.metadata.namespace ?? '';
-    const { spec } = rel;
-    const group = this.deps.groups.get(spec.consistencyGroup, ns);
-    if (!group) {
-      throw new Blocked(
-        'ConsistencyGroupNotFound',
-        `ConsistencyGroup ${spec.consistencyGroup} does not exist`,
-      );
-    }
-    const owner = this.groupOwner(ns, spec.consistencyGroup);
-    if (owner && owner !== rel.metadata.name) {
-      throw new Blocked(
-        'ConsistencyGroupInUse',
-        `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
-      );
-    }
-    const remote = spec.targets.find((t) => t.endpoint);
-    if (remote) {
-      throw new Blocked(
-        'RemoteTargetsNotSupported',
-        `target ${remote.endpoint}: replication to agents in other clusters (mTLS) is not supported by this operator version`,
-      );
-    }
-    const side = (node: string): Side => {
-      const n = this.deps.nodes.get(node);
-      if (!n) {
-        throw new Blocked('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
-      }
-      if (!agentReady(this.deps.leaseOf(node), new Date())) {
-        throw new Blocked(
-          'AgentNotReady',
-          `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
-        );
-      }
-      return { node, endpoint: n.spec.endpoint };
-    };
-    const source = side(spec.source.node);
-    const targets = spec.targets.map((t) => side(t.node ?? ''));
-    const volumes: VolumePlan[] = [];
-    const members = groupVolumes(group, this.deps.lookup);
-    if (members.length === 0) {
-      throw new Blocked('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
-    }
-    for (const v of members) {
-      const where = locate(ns, v.pvc, this.deps.lookup);
-      if (!where.ok) throw new Blocked(where.reason, where.message);
-      if (where.node !== undefined && where.node !== spec.source.node) {
-        throw new Blocked(
-          'VolumeNotOnSource',
-          `PVC ${v.pvc} lives on node ${where.node}, not on the source node ${spec.source.node}`,
-        );
-      }
-      const targetPaths = new Map<string, string>();
-      for (const t of spec.targets) {
-        if (!t.pvc || !t.node) continue;
-        const at = locate(ns, t.pvc, this.deps.lookup);
-        if (!at.ok) throw new Blocked(at.reason, `target ${t.node}: ${at.message}`);
-        if (at.node !== undefined && at.node !== t.node) {
-          throw new Blocked(
-            'VolumeNotOnTarget',
-            `PVC ${t.pvc} lives on node ${at.node}, not on the target node ${t.node}`,
-          );
-        }
-        // One target PVC holds the replicas of every volume of the group, one directory each.
-        targetPaths.set(t.node, `${at.path}/${v.name}/${v.file}`);
-      }
-      volumes.push({
-        agentName: agentVolumeName(ns, group.metadata.name, v.name),
-        dataPath: `${where.path}/${v.file}`,
-        sizeBytes: Math.floor(where.capacityBytes / 4096) * 4096,
-        targetPaths,
-      });
-    }
-    const primary =
-      spec.primary === 'source' ? source : targets.find((t) => t.node === spec.primary);
-    if (!primary) {
-      throw new Blocked(
-        'PrimaryNotATarget',
-        `primary ${spec.primary} is neither "source" nor a target node`,
-      );
-    }
-    return { source, targets, primary, volumes };
-  }
-
-  /** The oldest relationship that names the group owns it; others are refused. */
-  private groupOwner(namespace: string, group: string): string | undefined {
-    const claimants = this.deps.relationships
-      .list(namespace)
-      .filter((r) => r.spec.consistencyGroup === group && !r.metadata.deletionTimestamp)
-      // Timestamps arrive as strings from watches and as Dates from lists: compare instants.
-      .sort((a, b) => created(a) - created(b) || a.metadata.name.localeCompare(b.metadata.name));
-    return claimants[0]?.metadata.name;
   }
 
   // ---- acting on the agents ---------------------------------------------------------------
@@ -420,10 +296,6 @@ export class SyncRelationshipReconciler {
       );
     }
   }
-}
-
-function created(o: SyncRelationship): number {
-  return new Date(o.metadata.creationTimestamp ?? 0).getTime();
 }
 
 async function getOrCreate(
