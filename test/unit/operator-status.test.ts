@@ -3,9 +3,10 @@
 import type { V1PersistentVolume, V1PersistentVolumeClaim } from '@kubernetes/client-node';
 import type { VolumeInfo } from '../../lib/agent-client';
 import type { SyncRelationship } from '../../operator/src/api/types';
-import { summarize, type Plan } from '../../operator/src/reconcilers/sync-relationship';
 import { locatePvc, parseQuantity } from '../../operator/src/resolve/pvc-location';
+import type { Plan } from '../../operator/src/resolve/relationship-plan';
 import { mergeConditions, sameJson } from '../../operator/src/status/conditions';
+import { summarize } from '../../operator/src/status/relationship-status';
 
 describe('conditions', () => {
   const t0 = new Date('2026-01-01T00:00:00Z');

@@ -1,11 +1,11 @@
 // The ConsistencyGroup reconciler: reports whether every volume of the group can be served
 // (PVC bound to a node-local PV), so a user sees what is missing before any replication.
 import type * as k8s from '@kubernetes/client-node';
-import { GROUP, VERSION, apiErrorMessage, isNotFound } from '../../../lib/kube';
 import type { ConsistencyGroup } from '../api/types';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
-import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
+import { mergeConditions, type DesiredCondition } from '../status/conditions';
+import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
 
 export interface GroupDeps {
@@ -53,19 +53,6 @@ export class ConsistencyGroupReconciler {
       phase: desired.status === 'True' ? 'Ready' : 'Pending',
       conditions: mergeConditions(group.status?.conditions, [desired], gen, new Date()),
     };
-    if (sameJson(group.status ?? {}, status)) return;
-    try {
-      await this.deps.objects.replaceNamespacedCustomObjectStatus({
-        group: GROUP,
-        version: VERSION,
-        namespace,
-        plural: 'consistencygroups',
-        name,
-        body: { ...group, status },
-      });
-    } catch (err) {
-      if (isNotFound(err)) return;
-      throw new Error(`writing ConsistencyGroup status: ${apiErrorMessage(err)}`, { cause: err });
-    }
+    await writeStatusIfChanged(this.deps.objects, 'consistencygroups', group, status);
   }
 }

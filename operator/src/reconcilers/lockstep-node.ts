@@ -1,11 +1,12 @@
 // The LockstepNode reconciler: an agent is Ready while its heartbeat Lease is fresh, as the
 // node lifecycle controller judges kubelets. The condition is written only when it flips.
 import type * as k8s from '@kubernetes/client-node';
-import { GROUP, VERSION, apiErrorMessage, isNotFound } from '../../../lib/kube';
 import type { LockstepNode } from '../api/types';
+import { agentReady, leaseExpiry } from '../agents/heartbeat';
 import type { SupervisedInformer } from '../informers/supervised-informer';
-import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
+import { mergeConditions, type DesiredCondition } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
+import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
 
 export interface NodeDeps {
@@ -13,19 +14,6 @@ export interface NodeDeps {
   leaseOf: (node: string) => k8s.V1Lease | undefined;
   objects: k8s.CustomObjectsApi;
   events: EventRecorder;
-}
-
-/** When the node's lease lapses (ms since the epoch), or undefined without a lease. */
-function leaseExpiry(lease: k8s.V1Lease | undefined): number | undefined {
-  const renewed = lease?.spec?.renewTime;
-  const seconds = lease?.spec?.leaseDurationSeconds;
-  if (!renewed || !seconds) return undefined;
-  return new Date(renewed).getTime() + seconds * 1000;
-}
-
-export function nodeReady(_node: LockstepNode, lease: k8s.V1Lease | undefined, now: Date): boolean {
-  const expiry = leaseExpiry(lease);
-  return expiry !== undefined && expiry > now.getTime();
 }
 
 export class LockstepNodeReconciler {
@@ -36,7 +24,7 @@ export class LockstepNodeReconciler {
     if (!node) return;
     const now = new Date();
     const lease = this.deps.leaseOf(name);
-    const ready = nodeReady(node, lease, now);
+    const ready = agentReady(lease, now);
     const expiry = leaseExpiry(lease);
     const desired: DesiredCondition = ready
       ? {
@@ -59,28 +47,16 @@ export class LockstepNodeReconciler {
       node.metadata.generation ?? 0,
       now,
     );
-    if (!sameJson(node.status?.conditions, conditions)) {
-      try {
-        await this.deps.objects.replaceClusterCustomObjectStatus({
-          group: GROUP,
-          version: VERSION,
-          plural: 'lockstepnodes',
-          name,
-          body: { ...node, status: { ...node.status, conditions } },
-        });
-      } catch (err) {
-        if (isNotFound(err)) return;
-        throw new Error(`writing LockstepNode status: ${apiErrorMessage(err)}`, { cause: err });
-      }
-      const was = node.status?.conditions?.find((c) => c.type === 'Ready')?.status;
-      if (was !== desired.status) {
-        await this.deps.events.record(
-          node,
-          ready ? 'Normal' : 'Warning',
-          ready ? 'NodeReady' : 'NodeNotReady',
-          desired.message,
-        );
-      }
+    const was = node.status?.conditions?.find((c) => c.type === 'Ready')?.status;
+    const status = { ...node.status, conditions };
+    const wrote = await writeStatusIfChanged(this.deps.objects, 'lockstepnodes', node, status);
+    if (wrote && was !== desired.status) {
+      await this.deps.events.record(
+        node,
+        ready ? 'Normal' : 'Warning',
+        ready ? 'NodeReady' : 'NodeNotReady',
+        desired.message,
+      );
     }
     // Look again when the lease would lapse, unless it is renewed first (which wakes us too).
     return ready && expiry !== undefined

@@ -6,35 +6,32 @@
 import type * as k8s from '@kubernetes/client-node';
 import type { AgentClient, VolumeInfo } from '../../../lib/agent-client';
 import { errorMessage, isLockstepError } from '../../../lib/errors';
-import {
-  GROUP,
-  VERSION,
-  apiErrorMessage,
-  isConflict,
-  isNotFound,
-  mergePatch,
-} from '../../../lib/kube';
+import { GROUP, VERSION, apiErrorMessage, isNotFound, mergePatch } from '../../../lib/kube';
 import type { Logger } from '../../../lib/logger';
 import type {
   ConsistencyGroup,
   LockstepNode,
-  RelationshipPhase,
   SyncMode,
   SyncRelationship,
   SyncRelationshipStatus,
 } from '../api/types';
 import type { AgentPool } from '../agents/agent-pool';
 import type { SupervisedInformer } from '../informers/supervised-informer';
-import { groupVolumes, locate, type Lookup } from '../resolve/group-volumes';
-import { mergeConditions, sameJson, type DesiredCondition } from '../status/conditions';
+import { Blocked } from '../resolve/blocked';
+import type { Lookup } from '../resolve/group-volumes';
+import { agentVolumeName, planRelationship, type Plan } from '../resolve/relationship-plan';
+import { sameJson } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
+import { blockedStatus, phaseEvent, summarize, type Observed } from '../status/relationship-status';
+import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
-import { nodeReady } from './lockstep-node';
 
-export const FINALIZER = 'lockstep.dev/teardown';
+const FINALIZER = 'lockstep.dev/teardown';
 const PLURAL = 'syncrelationships';
 /** How often progress is read back while something is in motion. */
 const PROGRESS_POLL_MS = 1_000;
+/** How often a blocked relationship looks again, besides the events that wake it. */
+const BLOCKED_POLL_MS = 10_000;
 const DEFAULT_REGION_SIZE = 65536;
 
 const AGENT_MODE: Record<SyncMode, string> = {
@@ -53,48 +50,6 @@ export interface RelationshipDeps {
   objects: k8s.CustomObjectsApi;
   events: EventRecorder;
   log: Logger;
-}
-
-/** The name of a group volume on the agents: unique per namespace and group. */
-export function agentVolumeName(namespace: string, group: string, volume: string): string {
-  return `${namespace}.${group}.${volume}`;
-}
-
-export interface Side {
-  node: string;
-  endpoint: string;
-}
-
-export interface VolumePlan {
-  agentName: string;
-  dataPath: string;
-  sizeBytes: number;
-  /** Replica files on target PVCs; a target without a PVC keeps its copy in its data dir. */
-  targetPaths: Map<string, string>;
-}
-
-export interface Plan {
-  source: Side;
-  targets: Side[];
-  /** The side that serves writes (spec.primary); the others are its secondaries. */
-  primary: Side;
-  volumes: VolumePlan[];
-}
-
-type Blocked = { blocked: true; reason: string; message: string };
-
-export interface Observed {
-  volumes: VolumeInfo[];
-  unreachable?: string;
-}
-
-class Refusal extends Error {
-  constructor(
-    readonly reason: string,
-    message: string,
-  ) {
-    super(message);
-  }
 }
 
 export class SyncRelationshipReconciler {
@@ -120,139 +75,30 @@ export class SyncRelationshipReconciler {
       if (!rel) return;
     }
 
-    const plan = this.plan(rel);
-    if ('blocked' in plan) {
-      await this.writeStatus(rel, blockedStatus(rel, plan));
-      return { requeueAfterMs: 10_000 };
-    }
-    let observed: Observed;
+    let status: SyncRelationshipStatus;
     try {
-      observed = { volumes: await this.apply(rel, plan) };
+      const plan = planRelationship(rel, this.deps, new Date());
+      status = summarize(rel, plan, await this.observe(rel, plan));
     } catch (err) {
-      if (err instanceof Refusal) {
-        await this.writeStatus(
-          rel,
-          blockedStatus(rel, { blocked: true, reason: err.reason, message: err.message }),
-        );
-        return { requeueAfterMs: 10_000 };
-      }
-      if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
-      observed = { volumes: [], unreachable: errorMessage(err) };
+      if (!(err instanceof Blocked)) throw err;
+      await this.writeStatus(rel, blockedStatus(rel, err));
+      return { requeueAfterMs: BLOCKED_POLL_MS };
     }
-    const status = summarize(rel, plan, observed);
     await this.writeStatus(rel, status);
     return status.phase === 'InSync' ? undefined : { requeueAfterMs: PROGRESS_POLL_MS };
   }
 
-  // ---- desired state ---------------------------------------------------------------------
-
-  /** Resolves everything the relationship needs, or the first thing that is missing. */
-  private plan(rel: SyncRelationship): Plan | Blocked {
-    const ns = rel.metadata.namespace ?? '';
-    const { spec } = rel;
-    const block = (reason: string, message: string): Blocked => ({
-      blocked: true,
-      reason,
-      message,
-    });
-    const group = this.deps.groups.get(spec.consistencyGroup, ns);
-    if (!group) {
-      return block(
-        'ConsistencyGroupNotFound',
-        `ConsistencyGroup ${spec.consistencyGroup} does not exist`,
-      );
-    }
-    const owner = this.groupOwner(ns, spec.consistencyGroup);
-    if (owner && owner !== rel.metadata.name) {
-      return block(
-        'ConsistencyGroupInUse',
-        `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
-      );
-    }
-    const remote = spec.targets.find((t) => t.endpoint);
-    if (remote) {
-      return block(
-        'RemoteTargetsNotSupported',
-        `target ${remote.endpoint}: replication to agents in other clusters (mTLS) is not supported by this operator version`,
-      );
-    }
-    const side = (node: string): Side | Blocked => {
-      const n = this.deps.nodes.get(node);
-      if (!n)
-        return block('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
-      if (!nodeReady(n, this.deps.leaseOf(node), new Date())) {
-        return block(
-          'AgentNotReady',
-          `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
-        );
-      }
-      return { node, endpoint: n.spec.endpoint };
-    };
-    const source = side(spec.source.node);
-    if ('blocked' in source) return source;
-    const targets: Side[] = [];
-    for (const t of spec.targets) {
-      const s = side(t.node ?? '');
-      if ('blocked' in s) return s;
-      targets.push(s);
-    }
-    const volumes: VolumePlan[] = [];
-    const members = groupVolumes(group, this.deps.lookup);
-    if (members.length === 0) {
-      return block('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
-    }
-    for (const v of members) {
-      const where = locate(ns, v.pvc, this.deps.lookup);
-      if (!where.ok) return block(where.reason, where.message);
-      if (where.node !== undefined && where.node !== spec.source.node) {
-        return block(
-          'VolumeNotOnSource',
-          `PVC ${v.pvc} lives on node ${where.node}, not on the source node ${spec.source.node}`,
-        );
-      }
-      const targetPaths = new Map<string, string>();
-      for (const t of spec.targets) {
-        if (!t.pvc || !t.node) continue;
-        const at = locate(ns, t.pvc, this.deps.lookup);
-        if (!at.ok) return block(at.reason, `target ${t.node}: ${at.message}`);
-        if (at.node !== undefined && at.node !== t.node) {
-          return block(
-            'VolumeNotOnTarget',
-            `PVC ${t.pvc} lives on node ${at.node}, not on the target node ${t.node}`,
-          );
-        }
-        // One target PVC holds the replicas of every volume of the group, one directory each.
-        targetPaths.set(t.node, `${at.path}/${v.name}/${v.file}`);
-      }
-      volumes.push({
-        agentName: agentVolumeName(ns, group.metadata.name, v.name),
-        dataPath: `${where.path}/${v.file}`,
-        sizeBytes: Math.floor(where.capacityBytes / 4096) * 4096,
-        targetPaths,
-      });
-    }
-    const primary =
-      spec.primary === 'source' ? source : targets.find((t) => t.node === spec.primary);
-    if (!primary) {
-      return block(
-        'PrimaryNotATarget',
-        `primary ${spec.primary} is neither "source" nor a target node`,
-      );
-    }
-    return { source, targets, primary, volumes };
-  }
-
-  /** The oldest relationship that names the group owns it; others are refused. */
-  private groupOwner(namespace: string, group: string): string | undefined {
-    const claimants = this.deps.relationships
-      .list(namespace)
-      .filter((r) => r.spec.consistencyGroup === group && !r.metadata.deletionTimestamp)
-      // Timestamps arrive as strings from watches and as Dates from lists: compare instants.
-      .sort((a, b) => created(a) - created(b) || a.metadata.name.localeCompare(b.metadata.name));
-    return claimants[0]?.metadata.name;
-  }
-
   // ---- acting on the agents ---------------------------------------------------------------
+
+  /** The primary's view of each volume after apply, or why the primary could not be reached. */
+  private async observe(rel: SyncRelationship, plan: Plan): Promise<Observed> {
+    try {
+      return { volumes: await this.apply(rel, plan) };
+    } catch (err) {
+      if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
+      return { volumes: [], unreachable: errorMessage(err) };
+    }
+  }
 
   /** Takes the steps still missing on the agents; returns the primary's view of each volume. */
   private async apply(rel: SyncRelationship, plan: Plan): Promise<VolumeInfo[]> {
@@ -266,7 +112,7 @@ export class SyncRelationshipReconciler {
         source.createVolume(v.agentName, v.sizeBytes, { dataPath: v.dataPath }),
       );
       if (vol.dataPath !== v.dataPath) {
-        throw new Refusal(
+        throw new Blocked(
           'VolumeConflict',
           `agent ${plan.source.node} already has a volume ${v.agentName} on ${vol.dataPath || 'its data dir'}, not ${v.dataPath}`,
         );
@@ -334,7 +180,7 @@ export class SyncRelationshipReconciler {
       vol = await chosen.getVolume(name);
     } catch (err) {
       if (!isLockstepError(err, 'LOCKSTEP_ERR_VOLUME_NOT_FOUND')) throw err;
-      throw new Refusal(
+      throw new Blocked(
         'NoCopyOnPrimary',
         `node ${plan.primary.node} has no copy of ${name} yet; it can become primary once it has been baselined`,
       );
@@ -431,38 +277,12 @@ export class SyncRelationshipReconciler {
     }
   }
 
+  /** Writes the status if it changed, with an Event when the phase moved. */
   private async writeStatus(rel: SyncRelationship, status: SyncRelationshipStatus): Promise<void> {
-    const previous = rel.status ?? {};
-    if (sameJson(previous, status)) return;
-    try {
-      await this.deps.objects.replaceNamespacedCustomObjectStatus({
-        group: GROUP,
-        version: VERSION,
-        namespace: rel.metadata.namespace ?? '',
-        plural: PLURAL,
-        name: rel.metadata.name,
-        body: { ...rel, status },
-      });
-    } catch (err) {
-      if (isNotFound(err)) return;
-      if (isConflict(err)) throw new Error('status conflict: the relationship changed meanwhile');
-      throw new Error(`writing status: ${apiErrorMessage(err)}`, { cause: err });
-    }
-    if (previous.phase !== status.phase) {
-      const bad: RelationshipPhase[] = ['Degraded', 'SplitBrain', 'Failed', 'Pending'];
-      const ready = status.conditions?.find((c) => c.type === 'Ready');
-      await this.deps.events.record(
-        rel,
-        bad.includes(status.phase ?? 'Pending') ? 'Warning' : 'Normal',
-        status.phase ?? 'Pending',
-        `${previous.phase ?? 'new'} → ${status.phase}: ${describe(status) || ready?.message || ''}`,
-      );
-    }
+    const event = phaseEvent(rel.status, status);
+    if (!(await writeStatusIfChanged(this.deps.objects, PLURAL, rel, status)) || !event) return;
+    await this.deps.events.record(rel, event.type, event.reason, event.message);
   }
-}
-
-function created(o: SyncRelationship): number {
-  return new Date(o.metadata.creationTimestamp ?? 0).getTime();
 }
 
 async function getOrCreate(
@@ -476,163 +296,4 @@ async function getOrCreate(
     if (!isLockstepError(err, 'LOCKSTEP_ERR_VOLUME_NOT_FOUND')) throw err;
     return create();
   }
-}
-
-// ---- status -------------------------------------------------------------------------------
-
-const SPLIT: ReadonlySet<string> = new Set(['SplitBrain', 'PeerIsPrimary', 'PeerIsNewer']);
-const DOWN: ReadonlySet<string> = new Set(['OutOfSync', 'Disconnected', 'Connecting']);
-
-function blockedStatus(rel: SyncRelationship, b: Blocked): SyncRelationshipStatus {
-  const gen = rel.metadata.generation ?? 0;
-  const now = new Date();
-  return {
-    ...rel.status,
-    observedGeneration: gen,
-    phase: 'Pending',
-    progression: 'WaitingForPrerequisites',
-    conditions: mergeConditions(
-      rel.status?.conditions,
-      [
-        { type: 'Ready', status: 'False', reason: b.reason, message: b.message },
-        ...unknownConditions(),
-      ],
-      gen,
-      now,
-    ),
-  };
-}
-
-function unknownConditions(): DesiredCondition[] {
-  return ['InSync', 'Degraded', 'Resyncing', 'SplitBrain'].map((type) => ({
-    type,
-    status: 'Unknown',
-    reason: 'NotReplicating',
-    message: 'replication is not set up',
-  }));
-}
-
-function describe(status: SyncRelationshipStatus): string {
-  const d = status.conditions?.find((c) => c.type === 'Degraded' && c.status === 'True');
-  const s = status.conditions?.find((c) => c.type === 'SplitBrain' && c.status === 'True');
-  return (s ?? d)?.message ?? '';
-}
-
-/** The relationship's status from the primary's view of each volume. */
-export function summarize(
-  rel: SyncRelationship,
-  plan: Plan,
-  observed: Observed,
-): SyncRelationshipStatus {
-  const gen = rel.metadata.generation ?? 0;
-  const now = new Date();
-  const nodeOf = new Map([plan.source, ...plan.targets].map((t) => [t.endpoint, t.node]));
-  const peers = observed.volumes.flatMap((v) =>
-    (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
-  );
-  const describePeer = (p: (typeof peers)[number]) =>
-    `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.reason ? ` (${p.reason})` : ''}`;
-  const split = peers.filter((p) => SPLIT.has(p.state)).map(describePeer);
-  // A peer connecting for the first time is not down: it has simply not been in sync yet.
-  const down = peers
-    .filter((p) => DOWN.has(p.state) && !(p.state === 'Connecting' && !Number(p.lastInSyncMs)))
-    .map(describePeer);
-  const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
-  // An in-sync peer with dirty bytes is catching up on a backlog (async mode's lag).
-  const resyncing = peers.filter(
-    (p) => p.state === 'Resyncing' || (p.state === 'InSync' && Number(p.dirtyBytes) > 0),
-  );
-  // Every side but the primary is a peer of each volume.
-  const expected = plan.volumes.length * plan.targets.length;
-  const allInSync =
-    peers.length === expected &&
-    peers.every((p) => p.state === 'InSync' && Number(p.dirtyBytes) === 0);
-
-  let phase: RelationshipPhase;
-  let progression: string;
-  if (observed.unreachable) [phase, progression] = ['Degraded', 'WaitingForPrimary'];
-  else if (split.length) [phase, progression] = ['SplitBrain', 'WaitingForResolution'];
-  else if (allInSync) [phase, progression] = ['InSync', 'InSync'];
-  else if (baselining.length) [phase, progression] = ['Baselining', 'Baselining'];
-  else if (resyncing.length) [phase, progression] = ['Resyncing', 'Resyncing'];
-  else if (down.length) [phase, progression] = ['Degraded', 'WaitingForPeers'];
-  else [phase, progression] = ['Baselining', 'CreatingReplicas'];
-
-  const cond = (type: string, on: boolean, reason: string, message: string): DesiredCondition => ({
-    type,
-    status: on ? 'True' : 'False',
-    reason,
-    message,
-  });
-  const desired: DesiredCondition[] = [
-    observed.unreachable
-      ? cond('Ready', false, 'PrimaryUnreachable', observed.unreachable)
-      : cond(
-          'Ready',
-          true,
-          'Replicating',
-          `replicating ${plan.volumes.length} volume(s) from ${plan.primary.node} to ${[
-            plan.source,
-            ...plan.targets,
-          ]
-            .filter((t) => t !== plan.primary)
-            .map((t) => t.node)
-            .join(', ')}`,
-        ),
-    cond(
-      'InSync',
-      phase === 'InSync',
-      phase === 'InSync' ? 'AllPeersInSync' : phase,
-      phase === 'InSync' ? 'every replica holds every acknowledged write' : `phase ${phase}`,
-    ),
-    cond(
-      'Degraded',
-      phase === 'Degraded' || phase === 'SplitBrain',
-      observed.unreachable
-        ? 'PrimaryUnreachable'
-        : split.length
-          ? 'SplitBrain'
-          : down.length
-            ? 'PeerOutOfSync'
-            : 'AllPeersHealthy',
-      observed.unreachable ?? ([...split, ...down].join('; ') || 'no replica is behind'),
-    ),
-    cond(
-      'Resyncing',
-      phase === 'Baselining' || phase === 'Resyncing',
-      baselining.length ? 'Baseline' : resyncing.length ? 'Resync' : 'Idle',
-      baselining.length || resyncing.length
-        ? `${baselining.length + resyncing.length} replica volume(s) catching up`
-        : 'nothing to copy',
-    ),
-    cond(
-      'SplitBrain',
-      split.length > 0,
-      split.length ? 'Diverged' : 'NoSplitBrain',
-      split.join('; ') || 'no divergence',
-    ),
-  ];
-
-  const base = baselining.filter((p) => p.resync);
-  const status: SyncRelationshipStatus = {
-    observedGeneration: gen,
-    phase,
-    progression,
-    primaryNode: plan.primary.node,
-    dirtyBytes: peers.reduce((n, p) => n + Number(p.dirtyBytes), 0),
-    conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
-  };
-  if (base.length) {
-    const eta = base.map((p) => Number(p.resync?.etaSeconds ?? -1));
-    status.baseline = {
-      doneBytes: base.reduce((n, p) => n + Number(p.resync?.doneBytes ?? 0), 0),
-      totalBytes: base.reduce((n, p) => n + Number(p.resync?.totalBytes ?? 0), 0),
-      etaSeconds: eta.includes(-1) ? -1 : Math.max(...eta),
-    };
-  }
-  const lastInSync = allInSync ? Math.max(...peers.map((p) => Number(p.lastInSyncMs))) : 0;
-  status.lastInSyncTime =
-    lastInSync > 0 ? new Date(lastInSync).toISOString() : rel.status?.lastInSyncTime;
-  if (!status.lastInSyncTime) delete status.lastInSyncTime;
-  return status;
 }

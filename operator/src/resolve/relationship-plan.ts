@@ -1,0 +1,144 @@
+// What a SyncRelationship needs, resolved from the informers' caches: the agent of each side,
+// and for every volume of its ConsistencyGroup the file it serves on the source and the replica
+// files on target PVCs (PVC → PV → node and path). Pure: it reads, never writes, and throws
+// Blocked on the first prerequisite that is missing.
+import type { V1Lease } from '@kubernetes/client-node';
+import type { ConsistencyGroup, LockstepNode, SyncRelationship } from '../api/types';
+import { agentReady } from '../agents/heartbeat';
+import { Blocked } from './blocked';
+import { groupVolumes, locate, type Lookup } from './group-volumes';
+
+export interface Side {
+  node: string;
+  endpoint: string;
+}
+
+export interface VolumePlan {
+  agentName: string;
+  dataPath: string;
+  sizeBytes: number;
+  /** Replica files on target PVCs; a target without a PVC keeps its copy in its data dir. */
+  targetPaths: Map<string, string>;
+}
+
+export interface Plan {
+  source: Side;
+  targets: Side[];
+  /** The side that serves writes (spec.primary); the others are its secondaries. */
+  primary: Side;
+  volumes: VolumePlan[];
+}
+
+/** What the plan reads: the informers' caches, narrowed to the calls it makes. */
+export interface PlanSources {
+  relationships: { list(namespace: string): SyncRelationship[] };
+  groups: { get(name: string, namespace: string): ConsistencyGroup | undefined };
+  nodes: { get(name: string): LockstepNode | undefined };
+  leaseOf: (node: string) => V1Lease | undefined;
+  lookup: Lookup;
+}
+
+/** The name of a group volume on the agents: unique per namespace and group. */
+export function agentVolumeName(namespace: string, group: string, volume: string): string {
+  return `${namespace}.${group}.${volume}`;
+}
+
+/** Resolves everything the relationship needs; throws Blocked on the first thing missing. */
+export function planRelationship(rel: SyncRelationship, from: PlanSources, now: Date): Plan {
+  const ns = rel.metadata.namespace ?? '';
+  const { spec } = rel;
+  const group = from.groups.get(spec.consistencyGroup, ns);
+  if (!group) {
+    throw new Blocked(
+      'ConsistencyGroupNotFound',
+      `ConsistencyGroup ${spec.consistencyGroup} does not exist`,
+    );
+  }
+  const owner = groupOwner(from, ns, spec.consistencyGroup);
+  if (owner && owner !== rel.metadata.name) {
+    throw new Blocked(
+      'ConsistencyGroupInUse',
+      `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
+    );
+  }
+  const remote = spec.targets.find((t) => t.endpoint);
+  if (remote) {
+    throw new Blocked(
+      'RemoteTargetsNotSupported',
+      `target ${remote.endpoint}: replication to agents in other clusters (mTLS) is not supported by this operator version`,
+    );
+  }
+  const source = side(from, spec.source.node, now);
+  const targets = spec.targets.map((t) => side(from, t.node ?? '', now));
+  const members = groupVolumes(group, from.lookup);
+  if (members.length === 0) {
+    throw new Blocked('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
+  }
+  const volumes = members.map((v): VolumePlan => {
+    const where = locate(ns, v.pvc, from.lookup);
+    if (!where.ok) throw new Blocked(where.reason, where.message);
+    if (where.node !== undefined && where.node !== spec.source.node) {
+      throw new Blocked(
+        'VolumeNotOnSource',
+        `PVC ${v.pvc} lives on node ${where.node}, not on the source node ${spec.source.node}`,
+      );
+    }
+    const targetPaths = new Map<string, string>();
+    for (const t of spec.targets) {
+      if (!t.pvc || !t.node) continue;
+      const at = locate(ns, t.pvc, from.lookup);
+      if (!at.ok) throw new Blocked(at.reason, `target ${t.node}: ${at.message}`);
+      if (at.node !== undefined && at.node !== t.node) {
+        throw new Blocked(
+          'VolumeNotOnTarget',
+          `PVC ${t.pvc} lives on node ${at.node}, not on the target node ${t.node}`,
+        );
+      }
+      // One target PVC holds the replicas of every volume of the group, one directory each.
+      targetPaths.set(t.node, `${at.path}/${v.name}/${v.file}`);
+    }
+    return {
+      agentName: agentVolumeName(ns, group.metadata.name, v.name),
+      dataPath: `${where.path}/${v.file}`,
+      sizeBytes: Math.floor(where.capacityBytes / 4096) * 4096,
+      targetPaths,
+    };
+  });
+  const primary = spec.primary === 'source' ? source : targets.find((t) => t.node === spec.primary);
+  if (!primary) {
+    throw new Blocked(
+      'PrimaryNotATarget',
+      `primary ${spec.primary} is neither "source" nor a target node`,
+    );
+  }
+  return { source, targets, primary, volumes };
+}
+
+/** A node as a side of the relationship: its agent must be registered and ready. */
+function side(from: PlanSources, node: string, now: Date): Side {
+  const n = from.nodes.get(node);
+  if (!n) {
+    throw new Blocked('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
+  }
+  if (!agentReady(from.leaseOf(node), now)) {
+    throw new Blocked(
+      'AgentNotReady',
+      `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
+    );
+  }
+  return { node, endpoint: n.spec.endpoint };
+}
+
+/** The oldest relationship that names the group owns it; others are refused. */
+function groupOwner(from: PlanSources, namespace: string, group: string): string | undefined {
+  const claimants = from.relationships
+    .list(namespace)
+    .filter((r) => r.spec.consistencyGroup === group && !r.metadata.deletionTimestamp)
+    // Timestamps arrive as strings from watches and as Dates from lists: compare instants.
+    .sort((a, b) => created(a) - created(b) || a.metadata.name.localeCompare(b.metadata.name));
+  return claimants[0]?.metadata.name;
+}
+
+function created(o: SyncRelationship): number {
+  return new Date(o.metadata.creationTimestamp ?? 0).getTime();
+}

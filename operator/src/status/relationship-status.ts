@@ -1,0 +1,203 @@
+// A SyncRelationship's status, summarized from what the agents report: the phase and
+// progression, the Ready/InSync/Degraded/Resyncing/SplitBrain conditions, dirty bytes and
+// baseline progress; and the Event a change of phase deserves. Pure: the reconciler writes.
+import type { VolumeInfo } from '../../../lib/agent-client';
+import type { RelationshipPhase, SyncRelationship, SyncRelationshipStatus } from '../api/types';
+import type { Blocked } from '../resolve/blocked';
+import type { Plan } from '../resolve/relationship-plan';
+import { mergeConditions, type DesiredCondition } from './conditions';
+import type { EventType } from './event-recorder';
+
+/** The primary's view of each volume, or why the primary could not be asked. */
+export interface Observed {
+  volumes: VolumeInfo[];
+  unreachable?: string;
+}
+
+const SPLIT: ReadonlySet<string> = new Set(['SplitBrain', 'PeerIsPrimary', 'PeerIsNewer']);
+const DOWN: ReadonlySet<string> = new Set(['OutOfSync', 'Disconnected', 'Connecting']);
+
+/** Phases that need someone's attention are announced as warnings. */
+const PHASE_EVENT_TYPE: Record<RelationshipPhase, EventType> = {
+  Pending: 'Warning',
+  Baselining: 'Normal',
+  InSync: 'Normal',
+  Resyncing: 'Normal',
+  Degraded: 'Warning',
+  SplitBrain: 'Warning',
+  Failed: 'Warning',
+};
+
+/** The relationship's status from the primary's view of each volume. */
+export function summarize(
+  rel: SyncRelationship,
+  plan: Plan,
+  observed: Observed,
+): SyncRelationshipStatus {
+  const gen = rel.metadata.generation ?? 0;
+  const now = new Date();
+  const nodeOf = new Map([plan.source, ...plan.targets].map((t) => [t.endpoint, t.node]));
+  const peers = observed.volumes.flatMap((v) =>
+    (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
+  );
+  const describePeer = (p: (typeof peers)[number]) =>
+    `${nodeOf.get(p.address) ?? p.address} ${p.state}${p.reason ? ` (${p.reason})` : ''}`;
+  const split = peers.filter((p) => SPLIT.has(p.state)).map(describePeer);
+  // A peer connecting for the first time is not down: it has simply not been in sync yet.
+  const down = peers
+    .filter((p) => DOWN.has(p.state) && !(p.state === 'Connecting' && !Number(p.lastInSyncMs)))
+    .map(describePeer);
+  const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
+  // An in-sync peer with dirty bytes is catching up on a backlog (async mode's lag).
+  const resyncing = peers.filter(
+    (p) => p.state === 'Resyncing' || (p.state === 'InSync' && Number(p.dirtyBytes) > 0),
+  );
+  // Every side but the primary is a peer of each volume.
+  const expected = plan.volumes.length * plan.targets.length;
+  const allInSync =
+    peers.length === expected &&
+    peers.every((p) => p.state === 'InSync' && Number(p.dirtyBytes) === 0);
+
+  let phase: RelationshipPhase;
+  let progression: string;
+  if (observed.unreachable) [phase, progression] = ['Degraded', 'WaitingForPrimary'];
+  else if (split.length) [phase, progression] = ['SplitBrain', 'WaitingForResolution'];
+  else if (allInSync) [phase, progression] = ['InSync', 'InSync'];
+  else if (baselining.length) [phase, progression] = ['Baselining', 'Baselining'];
+  else if (resyncing.length) [phase, progression] = ['Resyncing', 'Resyncing'];
+  else if (down.length) [phase, progression] = ['Degraded', 'WaitingForPeers'];
+  else [phase, progression] = ['Baselining', 'CreatingReplicas'];
+
+  const cond = (type: string, on: boolean, reason: string, message: string): DesiredCondition => ({
+    type,
+    status: on ? 'True' : 'False',
+    reason,
+    message,
+  });
+  const desired: DesiredCondition[] = [
+    observed.unreachable
+      ? cond('Ready', false, 'PrimaryUnreachable', observed.unreachable)
+      : cond(
+          'Ready',
+          true,
+          'Replicating',
+          `replicating ${plan.volumes.length} volume(s) from ${plan.primary.node} to ${[
+            plan.source,
+            ...plan.targets,
+          ]
+            .filter((t) => t !== plan.primary)
+            .map((t) => t.node)
+            .join(', ')}`,
+        ),
+    cond(
+      'InSync',
+      phase === 'InSync',
+      phase === 'InSync' ? 'AllPeersInSync' : phase,
+      phase === 'InSync' ? 'every replica holds every acknowledged write' : `phase ${phase}`,
+    ),
+    cond(
+      'Degraded',
+      phase === 'Degraded' || phase === 'SplitBrain',
+      observed.unreachable
+        ? 'PrimaryUnreachable'
+        : split.length
+          ? 'SplitBrain'
+          : down.length
+            ? 'PeerOutOfSync'
+            : 'AllPeersHealthy',
+      observed.unreachable ?? ([...split, ...down].join('; ') || 'no replica is behind'),
+    ),
+    cond(
+      'Resyncing',
+      phase === 'Baselining' || phase === 'Resyncing',
+      baselining.length ? 'Baseline' : resyncing.length ? 'Resync' : 'Idle',
+      baselining.length || resyncing.length
+        ? `${baselining.length + resyncing.length} replica volume(s) catching up`
+        : 'nothing to copy',
+    ),
+    cond(
+      'SplitBrain',
+      split.length > 0,
+      split.length ? 'Diverged' : 'NoSplitBrain',
+      split.join('; ') || 'no divergence',
+    ),
+  ];
+
+  const base = baselining.filter((p) => p.resync);
+  const status: SyncRelationshipStatus = {
+    observedGeneration: gen,
+    phase,
+    progression,
+    primaryNode: plan.primary.node,
+    dirtyBytes: peers.reduce((n, p) => n + Number(p.dirtyBytes), 0),
+    conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
+  };
+  if (base.length) {
+    const eta = base.map((p) => Number(p.resync?.etaSeconds ?? -1));
+    status.baseline = {
+      doneBytes: base.reduce((n, p) => n + Number(p.resync?.doneBytes ?? 0), 0),
+      totalBytes: base.reduce((n, p) => n + Number(p.resync?.totalBytes ?? 0), 0),
+      etaSeconds: eta.includes(-1) ? -1 : Math.max(...eta),
+    };
+  }
+  const lastInSync = allInSync ? Math.max(...peers.map((p) => Number(p.lastInSyncMs))) : 0;
+  status.lastInSyncTime =
+    lastInSync > 0 ? new Date(lastInSync).toISOString() : rel.status?.lastInSyncTime;
+  if (!status.lastInSyncTime) delete status.lastInSyncTime;
+  return status;
+}
+
+/**
+ * The status of a relationship held back by `b`: Pending, Ready=False with its reason, and the
+ * replication conditions Unknown; what was reported before (primary, last in-sync time) stays.
+ */
+export function blockedStatus(rel: SyncRelationship, b: Blocked): SyncRelationshipStatus {
+  const gen = rel.metadata.generation ?? 0;
+  const now = new Date();
+  return {
+    ...rel.status,
+    observedGeneration: gen,
+    phase: 'Pending',
+    progression: 'WaitingForPrerequisites',
+    conditions: mergeConditions(
+      rel.status?.conditions,
+      [
+        { type: 'Ready', status: 'False', reason: b.reason, message: b.message },
+        ...unknownConditions(),
+      ],
+      gen,
+      now,
+    ),
+  };
+}
+
+/** The Event for a change of phase (the reason is the new phase), or none if it did not move. */
+export function phaseEvent(
+  previous: SyncRelationshipStatus | undefined,
+  next: SyncRelationshipStatus,
+): { type: EventType; reason: RelationshipPhase; message: string } | undefined {
+  if (previous?.phase === next.phase) return undefined;
+  const phase = next.phase ?? 'Pending';
+  const ready = next.conditions?.find((c) => c.type === 'Ready');
+  return {
+    type: PHASE_EVENT_TYPE[phase],
+    reason: phase,
+    message: `${previous?.phase ?? 'new'} → ${next.phase}: ${describe(next) || ready?.message || ''}`,
+  };
+}
+
+/** What is wrong, if anything: a split brain first, then whatever degrades it. */
+function describe(status: SyncRelationshipStatus): string {
+  const d = status.conditions?.find((c) => c.type === 'Degraded' && c.status === 'True');
+  const s = status.conditions?.find((c) => c.type === 'SplitBrain' && c.status === 'True');
+  return (s ?? d)?.message ?? '';
+}
+
+function unknownConditions(): DesiredCondition[] {
+  return ['InSync', 'Degraded', 'Resyncing', 'SplitBrain'].map((type) => ({
+    type,
+    status: 'Unknown',
+    reason: 'NotReplicating',
+    message: 'replication is not set up',
+  }));
+}

@@ -1,0 +1,224 @@
+// Resolving what a SyncRelationship needs from the informers' caches: the sides' agents, each
+// group volume's file on the source and its replica files on target PVCs, and the reason it is
+// blocked when something is missing.
+import type { V1Lease, V1PersistentVolume, V1PersistentVolumeClaim } from '@kubernetes/client-node';
+import type {
+  ConsistencyGroup,
+  LockstepNode,
+  SyncRelationship,
+} from '../../operator/src/api/types';
+import { Blocked } from '../../operator/src/resolve/blocked';
+import {
+  planRelationship,
+  type PlanSources,
+  type Plan,
+} from '../../operator/src/resolve/relationship-plan';
+
+const NOW = new Date('2026-01-01T00:00:00Z');
+const MiB = 2 ** 20;
+
+function pvc(name: string, phase = 'Bound'): V1PersistentVolumeClaim {
+  return {
+    metadata: { name, namespace: 'ns' },
+    spec: { volumeName: `pv-${name}` },
+    status: { phase },
+  };
+}
+
+function localPv(claim: string, node: string, storage: string): V1PersistentVolume {
+  return {
+    metadata: { name: `pv-${claim}` },
+    spec: {
+      capacity: { storage },
+      local: { path: `/disks/${claim}` },
+      nodeAffinity: {
+        required: {
+          nodeSelectorTerms: [
+            {
+              matchExpressions: [{ key: 'kubernetes.io/hostname', operator: 'In', values: [node] }],
+            },
+          ],
+        },
+      },
+    },
+  };
+}
+
+function lease(renewed: Date): V1Lease {
+  return { spec: { renewTime: renewed, leaseDurationSeconds: 40 } };
+}
+
+function relationship(
+  name: string,
+  spec: Partial<SyncRelationship['spec']> = {},
+): SyncRelationship {
+  return {
+    apiVersion: 'lockstep.dev/v1alpha1',
+    kind: 'SyncRelationship',
+    metadata: { name, namespace: 'ns', creationTimestamp: new Date('2026-01-01T00:00:00Z') },
+    spec: {
+      consistencyGroup: 'db',
+      mode: 'Sync',
+      source: { node: 'a' },
+      targets: [{ node: 'b', pvc: 'replica' }],
+      primary: 'source',
+      ...spec,
+    },
+  };
+}
+
+/** A cluster where everything `db-sync` needs is in place; each test takes one piece away. */
+function world() {
+  const group: ConsistencyGroup = {
+    metadata: { name: 'db', namespace: 'ns' },
+    spec: {
+      volumes: [
+        { name: 'data', pvc: 'data', file: 'disk.img' },
+        { name: 'log', pvc: 'log', file: 'disk.img' },
+      ],
+    },
+  };
+  const node = (name: string): LockstepNode => ({
+    metadata: { name },
+    spec: { endpoint: `${name}:7400` },
+  });
+  const state = {
+    group,
+    groups: new Map([['db', group]]),
+    relationships: [relationship('db-sync')],
+    nodes: new Map([
+      ['a', node('a')],
+      ['b', node('b')],
+    ]),
+    leases: new Map([
+      ['a', lease(new Date(NOW.getTime() - 5_000))],
+      ['b', lease(new Date(NOW.getTime() - 5_000))],
+    ]),
+    pvcs: new Map([
+      ['data', pvc('data')],
+      ['log', pvc('log')],
+      ['replica', pvc('replica')],
+    ]),
+    pvs: new Map([
+      ['pv-data', localPv('data', 'a', '64Mi')],
+      // Not a multiple of 4 KiB: the volume is rounded down to whole blocks.
+      ['pv-log', localPv('log', 'a', '33554433')],
+      ['pv-replica', localPv('replica', 'b', '256Mi')],
+    ]),
+  };
+  const sources: PlanSources = {
+    relationships: { list: () => state.relationships },
+    groups: { get: (name) => state.groups.get(name) },
+    nodes: { get: (name) => state.nodes.get(name) },
+    leaseOf: (name) => state.leases.get(name),
+    lookup: {
+      pvc: (_ns, name) => state.pvcs.get(name),
+      pvcs: () => [...state.pvcs.values()],
+      pv: (name) => state.pvs.get(name),
+    },
+  };
+  return { state, sources };
+}
+
+function blockedReason(plan: () => Plan): string {
+  try {
+    plan();
+  } catch (err) {
+    if (err instanceof Blocked) return err.reason;
+    throw err;
+  }
+  throw new Error('the plan was not blocked');
+}
+
+describe('planning a relationship', () => {
+  it('resolves the sides, each volume’s file on the source and its replica on the target PVC', () => {
+    const { sources } = world();
+    const plan = planRelationship(relationship('db-sync'), sources, NOW);
+    const a = { node: 'a', endpoint: 'a:7400' };
+    const b = { node: 'b', endpoint: 'b:7400' };
+    expect(plan).toEqual({
+      source: a,
+      targets: [b],
+      primary: a,
+      volumes: [
+        {
+          agentName: 'ns.db.data',
+          dataPath: '/disks/data/disk.img',
+          sizeBytes: 64 * MiB,
+          targetPaths: new Map([['b', '/disks/replica/data/disk.img']]),
+        },
+        {
+          agentName: 'ns.db.log',
+          dataPath: '/disks/log/disk.img',
+          sizeBytes: 32 * MiB,
+          targetPaths: new Map([['b', '/disks/replica/log/disk.img']]),
+        },
+      ],
+    });
+    expect(plan.primary).toBe(plan.source);
+  });
+
+  it('makes the target spec.primary names the primary, and keeps a target without a PVC in its data dir', () => {
+    const { sources } = world();
+    const plan = planRelationship(
+      relationship('db-sync', { targets: [{ node: 'b' }], primary: 'b' }),
+      sources,
+      NOW,
+    );
+    expect(plan.primary).toBe(plan.targets[0]);
+    expect(plan.volumes.map((v) => v.targetPaths.size)).toEqual([0, 0]);
+  });
+
+  it.each<
+    [string, (w: ReturnType<typeof world>['state']) => void, Partial<SyncRelationship['spec']>]
+  >([
+    ['ConsistencyGroupNotFound', (s) => s.groups.clear(), {}],
+    [
+      'ConsistencyGroupInUse',
+      (s) => {
+        const older = relationship('aaa-sync');
+        older.metadata.creationTimestamp = new Date('2025-12-31T00:00:00Z');
+        s.relationships.push(older);
+      },
+      {},
+    ],
+    [
+      'RemoteTargetsNotSupported',
+      () => undefined,
+      { targets: [{ endpoint: 'far:7400', tlsSecretRef: 'tls' }] },
+    ],
+    ['AgentNotRegistered', (s) => s.nodes.delete('b'), {}],
+    ['AgentNotReady', (s) => s.leases.set('a', lease(new Date(NOW.getTime() - 60_000))), {}],
+    ['AgentNotReady', (s) => s.leases.delete('b'), {}], // never heartbeated
+    ['NoVolumes', (s) => (s.group.spec.volumes = []), {}],
+    ['PVCNotBound', (s) => s.pvcs.set('log', pvc('log', 'Pending')), {}],
+    ['VolumeNotOnSource', (s) => s.pvs.set('pv-log', localPv('log', 'b', '32Mi')), {}],
+    ['PVNotFound', (s) => s.pvs.delete('pv-replica'), {}],
+    ['VolumeNotOnTarget', (s) => s.pvs.set('pv-replica', localPv('replica', 'a', '1Gi')), {}],
+    ['PrimaryNotATarget', () => undefined, { primary: 'c' }],
+  ])('is blocked with %s', (reason, change, spec) => {
+    const { state, sources } = world();
+    change(state);
+    expect(blockedReason(() => planRelationship(relationship('db-sync', spec), sources, NOW))).toBe(
+      reason,
+    );
+  });
+
+  it('gives the group to the oldest live relationship, by name on a tie, whatever the timestamps’ form', () => {
+    const { state, sources } = world();
+    const deleting = relationship('aaa-sync');
+    deleting.metadata.creationTimestamp = new Date('2025-12-31T00:00:00Z');
+    deleting.metadata.deletionTimestamp = new Date('2026-01-01T00:00:00Z');
+    state.relationships.push(deleting);
+    expect(planRelationship(relationship('db-sync'), sources, NOW).volumes).toHaveLength(2);
+
+    // A watch delivers timestamps as strings: the same instant, a name earlier in order.
+    const twin = relationship('cc-sync');
+    twin.metadata.creationTimestamp = '2026-01-01T00:00:00Z' as unknown as Date;
+    state.relationships.push(twin);
+    expect(blockedReason(() => planRelationship(relationship('db-sync'), sources, NOW))).toBe(
+      'ConsistencyGroupInUse',
+    );
+    expect(planRelationship(twin, sources, NOW).volumes).toHaveLength(2);
+  });
+});
