@@ -147,7 +147,7 @@ describe('relationship status from the agents’ view', () => {
             address: 'b:1',
             state,
             dirtyBytes,
-            condition: '',
+            reason: '',
             resync,
             lastInSyncMs: state === 'InSync' ? 1_700_000_000_000 : 0,
           },
