@@ -71,9 +71,10 @@ type Phase =
   | { kind: 'option-header' }
   | { kind: 'option-data'; option: number; length: number }
   | { kind: 'option-too-big'; option: number; remaining: number }
-  | { kind: 'request-header' }
-  | { kind: 'write-payload'; request: Request; payload: Buffer; filled: number }
-  | { kind: 'closed' };
+  // From here on the connection serves one export, carried by every later phase.
+  | { kind: 'request-header'; exp: NbdExport }
+  | { kind: 'write-payload'; exp: NbdExport; request: Request; payload: Buffer; filled: number }
+  | { kind: 'closed'; exp: NbdExport | undefined };
 
 /** A transmission-phase request, parsed out of its header (which lives in a reused buffer). */
 interface Request {
@@ -128,7 +129,6 @@ export class NbdConnection {
   private readonly collector = new ElementCollector();
   private noZeroes = false;
   private blockSizeNegotiated = false;
-  private exp: NbdExport | undefined;
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private paused = false;
@@ -160,7 +160,13 @@ export class NbdConnection {
   }
 
   get exportName(): string | undefined {
-    return this.exp?.name;
+    return this.served()?.name;
+  }
+
+  /** The export this connection chose, once it has. */
+  private served(): NbdExport | undefined {
+    const phase = this.phase;
+    return 'exp' in phase ? phase.exp : undefined;
   }
 
   get requestsInFlight(): number {
@@ -191,8 +197,8 @@ export class NbdConnection {
     if (phase.kind !== 'write-payload') throw new Error('payload bytes outside a write');
     phase.filled += n;
     if (phase.filled === phase.payload.length) {
-      this.phase = { kind: 'request-header' };
-      this.onWrite(phase.request, phase.payload);
+      this.phase = { kind: 'request-header', exp: phase.exp };
+      this.onWrite(phase.exp, phase.request, phase.payload);
     }
   }
 
@@ -257,7 +263,7 @@ export class NbdConnection {
         this.phase = { kind: 'option-header' };
         return this.onOption(phase.option, bytes);
       case 'request-header':
-        return this.onRequestHeader(bytes);
+        return this.onRequestHeader(phase.exp, bytes);
       case 'option-too-big':
       case 'write-payload':
       case 'closed':
@@ -416,9 +422,8 @@ export class NbdConnection {
 
   private startTransmission(exp: NbdExport): void {
     clearTimeout(this.handshakeTimer);
-    this.exp = exp;
     this.catalog.attach(this, exp);
-    this.phase = { kind: 'request-header' };
+    this.phase = { kind: 'request-header', exp };
   }
 
   private optionReply(option: number, type: number, data?: Buffer): void {
@@ -436,7 +441,7 @@ export class NbdConnection {
 
   // ---- transmission --------------------------------------------------------------------------
 
-  private onRequestHeader(h: Buffer): void {
+  private onRequestHeader(exp: NbdExport, h: Buffer): void {
     if (h.readUInt32BE(0) !== REQUEST_MAGIC) return this.protocolError('bad request magic');
     const req: Request = {
       cookieHi: h.readUInt32BE(8),
@@ -454,9 +459,10 @@ export class NbdConnection {
           `write of ${req.length} bytes exceeds the ${MAX_PAYLOAD}-byte limit`,
         );
       }
-      if (req.length === 0) return this.onWrite(req, Buffer.alloc(0));
+      if (req.length === 0) return this.onWrite(exp, req, Buffer.alloc(0));
       this.phase = {
         kind: 'write-payload',
+        exp,
         request: req,
         payload: this.pool.acquire(req.length),
         filled: 0,
@@ -464,29 +470,31 @@ export class NbdConnection {
       return;
     }
     if (req.type === Command.DISC) return this.onDisconnect();
-    this.onCommand(req);
+    this.onCommand(exp, req);
   }
 
-  private onCommand(req: Request): void {
+  private onCommand(exp: NbdExport, req: Request): void {
     const { flags, offset, length } = req;
-    const device = this.exp!.device;
+    const device = exp.device;
     switch (req.type) {
       case Command.READ: {
         const bad =
-          this.invalid(req, false) ?? (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
-        if (bad !== undefined) return this.replyError(req, 'read', bad);
+          this.invalid(exp, req, false) ?? (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
+        if (bad !== undefined) return this.replyError(exp, req, 'read', bad);
         const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
         const work = device.read(offset, reply.subarray(SIMPLE_REPLY_BYTES));
-        return this.run(req, 'read', length, work, reply);
+        return this.run(exp, req, 'read', length, work, reply);
       }
       case Command.FLUSH:
-        if (flags & ~KNOWN_COMMAND_FLAGS) return this.replyError(req, 'flush', NbdErrno.EINVAL);
-        return this.run(req, 'flush', 0, device.flush());
+        if (flags & ~KNOWN_COMMAND_FLAGS)
+          return this.replyError(exp, req, 'flush', NbdErrno.EINVAL);
+        return this.run(exp, req, 'flush', 0, device.flush());
       case Command.TRIM: {
-        const bad = this.invalid(req, true);
-        if (bad !== undefined) return this.replyError(req, 'trim', bad);
+        const bad = this.invalid(exp, req, true);
+        if (bad !== undefined) return this.replyError(exp, req, 'trim', bad);
         const work = device.trim(offset, length);
         return this.run(
+          exp,
           req,
           'trim',
           length,
@@ -494,34 +502,35 @@ export class NbdConnection {
         );
       }
       case Command.WRITE_ZEROES: {
-        const bad = this.invalid(req, true);
-        if (bad !== undefined) return this.replyError(req, 'write_zeroes', bad);
+        const bad = this.invalid(exp, req, true);
+        if (bad !== undefined) return this.replyError(exp, req, 'write_zeroes', bad);
         const opts = {
           fua: (flags & CommandFlag.FUA) !== 0,
           noHole: (flags & CommandFlag.NO_HOLE) !== 0,
         };
-        return this.run(req, 'write_zeroes', length, device.writeZeroes(offset, length, opts));
+        return this.run(exp, req, 'write_zeroes', length, device.writeZeroes(offset, length, opts));
       }
       case Command.CACHE: {
         // A hint to prefetch; the page cache already does what it can.
-        const bad = this.invalid(req, false);
+        const bad = this.invalid(exp, req, false);
         return bad !== undefined
-          ? this.replyError(req, 'cache', bad)
-          : this.run(req, 'cache', 0, Promise.resolve());
+          ? this.replyError(exp, req, 'cache', bad)
+          : this.run(exp, req, 'cache', 0, Promise.resolve());
       }
       default:
-        return this.replyError(req, 'invalid', NbdErrno.EINVAL);
+        return this.replyError(exp, req, 'invalid', NbdErrno.EINVAL);
     }
   }
 
-  private onWrite(req: Request, payload: Buffer): void {
-    const bad = this.invalid(req, true);
+  private onWrite(exp: NbdExport, req: Request, payload: Buffer): void {
+    const bad = this.invalid(exp, req, true);
     const work =
       bad !== undefined
         ? Promise.reject(new ReplyErrno(bad))
-        : this.exp!.device.write(req.offset, payload, (req.flags & CommandFlag.FUA) !== 0);
+        : exp.device.write(req.offset, payload, (req.flags & CommandFlag.FUA) !== 0);
     // The payload goes back to the pool once the device (and every replica) is done with it.
     this.run(
+      exp,
       req,
       'write',
       payload.length,
@@ -530,9 +539,9 @@ export class NbdConnection {
   }
 
   /** The errno a request gets before it reaches the device, if any. */
-  private invalid(req: Request, writing: boolean): number | undefined {
+  private invalid(exp: NbdExport, req: Request, writing: boolean): number | undefined {
     const { flags, offset, length } = req;
-    const device = this.exp!.device;
+    const device = exp.device;
     if (flags & ~KNOWN_COMMAND_FLAGS) return NbdErrno.EINVAL;
     if (writing && device.readOnly) return NbdErrno.EPERM;
     if (length === 0) return NbdErrno.EINVAL;
@@ -547,6 +556,7 @@ export class NbdConnection {
 
   /** Tracks a request until its reply is sent; `reply` carries read data after the header. */
   private run(
+    exp: NbdExport,
     req: Request,
     kind: RequestKind,
     bytes: number,
@@ -562,7 +572,7 @@ export class NbdConnection {
         const errno = errnoOf(err, kind !== 'read' && kind !== 'cache');
         if (errno === NbdErrno.EIO) {
           this.log.warn(
-            { conn: this.id, export: this.exp?.name, kind, err: errorMessage(err) },
+            { conn: this.id, export: exp.name, kind, err: errorMessage(err) },
             'nbd request failed',
           );
         }
@@ -573,7 +583,7 @@ export class NbdConnection {
     const tracked = done.then((errno) => {
       this.inFlight.delete(tracked);
       this.inFlightBytes -= payloadBytes;
-      this.observe(this.exp!.name, kind, bytes, (performance.now() - started) / 1000, errno ?? 0);
+      this.observe(exp.name, kind, bytes, (performance.now() - started) / 1000, errno ?? 0);
       this.afterRequest();
     });
     this.inFlight.add(tracked);
@@ -586,8 +596,8 @@ export class NbdConnection {
     }
   }
 
-  private replyError(req: Request, kind: RequestKind, errno: number): void {
-    this.run(req, kind, 0, Promise.reject(new ReplyErrno(errno)));
+  private replyError(exp: NbdExport, req: Request, kind: RequestKind, errno: number): void {
+    this.run(exp, req, kind, 0, Promise.reject(new ReplyErrno(errno)));
   }
 
   private sendReply(req: Request, errno: number, reply: Buffer): void {
@@ -643,7 +653,7 @@ export class NbdConnection {
   private protocolError(reason: string): void {
     if (this.phase.kind === 'closed') return;
     this.log.warn(
-      { conn: this.id, export: this.exp?.name, reason },
+      { conn: this.id, export: this.served()?.name, reason },
       'nbd protocol error; closing connection',
     );
     this.close(true);
@@ -651,7 +661,7 @@ export class NbdConnection {
 
   close(abrupt = false): void {
     if (this.phase.kind === 'closed') return;
-    this.phase = { kind: 'closed' };
+    this.phase = { kind: 'closed', exp: this.served() };
     clearTimeout(this.handshakeTimer);
     if (abrupt) this.socket.destroy();
     else this.socket.end();
@@ -659,8 +669,8 @@ export class NbdConnection {
 
   private onClose(): void {
     clearTimeout(this.handshakeTimer);
-    this.phase = { kind: 'closed' };
-    const exp = this.exp;
+    const exp = this.served();
+    this.phase = { kind: 'closed', exp };
     // Detach only once the requests already handed to the device have finished: until then
     // the export is still in use, even though nobody will read the replies.
     if (exp) void this.drain().then(() => this.catalog.detach(this, exp));
