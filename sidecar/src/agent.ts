@@ -15,7 +15,7 @@ import { agentHandlers } from './control/agent-service';
 import { startGrpcServer, type BoundServer } from './control/grpc-server';
 import { ReplicatedVolume, type ReplicationContext } from './engine/replicated-volume';
 import type { ReplicationStatus } from './replication/replication-status';
-import type { BlockDevice } from './store/block-device';
+import type { BlockDevice } from './block-device';
 import { NbdServer, type ExportSource } from './frontend/nbd/server';
 import { AgentMetrics } from './metrics';
 import { DataListener } from './replication/data-listener';

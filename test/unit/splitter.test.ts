@@ -7,7 +7,7 @@ import type { OpKind } from '../../sidecar/src/replication/frames';
 import { PeerUnavailable, type Route } from '../../sidecar/src/replication/peer-link';
 import { STREAMING_STATES, type PeerState } from '../../sidecar/src/replication/replication-status';
 import { SendBatch } from '../../sidecar/src/replication/send-batch';
-import type { BlockDevice } from '../../sidecar/src/store/block-device';
+import type { BlockDevice } from '../../sidecar/src/block-device';
 import type { ReplicationMode } from '../../sidecar/src/store/volume-metadata';
 
 const REGION = 64 * 1024;

@@ -23,7 +23,7 @@ import type { ReplicaVolume } from '../replication/replica-service';
 import type { PeerState, ReplicationStatus } from '../replication/replication-status';
 import { SecondarySession, type PrimaryHello } from '../replication/secondary-session';
 import { SendBatch } from '../replication/send-batch';
-import type { BlockDevice, ZeroOptions } from '../store/block-device';
+import type { BlockDevice, ZeroOptions } from '../block-device';
 import type { FileBlockDevice } from '../store/file-device';
 import { MetaWriter, type ReadyVolume } from '../store/meta-writer';
 import type {

@@ -18,7 +18,7 @@ import { errorMessage } from '../../../lib/errors';
 import { OpFlag, OpKind } from '../replication/frames';
 import { PeerUnavailable, type Route } from '../replication/peer-link';
 import type { SendBatch } from '../replication/send-batch';
-import type { BlockDevice, ZeroOptions } from '../store/block-device';
+import type { BlockDevice, ZeroOptions } from '../block-device';
 import type { Backlog, ModePolicy, PeerView } from './mode-policy';
 import { PeerOrder } from './peer-order';
 import { RegionLocks } from './region-locks';

@@ -1,7 +1,7 @@
 // A BlockDevice over one preallocated-size (sparse) file.
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
-import type { BlockDevice, ZeroOptions } from './block-device';
+import type { BlockDevice, ZeroOptions } from '../block-device';
 import { EXTENT_BYTES, type AllocationMap } from './allocation-map';
 import { DirectIo } from './direct-io';
 

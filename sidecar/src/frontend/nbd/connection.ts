@@ -10,7 +10,7 @@
 import type { Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
-import type { BlockDevice } from '../../store/block-device';
+import type { BlockDevice } from '../../block-device';
 import { ElementCollector } from '../../../../lib/element-collector';
 import type { BufferPool } from '../../../../lib/buffer-pool';
 import {

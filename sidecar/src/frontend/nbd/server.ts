@@ -3,7 +3,7 @@
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import { LockstepError } from '../../../../lib/errors';
-import type { BlockDevice } from '../../store/block-device';
+import type { BlockDevice } from '../../block-device';
 import { BufferPool } from '../../../../lib/buffer-pool';
 import { adoptAccepted } from '../../../../lib/onread-socket';
 

@@ -1,6 +1,7 @@
-// The narrow interface every frontend (NBD today) sees. A local file implements it; so will the
-// replication splitter, which fans each call out to the local file and the peers. Frontends
-// never learn which one they talk to.
+// The narrow interface every layer implements and the frontends (NBD today) see: a local file
+// (store/), the splitter that fans each write out to the local file and the peers (engine/),
+// and the volume's engine whatever its role. Frontends never learn which one they talk to, so
+// it belongs to none of those layers.
 //
 // Offsets and lengths are validated by the caller against `size`; implementations reject
 // anything outside with LOCKSTEP_ERR_OUT_OF_RANGE as a last line of defence.
