@@ -2,7 +2,6 @@
 // data-lane.ts) with sequence-numbered acks, failure detection (lane errors, keepalive pings,
 // an ack deadline), reconnection with backoff, and the catch-up that follows every connect
 // (baseline, bitmap or checksum resync).
-import { randomUUID } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
@@ -522,5 +521,3 @@ export class PeerLink {
     this.channel.close();
   }
 }
-
-export const newSessionId = (): string => randomUUID();

@@ -92,10 +92,6 @@ export class VolumeTracking {
     }
   }
 
-  async addPeer(peer: string): Promise<void> {
-    if (!this.bitmaps.has(peer)) await this.loadPeer(peer, false);
-  }
-
   bitmap(peer: string): DirtyBitmap {
     return this.bitmaps.get(peer)!.bitmap;
   }
