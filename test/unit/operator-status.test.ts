@@ -2,11 +2,11 @@
 // agents' per-peer states become a relationship's phase and conditions.
 import type { V1PersistentVolume, V1PersistentVolumeClaim } from '@kubernetes/client-node';
 import type { VolumeInfo } from '../../lib/agent-client';
-import type { SyncRelationship } from '../../operator/src/api/types';
 import { locatePvc, parseQuantity } from '../../operator/src/resolve/pvc-location';
 import type { Plan } from '../../operator/src/resolve/relationship-plan';
 import { mergeConditions, sameJson } from '../../operator/src/status/conditions';
 import { summarize } from '../../operator/src/status/relationship-status';
+import { syncRelationship } from './relationship-fixture';
 
 describe('conditions', () => {
   const t0 = new Date('2026-01-01T00:00:00Z');
@@ -114,18 +114,7 @@ describe('locating a PVC', () => {
 });
 
 describe('relationship status from the agents’ view', () => {
-  const rel: SyncRelationship = {
-    apiVersion: 'lockstep.dev/v1alpha1',
-    kind: 'SyncRelationship',
-    metadata: { name: 'r', namespace: 'ns', generation: 3 },
-    spec: {
-      consistencyGroup: 'g',
-      mode: 'Sync',
-      source: { node: 'a' },
-      targets: [{ node: 'b' }],
-      primary: 'source',
-    },
-  };
+  const rel = syncRelationship({ generation: 3 });
   const a = { node: 'a', endpoint: 'a:1' };
   const b = { node: 'b', endpoint: 'b:1' };
   const plan: Plan = {

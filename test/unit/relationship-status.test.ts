@@ -7,6 +7,7 @@ import type {
 } from '../../operator/src/api/types';
 import { Blocked } from '../../operator/src/resolve/blocked';
 import { blockedStatus, phaseEvent } from '../../operator/src/status/relationship-status';
+import { syncRelationship } from './relationship-fixture';
 
 const EARLIER = '2026-01-01T00:00:00.000Z';
 
@@ -36,19 +37,8 @@ const inSync: SyncRelationshipStatus = {
   conditions: [ready, healthy],
 };
 
-const rel = (status?: SyncRelationshipStatus): SyncRelationship => ({
-  apiVersion: 'lockstep.dev/v1alpha1',
-  kind: 'SyncRelationship',
-  metadata: { name: 'r', namespace: 'ns', generation: 2 },
-  spec: {
-    consistencyGroup: 'g',
-    mode: 'Sync',
-    source: { node: 'a' },
-    targets: [{ node: 'b' }],
-    primary: 'source',
-  },
-  status,
-});
+const rel = (status?: SyncRelationshipStatus): SyncRelationship =>
+  syncRelationship({ generation: 2 }, status);
 
 describe('the status of a blocked relationship', () => {
   const blocked = new Blocked('AgentNotReady', 'the Lockstep agent of node b is not ready');

@@ -2,8 +2,9 @@
 // when the status changed, to the endpoint of the object's scope, and treats an object deleted
 // meanwhile as nothing to do.
 import { ApiException, type CustomObjectsApi } from '@kubernetes/client-node';
-import type { Condition, LockstepNode, SyncRelationship } from '../../operator/src/api/types';
+import type { Condition, LockstepNode } from '../../operator/src/api/types';
 import { writeStatusIfChanged } from '../../operator/src/status/status-writer';
+import { syncRelationship } from './relationship-fixture';
 
 type Call = { scope: 'namespaced' | 'cluster'; request: Record<string, unknown> };
 
@@ -29,19 +30,10 @@ const ready: Condition = {
   message: 'replicating 1 volume(s) from a to b',
 };
 
-const rel: SyncRelationship = {
-  apiVersion: 'lockstep.dev/v1alpha1',
-  kind: 'SyncRelationship',
-  metadata: { name: 'r', namespace: 'ns', resourceVersion: '7' },
-  spec: {
-    consistencyGroup: 'g',
-    mode: 'Sync',
-    source: { node: 'a' },
-    targets: [{ node: 'b' }],
-    primary: 'source',
-  },
-  status: { phase: 'InSync', dirtyBytes: 0, conditions: [ready] },
-};
+const rel = syncRelationship(
+  { resourceVersion: '7' },
+  { phase: 'InSync', dirtyBytes: 0, conditions: [ready] },
+);
 
 describe('writing status only when it changed', () => {
   it('writes nothing when the status is the same JSON, whatever its key order', async () => {
