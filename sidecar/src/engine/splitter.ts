@@ -16,29 +16,19 @@
 //    write, or (async, within its backlog) once the local copy has it.
 import { errorMessage } from '../../../lib/errors';
 import { OpFlag, OpKind } from '../replication/frames';
-import { PeerUnavailable, type Route } from '../replication/peer-link';
+import { PeerUnavailable, type PeerLink } from '../replication/peer-link';
 import type { SendBatch } from '../replication/send-batch';
 import type { BlockDevice, ZeroOptions } from '../block-device';
 import type { Backlog, ModePolicy, PeerView } from './mode-policy';
 import { PeerOrder } from './peer-order';
 import { RegionLocks } from './region-locks';
 
-/** One peer as the write path uses it (a PeerLink; a fake in unit tests). */
-export interface PeerLeg extends PeerView {
-  /** Resolves when the peer acknowledged the op; rejects if it failed it or the link failed. */
-  send(
-    kind: OpKind,
-    offset: number,
-    length: number,
-    data: Buffer | undefined,
-    flags: number,
-    route: Route,
-  ): Promise<void>;
-  /** The peer's copy failed an op: drop the connection, resync follows. Idempotent. */
-  fail(reason: string): void;
-  /** The local copy failed a write the peer took: copy those regions back to the peer. */
-  resyncInPlace(): void;
-}
+/**
+ * One peer as the write path uses it: a PeerLink (a fake in unit tests). `send` resolves when the
+ * peer acknowledged the op; `fail` (idempotent) drops a connection whose copy failed an op;
+ * `resyncInPlace` copies back regions the local copy failed to write after the peer took them.
+ */
+export interface PeerLeg extends PeerView, Pick<PeerLink, 'send' | 'fail' | 'resyncInPlace'> {}
 
 /** The activity log as the write path uses it. */
 export interface ActiveRegions {
