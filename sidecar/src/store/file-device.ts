@@ -81,6 +81,7 @@ export class FileBlockDevice implements BlockDevice {
    * never lost, and the copy is never again said to be on disk.
    */
   private syncError: LockstepError | undefined;
+  private syncCalls = 0;
 
   constructor(
     private readonly fd: number,
@@ -266,8 +267,14 @@ export class FileBlockDevice implements BlockDevice {
     return this.guarded(() => this.sync());
   }
 
+  /** fdatasync calls made on the file since it was opened, for flushes and FUA writes. */
+  get syncs(): number {
+    return this.syncCalls;
+  }
+
   private async sync(): Promise<void> {
     if (this.syncError) throw this.syncError;
+    this.syncCalls++;
     try {
       await fdatasync(this.fd);
     } catch (err) {
