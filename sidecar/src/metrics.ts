@@ -95,6 +95,17 @@ export class AgentMetrics {
         for (const v of store.list()) this.set({ volume: v.name }, store.allocatedBytes(v));
       },
     });
+    new client.Counter({
+      name: 'lockstep_volume_syncs_total',
+      help: "fdatasync calls on each volume's file, for flushes and FUA writes.",
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const v of store.list())
+          if (v.state === 'Ready') this.inc({ volume: v.name }, v.device.syncs);
+      },
+    });
     new client.Gauge({
       name: 'lockstep_volumes',
       help: 'Volumes on this agent by state (Ready, Failed).',

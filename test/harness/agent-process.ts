@@ -167,8 +167,19 @@ export function startAckWriter(
   depth = 16,
   /** Write only within the first `span` 4 KiB slots (0: the whole volume). */
   span = 0,
+  /** A FLUSH after every `flushEvery` writes, and only flushed writes logged (0: no FLUSH). */
+  flushEvery = 0,
 ): Promise<string> {
-  const args = [ackWriter, 'write', uri, logFile, String(count), String(depth), String(span)];
+  const args = [
+    ackWriter,
+    'write',
+    uri,
+    logFile,
+    String(count),
+    String(depth),
+    String(span),
+    String(flushEvery),
+  ];
   return run(systemPython, args, { timeoutMs: 300_000 });
 }
 

@@ -39,9 +39,20 @@
 //
 // Ops in flight never overlap (the primary's region locks guarantee it), so the secondary may
 // apply them concurrently, except ORDERED ones (async mode, where a write is acknowledged
-// before the peer has it: they travel on one lane and are applied in the order sent); a FLUSH
-// covers every op received before it on its lane. PING does
-// nothing but come back acknowledged: it keeps an idle lane's liveness checked both ways.
+// before the peer has it: they travel on one lane and are applied in the order sent). PING
+// does nothing but come back acknowledged: it keeps an idle lane's liveness checked both ways.
+//
+// FLUSH: its ack means durable on the secondary's disk: every op received before it on its
+// lane, and every op on any lane whose ack was sent before it arrived. One FLUSH, on one lane,
+// per flush of the primary's client is enough for the client's rule (a FLUSH reply means every
+// write acknowledged before it is durable on every in-sync copy):
+//   - sync, strict-sync: a write is acknowledged to the client only after the secondary
+//     acknowledged it, so every write the FLUSH must cover has been applied, on whatever lane,
+//     before the FLUSH arrives; it may take any lane.
+//   - async: a write is acknowledged to the client before the secondary has it; writes travel
+//     ORDERED on lane 0, and the FLUSH follows them there.
+// The secondary meets it with one fdatasync, which concurrent FLUSHes and FUA writes share
+// (see FileBlockDevice.sync).
 
 export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3, PING: 4 } as const;
 export type OpKind = (typeof OpKind)[keyof typeof OpKind];

@@ -32,7 +32,7 @@ const REFUSED_RETRY_MS = 5_000;
 
 /**
  * Data connections per link. Large writes are spread over them so the secondary's kernel and
- * event loop see several in flight; flushes go down every lane.
+ * event loop see several in flight.
  */
 const LANES = 4;
 /** Ops appended to one lane in a turn of the event loop before the next lane takes over. */
@@ -158,10 +158,14 @@ export class PeerLink {
       return Promise.all(parts).then(() => undefined);
     }
     if (kind === OpKind.FLUSH) {
-      // A FLUSH covers what went before it on its own lane, so it goes down every lane.
-      return Promise.all(this.lanes.map((lane) => this.enqueue(lane, kind, 0, 0, 0))).then(
-        () => undefined,
-      );
+      // One lane carries it, so the peer syncs once per flush (the contract is in frames.ts).
+      // It must cover every write the client saw acknowledged. In async mode those may still
+      // be on their way: they travel ORDERED on lane 0, and the FLUSH follows them there. In
+      // any other mode the peer acknowledged them (= applied them) before the client heard
+      // back, so they are done before this FLUSH arrives, whatever lane they took: it goes out
+      // with this turn's batch.
+      const lane = this.host.mode === 'async' ? this.lanes[0] : this.lanes[this.current];
+      return this.enqueue(lane, kind, 0, 0, 0);
     }
     if (data) this.liveBytesSent += data.length;
     if (route === 'ordered')

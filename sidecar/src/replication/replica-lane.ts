@@ -241,6 +241,8 @@ export class ReplicaLane {
         );
       }
       case OpKind.FLUSH: {
+        // The ops before it on this lane first; device.flush() then covers them and every op
+        // already acknowledged on any lane (the FLUSH contract in frames.ts).
         const device = this.device!;
         return this.track(
           h.seq,

@@ -81,6 +81,11 @@ export class FileBlockDevice implements BlockDevice {
    * never lost, and the copy is never again said to be on disk.
    */
   private syncError: LockstepError | undefined;
+  /** The fdatasync running now, if any. */
+  private runningSync: Promise<void> | undefined;
+  /** The next fdatasync, started when the running one ends: every flush called meanwhile's. */
+  private queuedSync: Promise<void> | undefined;
+  private syncCalls = 0;
 
   constructor(
     private readonly fd: number,
@@ -266,14 +271,43 @@ export class FileBlockDevice implements BlockDevice {
     return this.guarded(() => this.sync());
   }
 
-  private async sync(): Promise<void> {
-    if (this.syncError) throw this.syncError;
-    try {
-      await fdatasync(this.fd);
-    } catch (err) {
-      this.syncError ??= err as LockstepError;
-      throw err;
-    }
+  /** fdatasync calls made on the file since it was opened (flushes and FUA writes share them). */
+  get syncs(): number {
+    return this.syncCalls;
+  }
+
+  /**
+   * Makes every write completed before this call durable, with as few fdatasyncs as that
+   * allows. An fdatasync covers the writes completed before it started: a call while none runs
+   * starts one; calls while one runs cannot count on it (it may have started before their
+   * writes completed), so they wait for the next one, started when it ends and shared by all
+   * of them. However many flushes arrive at once, that is at most two fdatasyncs.
+   */
+  private sync(): Promise<void> {
+    if (this.syncError) return Promise.reject(this.syncError);
+    if (this.queuedSync) return this.queuedSync;
+    if (!this.runningSync) return this.startSync();
+    const next = () => this.startSync();
+    this.queuedSync = this.runningSync.then(next, next);
+    return this.queuedSync;
+  }
+
+  private startSync(): Promise<void> {
+    this.queuedSync = undefined;
+    if (this.syncError) return Promise.reject(this.syncError);
+    this.syncCalls++;
+    const run = fdatasync(this.fd).then(
+      () => {
+        this.runningSync = undefined;
+      },
+      (err: LockstepError) => {
+        this.runningSync = undefined;
+        this.syncError ??= err;
+        throw err;
+      },
+    );
+    this.runningSync = run;
+    return run;
   }
 
   /** Refuses new operations; the descriptor closes once the ones in progress finish. */
