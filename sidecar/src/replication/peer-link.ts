@@ -159,12 +159,12 @@ export class PeerLink {
     }
     if (kind === OpKind.FLUSH) {
       // One lane carries it, so the peer syncs once per flush (the contract is in frames.ts).
-      // It must cover every write the client saw acknowledged. In async mode those may still
-      // be on their way: they travel ORDERED on lane 0, and the FLUSH follows them there. In
-      // any other mode the peer acknowledged them (= applied them) before the client heard
-      // back, so they are done before this FLUSH arrives, whatever lane they took: it goes out
-      // with this turn's batch.
-      const lane = this.host.mode === 'async' ? this.lanes[0] : this.lanes[this.current];
+      // It must cover every write the client saw acknowledged. Ordered writes may still be on
+      // their way (async mode answers before the peer has them): they travel on lane 0, and
+      // the FLUSH follows them there. Spread writes were acknowledged (= applied) by the peer
+      // before the client heard back, so they are done before this FLUSH arrives, whatever
+      // lane they took: it goes out with this turn's batch.
+      const lane = route === 'ordered' ? this.lanes[0] : this.lanes[this.current];
       return this.enqueue(lane, kind, 0, 0, 0);
     }
     if (data) this.liveBytesSent += data.length;
