@@ -114,9 +114,12 @@ export class VolumeTracking {
     if (p.bitmap.markRange(offset, length) > 0) p.changed = true;
   }
 
-  clearRegion(peer: string, region: number): void {
+  /** Clears regions [first, last]; returns how many were dirty. */
+  clearRange(peer: string, first: number, last: number): number {
     const p = this.bitmaps.get(peer)!;
-    if (p.bitmap.clearRegion(region)) p.changed = true;
+    const cleared = p.bitmap.clearRange(first, last);
+    if (cleared > 0) p.changed = true;
+    return cleared;
   }
 
   /** Persists every bitmap that changed since the last save. */
