@@ -270,29 +270,34 @@ export async function resyncDirtyRegions(
     for (let region = bitmap.nextDirty(0); region !== -1 && failure === undefined;) {
       await pause();
       if (cancelled()) return;
-      // The dirty run from `region` (within one step), and where data starts in it.
+      // Where data starts (within one step), then the dirty run from `region`, searched only
+      // as far as this step consumes it.
       const stepEnd = Math.min(g.count, region + stepRegions);
-      const clean = bitmap.nextClean(region, stepEnd);
-      const runEnd = clean === -1 ? stepEnd : clean;
-      const endByte = g.end(runEnd - 1);
-      const data = g.of(allocation.nextWritten(g.start(region), endByte), endByte, runEnd);
+      const stepByte = g.end(stepEnd - 1);
+      const data = g.of(allocation.nextWritten(g.start(region), stepByte), stepByte, stepEnd);
+      const dirtyUpTo = (limit: number) => {
+        const clean = bitmap.nextClean(region, limit);
+        return (clean === -1 ? limit : clean) - 1;
+      };
       let last: number;
-      if (data > region && opts.peerIsZero) {
-        last = data - 1;
+      if (data === region) {
+        last = dirtyUpTo(Math.min(stepEnd, region + runRegions));
+        await launch(copyRun(link, host, g, region, last, limiter, opts));
+      } else if (opts.peerIsZero) {
+        last = dirtyUpTo(data);
         const bytes = g.end(last) - g.start(region);
         clearUnwritten(link, host, g, region, last);
         if (link.resync) link.resync.doneBytes += bytes;
-      } else if (data > region) {
-        last = Math.min(data - 1, region + Math.max(1, Math.floor(zeroBytes / g.regionSize)) - 1);
+      } else {
+        last = dirtyUpTo(
+          Math.min(data, region + Math.max(1, Math.floor(zeroBytes / g.regionSize))),
+        );
         const zeroed = zeroRun(link, host, g, region, last).then((ms) => {
           if (ms < ZERO_OP_TARGET_MS / 2) zeroBytes = Math.min(ZERO_OP_MAX_BYTES, zeroBytes * 2);
           else if (ms > ZERO_OP_TARGET_MS * 2)
             zeroBytes = Math.max(ZERO_OP_MIN_BYTES, zeroBytes / 2);
         });
         await launch(zeroed);
-      } else {
-        last = Math.min(runEnd - 1, region + runRegions - 1);
-        await launch(copyRun(link, host, g, region, last, limiter, opts));
       }
       region = bitmap.nextDirty(last + 1);
     }
