@@ -1,5 +1,7 @@
 // Volumes of many terabytes are normal: replicating one costs what it holds, not its size, and
 // the agent keeps serving its other volumes and its API while a baseline runs.
+import { readdirSync, rmSync } from 'node:fs';
+import path from 'node:path';
 import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
 import { run } from '../harness/agent-process';
@@ -55,6 +57,29 @@ describe('large volumes', () => {
     await a.start();
     const done = await waitPeer(a, 'big', b, inSync, 'in sync after the restart', 60_000);
     expect(done.resyncBytesSent).toBe(64 * MiB);
+    await expectIdentical(a, b, 'big');
+  }, 120_000);
+
+  it('compares checksums of a 1 TiB volume only where either copy holds data, when a bitmap is lost', async () => {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const uri = await a.createVolume('big', '1TiB');
+    await run('qemu-io', ['-f', 'raw', ...scattered(64).flat(), uri]);
+    await a.ctl('replicate', 'big', '--to', b.grpcAddress);
+    await waitPeer(a, 'big', b, inSync, 'in sync');
+    await b.stop();
+    await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x77 ${512 * GiB} 1m`, uri]);
+    await waitPeer(a, 'big', b, (p) => p.state !== 'InSync' && p.dirtyBytes > 0, 'behind');
+    await a.stop();
+    // The bitmap of a peer that is behind is gone: every region must be compared by checksum.
+    const volumeDir = path.join(a.dataDir, 'volumes', 'big');
+    const bitmaps = readdirSync(volumeDir).filter((f) => f.startsWith('bitmap-'));
+    expect(bitmaps).toHaveLength(1);
+    rmSync(path.join(volumeDir, bitmaps[0]));
+    await b.start();
+    await a.start();
+    await waitPeer(a, 'big', b, inSync, 'in sync after a checksum resync', 60_000);
+    expect(a.proc.log()).toContain('"checksumResync":true');
     await expectIdentical(a, b, 'big');
   }, 120_000);
 
