@@ -45,7 +45,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
           `unknown replication mode ${JSON.stringify(req.mode)}`,
         );
       }
-      new DirtyBitmap(req.sizeBytes, req.regionSize); // rejects a bad geometry with a clear error
+      DirtyBitmap.regionCountOf(req.sizeBytes, req.regionSize); // rejects a bad geometry clearly
       let rv = host.replicated(req.volume);
       if (!rv) {
         if (!req.createIfMissing) needVolume(host, req.volume);

@@ -407,13 +407,13 @@ export async function loadDirtyBitmap(
     );
   }
   const header = parsed.data;
-  let geometry: DirtyBitmap;
+  let regionCount: number;
   try {
-    geometry = new DirtyBitmap(header.volumeSize, header.regionSize);
+    regionCount = DirtyBitmap.regionCountOf(header.volumeSize, header.regionSize);
   } catch (err) {
     throw corrupt(`header geometry: ${errorMessage(err)}`, err);
   }
-  const wordBytes = Math.ceil(geometry.regionCount / 32) * 4;
+  const wordBytes = Math.ceil(regionCount / 32) * 4;
   const expectedLength = PREAMBLE + jsonLength + wordBytes + DIGEST;
   if (buf.length !== expectedLength) {
     throw corrupt(
