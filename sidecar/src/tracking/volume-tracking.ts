@@ -36,7 +36,7 @@ export function bitmapFile(dir: string, peer: string): string {
 export class VolumeTracking {
   private readonly bitmaps = new Map<string, PeerBitmap>();
   private timer: NodeJS.Timeout | undefined;
-  private saving: Promise<void> | undefined;
+  private saving: Promise<void> = Promise.resolve();
   activityLog!: ActivityLog;
 
   private constructor(private readonly opts: TrackingOptions) {}
@@ -142,11 +142,11 @@ export class VolumeTracking {
         }
       }
     };
-    // Saves run one at a time, each seeing the latest bits.
-    const next = (this.saving ?? Promise.resolve()).then(run, run);
-    this.saving = next.finally(() => {
-      if (this.saving === next) this.saving = undefined;
-    });
+    // Saves run one at a time, each seeing the latest bits. A failed save fails its caller
+    // only: the chain itself must never hold a rejection nobody waits for (a full disk would
+    // otherwise crash the agent with an unhandled rejection).
+    const next = this.saving.then(run);
+    this.saving = next.catch(() => undefined);
     return next;
   }
 
