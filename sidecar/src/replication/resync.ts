@@ -9,6 +9,7 @@
 // by every volume of the agent: a scan gives it back every few milliseconds, even when all it
 // awaits is already settled.
 import { createHash } from 'node:crypto';
+import { LockstepError } from '../../../lib/errors';
 import { FileBlockDevice } from '../store/file-device';
 import { OpFlag, OpKind } from './frames';
 import type { PeerHost } from './peer-host';
@@ -106,7 +107,13 @@ class Regions {
  * and one yet to land is already on its way to the peer (a write is sent before, or in the same
  * turn as, the allocation map learns of it), so it arrives after the zeroes.
  */
-function clearUnwritten(link: PeerLink, host: PeerHost, g: Regions, first: number, last: number) {
+function clearUnwritten(
+  link: PeerLink,
+  host: PeerHost,
+  g: Regions,
+  first: number,
+  last: number,
+): void {
   const allocation = host.local.allocation;
   const end = g.end(last);
   for (let pos = g.start(first); pos < end;) {
@@ -314,7 +321,7 @@ export interface RegionDigests {
 }
 
 function isListed(listed: Buffer, i: number): boolean {
-  return ((listed[i >> 3] ?? 0) >> (i & 7)) % 2 === 1;
+  return (((listed[i >> 3] ?? 0) >> (i & 7)) & 1) === 1;
 }
 
 /** The first listed index in [from, end), or `end`; skips a byte (8 regions) per step. */
@@ -388,9 +395,10 @@ export async function markDifferingRegions(
     const answer = await link.regionChecksums(first, count);
     const stop = answer.endRegion;
     if (!(stop > first && stop <= first + count)) {
-      throw new Error(
+      throw new LockstepError(
+        'LOCKSTEP_ERR_UNAVAILABLE',
         `peer ${link.address} answered a checksum request for regions ${first}+${count} with ` +
-          `regions up to ${stop}`,
+          `regions up to ${stop} (an agent from before sparse checksum answers? upgrade it)`,
       );
     }
     const endByte = g.end(stop - 1);
@@ -420,8 +428,10 @@ export async function markDifferingRegions(
       region = last + 1;
     }
     if (listedSeen * DIGEST_BYTES !== answer.digests.length) {
-      throw new Error(
-        `peer ${link.address} listed ${listedSeen} regions but sent ${answer.digests.length / DIGEST_BYTES} digests`,
+      throw new LockstepError(
+        'LOCKSTEP_ERR_UNAVAILABLE',
+        `peer ${link.address} listed ${listedSeen} regions but sent ` +
+          `${answer.digests.length / DIGEST_BYTES} digests; the link is dropped and retried`,
       );
     }
     if (link.resync) link.resync.doneBytes += endByte - g.start(first);
