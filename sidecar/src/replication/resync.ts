@@ -29,11 +29,14 @@ const STEP_REGIONS = 1 << 20;
 /**
  * A never-written stretch reaches a peer that is not fresh as ZERO ops. Their size adapts to how
  * fast the peer answers them: a peer whose own allocation map knows the range is empty answers
- * at once, and a few thousand ops cover terabytes; one that must read the range to zero it (its
- * map is unknown) gets ops small enough to answer well within the ack deadline.
+ * at once, and a few thousand ops cover terabytes; one that holds data there, or must read the
+ * range to know (its map is unknown), gets ops small enough to answer well within the ack
+ * deadline. What is in flight is bounded in bytes too, since a fast answer says nothing about
+ * the next range.
  */
 const ZERO_OP_MIN_BYTES = 64 * 1024 * 1024;
-const ZERO_OP_MAX_BYTES = 2 * 1024 * 1024 * 1024;
+const ZERO_OP_MAX_BYTES = 1024 * 1024 * 1024;
+const ZERO_IN_FLIGHT_BYTES = 2 * ZERO_OP_MAX_BYTES;
 const ZERO_OP_TARGET_MS = 100;
 /** How long a scan keeps the event loop before letting I/O callbacks run. */
 const SLICE_MS = 4;
@@ -251,6 +254,7 @@ export async function resyncDirtyRegions(
   const limiter = new RateLimiter(host.maxResyncBytesPerSecond);
   const runRegions = Math.max(1, Math.floor(RUN_BYTES / host.regionSize));
   let zeroBytes = ZERO_OP_MIN_BYTES;
+  let zeroing = 0;
   // How far one step looks: a fresh peer's never-written stretches are cleared a step at a time,
   // anyone else's are taken an op at a time.
   const stepRegions = opts.peerIsZero
@@ -295,15 +299,28 @@ export async function resyncDirtyRegions(
         const bytes = g.end(last) - g.start(region);
         clearUnwritten(link, host, g, region, last);
         if (link.resync) link.resync.doneBytes += bytes;
+      } else if (zeroing > 0 && zeroing + zeroBytes > ZERO_IN_FLIGHT_BYTES) {
+        // Looked at again once an op is answered: what was never written may be written by then.
+        await Promise.race(inFlight);
+        continue;
       } else {
         last = dirtyUpTo(
           Math.min(data, region + Math.max(1, Math.floor(zeroBytes / g.regionSize))),
         );
-        const zeroed = zeroRun(link, host, g, region, last).then((ms) => {
-          if (ms < ZERO_OP_TARGET_MS / 2) zeroBytes = Math.min(ZERO_OP_MAX_BYTES, zeroBytes * 2);
-          else if (ms > ZERO_OP_TARGET_MS * 2)
-            zeroBytes = Math.max(ZERO_OP_MIN_BYTES, zeroBytes / 2);
-        });
+        const bytes = g.end(last) - g.start(region);
+        zeroing += bytes;
+        const zeroed = zeroRun(link, host, g, region, last).then(
+          (ms) => {
+            zeroing -= bytes;
+            if (ms < ZERO_OP_TARGET_MS / 2) zeroBytes = Math.min(ZERO_OP_MAX_BYTES, zeroBytes * 2);
+            else if (ms > ZERO_OP_TARGET_MS * 2)
+              zeroBytes = Math.max(ZERO_OP_MIN_BYTES, zeroBytes / 2);
+          },
+          (err: unknown) => {
+            zeroing -= bytes;
+            throw err;
+          },
+        );
         await launch(zeroed);
       }
       region = bitmap.nextDirty(last + 1);
