@@ -3,6 +3,7 @@
 // machines, so what counts is each Lockstep figure as a ratio to its anchor from this run.
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
+//        [--baseline-only | --large-volumes-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -24,6 +25,7 @@ import { AgentClient } from '../lib/agent-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
 import { inSync, waitPeer } from '../test/harness/replication';
+import { largeVolumesReport, largeVolumesRun } from './large-volumes';
 
 const execFileAsync = promisify(execFile);
 
@@ -245,6 +247,8 @@ async function main(): Promise<void> {
       rounds: { type: 'string', default: '1' },
       // Only the baseline comparison, once per round: for working on the baseline alone.
       'baseline-only': { type: 'boolean', default: false },
+      // Only the large-volume section (8 TiB replicate, a 1 TiB baseline beside a workload).
+      'large-volumes-only': { type: 'boolean', default: false },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -260,6 +264,10 @@ async function main(): Promise<void> {
   if (values['baseline-only']) {
     for (let round = 1; round <= rounds; round++)
       process.stdout.write(`${baselineLine(round, await baselineRun(work2()))}\n`);
+    return;
+  }
+  if (values['large-volumes-only']) {
+    process.stdout.write(`${largeVolumesReport(await largeVolumesRun())}\n`);
     return;
   }
 
@@ -314,6 +322,10 @@ async function main(): Promise<void> {
     baselines.push(await baselineRun(work2()));
   }
   const baselineRatios = baselines.map((b) => b.nbdcopySeconds / b.lockstepSeconds);
+  process.stderr.write(
+    'large volumes: a fresh 8 TiB replicate, a 1 TiB baseline beside a writer\n',
+  );
+  const large = await largeVolumesRun();
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -353,6 +365,8 @@ async function main(): Promise<void> {
       `Baseline of a half-full 1 GiB volume: lockstep ${median(baselines.map((b) => b.lockstepSeconds)).toFixed(2)} s, ` +
         `nbdcopy between two qemu exports ${median(baselines.map((b) => b.nbdcopySeconds)).toFixed(2)} s → throughput ratio **${median(baselineRatios).toFixed(2)}** ` +
         `(median of ${rounds}; per round: ${baselineRatios.map((r) => r.toFixed(2)).join(', ')}).`,
+      '',
+      largeVolumesReport(large),
       '',
       'Raw lines:',
       '```',

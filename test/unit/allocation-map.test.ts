@@ -32,6 +32,73 @@ describe('allocation map', () => {
     expect(AllocationMap.unknown(4 * MiB).mayHoldData(0, 1)).toBe(true);
   });
 
+  it('finds the next written and never-written byte a word at a time, within the bounds given', () => {
+    const E = EXTENT_BYTES;
+    const map = AllocationMap.fresh(4 * MiB); // 64 extents: two words
+    map.markWritten(30 * E + 5, 5 * E); // extents 30..35, across the word boundary
+    expect(map.nextWritten(0, 4 * MiB)).toBe(30 * E);
+    expect(map.nextWritten(31 * E + 7, 4 * MiB)).toBe(31 * E + 7); // never before `from`
+    expect(map.nextWritten(0, 30 * E)).toBe(30 * E); // none before `end`: `end`
+    expect(map.nextWritten(36 * E, 4 * MiB)).toBe(4 * MiB);
+    expect(map.nextUnwritten(30 * E, 4 * MiB)).toBe(36 * E);
+    expect(map.nextUnwritten(30 * E, 33 * E)).toBe(33 * E);
+    expect(map.nextUnwritten(0, 4 * MiB)).toBe(0);
+    expect(map.nextWritten(5, 5)).toBe(5);
+    // Unknown: everything may hold data.
+    const unknown = AllocationMap.unknown(4 * MiB);
+    expect(unknown.nextWritten(123, 4 * MiB)).toBe(123);
+    expect(unknown.nextUnwritten(123, 4 * MiB)).toBe(4 * MiB);
+  });
+
+  it('agrees with an extent-by-extent model, a partial last extent included', () => {
+    const E = EXTENT_BYTES;
+    const size = 200 * E + 4096;
+    const map = AllocationMap.fresh(size);
+    const model = new Array<boolean>(201).fill(false);
+    let seed = 99;
+    const rand = (n: number) => {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      return seed % n;
+    };
+    for (let i = 0; i < 300; i++) {
+      if (rand(4) === 0) {
+        const offset = rand(size);
+        const length = 1 + rand(Math.min(size - offset, 40 * E));
+        map.markWritten(offset, length);
+        for (let e = Math.floor(offset / E); e <= Math.floor((offset + length - 1) / E); e++)
+          model[e] = true;
+      }
+      const from = rand(size);
+      const end = from + rand(size + 1 - from);
+      const firstExtent = (want: boolean) => {
+        for (let e = Math.floor(from / E); e * E < end; e++)
+          if (model[e] === want) return Math.max(from, e * E);
+        return end;
+      };
+      expect([map.nextWritten(from, end), map.nextUnwritten(from, end)]).toEqual([
+        firstExtent(true),
+        firstExtent(false),
+      ]);
+      expect(map.mayHoldData(from, end - from)).toBe(firstExtent(true) < end);
+    }
+  });
+
+  it('finds the one written extent at the end of an 8 TiB volume, and saves in the byte layout', async () => {
+    const size = 8 * 2 ** 40;
+    const map = AllocationMap.fresh(size);
+    map.markWritten(size - 1, 1);
+    expect(map.nextWritten(0, size)).toBe(size - EXTENT_BYTES);
+    expect(map.nextUnwritten(size - EXTENT_BYTES, size)).toBe(size);
+
+    // On disk, extent e is bit e % 8 of byte e / 8, as it always was.
+    const small = AllocationMap.fresh(4 * MiB);
+    small.markWritten(9 * EXTENT_BYTES, 1);
+    small.markWritten(63 * EXTENT_BYTES, 1);
+    await small.save(mapFile, dataFile);
+    const saved = JSON.parse(fs.readFileSync(mapFile, 'utf8')) as { bits: string };
+    expect([...Buffer.from(saved.bits, 'base64')]).toEqual([0, 2, 0, 0, 0, 0, 0, 0x80]);
+  });
+
   it('is trusted after a clean save only while the data file is untouched, and is consumed on load', async () => {
     const map = AllocationMap.fresh(4 * MiB);
     map.markWritten(MiB, 4096);
@@ -82,5 +149,25 @@ describe('allocation map', () => {
     expect(buf[0]).toBe(0xaa);
     expect(buf[2 * MiB]).toBe(0xbb);
     unknown.close();
+  });
+
+  it('zeroes without reading or writing where nothing was ever written, unless asked for no hole', async () => {
+    const open = (map: AllocationMap) =>
+      new FileBlockDevice(fs.openSync(dataFile, 'r+'), 4 * MiB, false, dataFile, map);
+    // Bytes the map does not know of: a zeroing the map skips leaves them alone.
+    const fd = fs.openSync(dataFile, 'r+');
+    fs.writeSync(fd, Buffer.alloc(4096, 0xbb), 0, 4096, 2 * MiB);
+    fs.closeSync(fd);
+    const dev = open(AllocationMap.fresh(4 * MiB));
+    await dev.write(MiB, Buffer.alloc(4096, 0xaa), false);
+    await dev.writeZeroes(0, 4 * MiB, { fua: false, noHole: false });
+    const buf = Buffer.alloc(4 * MiB);
+    await dev.read(0, buf);
+    expect(buf[MiB]).toBe(0); // written through the device: zeroed
+    expect(buf[2 * MiB]).toBe(0xbb); // never written as far as the map knows: not touched
+    await dev.writeZeroes(2 * MiB, 4096, { fua: false, noHole: true });
+    await dev.read(0, buf);
+    expect(buf[2 * MiB]).toBe(0);
+    dev.close();
   });
 });

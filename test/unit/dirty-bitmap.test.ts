@@ -211,6 +211,96 @@ describe('DirtyBitmap', () => {
   });
 });
 
+describe('DirtyBitmap range operations', () => {
+  /** Deterministic pseudo-random integers below n. */
+  const random = (seed: number) => (n: number) => {
+    seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+    return seed % n;
+  };
+
+  it('clears a range a word at a time, across word boundaries, counting what was dirty', () => {
+    const b = new DirtyBitmap(200 * R + 100, R); // 201 regions: the last word is partly used
+    b.setAll();
+    expect(b.clearRange(30, 97)).toBe(68);
+    expect(b.dirtyRegions).toBe(201 - 68);
+    expect(b.isDirty(29)).toBe(true);
+    expect(b.isDirty(30)).toBe(false);
+    expect(b.isDirty(97)).toBe(false);
+    expect(b.isDirty(98)).toBe(true);
+    expect(b.clearRange(0, 200)).toBe(201 - 68);
+    expect(b.dirtyRegions).toBe(0);
+    expect(b.clearRange(5, 5)).toBe(0);
+    b.markRegion(5);
+    expect(b.clearRange(5, 5)).toBe(1);
+    const outOfRange = 'LOCKSTEP_ERR_OUT_OF_RANGE';
+    expect(codeOf(() => b.clearRange(0, 201))).toBe(outOfRange);
+    expect(codeOf(() => b.clearRange(-1, 3))).toBe(outOfRange);
+  });
+
+  it('finds the next dirty and the next clean region within a window', () => {
+    const b = new DirtyBitmap(100 * R, R);
+    b.markRange(31 * R, 34 * R); // 31..64
+    expect(b.nextDirty(0, 31)).toBe(-1);
+    expect(b.nextDirty(0, 32)).toBe(31);
+    expect(b.nextClean(31)).toBe(65);
+    expect(b.nextClean(31, 65)).toBe(-1);
+    expect(b.nextClean(40, 66)).toBe(65);
+    expect(b.nextClean(0)).toBe(0);
+    expect(b.nextDirty(65)).toBe(-1);
+    expect(b.nextDirty(100)).toBe(-1);
+    expect(b.nextClean(100)).toBe(-1);
+    b.setAll();
+    // Bits past the last region are zero, yet no region past the end is ever "clean".
+    expect(b.nextClean(0)).toBe(-1);
+    expect(codeOf(() => b.nextClean(0, 101))).toBe('LOCKSTEP_ERR_OUT_OF_RANGE');
+  });
+
+  it('agrees with a region-by-region model under random marks and clears', () => {
+    const b = new DirtyBitmap(700 * R + 1, R);
+    const model = new Array<boolean>(b.regionCount).fill(false);
+    const rand = random(777);
+    for (let i = 0; i < 400; i++) {
+      const first = rand(b.regionCount);
+      const last = Math.min(b.regionCount - 1, first + rand(100));
+      if (rand(2) === 0) {
+        b.markRange(first * R, Math.min(b.volumeSize, (last + 1) * R) - first * R);
+        for (let r = first; r <= last; r++) model[r] = true;
+      } else {
+        const wasDirty = model.slice(first, last + 1).filter(Boolean).length;
+        expect(b.clearRange(first, last)).toBe(wasDirty);
+        for (let r = first; r <= last; r++) model[r] = false;
+      }
+      const from = rand(b.regionCount + 1);
+      const end = from + rand(b.regionCount + 1 - from);
+      const dirty = model.findIndex((d, r) => d && r >= from && r < end);
+      const clean = model.findIndex((d, r) => !d && r >= from && r < end);
+      expect([b.nextDirty(from, end), b.nextClean(from, end)]).toEqual([dirty, clean]);
+    }
+    expect(b.dirtyRegions).toBe(model.filter(Boolean).length);
+  });
+
+  it('sets and clears all of an 8 TiB volume at 64 KiB regions a word at a time', () => {
+    const regions = 128 * 1024 * 1024;
+    const b = new DirtyBitmap(regions * 64 * KiB, 64 * KiB);
+    b.setAll();
+    expect(b.nextClean(0)).toBe(-1);
+    expect(b.clearRange(1, regions - 2)).toBe(regions - 2);
+    expect(b.dirtyRegions).toBe(2);
+    expect(b.nextDirty(1)).toBe(regions - 1);
+    expect(b.nextClean(0)).toBe(1);
+    expect(b.dirtyBytes()).toBe(2 * 64 * KiB);
+  });
+
+  it('tells the region count of a geometry without allocating the bitmap', () => {
+    expect(DirtyBitmap.regionCountOf(8 * 2 ** 40, 64 * KiB)).toBe(2 ** 27);
+    expect(DirtyBitmap.regionCountOf(10 * R + 1, R)).toBe(11);
+    expect(codeOf(() => DirtyBitmap.regionCountOf(2 ** 50, R))).toBe(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+    );
+    expect(codeOf(() => DirtyBitmap.regionCountOf(R, 1000))).toBe('LOCKSTEP_ERR_INVALID_ARGUMENT');
+  });
+});
+
 describe('dirty bitmap file', () => {
   let dir: string;
   let file: string;

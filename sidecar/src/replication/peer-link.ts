@@ -297,7 +297,7 @@ export class PeerLink {
     );
   }
 
-  regionChecksums(firstRegion: number, count: number): Promise<Buffer> {
+  regionChecksums(firstRegion: number, count: number): Promise<RegionChecksumsResponse__Output> {
     return this.unary<RegionChecksumsResponse__Output>((o, cb) =>
       this.rpc.RegionChecksums(
         {
@@ -309,7 +309,7 @@ export class PeerLink {
         o,
         cb,
       ),
-    ).then((r) => r.digests);
+    );
   }
 
   private async connect(): Promise<void> {

@@ -18,7 +18,7 @@ import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import type { Hello } from './frames';
 import { ZERO_GENERATION, type Generations } from './generations';
 import type { LaneBinding, ReplicaLane } from './replica-lane';
-import { regionDigest } from './resync';
+import { CHECKSUM_SPAN, listRegionDigests } from './resync';
 import type { PrimaryHello } from './secondary-session';
 
 /** A volume as a primary's calls reach it on this agent (the engine implements it). */
@@ -66,9 +66,8 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
           `unknown replication mode ${JSON.stringify(req.mode)}`,
         );
       }
-      new DirtyBitmap(req.sizeBytes, req.regionSize); // rejects a bad geometry with a clear error
+      DirtyBitmap.regionCountOf(req.sizeBytes, req.regionSize); // rejects a bad geometry clearly
       let rv = host.replicated(req.volume);
-      const fresh = !rv;
       if (!rv) {
         if (!req.createIfMissing) needVolume(host, req.volume);
         rv = await host.createReplica({
@@ -113,28 +112,24 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         role: rv.role,
         generation: rv.generation,
         differs,
-        fresh,
+        // Created just now, or created ahead (the operator makes a target's copy first) and never
+        // written since: a baseline need not send the primary's zeroes, terabytes of them perhaps.
+        fresh: !rv.local.allocation.mayHoldData(0, rv.sizeBytes),
         session,
         dataAddress: host.dataAddress,
       };
     }),
     RegionChecksums: unary(async (req) => {
       const rv = needVolume(host, req.volume);
-      const bitmap = new DirtyBitmap(rv.sizeBytes, req.regionSize);
-      if (req.count > 4096 || req.firstRegion + req.count > bitmap.regionCount) {
+      const regions = DirtyBitmap.regionCountOf(rv.sizeBytes, req.regionSize);
+      if (req.count === 0 || req.count > CHECKSUM_SPAN || req.firstRegion + req.count > regions) {
         throw new LockstepError(
           'LOCKSTEP_ERR_OUT_OF_RANGE',
-          `checksum request for regions ${req.firstRegion}+${req.count} is out of range`,
+          `checksum request for regions ${req.firstRegion}+${req.count} is out of range ` +
+            `(the volume has ${regions}; at most ${CHECKSUM_SPAN} per call)`,
         );
       }
-      const digests = Buffer.allocUnsafe(16 * req.count);
-      for (let i = 0; i < req.count; i++) {
-        const { offset, length } = bitmap.regionRange(req.firstRegion + i);
-        const data = Buffer.allocUnsafe(length);
-        await rv.local.readForScan(offset, data);
-        regionDigest(data).copy(digests, 16 * i);
-      }
-      return { digests };
+      return listRegionDigests(rv.local, req.regionSize, req.firstRegion, req.count);
     }),
     SetGeneration: unary(async (req) => {
       const rv = needVolume(host, req.volume);

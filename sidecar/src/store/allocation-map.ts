@@ -11,10 +11,15 @@
 // waits for the map.
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import { writeFileAtomic } from './atomic-file';
 
 export const EXTENT_BYTES = 64 * 1024;
 const MAGIC = 'lockstep-allocation-map-v1';
+// Bits live in 32-bit words so a search skips 32 extents (2 MiB) per step; the file keeps
+// the byte layout (extent e is bit e & 7 of byte e >> 3), which is the words' layout on a
+// little-endian host and a byte swap away on a big-endian one.
+const BIG_ENDIAN = os.endianness() === 'BE';
 
 interface FileIdentity {
   ino: number;
@@ -27,16 +32,29 @@ function identityOf(dataFile: string): FileIdentity {
   return { ino: Number(st.ino), size: Number(st.size), mtimeNs: String(st.mtimeNs) };
 }
 
+/** Bits lo..hi (inclusive, 0..31) of a word. */
+function bitMask(lo: number, hi: number): number {
+  return ((0xffffffff << lo) & (0xffffffff >>> (31 - hi))) >>> 0;
+}
+
+function byteLength(sizeBytes: number): number {
+  return Math.ceil(Math.ceil(sizeBytes / EXTENT_BYTES) / 8);
+}
+
 export class AllocationMap {
+  private readonly extents: number;
+
   private constructor(
-    private readonly bits: Uint8Array,
+    private readonly words: Uint32Array,
     private readonly sizeBytes: number,
     /** False: what was written is unknown, and every extent counts as written. */
     readonly known: boolean,
-  ) {}
+  ) {
+    this.extents = Math.ceil(sizeBytes / EXTENT_BYTES);
+  }
 
-  private static empty(sizeBytes: number): Uint8Array {
-    return new Uint8Array(Math.ceil(Math.ceil(sizeBytes / EXTENT_BYTES) / 8));
+  private static empty(sizeBytes: number): Uint32Array {
+    return new Uint32Array(Math.ceil(byteLength(sizeBytes) / 4));
   }
 
   /** A volume whose data file was just created sparse: nothing written yet. */
@@ -73,11 +91,17 @@ export class AllocationMap {
         saved.sizeBytes === sizeBytes &&
         saved.extentBytes === EXTENT_BYTES &&
         saved.checksum === digest(bits) &&
-        bits.length === AllocationMap.empty(sizeBytes).length &&
+        bits.length === byteLength(sizeBytes) &&
         saved.data.ino === current.ino &&
         saved.data.size === current.size &&
         saved.data.mtimeNs === current.mtimeNs;
-      if (intact) return new AllocationMap(new Uint8Array(bits), sizeBytes, true);
+      if (intact) {
+        const words = AllocationMap.empty(sizeBytes);
+        const bytes = Buffer.from(words.buffer, words.byteOffset, words.byteLength);
+        bits.copy(bytes);
+        if (BIG_ENDIAN) bytes.swap32();
+        return new AllocationMap(words, sizeBytes, true);
+      }
     } catch {
       // Missing or unreadable: unknown, which is always safe.
     }
@@ -94,7 +118,10 @@ export class AllocationMap {
       await fs.promises.rm(mapFile, { force: true });
       return;
     }
-    const bits = Buffer.from(this.bits.buffer, this.bits.byteOffset, this.bits.byteLength);
+    const words = Buffer.from(this.words.buffer, this.words.byteOffset, this.words.byteLength);
+    const copy = Buffer.from(words);
+    if (BIG_ENDIAN) copy.swap32();
+    const bits = copy.subarray(0, byteLength(this.sizeBytes));
     const body = {
       magic: MAGIC,
       sizeBytes: this.sizeBytes,
@@ -109,21 +136,51 @@ export class AllocationMap {
   /** A write is about to land in [offset, offset + length). */
   markWritten(offset: number, length: number): void {
     if (!this.known || length === 0) return;
+    const first = Math.floor(offset / EXTENT_BYTES);
     const last = Math.floor((offset + length - 1) / EXTENT_BYTES);
-    for (let e = Math.floor(offset / EXTENT_BYTES); e <= last; e++) {
-      this.bits[e >> 3] = (this.bits[e >> 3] ?? 0) | (1 << (e & 7));
+    const firstWord = first >>> 5;
+    const lastWord = last >>> 5;
+    for (let w = firstWord; w <= lastWord; w++) {
+      this.words[w] |= bitMask(w === firstWord ? first & 31 : 0, w === lastWord ? last & 31 : 31);
     }
   }
 
   /** Whether any byte of the range may hold data (always true while unknown). */
   mayHoldData(offset: number, length: number): boolean {
-    if (!this.known) return true;
-    if (length === 0) return false;
-    const last = Math.floor((offset + length - 1) / EXTENT_BYTES);
-    for (let e = Math.floor(offset / EXTENT_BYTES); e <= last; e++) {
-      if (((this.bits[e >> 3] ?? 0) >> (e & 7)) & 1) return true;
+    return length > 0 && this.nextWritten(offset, offset + length) < offset + length;
+  }
+
+  /**
+   * The first byte at or after `from` (and before `end`) in an extent that may hold data, or
+   * `end` if the whole stretch was never written. Skips 32 extents per step, so the search
+   * costs one step per 2 MiB of volume, not a step per extent.
+   */
+  nextWritten(from: number, end: number): number {
+    return this.search(from, end, 0);
+  }
+
+  /** The first byte at or after `from` (and before `end`) in a never-written extent, or `end`. */
+  nextUnwritten(from: number, end: number): number {
+    return this.search(from, end, 0xffffffff);
+  }
+
+  /** The first byte in [from, end) whose extent's bit differs from `skip` (a word of 0s or 1s). */
+  private search(from: number, end: number, skip: number): number {
+    if (from >= end) return end;
+    if (!this.known) return skip === 0 ? from : end;
+    const first = Math.floor(from / EXTENT_BYTES);
+    const stop = Math.min(this.extents, Math.ceil(end / EXTENT_BYTES));
+    if (first >= stop) return end;
+    const lastWord = (stop - 1) >>> 5;
+    let w = first >>> 5;
+    let word = ((this.words[w] ^ skip) & (0xffffffff << (first & 31))) >>> 0;
+    while (word === 0) {
+      if (++w > lastWord) return end;
+      word = (this.words[w] ^ skip) >>> 0;
     }
-    return false;
+    // word & -word isolates the lowest set bit; clz32 turns it into an index in one step.
+    const extent = w * 32 + (31 - Math.clz32(word & -word));
+    return extent >= stop ? end : Math.max(from, extent * EXTENT_BYTES);
   }
 }
 

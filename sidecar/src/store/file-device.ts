@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, ZeroOptions } from '../block-device';
-import { EXTENT_BYTES, type AllocationMap } from './allocation-map';
+import type { AllocationMap } from './allocation-map';
 import { DirectIo } from './direct-io';
 
 const ZERO_CHUNK = 1 << 20;
@@ -141,17 +141,12 @@ export class FileBlockDevice implements BlockDevice {
     this.check('read', offset, target.length, false);
     return this.guarded(async () => {
       const end = offset + target.length;
-      let pos = offset;
-      while (pos < end) {
-        // The longest stretch from `pos` that is uniformly written or never written.
-        const written = this.allocation.mayHoldData(pos, 1);
-        let next = Math.min(end, (Math.floor(pos / EXTENT_BYTES) + 1) * EXTENT_BYTES);
-        while (next < end && this.allocation.mayHoldData(next, 1) === written)
-          next = Math.min(end, next + EXTENT_BYTES);
-        const view = target.subarray(pos - offset, next - offset);
-        if (written) await pread(this.fd, view, pos);
-        else view.fill(0);
-        pos = next;
+      for (let pos = offset; pos < end;) {
+        const data = this.allocation.nextWritten(pos, end);
+        target.fill(0, pos - offset, data - offset);
+        if (data === end) return;
+        pos = this.allocation.nextUnwritten(data, end);
+        await pread(this.fd, target.subarray(data - offset, pos - offset), data);
       }
     });
   }
@@ -239,11 +234,25 @@ export class FileBlockDevice implements BlockDevice {
     // Node cannot punch holes (no fallocate), so zeroing writes zeroes. Where the range already
     // reads as zeroes (a hole, typically) and a hole is allowed, skip the write: the file stays
     // sparse, which matters for copies that arrive as zero runs (qemu-img convert, baselines).
+    // Extents never written are known to read as zeroes without a read: a baseline's ZERO of a
+    // terabyte that was never written costs a search of the allocation map, not a terabyte read.
+    const end = offset + length;
+    for (let pos = offset; pos < end;) {
+      const data = opts.noHole ? pos : this.allocation.nextWritten(pos, end);
+      if (data === end) break;
+      pos = opts.noHole ? end : this.allocation.nextUnwritten(data, end);
+      await this.zeroWritten(data, pos - data, opts.noHole);
+    }
+    if (opts.fua) await this.sync();
+  }
+
+  /** Zeroes a stretch that may hold data, skipping chunks that read as zeroes if holes are allowed. */
+  private async zeroWritten(offset: number, length: number, noHole: boolean): Promise<void> {
     const reader = this.directIo();
     let scratch: Buffer | undefined;
     for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
       const n = Math.min(ZERO_CHUNK, offset + length - pos);
-      if (!opts.noHole) {
+      if (!noHole) {
         if (reader && DirectIo.aligned(pos, n)) {
           if (await reader.isZero(pos, n, zeroes)) continue;
         } else {
@@ -255,7 +264,6 @@ export class FileBlockDevice implements BlockDevice {
       }
       await pwrite(this.fd, zeroes.subarray(0, n), pos);
     }
-    if (opts.fua) await this.sync();
   }
 
   async trim(offset: number, length: number): Promise<void> {

@@ -36,7 +36,7 @@ export function bitmapFile(dir: string, peer: string): string {
 export class VolumeTracking {
   private readonly bitmaps = new Map<string, PeerBitmap>();
   private timer: NodeJS.Timeout | undefined;
-  private saving: Promise<void> | undefined;
+  private saving: Promise<void> = Promise.resolve();
   activityLog!: ActivityLog;
 
   private constructor(private readonly opts: TrackingOptions) {}
@@ -110,9 +110,12 @@ export class VolumeTracking {
     if (p.bitmap.markRange(offset, length) > 0) p.changed = true;
   }
 
-  clearRegion(peer: string, region: number): void {
+  /** Clears regions [first, last]; returns how many were dirty. */
+  clearRange(peer: string, first: number, last: number): number {
     const p = this.bitmaps.get(peer)!;
-    if (p.bitmap.clearRegion(region)) p.changed = true;
+    const cleared = p.bitmap.clearRange(first, last);
+    if (cleared > 0) p.changed = true;
+    return cleared;
   }
 
   /** Persists every bitmap that changed since the last save. */
@@ -135,11 +138,11 @@ export class VolumeTracking {
         }
       }
     };
-    // Saves run one at a time, each seeing the latest bits.
-    const next = (this.saving ?? Promise.resolve()).then(run, run);
-    this.saving = next.finally(() => {
-      if (this.saving === next) this.saving = undefined;
-    });
+    // Saves run one at a time, each seeing the latest bits. A failed save fails its caller
+    // only: the chain itself must never hold a rejection nobody waits for (a full disk would
+    // otherwise crash the agent with an unhandled rejection).
+    const next = this.saving.then(run);
+    this.saving = next.catch(() => undefined);
     return next;
   }
 
