@@ -8,11 +8,15 @@ import type { Logger } from '../../../lib/logger';
 import { replicationProto, type ReplicationClient } from '../../../proto';
 import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/HandshakeResponse';
 import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
-import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import { DataLane, type LaneOwner } from './data-lane';
 import { AckErrno, OpFlag, OpKind, isToken } from './frames';
 import { decideResync, type Generations } from './generations';
-import { markDifferingRegions, resyncDirtyRegions, type ResyncOptions } from './resync';
+import {
+  markDifferingRegions,
+  resyncDirtyRegions,
+  type ResyncOptions,
+  type ResyncTarget,
+} from './resync';
 import type { PeerHost } from './peer-host';
 import { STREAMING_STATES, type PeerState, type ResyncProgress } from './replication-status';
 import type { SendBatch } from './send-batch';
@@ -67,7 +71,7 @@ export class PeerUnavailable extends LockstepError {
   }
 }
 
-export class PeerLink {
+export class PeerLink implements ResyncTarget {
   state: PeerState = 'Connecting';
   /** Why the link is not in sync (last failure or refusal), for status. */
   reason = '';
@@ -252,6 +256,14 @@ export class PeerLink {
     this.retryMs = Math.min(this.retryMs * 2, RETRY_MAX_MS);
   }
 
+  scanned(bytes: number): void {
+    if (this.resync) this.resync.doneBytes += bytes;
+  }
+
+  sentData(bytes: number): void {
+    this.resyncBytesSent += bytes;
+  }
+
   /** The host recorded writes this peer missed: a disconnected peer is now out of sync. */
   missedWrites(): void {
     if (this.state === 'Disconnected') this.setState('OutOfSync');
@@ -372,10 +384,8 @@ export class PeerLink {
         return;
       }
       const bitmap = host.tracking.bitmap(this.address);
-      if (hello.differs.length > 0) {
-        bitmap.merge(DirtyBitmap.fromBuffer(host.sizeBytes, host.regionSize, hello.differs));
-      }
-      if (decision.kind === 'baseline') bitmap.setAll();
+      if (hello.differs.length > 0) host.tracking.merge(this.address, hello.differs);
+      if (decision.kind === 'baseline') host.tracking.markAll(this.address);
 
       await this.openLanes(hello, epoch);
       if (stale()) return;

@@ -10,11 +10,46 @@
 // awaits is already settled.
 import { createHash } from 'node:crypto';
 import { LockstepError } from '../../../lib/errors';
+import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import { FileBlockDevice } from '../store/file-device';
+import type { VolumeTracking } from '../tracking/volume-tracking';
 import { OpFlag, OpKind } from './frames';
-import type { PeerHost } from './peer-host';
-import type { PeerLink } from './peer-link';
+import type { Route } from './peer-link';
 import { RateLimiter } from './rate-limiter';
+
+/** The peer a scan copies to: its ops, its checksums, and where the scan reports progress. */
+export interface ResyncTarget {
+  readonly address: string;
+  send(
+    kind: OpKind,
+    offset: number,
+    length: number,
+    data: Buffer | undefined,
+    flags: number,
+    route: Route,
+  ): Promise<void>;
+  regionChecksums(firstRegion: number, count: number): Promise<RegionChecksumsResponse__Output>;
+  /** `bytes` more of what the scan must cover are settled. */
+  scanned(bytes: number): void;
+  /** `bytes` of data (not zero runs) went to the peer. */
+  sentData(bytes: number): void;
+}
+
+/** This side of a scan: the local copy, the peers' tracking, and regions held off live writes. */
+export interface ResyncSource {
+  readonly sizeBytes: number;
+  readonly regionSize: number;
+  readonly maxResyncBytesPerSecond: number;
+  /** The local copy, read directly (not through the splitter). */
+  readonly local: FileBlockDevice;
+  /** The peers' bitmaps: read here, changed only through it (their one writer). */
+  readonly tracking: VolumeTracking;
+  /**
+   * Runs `work` with regions [first, last] held against live writes, after the ops on them
+   * still on their way to the peers: a copy made inside reaches the peer after them.
+   */
+  withRegionsLocked<T>(first: number, last: number, work: () => Promise<T>): Promise<T>;
+}
 
 const WINDOW = 8;
 const zeroes = Buffer.alloc(4 * 1024 * 1024);
@@ -111,8 +146,8 @@ class Regions {
  * turn as, the allocation map learns of it), so it arrives after the zeroes.
  */
 function clearUnwritten(
-  link: PeerLink,
-  host: PeerHost,
+  link: ResyncTarget,
+  host: ResyncSource,
   g: Regions,
   first: number,
   last: number,
@@ -130,8 +165,8 @@ function clearUnwritten(
 }
 
 async function copyRun(
-  link: PeerLink,
-  host: PeerHost,
+  link: ResyncTarget,
+  host: ResyncSource,
   g: Regions,
   first: number,
   last: number,
@@ -155,13 +190,13 @@ async function copyRun(
       if (pooled) host.local.releaseAlignedBuffer(buf);
     }
     host.tracking.clearRange(link.address, first, last);
-    if (link.resync) link.resync.doneBytes += end - start;
+    link.scanned(end - start);
   });
 }
 
 /** Sends a run read into `data` (from byte `start`): zero stretches as ZERO ops, the rest as writes. */
 async function sendRun(
-  link: PeerLink,
+  link: ResyncTarget,
   g: Regions,
   first: number,
   last: number,
@@ -192,7 +227,7 @@ async function sendRun(
           'spread',
         ),
       );
-      link.resyncBytesSent += len;
+      link.sentData(len);
     }
   };
   for (let r = first + 1; r <= last; r++) {
@@ -213,8 +248,8 @@ async function sendRun(
  * how long the peer took, in ms.
  */
 async function zeroRun(
-  link: PeerLink,
-  host: PeerHost,
+  link: ResyncTarget,
+  host: ResyncSource,
   g: Regions,
   first: number,
   last: number,
@@ -223,7 +258,7 @@ async function zeroRun(
   const t0 = performance.now();
   await link.send(OpKind.ZERO, start, g.end(last) - start, undefined, OpFlag.BULK, 'spread');
   clearUnwritten(link, host, g, first, last);
-  if (link.resync) link.resync.doneBytes += g.end(last) - start;
+  link.scanned(g.end(last) - start);
   return performance.now() - t0;
 }
 
@@ -239,8 +274,8 @@ export interface ResyncOptions {
 
 /** Copies dirty regions until none is left; throws if the link fails. */
 export async function resyncDirtyRegions(
-  link: PeerLink,
-  host: PeerHost,
+  link: ResyncTarget,
+  host: ResyncSource,
   cancelled: () => boolean,
   opts: ResyncOptions = { peerIsZero: false },
 ): Promise<void> {
@@ -294,7 +329,7 @@ export async function resyncDirtyRegions(
         last = dirtyUpTo(data);
         const bytes = g.end(last) - g.start(region);
         clearUnwritten(link, host, g, region, last);
-        if (link.resync) link.resync.doneBytes += bytes;
+        link.scanned(bytes);
       } else if (zeroing > 0 && zeroing + zeroBytes > ZERO_IN_FLIGHT_BYTES) {
         // Looked at again once an op is answered: what was never written may be written by then.
         await Promise.race(inFlight);
@@ -388,8 +423,8 @@ export async function listRegionDigests(
 
 /** Marks dirty every region whose checksum differs between the two copies. */
 export async function markDifferingRegions(
-  link: PeerLink,
-  host: PeerHost,
+  link: ResyncTarget,
+  host: ResyncSource,
   cancelled: () => boolean,
 ): Promise<void> {
   const allocation = host.local.allocation;
@@ -447,7 +482,7 @@ export async function markDifferingRegions(
           `${answer.digests.length / DIGEST_BYTES} digests; the link is dropped and retried`,
       );
     }
-    if (link.resync) link.resync.doneBytes += endByte - g.start(first);
+    link.scanned(endByte - g.start(first));
     first = stop;
   }
 }

@@ -45,6 +45,21 @@ function requireInteger(what: string, n: number): void {
   if (!Number.isSafeInteger(n)) throw invalid(`${what} must be an integer, got ${n}`);
 }
 
+/** What readers of a peer's bitmap see; its owner (VolumeTracking) alone changes it. */
+export type ReadonlyDirtyBitmap = Pick<
+  DirtyBitmap,
+  | 'volumeSize'
+  | 'regionSize'
+  | 'regionCount'
+  | 'dirtyRegions'
+  | 'isDirty'
+  | 'nextDirty'
+  | 'nextClean'
+  | 'dirtyBytes'
+  | 'regionRange'
+  | 'regionsOf'
+>;
+
 export class DirtyBitmap {
   readonly regionCount: number;
   private readonly words: Uint32Array;

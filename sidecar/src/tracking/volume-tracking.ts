@@ -6,7 +6,12 @@ import path from 'node:path';
 import { errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { ActivityLog } from './activity-log';
-import { DirtyBitmap, loadDirtyBitmap, saveDirtyBitmap } from './dirty-bitmap';
+import {
+  DirtyBitmap,
+  loadDirtyBitmap,
+  saveDirtyBitmap,
+  type ReadonlyDirtyBitmap,
+} from './dirty-bitmap';
 
 const SAVE_INTERVAL_MS = 1000;
 
@@ -92,7 +97,8 @@ export class VolumeTracking {
     }
   }
 
-  bitmap(peer: string): DirtyBitmap {
+  /** The peer's bitmap, to read: every change goes through this class, which persists it. */
+  bitmap(peer: string): ReadonlyDirtyBitmap {
     return this.bitmaps.get(peer)!.bitmap;
   }
 
@@ -108,6 +114,21 @@ export class VolumeTracking {
   markDirty(peer: string, offset: number, length: number): void {
     const p = this.bitmaps.get(peer)!;
     if (p.bitmap.markRange(offset, length) > 0) p.changed = true;
+  }
+
+  /** Every region: the peer holds nothing of ours yet (a baseline). */
+  markAll(peer: string): void {
+    const p = this.bitmaps.get(peer)!;
+    p.bitmap.setAll();
+    p.changed = true;
+  }
+
+  /** Adds the regions of a serialized bitmap of the same geometry (a peer's `differs`). */
+  merge(peer: string, words: Buffer): void {
+    const p = this.bitmaps.get(peer)!;
+    const { volumeSize, regionSize } = this.opts;
+    p.bitmap.merge(DirtyBitmap.fromBuffer(volumeSize, regionSize, words));
+    p.changed = true;
   }
 
   /** Clears regions [first, last]; returns how many were dirty. */
