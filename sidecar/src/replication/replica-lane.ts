@@ -40,9 +40,11 @@ export type LaneAttach = (hello: Hello, lane: ReplicaLane) => LaneBinding;
 type Phase =
   | { kind: 'hello' }
   | { kind: 'hello-name'; nameLength: number; fixed: Buffer }
-  | { kind: 'op-header' }
+  // Once the hello is accepted, the lane is bound to a session's copy until it closes.
+  | { kind: 'op-header'; bound: LaneBinding }
   | {
       kind: 'write-payload';
+      bound: LaneBinding;
       seq: number;
       offset: number;
       fua: boolean;
@@ -75,8 +77,6 @@ export class ReplicaLane {
   private readonly collector = new ElementCollector();
   private readonly header = new OpHeader();
   private readonly barrier = new FlushBarrier();
-  private binding: LaneBinding | undefined;
-  private device: FileBlockDevice | undefined;
   private inFlightBytes = 0;
   /** Settles when the last ORDERED op received so far has been applied (or failed). */
   private orderedTail: Promise<void> = Promise.resolve();
@@ -130,8 +130,8 @@ export class ReplicaLane {
     if (phase.kind !== 'write-payload') throw new Error('payload bytes outside a write');
     phase.filled += n;
     if (phase.filled === phase.payload.length) {
-      this.phase = { kind: 'op-header' };
-      this.applyWrite(phase.seq, phase.offset, phase.payload, phase);
+      this.phase = { kind: 'op-header', bound: phase.bound };
+      this.applyWrite(phase.bound.device, phase.seq, phase.offset, phase.payload, phase);
     }
   }
 
@@ -183,7 +183,7 @@ export class ReplicaLane {
       case 'hello-name':
         return this.onHello(Buffer.concat([phase.fixed, bytes]));
       case 'op-header':
-        return this.onOp(this.header.parse(bytes, 0));
+        return this.onOp(phase.bound, this.header.parse(bytes, 0));
       case 'write-payload':
       case 'closed':
         throw new Error(`no element in state ${phase.kind}`);
@@ -195,32 +195,34 @@ export class ReplicaLane {
   private onHello(raw: Buffer): void {
     clearTimeout(this.helloTimer);
     const hello = decodeHello(raw);
+    let bound: LaneBinding;
     try {
-      this.binding = this.attach(hello, this);
+      bound = this.attach(hello, this);
     } catch (err) {
       return this.refuse(errorMessage(err));
     }
-    this.device = this.binding.device;
     // The primary pings every keepaliveMs; a few missed in a row means it is gone (a partition
     // sends no FIN), and the session must not stay held by a dead lane.
     this.socket.setTimeout(Math.max(MIN_IDLE_MS, 4 * hello.keepaliveMs));
-    this.phase = { kind: 'op-header' };
+    this.phase = { kind: 'op-header', bound };
     this.socket.write(encodeReply(0, ''));
     this.log.debug({ volume: hello.volume, laneIndex: hello.lane }, 'data lane attached');
   }
 
   // ---- ops -----------------------------------------------------------------------------------
 
-  private onOp(h: OpHeader): void {
+  private onOp(bound: LaneBinding, h: OpHeader): void {
+    const device = bound.device;
     switch (h.kind) {
       case OpKind.WRITE: {
         // Catch-up data is received where it can be written around the page cache, if it can.
         const payload =
-          (h.bulk ? this.device!.tryAlignedBuffer(h.offset, h.length) : undefined) ??
+          (h.bulk ? device.tryAlignedBuffer(h.offset, h.length) : undefined) ??
           this.pool.acquire(h.length);
-        if (h.length === 0) return this.applyWrite(h.seq, h.offset, payload, h);
+        if (h.length === 0) return this.applyWrite(device, h.seq, h.offset, payload, h);
         this.phase = {
           kind: 'write-payload',
+          bound,
           seq: h.seq,
           offset: h.offset,
           fua: h.fua,
@@ -232,7 +234,6 @@ export class ReplicaLane {
         return;
       }
       case OpKind.ZERO: {
-        const device = this.device!;
         const { offset, length, fua } = h;
         return this.track(
           h.seq,
@@ -243,7 +244,6 @@ export class ReplicaLane {
       case OpKind.FLUSH: {
         // The ops before it on this lane first; device.flush() then covers them and every op
         // already acknowledged on any lane (the FLUSH contract in frames.ts).
-        const device = this.device!;
         return this.track(
           h.seq,
           0,
@@ -256,6 +256,7 @@ export class ReplicaLane {
   }
 
   private applyWrite(
+    device: FileBlockDevice,
     seq: number,
     offset: number,
     payload: Buffer,
@@ -266,11 +267,10 @@ export class ReplicaLane {
       this.paused = true;
       this.socket.pause();
     }
-    const device = this.device!;
     const work = this.inOrder(ordered, () =>
       bulk && !fua ? device.writeAround(offset, payload) : device.write(offset, payload, fua),
     );
-    this.track(seq, payload.length, work, payload);
+    this.track(seq, payload.length, work, payload, device);
   }
 
   /** Starts `op` now, or, if `ordered`, once the ORDERED ops received before it are done. */
@@ -284,20 +284,34 @@ export class ReplicaLane {
     return work;
   }
 
-  private track(seq: number, bytes: number, work: Promise<void>, payload?: Buffer): void {
+  /** `payload` (of a write) goes back to `device` or the pool once the op is done. */
+  private track(
+    seq: number,
+    bytes: number,
+    work: Promise<void>,
+    payload?: Buffer,
+    device?: FileBlockDevice,
+  ): void {
     const epoch = this.barrier.begin();
     work.then(
-      () => this.done(seq, epoch, bytes, 0, payload),
+      () => this.done(seq, epoch, bytes, 0, payload, device),
       (err: unknown) => {
         this.log.warn({ seq, err: errorMessage(err) }, 'replicated op failed');
         const noSpace = err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE';
-        this.done(seq, epoch, bytes, noSpace ? AckErrno.ENOSPC : AckErrno.EIO, payload);
+        this.done(seq, epoch, bytes, noSpace ? AckErrno.ENOSPC : AckErrno.EIO, payload, device);
       },
     );
   }
 
-  private done(seq: number, epoch: number, bytes: number, errno: number, payload?: Buffer): void {
-    if (payload) this.releasePayload(payload);
+  private done(
+    seq: number,
+    epoch: number,
+    bytes: number,
+    errno: number,
+    payload?: Buffer,
+    device?: FileBlockDevice,
+  ): void {
+    if (payload) this.releasePayload(payload, device);
     this.barrier.end(epoch);
     this.inFlightBytes -= bytes;
     if (this.paused && this.inFlightBytes <= MAX_INFLIGHT_BYTES / 2) {
@@ -308,8 +322,8 @@ export class ReplicaLane {
   }
 
   /** A payload goes back where it came from: the device's aligned buffers or the pool. */
-  private releasePayload(payload: Buffer): void {
-    if (!this.device?.releaseAlignedBuffer(payload)) this.pool.release(payload);
+  private releasePayload(payload: Buffer, device: FileBlockDevice | undefined): void {
+    if (!device?.releaseAlignedBuffer(payload)) this.pool.release(payload);
   }
 
   // ---- acks ----------------------------------------------------------------------------------
@@ -359,42 +373,43 @@ export class ReplicaLane {
     this.log.warn({ reason }, 'malformed replication stream: closing the data lane');
     // Ignore the rest, but let the ops already received finish and their acks leave first, so
     // the primary only re-sends what this lane never applied.
-    this.phase = { kind: 'closed' };
+    this.enterClosed();
     this.socket.pause();
     void this.barrier.barrier().then(() => {
       if (this.ackEnd > this.ackStart)
         this.socket.write(this.ackArena.subarray(this.ackStart, this.ackEnd));
       this.socket.destroySoon();
     });
-    this.detachWhenDrained();
   }
 
   /** Closes the connection; ops already being applied finish, their acks are dropped. */
   close(reason: string): void {
     if (this.phase.kind === 'closed') return;
     this.log.debug({ reason }, 'data lane closing');
-    this.phase = { kind: 'closed' };
+    this.enterClosed();
     this.socket.destroy();
-    this.detachWhenDrained();
   }
 
   private onClose(): void {
     clearTimeout(this.helloTimer);
-    const phase = this.phase;
-    if (phase.kind === 'write-payload') this.releasePayload(phase.payload);
-    this.phase = { kind: 'closed' };
-    this.detachWhenDrained();
+    this.enterClosed();
   }
 
   /**
-   * Gives the session back its lane once every op this lane started has finished: nothing from
-   * it can land after that, so another primary may be accepted. Not at the socket's 'close'
-   * event: that comes at the end of the event-loop turn, after a handshake read in the same
-   * turn would have found the dead lane still holding the volume.
+   * Closes the lane and, if it was bound, gives the session back its lane once every op it
+   * started has finished: nothing from it can land after that, so another primary may be
+   * accepted. Not at the socket's 'close' event: that comes at the end of the event-loop turn,
+   * after a handshake read in the same turn would have found the dead lane still holding the
+   * volume.
    */
-  private detachWhenDrained(): void {
-    const binding = this.binding;
-    this.binding = undefined;
-    if (binding) void this.barrier.barrier().then(() => binding.detach());
+  private enterClosed(): void {
+    const phase = this.phase;
+    this.phase = { kind: 'closed' };
+    // A payload still being received will never be applied.
+    if (phase.kind === 'write-payload') this.releasePayload(phase.payload, phase.bound.device);
+    if (phase.kind === 'op-header' || phase.kind === 'write-payload') {
+      const bound = phase.bound;
+      void this.barrier.barrier().then(() => bound.detach());
+    }
   }
 }
