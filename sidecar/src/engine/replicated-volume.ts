@@ -355,7 +355,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         `volume ${this.volumeName} already replicates with ${current.regionSize}-byte regions; the region size cannot change`,
       );
     }
-    new DirtyBitmap(this.sizeBytes, regionSize); // throws a clear error for a bad region size
+    DirtyBitmap.regionCountOf(this.sizeBytes, regionSize); // throws a clear error for a bad region size
     const kept = (current?.peers ?? []).filter((p) => !replace || targets.includes(p.address));
     const dropped = (current?.peers ?? []).filter((p) => !kept.includes(p));
     const peers = [...kept];
