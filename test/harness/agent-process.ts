@@ -129,6 +129,7 @@ export class AgentProcess {
 
   async dispose(): Promise<void> {
     await this.proc?.kill('SIGKILL');
+    // KEEP_AGENT_DIRS=1 keeps the data dirs (and the agents' logs in them) to debug a failure.
     if (this.ownsDir && !process.env.KEEP_AGENT_DIRS)
       rmSync(this.dataDir, { recursive: true, force: true });
   }
