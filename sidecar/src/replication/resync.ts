@@ -10,25 +10,17 @@
 // awaits is already settled.
 import { createHash } from 'node:crypto';
 import { LockstepError } from '../../../lib/errors';
-import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import { FileBlockDevice } from '../store/file-device';
 import type { VolumeTracking } from '../tracking/volume-tracking';
 import { OpFlag, OpKind } from './frames';
-import type { Route } from './peer-link';
+import type { PeerLink } from './peer-link';
 import { RateLimiter } from './rate-limiter';
 
 /** The peer a scan copies to: its ops, its checksums, and where the scan reports progress. */
 export interface ResyncTarget {
   readonly address: string;
-  send(
-    kind: OpKind,
-    offset: number,
-    length: number,
-    data: Buffer | undefined,
-    flags: number,
-    route: Route,
-  ): Promise<void>;
-  regionChecksums(firstRegion: number, count: number): Promise<RegionChecksumsResponse__Output>;
+  send: PeerLink['send'];
+  regionChecksums: PeerLink['regionChecksums'];
   /** `bytes` more of what the scan must cover are settled. */
   scanned(bytes: number): void;
   /** `bytes` of data (not zero runs) went to the peer. */
