@@ -2,11 +2,8 @@
 // sees them, even over a range the page cache held dirty, and anything that cannot go direct
 // (unaligned, a buffer not from the device) is written through the cache instead.
 import { execFileSync } from 'node:child_process';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { AllocationMap } from '../../sidecar/src/store/allocation-map';
-import { FileBlockDevice } from '../../sidecar/src/store/file-device';
+import type { FileBlockDevice } from '../../sidecar/src/store/file-device';
+import { tempVolumeFile, type TempVolumeFile } from './temp-volume-file';
 
 const MiB = 1024 * 1024;
 
@@ -16,26 +13,14 @@ function cachedBytes(file: string): number {
 }
 
 describe('writes around the page cache', () => {
-  let dir: string;
+  let vol: TempVolumeFile;
   let dataFile: string;
   let dev: FileBlockDevice;
   beforeEach(() => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lockstep-direct-'));
-    dataFile = path.join(dir, 'data.img');
-    fs.writeFileSync(dataFile, '');
-    fs.truncateSync(dataFile, 8 * MiB);
-    dev = new FileBlockDevice(
-      fs.openSync(dataFile, 'r+'),
-      8 * MiB,
-      false,
-      dataFile,
-      AllocationMap.fresh(8 * MiB),
-    );
+    vol = tempVolumeFile('lockstep-direct-', 8 * MiB);
+    ({ file: dataFile, dev } = vol);
   });
-  afterEach(() => {
-    dev.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  afterEach(() => vol.remove());
 
   it('writes an aligned buffer directly, coherent with what the cache held, and leaves it uncached', async () => {
     // Dirty, cached data first: the direct write must replace it, not be hidden by it.

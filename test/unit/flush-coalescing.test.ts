@@ -1,33 +1,21 @@
 // A volume file's flushes share fdatasyncs: one covers every write completed before it
 // started, flushes called while it runs share the next, a failed one fails every later flush.
 import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { AllocationMap } from '../../sidecar/src/store/allocation-map';
-import { FileBlockDevice } from '../../sidecar/src/store/file-device';
+import type { FileBlockDevice } from '../../sidecar/src/store/file-device';
+import { tempVolumeFile, type TempVolumeFile } from './temp-volume-file';
 
 const MiB = 1024 * 1024;
 
 describe('flushes of a volume file', () => {
-  let dir: string;
+  let vol: TempVolumeFile;
   let dev: FileBlockDevice;
   beforeEach(() => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lockstep-flush-'));
-    const file = path.join(dir, 'data.img');
-    fs.writeFileSync(file, '');
-    fs.truncateSync(file, 8 * MiB);
-    dev = new FileBlockDevice(
-      fs.openSync(file, 'r+'),
-      8 * MiB,
-      false,
-      file,
-      AllocationMap.fresh(8 * MiB),
-    );
+    vol = tempVolumeFile('lockstep-flush-', 8 * MiB);
+    dev = vol.dev;
   });
   afterEach(() => {
     jest.restoreAllMocks();
-    dev.close();
-    fs.rmSync(dir, { recursive: true, force: true });
+    vol.remove();
   });
 
   it('meets flushes called together with one fdatasync, and those called during it with one more', async () => {
