@@ -6,10 +6,12 @@ import { fromServiceError } from './grpc-errors';
 import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoResponse';
 import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
 import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
+import type { Snapshot__Output } from '../proto/gen/lockstep/v1/Snapshot';
 
 export type AgentInfo = GetInfoResponse__Output;
 export type AgentStatus = GetStatusResponse__Output;
 export type VolumeInfo = Volume__Output;
+export type SnapshotInfo = Snapshot__Output;
 
 type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
 
@@ -96,6 +98,28 @@ export class AgentClient {
 
   async releaseVolume(name: string, force = false): Promise<void> {
     await this.call((o, cb) => this.raw.ReleaseVolume({ name, force }, o, cb));
+  }
+
+  createSnapshot(volume: string, name: string, label = ''): Promise<SnapshotInfo> {
+    return this.call<SnapshotInfo>((o, cb) =>
+      this.raw.CreateSnapshot({ volume, name, label }, o, cb),
+    );
+  }
+
+  async listSnapshots(volume = ''): Promise<SnapshotInfo[]> {
+    return (
+      await this.call<{ snapshots: SnapshotInfo[] }>((o, cb) =>
+        this.raw.ListSnapshots({ volume }, o, cb),
+      )
+    ).snapshots;
+  }
+
+  async deleteSnapshot(volume: string, name: string, force = false): Promise<void> {
+    await this.call((o, cb) => this.raw.DeleteSnapshot({ volume, name, force }, o, cb));
+  }
+
+  rollbackSnapshot(volume: string, name: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) => this.raw.RollbackSnapshot({ volume, name }, o, cb));
   }
 
   close(): void {

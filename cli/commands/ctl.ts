@@ -1,6 +1,6 @@
 // `lockstep ctl`: drives an agent's control API from a shell, the way drbdadm drives DRBD.
 import { Command, Option } from 'commander';
-import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
+import { AgentClient, type SnapshotInfo, type VolumeInfo } from '../../lib/agent-client';
 import { formatSize, parseSize } from '../../lib/size';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
 
@@ -17,6 +17,19 @@ function volumeRows(volumes: VolumeInfo[]): string[][] {
 }
 
 const VOLUME_HEADERS = ['NAME', 'STATE', 'SIZE', 'ALLOCATED', 'MODE', 'CLIENTS', 'EXPORT / ERROR'];
+
+function snapshotRows(snapshots: SnapshotInfo[]): string[][] {
+  return snapshots.map((s) => [
+    s.volume,
+    s.name,
+    s.label || '-',
+    new Date(s.createdAtMs).toISOString(),
+    formatSize(s.savedBytes),
+    s.exportUri,
+  ]);
+}
+
+const SNAPSHOT_HEADERS = ['VOLUME', 'NAME', 'LABEL', 'CREATED', 'SAVED', 'EXPORT'];
 
 export function ctlCommand(): Command {
   const ctl = new Command('ctl')
@@ -204,6 +217,71 @@ export function ctlCommand(): Command {
     .action(async (name: string, opts: { discardPeer: string }, cmd: Command) => {
       printVolume(await withClient(cmd, (c) => c.discardPeer(name, opts.discardPeer)));
     });
+  const snapshot = ctl
+    .command('snapshot')
+    .description('point-in-time snapshots of a volume, exported read-only as VOLUME@SNAPSHOT');
+  snapshot
+    .command('create <volume> <name>')
+    .description('take a snapshot (no data copied; holds the writes acknowledged before it)')
+    .option('--label <label>', 'a label, e.g. daily, kept with the snapshot', '')
+    .addOption(outputOption())
+    .action(
+      async (
+        volumeName: string,
+        name: string,
+        opts: { label: string; output: OutputFormat },
+        cmd: Command,
+      ) => {
+        const created = await withClient(cmd, (c) =>
+          c.createSnapshot(volumeName, name, opts.label),
+        );
+        if (opts.output === 'json') return printJson(created);
+        process.stdout.write(
+          `snapshot ${created.volume}@${created.name} created (writes held ${created.holdMs.toFixed(2)} ms): ${created.exportUri}\n`,
+        );
+      },
+    );
+  snapshot
+    .command('list [volume]')
+    .description("list a volume's snapshots, or every volume's, oldest first")
+    .addOption(outputOption())
+    .action(
+      async (volumeName: string | undefined, opts: { output: OutputFormat }, cmd: Command) => {
+        const snapshots = await withClient(cmd, (c) => c.listSnapshots(volumeName));
+        if (opts.output === 'json') return printJson({ snapshots });
+        printTable(SNAPSHOT_HEADERS, snapshotRows(snapshots));
+      },
+    );
+  snapshot
+    .command('delete <volume> <name>')
+    .description('delete a snapshot (its space is reclaimed in the background)')
+    .option('--force', 'disconnect NBD clients reading the snapshot first', false)
+    .addOption(outputOption())
+    .action(
+      async (
+        volumeName: string,
+        name: string,
+        opts: { force: boolean; output: OutputFormat },
+        cmd: Command,
+      ) => {
+        await withClient(cmd, (c) => c.deleteSnapshot(volumeName, name, opts.force));
+        if (opts.output === 'json') return printJson({ volume: volumeName, name, deleted: true });
+        process.stdout.write(`snapshot ${volumeName}@${name} deleted\n`);
+      },
+    );
+  snapshot
+    .command('rollback <volume> <name>')
+    .description(
+      'make the volume read as the snapshot again (detach its NBD clients first; run on the primary)',
+    )
+    .addOption(outputOption())
+    .action(
+      async (volumeName: string, name: string, opts: { output: OutputFormat }, cmd: Command) => {
+        const v = await withClient(cmd, (c) => c.rollbackSnapshot(volumeName, name));
+        if (opts.output === 'json') return printJson(v);
+        process.stdout.write(`volume ${volumeName} rolled back to snapshot ${name}\n`);
+      },
+    );
   return ctl;
 }
 

@@ -23,6 +23,8 @@ import { attachLane, replicationHandlers } from './replication/replica-service';
 import { lockDataDir, type DataDirLock } from './store/data-dir-lock';
 import type { NewVolume, ReplicationMode } from './store/volume-metadata';
 import { VolumeStore, type Volume } from './store/volume-store';
+import { SnapshotDevice } from './snapshots/snapshot-device';
+import type { SnapshotInfo } from './snapshots/snapshot-catalog';
 import { ZERO_GENERATION } from './replication/generations';
 
 export interface AgentOptions {
@@ -62,6 +64,14 @@ export interface VolumeView {
   dataPath: string;
 }
 
+export interface SnapshotView extends SnapshotInfo {
+  volume: string;
+  exportUri: string;
+}
+
+/** Snapshots are exported as VOLUME@SNAPSHOT; neither name may contain '@'. */
+const SNAPSHOT_SEPARATOR = '@';
+
 export class Agent implements ExportSource {
   readonly startedAtMs = Date.now();
   /** Start-up is over: volumes resumed, NBD listening (see GetInfoResponse.serving). */
@@ -82,6 +92,8 @@ export class Agent implements ExportSource {
   private metricsServer: { close(): Promise<void> } | undefined;
   private stopping: Promise<void> | undefined;
   private registration: NodeRegistration | undefined;
+  /** Volumes being rolled back: not exported until it is over. */
+  private readonly rollingBack = new Set<string>();
 
   private constructor(
     readonly options: AgentOptions,
@@ -121,7 +133,7 @@ export class Agent implements ExportSource {
     const lock = await lockDataDir(options.dataDir);
     let agent: Agent | undefined;
     try {
-      const store = await VolumeStore.open(options.dataDir);
+      const store = await VolumeStore.open(options.dataDir, log.child({ subsystem: 'snapshots' }));
       for (const v of store.list()) {
         if (v.state === 'Failed')
           log.error(
@@ -164,6 +176,7 @@ export class Agent implements ExportSource {
       // Peers learn our address in the handshake, so links start once it is bound.
       agent.ctx.address = options.advertise ?? agent.grpcAddress;
       for (const rv of agent.engines.values()) await rv.resume();
+      await agent.resumeRollbacks();
       await agent.nbd.listenUnix(agent.nbdSocket);
       if (options.nbdListen) {
         agent.nbdTcpAddress = await agent.nbd.listenTcp(
@@ -220,10 +233,22 @@ export class Agent implements ExportSource {
   // ---- ExportSource (NBD) and ReplicaHost (replication service) ------------------------------
 
   exportNames(): string[] {
-    return [...this.engines.keys()].sort();
+    const snapshots = this.listSnapshots().map((s) => `${s.volume}${SNAPSHOT_SEPARATOR}${s.name}`);
+    return [...this.engines.keys(), ...snapshots].sort();
   }
 
   exportDevice(name: string): BlockDevice {
+    const at = name.indexOf(SNAPSHOT_SEPARATOR);
+    if (at >= 0) {
+      const volume = this.store.ready(name.slice(0, at));
+      const snapshot = volume.snapshots.get(name.slice(at + 1)).name;
+      return new SnapshotDevice(volume.snapshots, snapshot, volume.meta.sizeBytes);
+    }
+    if (this.rollingBack.has(name))
+      throw new LockstepError(
+        'LOCKSTEP_ERR_UNAVAILABLE',
+        `volume ${name} is being rolled back to a snapshot`,
+      );
     const rv = this.engines.get(name);
     if (rv) return rv;
     this.store.ready(name); // throws the reason: unknown, or failed with its file named
@@ -373,6 +398,118 @@ export class Agent implements ExportSource {
     return this.volume(name);
   }
 
+  // ---- snapshots -------------------------------------------------------------------------
+
+  private snapshotView(volume: string, s: SnapshotInfo): SnapshotView {
+    return { ...s, volume, exportUri: this.exportUri(`${volume}${SNAPSHOT_SEPARATOR}${s.name}`) };
+  }
+
+  async createSnapshot(
+    volume: string,
+    name: string,
+    label: string,
+  ): Promise<SnapshotView & { holdMs: number }> {
+    const { snapshots } = this.store.ready(volume);
+    const created = await snapshots.create(name, label);
+    this.log.info({ volume, snapshot: name, label, holdMs: created.holdMs }, 'snapshot created');
+    return { ...this.snapshotView(volume, created), holdMs: created.holdMs };
+  }
+
+  listSnapshots(volume?: string): SnapshotView[] {
+    const volumes = volume ? [this.store.ready(volume)] : this.store.list();
+    return volumes.flatMap((v) =>
+      v.state === 'Ready' ? v.snapshots.list().map((s) => this.snapshotView(v.name, s)) : [],
+    );
+  }
+
+  async deleteSnapshot(volume: string, name: string, force: boolean): Promise<void> {
+    const { snapshots } = this.store.ready(volume);
+    snapshots.get(name);
+    const exportName = `${volume}${SNAPSHOT_SEPARATOR}${name}`;
+    const clients = this.nbd.clientsOf(exportName);
+    if (clients > 0) {
+      if (!force) {
+        throw new LockstepError(
+          'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
+          `snapshot ${exportName} has ${clients} NBD client(s) attached; disconnect them or use --force`,
+        );
+      }
+      await this.nbd.disconnectExport(exportName);
+    }
+    await snapshots.delete(name);
+    this.log.info({ volume, snapshot: name, disconnectedClients: clients }, 'snapshot deleted');
+  }
+
+  /**
+   * Writes the snapshot's contents back over every block changed since it, through the
+   * volume's engine: replicated like any write, and saved for newer snapshots. Resumable: the
+   * intent is recorded first, and an agent restarted mid-way finishes it before serving.
+   */
+  async rollbackSnapshot(volume: string, name: string): Promise<VolumeView> {
+    const rv = this.replicaOf(volume);
+    const { snapshots } = this.store.ready(volume);
+    snapshots.get(name);
+    if (rv.meta.role === 'secondary')
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${volume} is a secondary copy; roll back its primary, which replicates the result`,
+      );
+    const clients = this.nbd.clientsOf(volume);
+    if (clients > 0)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_VOLUME_IN_USE',
+        `volume ${volume} has ${clients} NBD client(s) attached; detach them before rolling it back`,
+      );
+    if (this.rollingBack.has(volume))
+      throw new LockstepError(
+        'LOCKSTEP_ERR_VOLUME_IN_USE',
+        `volume ${volume} is already being rolled back`,
+      );
+    await snapshots.beginRollback(name);
+    await this.rollBack(volume, name);
+    return this.volume(volume);
+  }
+
+  private async rollBack(volume: string, name: string): Promise<void> {
+    const rv = this.replicaOf(volume);
+    const { snapshots } = this.store.ready(volume);
+    this.rollingBack.add(volume);
+    const started = performance.now();
+    try {
+      const changed = snapshots.changedBlocks(name);
+      let bytes = 0;
+      for (let i = 0; i < changed.length;) {
+        // Contiguous blocks, up to 1 MiB, in one read and one write.
+        let j = i + 1;
+        while (j < changed.length && changed[j] === changed[j - 1] + 1 && j - i < 256) j++;
+        const data = Buffer.allocUnsafe((j - i) * 4096);
+        await snapshots.read(name, changed[i] * 4096, data);
+        await rv.write(changed[i] * 4096, data, false);
+        bytes += data.length;
+        i = j;
+      }
+      await rv.flush();
+      await snapshots.endRollback();
+      this.log.info(
+        { volume, snapshot: name, bytes, ms: Math.round(performance.now() - started) },
+        'volume rolled back to snapshot',
+      );
+    } finally {
+      this.rollingBack.delete(volume);
+    }
+  }
+
+  /** Finishes rollbacks a crash interrupted, before the volumes are exported. */
+  private async resumeRollbacks(): Promise<void> {
+    for (const v of this.store.list()) {
+      if (v.state !== 'Ready') continue;
+      const snapshot = v.snapshots.interruptedRollback();
+      if (snapshot === undefined) continue;
+      this.log.warn({ volume: v.name, snapshot }, 'finishing an interrupted rollback');
+      await this.rollBack(v.name, snapshot);
+    }
+  }
+
   async deleteVolume(name: string, force: boolean): Promise<void> {
     const clients = await this.closeVolume(name, force);
     await this.store.delete(name);
@@ -421,7 +558,7 @@ export class Agent implements ExportSource {
       await this.store.saveAllocationMaps();
       await this.grpc?.close();
       await this.metricsServer?.close();
-      this.store.close();
+      await this.store.close();
       await this.lock.release();
       this.log.info('agent stopped; all volumes flushed');
     })();

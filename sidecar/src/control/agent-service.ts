@@ -89,5 +89,12 @@ export function agentHandlers(agent: Agent): AgentHandlers {
     Promote: unary(async (req) => wire(await agent.promote(req.name, req.force))),
     Demote: unary(async (req) => wire(await agent.demote(req.name))),
     DiscardPeer: unary((req) => wire(agent.discardPeer(req.name, req.peer))),
+    CreateSnapshot: unary((req) => agent.createSnapshot(req.volume, req.name, req.label)),
+    ListSnapshots: unary((req) => ({ snapshots: agent.listSnapshots(req.volume || undefined) })),
+    DeleteSnapshot: unary(async (req) => {
+      await agent.deleteSnapshot(req.volume, req.name, req.force);
+      return {};
+    }),
+    RollbackSnapshot: unary(async (req) => wire(await agent.rollbackSnapshot(req.volume, req.name))),
   };
 }

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, ZeroOptions } from '../block-device';
+import type { OverwriteGuard } from '../snapshots/copy-before-write';
 import type { AllocationMap } from './allocation-map';
 import { DirectIo } from './direct-io';
 
@@ -86,6 +87,8 @@ export class FileBlockDevice implements BlockDevice {
   /** The next fdatasync, started when the running one ends: every flush called meanwhile's. */
   private queuedSync: Promise<void> | undefined;
   private syncCalls = 0;
+  /** Asked before every overwrite of the file: where snapshots save old data first. */
+  private guard: OverwriteGuard | undefined;
 
   constructor(
     private readonly fd: number,
@@ -193,13 +196,37 @@ export class FileBlockDevice implements BlockDevice {
     return this.direct?.release(buf) ?? false;
   }
 
+  /** Installs the step every overwrite of the file takes first (see CopyBeforeWrite). */
+  setOverwriteGuard(guard: OverwriteGuard): void {
+    this.guard = guard;
+  }
+
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.check('write', offset, data.length, true);
-    this.allocation.markWritten(offset, data.length);
     return this.guarded(async () => {
-      await pwrite(this.fd, data, offset);
+      await this.overwrite(offset, data.length, () => pwrite(this.fd, data, offset));
       if (fua) await this.sync();
     });
+  }
+
+  /**
+   * Every change to the file goes through here: the guard admits it (old data saved first),
+   * the allocation map learns of it (after the guard, which reads it as it was), then `work`.
+   */
+  private async overwrite(
+    offset: number,
+    length: number,
+    work: () => Promise<void>,
+  ): Promise<void> {
+    const guard = this.guard;
+    try {
+      const admitted = guard?.admit(offset, length);
+      if (admitted) await admitted;
+      this.allocation.markWritten(offset, length);
+      await work();
+    } finally {
+      guard?.overwritten();
+    }
   }
 
   /**
@@ -212,17 +239,18 @@ export class FileBlockDevice implements BlockDevice {
     if (!direct?.ownsChunk(data) || !DirectIo.aligned(offset, data.length))
       return this.write(offset, data, false);
     this.check('write', offset, data.length, true);
-    this.allocation.markWritten(offset, data.length);
-    return this.guarded(async () => {
-      try {
-        await direct.write(offset, data);
-      } catch (err) {
-        // A filesystem may refuse direct writes it accepted reads for: write through the cache.
-        if ((err as NodeJS.ErrnoException).code !== 'EINVAL')
-          throw ioError('write', err as NodeJS.ErrnoException);
-        await pwrite(this.fd, data, offset);
-      }
-    });
+    return this.guarded(() =>
+      this.overwrite(offset, data.length, async () => {
+        try {
+          await direct.write(offset, data);
+        } catch (err) {
+          // A filesystem may refuse direct writes it accepted reads for: write through the cache.
+          if ((err as NodeJS.ErrnoException).code !== 'EINVAL')
+            throw ioError('write', err as NodeJS.ErrnoException);
+          await pwrite(this.fd, data, offset);
+        }
+      }),
+    );
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
@@ -262,7 +290,7 @@ export class FileBlockDevice implements BlockDevice {
           if (view.equals(zeroes.subarray(0, n))) continue;
         }
       }
-      await pwrite(this.fd, zeroes.subarray(0, n), pos);
+      await this.overwrite(pos, n, () => pwrite(this.fd, zeroes.subarray(0, n), pos));
     }
   }
 

@@ -5,6 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LockstepError, errorMessage, isLockstepError } from '../../../lib/errors';
+import type { Logger } from '../../../lib/logger';
+import { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import { fsyncDir } from './atomic-file';
 import { AllocationMap } from './allocation-map';
 import { FileBlockDevice } from './file-device';
@@ -29,6 +31,7 @@ export type Volume =
       dataFile: string;
       meta: VolumeMetadata;
       device: FileBlockDevice;
+      snapshots: SnapshotCatalog;
     }
   | { state: 'Failed'; name: string; dir: string; dataFile: string; error: LockstepError };
 
@@ -59,11 +62,14 @@ export class VolumeStore {
   private readonly volumes = new Map<string, Volume>();
   private readonly busy = new Set<string>();
 
-  private constructor(readonly root: string) {}
+  private constructor(
+    readonly root: string,
+    private readonly log: Logger,
+  ) {}
 
   /** Opens every volume under `dataDir`; a broken one is kept as Failed with its reason. */
-  static async open(dataDir: string): Promise<VolumeStore> {
-    const store = new VolumeStore(path.join(dataDir, 'volumes'));
+  static async open(dataDir: string, log: Logger): Promise<VolumeStore> {
+    const store = new VolumeStore(path.join(dataDir, 'volumes'), log);
     await fs.promises.mkdir(store.root, { recursive: true, mode: 0o700 });
     for (const entry of await fs.promises.readdir(store.root, { withFileTypes: true })) {
       if (!entry.isDirectory()) continue;
@@ -99,7 +105,8 @@ export class VolumeStore {
         meta,
         AllocationMap.load(path.join(dir, ALLOCATION_MAP), dataFile, meta.sizeBytes),
       );
-      return { state: 'Ready', name, dir, dataFile, meta, device };
+      const snapshots = await this.openSnapshots(name, dir, device);
+      return { state: 'Ready', name, dir, dataFile, meta, device, snapshots };
     } catch (err) {
       const error = isLockstepError(err)
         ? err
@@ -111,6 +118,28 @@ export class VolumeStore {
             },
           );
       return { state: 'Failed', name, dir, dataFile, error };
+    }
+  }
+
+  /** A volume's snapshots, whose guard every overwrite of the device passes from now on. */
+  private async openSnapshots(
+    name: string,
+    dir: string,
+    device: FileBlockDevice,
+  ): Promise<SnapshotCatalog> {
+    try {
+      const snapshots = await SnapshotCatalog.open(
+        name,
+        dir,
+        (offset, target) => device.read(offset, target),
+        device.allocation,
+        this.log.child({ volume: name }),
+      );
+      device.setOverwriteGuard(snapshots.guard);
+      return snapshots;
+    } catch (err) {
+      device.close();
+      throw err;
     }
   }
 
@@ -180,18 +209,21 @@ export class VolumeStore {
       await fs.promises.rename(staging.dir, final.dir);
       await fsyncDir(this.root);
       const dataFile = spec.dataPath ?? final.dataFile;
+      // An adopted file's data is wherever it is: unknown until a clean stop saves a map.
+      const device = openDevice(
+        dataFile,
+        meta,
+        fresh ? AllocationMap.fresh(sizeBytes) : AllocationMap.unknown(sizeBytes),
+      );
+      const snapshots = await this.openSnapshots(name, final.dir, device);
       const volume: Volume = {
         state: 'Ready',
         name,
         dir: final.dir,
         dataFile,
         meta,
-        // An adopted file's data is wherever it is: unknown until a clean stop saves a map.
-        device: openDevice(
-          dataFile,
-          meta,
-          fresh ? AllocationMap.fresh(sizeBytes) : AllocationMap.unknown(sizeBytes),
-        ),
+        device,
+        snapshots,
       };
       this.volumes.set(name, volume);
       return volume;
@@ -243,7 +275,10 @@ export class VolumeStore {
 
   private async removeDir(volume: Volume): Promise<void> {
     this.volumes.delete(volume.name);
-    if (volume.state === 'Ready') volume.device.close();
+    if (volume.state === 'Ready') {
+      volume.device.close();
+      await volume.snapshots.close();
+    }
     const graveyard = path.join(
       this.root,
       `.deleting-${volume.name}-${randomBytes(4).toString('hex')}`,
@@ -284,8 +319,12 @@ export class VolumeStore {
     await Promise.all(this.list().flatMap((v) => (v.state === 'Ready' ? [v.device.flush()] : [])));
   }
 
-  close(): void {
-    for (const v of this.volumes.values()) if (v.state === 'Ready') v.device.close();
+  async close(): Promise<void> {
+    for (const v of this.volumes.values()) {
+      if (v.state !== 'Ready') continue;
+      v.device.close();
+      await v.snapshots.close();
+    }
     this.volumes.clear();
   }
 }

@@ -1,0 +1,352 @@
+// A volume's snapshots: a chain of saved-data logs, oldest first, under <volume dir>/snapshots.
+//
+// The volume file stays the live image (reads of the volume never pay for snapshots). Snapshot
+// k's contents at block b are the first saved copy of b in logs k, k+1, …, newest; if none saved
+// it, b has not changed since k and the volume holds it. So the logs are the whole catalog: a
+// snapshot exists once its log file does (created and fsynced before the cut), and a deleted
+// one is renamed `.deleted` (durably) before its data is reclaimed:
+//   - the oldest: unlinked, nothing older reads through it;
+//   - a middle one: the blocks it saved that its predecessor lacks are copied into the
+//     predecessor's log, in the background (writes never wait for it), then it is unlinked;
+//   - the newest: the same copy, then a cut that makes the predecessor the receiving log.
+// A crash at any step leaves the `.deleted` file, and reclaiming resumes on open (copies are
+// idempotent: a block already in the predecessor is never copied again).
+//
+// Rollback is a plan, not a mechanism: the blocks changed since the snapshot, and the
+// snapshot's contents to write back through the volume's own write path (so it is replicated,
+// and newer snapshots keep what it overwrites).
+import fs from 'node:fs';
+import path from 'node:path';
+import { LockstepError, errorMessage } from '../../../lib/errors';
+import type { Logger } from '../../../lib/logger';
+import { fsyncDir, writeFileAtomic } from '../store/atomic-file';
+import type { AllocationMap } from '../store/allocation-map';
+import { CopyBeforeWrite, type RawReader } from './copy-before-write';
+import { BLOCK, SavedLog, type SavedBlock } from './saved-log';
+
+const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+const LOG_FILE = /^snap-(\d+)\.(log|deleted)$/;
+const ROLLBACK_FILE = 'rollback.json';
+/** Blocks copied per step when reclaiming a deleted snapshot. */
+const MERGE_STEP = 256;
+
+export interface SnapshotInfo {
+  id: number;
+  name: string;
+  label: string;
+  createdAtMs: number;
+  /** Bytes of old data this snapshot's log holds (what it costs on disk). */
+  savedBytes: number;
+}
+
+interface Link {
+  log: SavedLog;
+  deleted: boolean;
+}
+
+export function validateSnapshotName(name: string): void {
+  if (!NAME_PATTERN.test(name)) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `invalid snapshot name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '-', '.', '_', ` +
+        'starting and ending with a letter or digit',
+    );
+  }
+}
+
+function notFound(volume: string, name: string): LockstepError {
+  return new LockstepError(
+    'LOCKSTEP_ERR_SNAPSHOT_NOT_FOUND',
+    `volume ${volume} has no snapshot ${JSON.stringify(name)}`,
+  );
+}
+
+export class SnapshotCatalog {
+  private chain: Link[];
+  private reclaiming: Promise<void> | undefined;
+  private reclaimAgain = false;
+  /** Snapshot reads in progress: a log is closed only when none can still be reading it. */
+  private reads = 0;
+  private readsDone: (() => void)[] = [];
+  private closed = false;
+
+  private constructor(
+    private readonly volume: string,
+    private readonly dir: string,
+    readonly guard: CopyBeforeWrite,
+    private readonly readRaw: RawReader,
+    private readonly log: Logger,
+    chain: Link[],
+  ) {
+    this.chain = chain;
+  }
+
+  /**
+   * Opens the snapshots of a volume (recovering logs cut short by a crash) and returns the
+   * guard to install on its device before anything writes.
+   */
+  static async open(
+    volume: string,
+    volumeDir: string,
+    readRaw: RawReader,
+    allocation: AllocationMap,
+    log: Logger,
+  ): Promise<SnapshotCatalog> {
+    const dir = path.join(volumeDir, 'snapshots');
+    await fs.promises.mkdir(dir, { recursive: true, mode: 0o700 });
+    const found: { id: number; file: string; deleted: boolean }[] = [];
+    for (const entry of await fs.promises.readdir(dir)) {
+      const m = LOG_FILE.exec(entry);
+      if (m)
+        found.push({ id: Number(m[1]), file: path.join(dir, entry), deleted: m[2] === 'deleted' });
+      else if (entry.startsWith('.')) await fs.promises.rm(path.join(dir, entry), { force: true });
+    }
+    found.sort((a, b) => a.id - b.id);
+    const chain: Link[] = [];
+    try {
+      for (const f of found) chain.push({ log: await SavedLog.open(f.file), deleted: f.deleted });
+    } catch (err) {
+      for (const l of chain) await l.log.close();
+      throw err;
+    }
+    const guard = new CopyBeforeWrite(readRaw, allocation);
+    const catalog = new SnapshotCatalog(volume, dir, guard, readRaw, log, chain);
+    await guard.cut(() => chain.at(-1)?.log);
+    for (const l of chain.slice(0, -1)) await l.log.seal();
+    if (chain.some((l) => l.deleted)) void catalog.reclaim();
+    return catalog;
+  }
+
+  /** Visible snapshots, oldest first. */
+  list(): SnapshotInfo[] {
+    return this.chain.filter((l) => !l.deleted).map((l) => info(l.log));
+  }
+
+  get(name: string): SnapshotInfo {
+    return info(this.link(name).log);
+  }
+
+  private link(name: string): Link {
+    const link = this.chain.find((l) => !l.deleted && l.log.description.name === name);
+    if (!link) throw notFound(this.volume, name);
+    return link;
+  }
+
+  /**
+   * Takes a snapshot: its log is made durable first, then the cut holds writes only long
+   * enough to let the admitted ones finish and switch logs. Returns it with the hold time.
+   */
+  async create(name: string, label = ''): Promise<SnapshotInfo & { holdMs: number }> {
+    const prepared = await this.prepare(name, label);
+    const previous = this.guard.receiving;
+    const holdMs = await this.guard.cut(() => this.adopt(prepared));
+    await previous?.seal();
+    return { ...info(prepared), holdMs };
+  }
+
+  /**
+   * The first half of a snapshot: its durable, empty log, not yet in the chain. A consistency
+   * group prepares every member before cutting any, so that the cuts themselves are instant.
+   */
+  async prepare(name: string, label: string): Promise<SavedLog> {
+    validateSnapshotName(name);
+    if (this.closed)
+      throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `volume ${this.volume} is closed`);
+    if (this.chain.some((l) => !l.deleted && l.log.description.name === name)) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_SNAPSHOT_EXISTS',
+        `volume ${this.volume} already has a snapshot ${JSON.stringify(name)}`,
+      );
+    }
+    const id = Math.max(0, ...this.chain.map((l) => l.log.description.id)) + 1;
+    const file = path.join(this.dir, `snap-${id}.log`);
+    const log = await SavedLog.create(file, { id, name, label, createdAtMs: Date.now() });
+    await fsyncDir(this.dir);
+    return log;
+  }
+
+  /** The second half, run by the cut while writes are held: the log becomes the newest. */
+  adopt(log: SavedLog): SavedLog {
+    this.chain.push({ log, deleted: false });
+    return log;
+  }
+
+  /** Deletes a snapshot: hidden at once (durably), its data reclaimed in the background. */
+  async delete(name: string): Promise<void> {
+    const link = this.link(name);
+    const id = link.log.description.id;
+    const deleted = path.join(this.dir, `snap-${id}.deleted`);
+    await fs.promises.rename(link.log.file, deleted);
+    await fsyncDir(this.dir);
+    link.deleted = true;
+    await this.reclaim();
+  }
+
+  /**
+   * Reclaims deleted snapshots. An unlink is awaited by the caller; a copy into a predecessor
+   * runs to its end in the background, as does a second request made while one runs.
+   */
+  reclaim(): Promise<void> {
+    if (this.reclaiming) {
+      this.reclaimAgain = true;
+      return Promise.resolve();
+    }
+    const run = (async () => {
+      do {
+        this.reclaimAgain = false;
+        await this.reclaimAll();
+      } while (this.reclaimAgain);
+    })();
+    this.reclaiming = run.finally(() => (this.reclaiming = undefined));
+    this.reclaiming.catch((err: unknown) =>
+      this.log.error(
+        { volume: this.volume, err: errorMessage(err) },
+        'reclaiming a deleted snapshot failed; retried on restart',
+      ),
+    );
+    return Promise.resolve();
+  }
+
+  /** Waits until no reclaim is running (tests, close). */
+  async settled(): Promise<void> {
+    while (this.reclaiming) await this.reclaiming.catch(() => undefined);
+  }
+
+  private async reclaimAll(): Promise<void> {
+    for (;;) {
+      if (this.closed) return;
+      const i = this.chain.findIndex((l) => l.deleted);
+      if (i < 0) return;
+      const link = this.chain[i];
+      const newest = i === this.chain.length - 1;
+      if (i > 0) {
+        const into = this.chain[i - 1];
+        await this.copyMissing(link, into);
+        if (newest) {
+          // The last blocks saved since the copy move under the cut, with the switch.
+          await this.guard.cut(async () => {
+            await this.copyMissing(link, into);
+            into.log.unseal();
+            return into.log;
+          });
+        }
+      } else if (newest) {
+        await this.guard.cut(() => undefined);
+      }
+      this.chain = this.chain.filter((l) => l !== link);
+      await this.whenNoReads();
+      await link.log.close();
+      await fs.promises.rm(link.log.file.replace(/\.log$/, '.deleted'), { force: true });
+      await fs.promises.rm(link.log.file, { force: true });
+      await fsyncDir(this.dir);
+      this.log.info(
+        { volume: this.volume, snapshot: link.log.description.name },
+        'deleted snapshot reclaimed',
+      );
+    }
+  }
+
+  private async copyMissing(from: Link, into: Link): Promise<void> {
+    const missing = [...from.log.index.keys()]
+      .filter((b) => !into.log.index.has(b))
+      .sort((a, b) => a - b);
+    for (let i = 0; i < missing.length; i += MERGE_STEP) {
+      const blocks: SavedBlock[] = [];
+      for (const block of missing.slice(i, i + MERGE_STEP)) {
+        const data = Buffer.allocUnsafe(BLOCK);
+        await from.log.read(block, data);
+        blocks.push({ block, data: data.equals(ZEROES) ? undefined : data });
+      }
+      await into.log.append(blocks);
+    }
+  }
+
+  private position(name: string): number {
+    return this.chain.indexOf(this.link(name));
+  }
+
+  /**
+   * Fills `target` with the snapshot's bytes at `offset`. The volume is read first and saved
+   * blocks looked up after: a block saved (and then overwritten) meanwhile is in the index by
+   * the time the volume changes, so the lookup finds it.
+   */
+  async read(name: string, offset: number, target: Buffer): Promise<void> {
+    const from = this.position(name);
+    this.reads++;
+    try {
+      await this.readRaw(offset, target);
+      const chain = this.chain.slice(from);
+      const first = Math.floor(offset / BLOCK);
+      const end = offset + target.length;
+      for (let b = first; b * BLOCK < end; b++) {
+        const link = chain.find((l) => l.log.index.has(b));
+        if (!link) continue;
+        const start = Math.max(offset, b * BLOCK);
+        const stop = Math.min(end, (b + 1) * BLOCK);
+        await link.log.read(b, target.subarray(start - offset, stop - offset), start - b * BLOCK);
+      }
+    } finally {
+      if (--this.reads === 0) for (const done of this.readsDone.splice(0)) done();
+    }
+  }
+
+  private whenNoReads(): Promise<void> {
+    if (this.reads === 0) return Promise.resolve();
+    return new Promise((resolve) => this.readsDone.push(resolve));
+  }
+
+  /** Blocks whose contents may differ between the snapshot and the volume now, ascending. */
+  changedBlocks(name: string): number[] {
+    const changed = new Set<number>();
+    for (const link of this.chain.slice(this.position(name)))
+      for (const b of link.log.index.keys()) changed.add(b);
+    return [...changed].sort((a, b) => a - b);
+  }
+
+  // ---- rollback, resumable ------------------------------------------------------------------
+
+  /** Records that the volume is being rolled back to `name`, durably, before the first write. */
+  async beginRollback(name: string): Promise<void> {
+    this.link(name);
+    await writeFileAtomic(path.join(this.dir, ROLLBACK_FILE), JSON.stringify({ snapshot: name }));
+  }
+
+  async endRollback(): Promise<void> {
+    await fs.promises.rm(path.join(this.dir, ROLLBACK_FILE), { force: true });
+    await fsyncDir(this.dir);
+  }
+
+  /** The snapshot a crash interrupted rolling back to, if any. */
+  interruptedRollback(): string | undefined {
+    try {
+      const { snapshot } = JSON.parse(
+        fs.readFileSync(path.join(this.dir, ROLLBACK_FILE), 'utf8'),
+      ) as {
+        snapshot: string;
+      };
+      return snapshot;
+    } catch {
+      return undefined;
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.settled();
+    await this.whenNoReads();
+    for (const l of this.chain) await l.log.close();
+  }
+}
+
+const ZEROES = Buffer.alloc(BLOCK);
+
+function info(log: SavedLog): SnapshotInfo {
+  const d = log.description;
+  return {
+    id: d.id,
+    name: d.name,
+    label: d.label,
+    createdAtMs: d.createdAtMs,
+    savedBytes: log.bytes,
+  };
+}
