@@ -69,6 +69,8 @@ export class SnapshotCatalog {
   private reads = 0;
   private readsDone: (() => void)[] = [];
   private closed = false;
+  /** Never reused while the agent runs: a reclaim in progress still removes its old id's file. */
+  private nextId: number;
 
   private constructor(
     private readonly volume: string,
@@ -79,6 +81,7 @@ export class SnapshotCatalog {
     chain: Link[],
   ) {
     this.chain = chain;
+    this.nextId = Math.max(0, ...chain.map((l) => l.log.description.id)) + 1;
   }
 
   /**
@@ -158,7 +161,7 @@ export class SnapshotCatalog {
         `volume ${this.volume} already has a snapshot ${JSON.stringify(name)}`,
       );
     }
-    const id = Math.max(0, ...this.chain.map((l) => l.log.description.id)) + 1;
+    const id = this.nextId++;
     const file = path.join(this.dir, `snap-${id}.log`);
     const log = await SavedLog.create(file, { id, name, label, createdAtMs: Date.now() });
     await fsyncDir(this.dir);
@@ -174,9 +177,7 @@ export class SnapshotCatalog {
   /** Deletes a snapshot: hidden at once (durably), its data reclaimed in the background. */
   async delete(name: string): Promise<void> {
     const link = this.link(name);
-    const id = link.log.description.id;
-    const deleted = path.join(this.dir, `snap-${id}.deleted`);
-    await fs.promises.rename(link.log.file, deleted);
+    await fs.promises.rename(link.log.file, deletedFile(link.log));
     await fsyncDir(this.dir);
     link.deleted = true;
     await this.reclaim();
@@ -218,26 +219,27 @@ export class SnapshotCatalog {
       const i = this.chain.findIndex((l) => l.deleted);
       if (i < 0) return;
       const link = this.chain[i];
-      const newest = i === this.chain.length - 1;
-      if (i > 0) {
-        const into = this.chain[i - 1];
-        await this.copyMissing(link, into);
-        if (newest) {
-          // The last blocks saved since the copy move under the cut, with the switch.
-          await this.guard.cut(async () => {
-            await this.copyMissing(link, into);
-            into.log.unseal();
-            return into.log;
-          });
-        }
-      } else if (newest) {
-        await this.guard.cut(() => undefined);
+      // Chains only grow at the end and only this loop removes links: the predecessor holds.
+      const into = i > 0 ? this.chain[i - 1] : undefined;
+      if (into) await this.copyMissing(link, into);
+      if (this.guard.receiving === link.log) {
+        // It still receives first writes: hand over to the predecessor under a cut, with the
+        // blocks saved since the copy. Checked again inside: a create may have cut first.
+        await this.guard.cut(async () => {
+          const receiving = this.guard.receiving;
+          if (receiving !== link.log) return receiving;
+          if (!into) return undefined;
+          await this.copyMissing(link, into);
+          into.log.unseal();
+          return into.log;
+        });
       }
+      // It receives nothing any more: what it saved until it stopped must be in the predecessor.
+      if (into) await this.copyMissing(link, into);
       this.chain = this.chain.filter((l) => l !== link);
       await this.whenNoReads();
       await link.log.close();
-      await fs.promises.rm(link.log.file.replace(/\.log$/, '.deleted'), { force: true });
-      await fs.promises.rm(link.log.file, { force: true });
+      await fs.promises.rm(deletedFile(link.log), { force: true });
       await fsyncDir(this.dir);
       this.log.info(
         { volume: this.volume, snapshot: link.log.description.name },
@@ -339,6 +341,10 @@ export class SnapshotCatalog {
 }
 
 const ZEROES = Buffer.alloc(BLOCK);
+
+function deletedFile(log: SavedLog): string {
+  return path.join(path.dirname(log.file), `snap-${log.description.id}.deleted`);
+}
 
 function info(log: SavedLog): SnapshotInfo {
   const d = log.description;
