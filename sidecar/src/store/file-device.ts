@@ -1,8 +1,9 @@
 // A BlockDevice over one preallocated-size (sparse) file.
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
-import type { BlockDevice, ZeroOptions } from '../block-device';
+import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
 import type { AllocationMap } from './allocation-map';
+import { AllocationStatus } from './allocation-status';
 import { DirectIo } from './direct-io';
 
 const ZERO_CHUNK = 1 << 20;
@@ -86,6 +87,8 @@ export class FileBlockDevice implements BlockDevice {
   /** The next fdatasync, started when the running one ends: every flush called meanwhile's. */
   private queuedSync: Promise<void> | undefined;
   private syncCalls = 0;
+  /** `base:allocation`, from the allocation map. */
+  readonly metaContexts: MetaContexts;
 
   constructor(
     private readonly fd: number,
@@ -95,7 +98,9 @@ export class FileBlockDevice implements BlockDevice {
     private readonly file: string,
     /** Which extents were ever written: scans read those and skip the rest. */
     readonly allocation: AllocationMap,
-  ) {}
+  ) {
+    this.metaContexts = new AllocationStatus(allocation, size);
+  }
 
   private check(op: string, offset: number, length: number, writing: boolean): void {
     if (this.closed)
