@@ -1,7 +1,12 @@
-// One NBD client connection: fixed-newstyle negotiation, then transmission with simple replies.
-// The parser is an explicit state machine; each state names the bytes it waits for, and one
-// method handles each protocol event. Requests run concurrently and reply out of order; the
-// device behind an export is only ever seen as a BlockDevice.
+// One NBD client connection: fixed-newstyle negotiation, then transmission. The parser is an
+// explicit state machine; each state names the bytes it waits for, and one method handles each
+// protocol event. Requests run concurrently and reply out of order; the device behind an export
+// is only ever seen as a BlockDevice.
+//
+// Replies are simple unless the client negotiated structured replies; then reads and errors
+// come as chunks (successes without data keep the shorter simple reply, which the spec allows).
+// The Linux kernel client never negotiates them, and keeps exactly the simple replies it always
+// had.
 //
 // Input arrives through the socket's `onread` hook (see server.ts): the kernel reads into a
 // reused scratch buffer, or, while a write payload is incomplete, straight into that payload's
@@ -17,6 +22,8 @@ import {
   ClientFlag,
   Command,
   CommandFlag,
+  CHUNK_HEADER_BYTES,
+  DATA_CHUNK_HEADER_BYTES,
   HandshakeFlag,
   IHAVEOPT,
   Info,
@@ -31,12 +38,15 @@ import {
   Option,
   OptionReply,
   PREFERRED_BLOCK,
+  ReplyFlag,
+  ReplyType,
   REQUEST_HEADER_BYTES,
   REQUEST_MAGIC,
   SIMPLE_REPLY_BYTES,
   SIMPLE_REPLY_MAGIC,
   TransmissionFlag,
 } from './protocol';
+import { errorChunk, writeChunkHeader } from './structured-reply';
 
 /** What a connection may be attached to. */
 export interface NbdExport {
@@ -129,6 +139,8 @@ export class NbdConnection {
   private readonly collector = new ElementCollector();
   private noZeroes = false;
   private blockSizeNegotiated = false;
+  /** The client negotiated structured replies. */
+  private structured = false;
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private paused = false;
@@ -322,11 +334,24 @@ export class NbdConnection {
           OptionReply.ERR_POLICY,
           'TLS is not offered on this socket',
         );
+      case Option.STRUCTURED_REPLY:
+        return this.onStructuredReply(data);
       default:
-        // Structured replies, meta contexts and extended headers are not offered: the simple
-        // reply path is the one every client, the Linux kernel included, can use.
+        // Metadata contexts and extended headers are not offered.
         return this.optionError(option, OptionReply.ERR_UNSUP, 'option not supported');
     }
+  }
+
+  private onStructuredReply(data: Buffer): void {
+    if (data.length !== 0) {
+      return this.optionError(
+        Option.STRUCTURED_REPLY,
+        OptionReply.ERR_INVALID,
+        'STRUCTURED_REPLY takes no data',
+      );
+    }
+    this.structured = true;
+    this.optionReply(Option.STRUCTURED_REPLY, OptionReply.ACK);
   }
 
   private onList(data: Buffer): void {
@@ -481,8 +506,10 @@ export class NbdConnection {
         const bad =
           this.invalid(exp, req, false) ?? (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
         if (bad !== undefined) return this.replyError(exp, req, 'read', bad);
-        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
-        const work = device.read(offset, reply.subarray(SIMPLE_REPLY_BYTES));
+        // The data goes after room for its reply's header: both leave in one write.
+        const head = this.structured ? DATA_CHUNK_HEADER_BYTES : SIMPLE_REPLY_BYTES;
+        const reply = Buffer.allocUnsafe(head + length);
+        const work = device.read(offset, reply.subarray(head));
         return this.run(exp, req, 'read', length, work, reply);
       }
       case Command.FLUSH:
@@ -554,7 +581,7 @@ export class NbdConnection {
     return undefined;
   }
 
-  /** Tracks a request until its reply is sent; `reply` carries read data after the header. */
+  /** Tracks a request until its reply is sent; a read's `reply` has its data after the header. */
   private run(
     exp: NbdExport,
     req: Request,
@@ -567,7 +594,7 @@ export class NbdConnection {
     const payloadBytes = kind === 'write' || kind === 'read' ? bytes : 0;
     this.inFlightBytes += payloadBytes;
     const done = work.then(
-      () => this.sendReply(req, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES)),
+      () => this.send(this.success(req, reply)),
       (err: unknown) => {
         const errno = errnoOf(err, kind !== 'read' && kind !== 'cache');
         if (errno === NbdErrno.EIO) {
@@ -576,7 +603,7 @@ export class NbdConnection {
             'nbd request failed',
           );
         }
-        this.sendReply(req, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+        this.send(this.failure(req, errno, err));
         return errno;
       },
     );
@@ -600,22 +627,36 @@ export class NbdConnection {
     this.run(exp, req, kind, 0, Promise.reject(new ReplyErrno(errno)));
   }
 
-  private sendReply(req: Request, errno: number, reply: Buffer): void {
-    reply.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-    reply.writeUInt32BE(errno, 4);
-    reply.writeUInt32BE(req.cookieHi, 8); // the client's cookie, echoed
-    reply.writeUInt32BE(req.cookieLo, 12);
-    if (this.phase.kind !== 'closed') {
-      if (!this.corked) {
-        // Replies finished in the same turn (a replica's batch of acks completes many writes at
-        // once) leave in one writev instead of one write syscall each (measured: the reply
-        // writes were the largest cost on a primary under 4k writes at queue depth 16).
-        this.corked = true;
-        this.socket.cork();
-        process.nextTick(this.uncork);
-      }
-      this.socket.write(errno === 0 ? reply : reply.subarray(0, SIMPLE_REPLY_BYTES));
+  /** A success's reply, its header written in front of a read's data if there is any. */
+  private success(req: Request, reply: Buffer | undefined): Buffer {
+    if (reply && this.structured) {
+      // One chunk carries all the data and ends the reply: the data is in hand, nothing can
+      // fail any more.
+      writeChunkHeader(reply, req, ReplyType.OFFSET_DATA, ReplyFlag.DONE);
+      reply.writeUInt32BE(Math.floor(req.offset / 0x100000000), CHUNK_HEADER_BYTES);
+      reply.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_BYTES + 4);
+      return reply;
     }
+    return simpleReply(req, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+  }
+
+  private failure(req: Request, errno: number, err: unknown): Buffer {
+    if (!this.structured) return simpleReply(req, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+    const message = err instanceof ReplyErrno ? refusalMessage(errno) : errorMessage(err);
+    return errorChunk(req, errno, message);
+  }
+
+  private send(reply: Buffer): void {
+    if (this.phase.kind === 'closed') return;
+    if (!this.corked) {
+      // Replies finished in the same turn (a replica's batch of acks completes many writes at
+      // once) leave in one writev instead of one write syscall each (measured: the reply
+      // writes were the largest cost on a primary under 4k writes at queue depth 16).
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.socket.write(reply);
   }
 
   private readonly uncork = (): void => {
@@ -674,6 +715,27 @@ export class NbdConnection {
     // Detach only once the requests already handed to the device have finished: until then
     // the export is still in use, even though nobody will read the replies.
     if (exp) void this.drain().then(() => this.catalog.detach(this, exp));
+  }
+}
+
+/** Fills a simple reply's header at the start of `reply` (in front of a read's data). */
+function simpleReply(req: Request, errno: number, reply: Buffer): Buffer {
+  reply.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+  reply.writeUInt32BE(errno, 4);
+  reply.writeUInt32BE(req.cookieHi, 8); // the client's cookie, echoed
+  reply.writeUInt32BE(req.cookieLo, 12);
+  return reply;
+}
+
+/** What a structured error chunk tells a human about a request refused before the device. */
+function refusalMessage(errno: number): string {
+  switch (errno) {
+    case NbdErrno.EPERM:
+      return 'the export is read-only';
+    case NbdErrno.ENOSPC:
+      return 'the request goes past the end of the export';
+    default:
+      return 'invalid request: unknown command or flag, bad offset or length';
   }
 }
 
