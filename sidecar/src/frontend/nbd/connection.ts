@@ -4,9 +4,9 @@
 // is only ever seen as a BlockDevice.
 //
 // Replies are simple unless the client negotiated structured replies; then reads and errors
-// come as chunks (successes without data keep the shorter simple reply, which the spec allows).
-// The Linux kernel client never negotiates them, and keeps exactly the simple replies it always
-// had.
+// come as chunks (successes without data keep the shorter simple reply, which the spec allows),
+// and metadata contexts the client selected answer BLOCK_STATUS. The Linux kernel client never
+// negotiates them, and keeps exactly the simple replies it always had.
 //
 // Input arrives through the socket's `onread` hook (see server.ts): the kernel reads into a
 // reused scratch buffer, or, while a write payload is incomplete, straight into that payload's
@@ -18,6 +18,7 @@ import { isLockstepError, errorMessage, type LockstepError } from '../../../../l
 import type { BlockDevice } from '../../block-device';
 import { ElementCollector } from '../../../../lib/element-collector';
 import type { BufferPool } from '../../../../lib/buffer-pool';
+import { matchMetaContexts, MAX_SELECTED_CONTEXTS, parseMetaContextRequest } from './meta-contexts';
 import {
   ClientFlag,
   Command,
@@ -46,7 +47,7 @@ import {
   SIMPLE_REPLY_MAGIC,
   TransmissionFlag,
 } from './protocol';
-import { errorChunk, writeChunkHeader } from './structured-reply';
+import { blockStatusReply, errorChunk, writeChunkHeader } from './structured-reply';
 
 /** What a connection may be attached to. */
 export interface NbdExport {
@@ -64,7 +65,7 @@ export interface ExportCatalog {
 }
 
 export type RequestKind =
-  'read' | 'write' | 'flush' | 'trim' | 'write_zeroes' | 'cache' | 'invalid';
+  'read' | 'write' | 'flush' | 'trim' | 'write_zeroes' | 'cache' | 'block_status' | 'invalid';
 
 /** Per-request outcome, for metrics. Called once per request, after its reply was queued. */
 export interface RequestObserver {
@@ -103,6 +104,7 @@ const MAX_INFLIGHT_REQUESTS = 256;
 const MAX_INFLIGHT_BYTES = 128 * 1024 * 1024;
 
 const KNOWN_COMMAND_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE;
+const BLOCK_STATUS_FLAGS = CommandFlag.FUA | CommandFlag.REQ_ONE;
 
 function errnoOf(err: unknown, writing: boolean): number {
   if (err instanceof ReplyErrno) return err.errno;
@@ -141,6 +143,10 @@ export class NbdConnection {
   private blockSizeNegotiated = false;
   /** The client negotiated structured replies. */
   private structured = false;
+  /** The last SET_META_CONTEXT's contexts (id = index + 1) and the export it named. */
+  private selected: { exportName: string; contexts: string[] } | undefined;
+  /** What BLOCK_STATUS reports, by id - 1: the selection, if it named the export served. */
+  private contexts: readonly string[] = [];
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private paused = false;
@@ -336,8 +342,11 @@ export class NbdConnection {
         );
       case Option.STRUCTURED_REPLY:
         return this.onStructuredReply(data);
+      case Option.LIST_META_CONTEXT:
+      case Option.SET_META_CONTEXT:
+        return this.onMetaContext(option, data);
       default:
-        // Metadata contexts and extended headers are not offered.
+        // Extended headers are not offered: every request we take fits 32-bit lengths.
         return this.optionError(option, OptionReply.ERR_UNSUP, 'option not supported');
     }
   }
@@ -352,6 +361,45 @@ export class NbdConnection {
     }
     this.structured = true;
     this.optionReply(Option.STRUCTURED_REPLY, OptionReply.ACK);
+  }
+
+  /** LIST_META_CONTEXT names the contexts a query matches; SET_META_CONTEXT also selects them. */
+  private onMetaContext(option: number, data: Buffer): void {
+    const selecting = option === Option.SET_META_CONTEXT;
+    // A SET replaces the selection even when it fails.
+    if (selecting) this.selected = undefined;
+    if (!this.structured) {
+      return this.optionError(
+        option,
+        OptionReply.ERR_INVALID,
+        'metadata contexts need structured replies: negotiate STRUCTURED_REPLY first',
+      );
+    }
+    const request = parseMetaContextRequest(data);
+    if (typeof request === 'string')
+      return this.optionError(option, OptionReply.ERR_INVALID, request);
+    const exp = this.catalog.resolve(request.exportName);
+    if (!('device' in exp)) return this.optionError(option, OptionReply.ERR_UNKNOWN, exp.message);
+    const contexts = matchMetaContexts(exp.device.metaContexts, request.queries, selecting);
+    if (typeof contexts === 'string')
+      return this.optionError(option, OptionReply.ERR_INVALID, contexts);
+    if (selecting && contexts.length > MAX_SELECTED_CONTEXTS) {
+      return this.optionError(
+        option,
+        OptionReply.ERR_TOO_BIG,
+        `select at most ${MAX_SELECTED_CONTEXTS} metadata contexts`,
+      );
+    }
+    contexts.forEach((name, i) => {
+      const n = Buffer.from(name, 'utf8');
+      const body = Buffer.allocUnsafe(4 + n.length);
+      // Listed contexts carry id 0, as the spec asks; selected ones their id.
+      body.writeUInt32BE(selecting ? i + 1 : 0, 0);
+      n.copy(body, 4);
+      this.optionReply(option, OptionReply.META_CONTEXT, body);
+    });
+    if (selecting) this.selected = { exportName: exp.name, contexts };
+    this.optionReply(option, OptionReply.ACK);
   }
 
   private onList(data: Buffer): void {
@@ -447,6 +495,7 @@ export class NbdConnection {
 
   private startTransmission(exp: NbdExport): void {
     clearTimeout(this.handshakeTimer);
+    if (this.selected?.exportName === exp.name) this.contexts = this.selected.contexts;
     this.catalog.attach(this, exp);
     this.phase = { kind: 'request-header', exp };
   }
@@ -544,6 +593,13 @@ export class NbdConnection {
           ? this.replyError(exp, req, 'cache', bad)
           : this.run(exp, req, 'cache', 0, Promise.resolve());
       }
+      case Command.BLOCK_STATUS: {
+        const bad =
+          this.invalid(exp, req, false, BLOCK_STATUS_FLAGS) ??
+          (this.contexts.length === 0 ? NbdErrno.EINVAL : undefined);
+        if (bad !== undefined) return this.replyError(exp, req, 'block_status', bad);
+        return this.run(exp, req, 'block_status', 0, this.blockStatus(device, req));
+      }
       default:
         return this.replyError(exp, req, 'invalid', NbdErrno.EINVAL);
     }
@@ -565,11 +621,27 @@ export class NbdConnection {
     );
   }
 
+  /** Every selected context's extents, framed as one reply once all of them are known. */
+  private async blockStatus(device: BlockDevice, req: Request): Promise<Buffer> {
+    const source = device.metaContexts;
+    // Contexts were selected on this export's device, so it has them unless it changed since.
+    if (!source) throw new ReplyErrno(NbdErrno.EINVAL);
+    const reports = await Promise.all(
+      this.contexts.map((name) => source.extents(name, req.offset, req.length)),
+    );
+    return blockStatusReply(req, reports, req.length, (req.flags & CommandFlag.REQ_ONE) !== 0);
+  }
+
   /** The errno a request gets before it reaches the device, if any. */
-  private invalid(exp: NbdExport, req: Request, writing: boolean): number | undefined {
+  private invalid(
+    exp: NbdExport,
+    req: Request,
+    writing: boolean,
+    allowedFlags: number = KNOWN_COMMAND_FLAGS,
+  ): number | undefined {
     const { flags, offset, length } = req;
     const device = exp.device;
-    if (flags & ~KNOWN_COMMAND_FLAGS) return NbdErrno.EINVAL;
+    if (flags & ~allowedFlags) return NbdErrno.EINVAL;
     if (writing && device.readOnly) return NbdErrno.EPERM;
     if (length === 0) return NbdErrno.EINVAL;
     if (offset < 0 || offset + length > device.size) {
@@ -581,22 +653,25 @@ export class NbdConnection {
     return undefined;
   }
 
-  /** Tracks a request until its reply is sent; a read's `reply` has its data after the header. */
+  /**
+   * Tracks a request until its reply is sent. A read's `reply` holds its data after room for
+   * the header; work that resolves to a buffer (block status) has framed the whole reply.
+   */
   private run(
     exp: NbdExport,
     req: Request,
     kind: RequestKind,
     bytes: number,
-    work: Promise<void>,
+    work: Promise<Buffer | void>,
     reply?: Buffer,
   ): void {
     const started = performance.now();
     const payloadBytes = kind === 'write' || kind === 'read' ? bytes : 0;
     this.inFlightBytes += payloadBytes;
     const done = work.then(
-      () => this.send(this.success(req, reply)),
+      (framed) => this.send(framed ?? this.success(req, reply)),
       (err: unknown) => {
-        const errno = errnoOf(err, kind !== 'read' && kind !== 'cache');
+        const errno = errnoOf(err, kind !== 'read' && kind !== 'cache' && kind !== 'block_status');
         if (errno === NbdErrno.EIO) {
           this.log.warn(
             { conn: this.id, export: exp.name, kind, err: errorMessage(err) },
@@ -735,7 +810,10 @@ function refusalMessage(errno: number): string {
     case NbdErrno.ENOSPC:
       return 'the request goes past the end of the export';
     default:
-      return 'invalid request: unknown command or flag, bad offset or length';
+      return (
+        'invalid request: unknown command or flag, bad offset or length, ' +
+        'or BLOCK_STATUS without a selected metadata context'
+      );
   }
 }
 
