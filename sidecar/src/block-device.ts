@@ -13,6 +13,40 @@ export interface ZeroOptions {
   noHole: boolean;
 }
 
+/** A run of bytes that share one status in a metadata context. */
+export interface Extent {
+  length: number;
+  /** The status, as the context defines its bits. */
+  flags: number;
+}
+
+/**
+ * Status a device can report about its ranges, in named contexts (NBD's metadata contexts,
+ * queried with NBD_CMD_BLOCK_STATUS). Each context defines the meaning of its flags, and a
+ * layer that adds contexts answers for its names and hands the others to the device below it.
+ * Names are `namespace:leaf`; a family with a parameter (a snapshot layer's
+ * `lockstep:changed:<snapshot>`) lists the members that exist and accepts them by name.
+ */
+export interface MetaContexts {
+  /** The contexts a client may select, for listing. */
+  list(): string[];
+  /** Whether `name` can be selected, including a family member `list` leaves out. */
+  has(name: string): boolean;
+  /**
+   * The status of the range from `offset`: consecutive extents starting there, at least one,
+   * none empty, together no longer than `length`. They may stop short of it (the caller asks
+   * again from where they end), which bounds the work of one call.
+   */
+  extents(context: string, offset: number, length: number): Promise<Extent[]>;
+}
+
+/**
+ * NBD's `base:allocation`: which ranges are holes, and which read as zeroes. A device that
+ * cannot tell reports 0 (allocated data), which is always correct.
+ */
+export const ALLOCATION_CONTEXT = 'base:allocation';
+export const AllocationFlag = { HOLE: 1, ZERO: 2 } as const;
+
 export interface BlockDevice {
   readonly size: number;
   readonly readOnly: boolean;
@@ -26,4 +60,6 @@ export interface BlockDevice {
   trim(offset: number, length: number): Promise<void>;
   /** Makes every write that completed before this call durable. */
   flush(): Promise<void>;
+  /** The metadata contexts the device reports, if any. */
+  readonly metaContexts?: MetaContexts;
 }

@@ -6,18 +6,42 @@ export const NBD = {
   IHAVEOPT: 0x49484156454f5054n,
   REQUEST_MAGIC: 0x25609513,
   REPLY_MAGIC: 0x67446698,
+  STRUCTURED_REPLY_MAGIC: 0x668e33ef,
   OPT_GO: 7,
   OPT_LIST: 3,
+  OPT_STRUCTURED_REPLY: 8,
+  OPT_LIST_META_CONTEXT: 9,
+  OPT_SET_META_CONTEXT: 10,
+  REP_ACK: 1,
+  REP_META_CONTEXT: 4,
+  ERR_UNSUP: 2 ** 31 + 1,
+  ERR_INVALID: 2 ** 31 + 3,
+  ERR_UNKNOWN: 2 ** 31 + 6,
   CMD_READ: 0,
   CMD_WRITE: 1,
   CMD_DISC: 2,
   CMD_FLUSH: 3,
-  ERR_UNSUP: 2 ** 31 + 1,
-  ERR_UNKNOWN: 2 ** 31 + 6,
+  CMD_BLOCK_STATUS: 7,
+  FLAG_DF: 1 << 2,
+  FLAG_REQ_ONE: 1 << 3,
+  REPLY_FLAG_DONE: 1,
+  REPLY_TYPE_NONE: 0,
+  REPLY_TYPE_OFFSET_DATA: 1,
+  REPLY_TYPE_BLOCK_STATUS: 5,
+  REPLY_TYPE_ERROR: 2 ** 15 + 1,
   EPERM: 1,
+  EIO: 5,
   EINVAL: 22,
   ENOSPC: 28,
 } as const;
+
+/** One structured reply chunk, its payload undecoded. */
+export interface Chunk {
+  flags: number;
+  type: number;
+  cookie: number;
+  payload: Buffer;
+}
 
 export class RawNbd {
   private buffered = Buffer.alloc(0);
@@ -109,6 +133,30 @@ export class RawNbd {
     }
   }
 
+  /** LIST_META_CONTEXT or SET_META_CONTEXT: the contexts replied (id, name), then the final type. */
+  async metaContext(
+    option: number,
+    exportName: string,
+    queries: string[],
+  ): Promise<{ contexts: { id: number; name: string }[]; type: number; message: string }> {
+    const strings = [exportName, ...queries].map((s) => {
+      const b = Buffer.from(s);
+      const length = Buffer.alloc(4);
+      length.writeUInt32BE(b.length);
+      return Buffer.concat([length, b]);
+    });
+    const count = Buffer.alloc(4);
+    count.writeUInt32BE(queries.length);
+    this.sendOption(option, Buffer.concat([strings[0], count, ...strings.slice(1)]));
+    const contexts: { id: number; name: string }[] = [];
+    for (;;) {
+      const r = await this.readOptionReply();
+      if (r.type !== NBD.REP_META_CONTEXT)
+        return { contexts, type: r.type, message: r.data.toString() };
+      contexts.push({ id: r.data.readUInt32BE(0), name: r.data.toString('utf8', 4) });
+    }
+  }
+
   static async open(socketPath: string, name: string): Promise<RawNbd> {
     const c = await RawNbd.connect(socketPath);
     await c.greet();
@@ -141,6 +189,18 @@ export class RawNbd {
       error,
       cookie: Number(h.readBigUInt64BE(8)),
       data: error === 0 && dataLength ? await this.read(dataLength) : Buffer.alloc(0),
+    };
+  }
+
+  /** The next structured reply chunk. */
+  async chunk(): Promise<Chunk> {
+    const h = await this.read(20);
+    if (h.readUInt32BE(0) !== NBD.STRUCTURED_REPLY_MAGIC) throw new Error('bad chunk magic');
+    return {
+      flags: h.readUInt16BE(4),
+      type: h.readUInt16BE(6),
+      cookie: Number(h.readBigUInt64BE(8)),
+      payload: await this.read(h.readUInt32BE(16)),
     };
   }
 

@@ -23,7 +23,7 @@ import type { ReplicaVolume } from '../replication/replica-service';
 import type { PeerState, ReplicationStatus } from '../replication/replication-status';
 import { SecondarySession, type PrimaryHello } from '../replication/secondary-session';
 import { SendBatch } from '../replication/send-batch';
-import type { BlockDevice, ZeroOptions } from '../block-device';
+import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
 import type { FileBlockDevice } from '../store/file-device';
 import { MetaWriter, type ReadyVolume } from '../store/meta-writer';
 import type {
@@ -168,6 +168,11 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
 
   flush(): Promise<void> {
     return (this.splitter() ?? this.local).flush();
+  }
+
+  /** Reads come from the local copy, so its status (allocation) is the export's. */
+  get metaContexts(): MetaContexts {
+    return this.local.metaContexts;
   }
 
   /** The splitter if this copy is a primary that replicates. */

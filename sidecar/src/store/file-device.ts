@@ -1,9 +1,10 @@
 // A BlockDevice over one preallocated-size (sparse) file.
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
-import type { BlockDevice, ZeroOptions } from '../block-device';
+import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
 import type { OverwriteGuard } from '../snapshots/copy-before-write';
 import type { AllocationMap } from './allocation-map';
+import { AllocationStatus } from './allocation-status';
 import { DirectIo } from './direct-io';
 
 const ZERO_CHUNK = 1 << 20;
@@ -89,6 +90,8 @@ export class FileBlockDevice implements BlockDevice {
   private syncCalls = 0;
   /** Asked before every overwrite of the file: where snapshots save old data first. */
   private guard: OverwriteGuard | undefined;
+  /** `base:allocation`, from the allocation map. */
+  readonly metaContexts: MetaContexts;
 
   constructor(
     private readonly fd: number,
@@ -98,7 +101,9 @@ export class FileBlockDevice implements BlockDevice {
     private readonly file: string,
     /** Which extents were ever written: scans read those and skip the rest. */
     readonly allocation: AllocationMap,
-  ) {}
+  ) {
+    this.metaContexts = new AllocationStatus(allocation, size);
+  }
 
   private check(op: string, offset: number, length: number, writing: boolean): void {
     if (this.closed)

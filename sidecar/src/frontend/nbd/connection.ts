@@ -1,7 +1,12 @@
-// One NBD client connection: fixed-newstyle negotiation, then transmission with simple replies.
-// The parser is an explicit state machine; each state names the bytes it waits for, and one
-// method handles each protocol event. Requests run concurrently and reply out of order; the
-// device behind an export is only ever seen as a BlockDevice.
+// One NBD client connection: fixed-newstyle negotiation, then transmission. The parser is an
+// explicit state machine; each state names the bytes it waits for, and one method handles each
+// protocol event. Requests run concurrently and reply out of order; the device behind an export
+// is only ever seen as a BlockDevice.
+//
+// Replies are simple unless the client negotiated structured replies; then reads and errors
+// come as chunks (successes without data keep the shorter simple reply, which the spec allows),
+// and metadata contexts the client selected answer BLOCK_STATUS. The Linux kernel client never
+// negotiates them, and keeps exactly the simple replies it always had.
 //
 // Input arrives through the socket's `onread` hook (see server.ts): the kernel reads into a
 // reused scratch buffer, or, while a write payload is incomplete, straight into that payload's
@@ -13,10 +18,13 @@ import { isLockstepError, errorMessage, type LockstepError } from '../../../../l
 import type { BlockDevice } from '../../block-device';
 import { ElementCollector } from '../../../../lib/element-collector';
 import type { BufferPool } from '../../../../lib/buffer-pool';
+import { matchMetaContexts, MAX_SELECTED_CONTEXTS, parseMetaContextRequest } from './meta-contexts';
 import {
   ClientFlag,
   Command,
   CommandFlag,
+  CHUNK_HEADER_BYTES,
+  DATA_CHUNK_HEADER_BYTES,
   HandshakeFlag,
   IHAVEOPT,
   Info,
@@ -31,12 +39,15 @@ import {
   Option,
   OptionReply,
   PREFERRED_BLOCK,
+  ReplyFlag,
+  ReplyType,
   REQUEST_HEADER_BYTES,
   REQUEST_MAGIC,
   SIMPLE_REPLY_BYTES,
   SIMPLE_REPLY_MAGIC,
   TransmissionFlag,
 } from './protocol';
+import { blockStatusReply, errorChunk, writeChunkHeader } from './structured-reply';
 
 /** What a connection may be attached to. */
 export interface NbdExport {
@@ -54,7 +65,7 @@ export interface ExportCatalog {
 }
 
 export type RequestKind =
-  'read' | 'write' | 'flush' | 'trim' | 'write_zeroes' | 'cache' | 'invalid';
+  'read' | 'write' | 'flush' | 'trim' | 'write_zeroes' | 'cache' | 'block_status' | 'invalid';
 
 /** Per-request outcome, for metrics. Called once per request, after its reply was queued. */
 export interface RequestObserver {
@@ -93,6 +104,7 @@ const MAX_INFLIGHT_REQUESTS = 256;
 const MAX_INFLIGHT_BYTES = 128 * 1024 * 1024;
 
 const KNOWN_COMMAND_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE;
+const BLOCK_STATUS_FLAGS = CommandFlag.FUA | CommandFlag.REQ_ONE;
 
 function errnoOf(err: unknown, writing: boolean): number {
   if (err instanceof ReplyErrno) return err.errno;
@@ -129,6 +141,12 @@ export class NbdConnection {
   private readonly collector = new ElementCollector();
   private noZeroes = false;
   private blockSizeNegotiated = false;
+  /** The client negotiated structured replies. */
+  private structured = false;
+  /** The last SET_META_CONTEXT's contexts (id = index + 1) and the export it named. */
+  private selected: { exportName: string; contexts: string[] } | undefined;
+  /** What BLOCK_STATUS reports, by id - 1: the selection, if it named the export served. */
+  private contexts: readonly string[] = [];
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private paused = false;
@@ -322,11 +340,66 @@ export class NbdConnection {
           OptionReply.ERR_POLICY,
           'TLS is not offered on this socket',
         );
+      case Option.STRUCTURED_REPLY:
+        return this.onStructuredReply(data);
+      case Option.LIST_META_CONTEXT:
+      case Option.SET_META_CONTEXT:
+        return this.onMetaContext(option, data);
       default:
-        // Structured replies, meta contexts and extended headers are not offered: the simple
-        // reply path is the one every client, the Linux kernel included, can use.
+        // Extended headers are not offered: every request we take fits 32-bit lengths.
         return this.optionError(option, OptionReply.ERR_UNSUP, 'option not supported');
     }
+  }
+
+  private onStructuredReply(data: Buffer): void {
+    if (data.length !== 0) {
+      return this.optionError(
+        Option.STRUCTURED_REPLY,
+        OptionReply.ERR_INVALID,
+        'STRUCTURED_REPLY takes no data',
+      );
+    }
+    this.structured = true;
+    this.optionReply(Option.STRUCTURED_REPLY, OptionReply.ACK);
+  }
+
+  /** LIST_META_CONTEXT names the contexts a query matches; SET_META_CONTEXT also selects them. */
+  private onMetaContext(option: number, data: Buffer): void {
+    const selecting = option === Option.SET_META_CONTEXT;
+    // A SET replaces the selection even when it fails.
+    if (selecting) this.selected = undefined;
+    if (!this.structured) {
+      return this.optionError(
+        option,
+        OptionReply.ERR_INVALID,
+        'metadata contexts need structured replies: negotiate STRUCTURED_REPLY first',
+      );
+    }
+    const request = parseMetaContextRequest(data);
+    if (typeof request === 'string')
+      return this.optionError(option, OptionReply.ERR_INVALID, request);
+    const exp = this.catalog.resolve(request.exportName);
+    if (!('device' in exp)) return this.optionError(option, OptionReply.ERR_UNKNOWN, exp.message);
+    const contexts = matchMetaContexts(exp.device.metaContexts, request.queries, selecting);
+    if (typeof contexts === 'string')
+      return this.optionError(option, OptionReply.ERR_INVALID, contexts);
+    if (selecting && contexts.length > MAX_SELECTED_CONTEXTS) {
+      return this.optionError(
+        option,
+        OptionReply.ERR_TOO_BIG,
+        `select at most ${MAX_SELECTED_CONTEXTS} metadata contexts`,
+      );
+    }
+    contexts.forEach((name, i) => {
+      const n = Buffer.from(name, 'utf8');
+      const body = Buffer.allocUnsafe(4 + n.length);
+      // Listed contexts carry id 0, as the spec asks; selected ones their id.
+      body.writeUInt32BE(selecting ? i + 1 : 0, 0);
+      n.copy(body, 4);
+      this.optionReply(option, OptionReply.META_CONTEXT, body);
+    });
+    if (selecting) this.selected = { exportName: exp.name, contexts };
+    this.optionReply(option, OptionReply.ACK);
   }
 
   private onList(data: Buffer): void {
@@ -422,6 +495,7 @@ export class NbdConnection {
 
   private startTransmission(exp: NbdExport): void {
     clearTimeout(this.handshakeTimer);
+    if (this.selected?.exportName === exp.name) this.contexts = this.selected.contexts;
     this.catalog.attach(this, exp);
     this.phase = { kind: 'request-header', exp };
   }
@@ -481,8 +555,10 @@ export class NbdConnection {
         const bad =
           this.invalid(exp, req, false) ?? (length > MAX_PAYLOAD ? NbdErrno.EINVAL : undefined);
         if (bad !== undefined) return this.replyError(exp, req, 'read', bad);
-        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
-        const work = device.read(offset, reply.subarray(SIMPLE_REPLY_BYTES));
+        // The data goes after room for its reply's header: both leave in one write.
+        const head = this.structured ? DATA_CHUNK_HEADER_BYTES : SIMPLE_REPLY_BYTES;
+        const reply = Buffer.allocUnsafe(head + length);
+        const work = device.read(offset, reply.subarray(head));
         return this.run(exp, req, 'read', length, work, reply);
       }
       case Command.FLUSH:
@@ -517,6 +593,13 @@ export class NbdConnection {
           ? this.replyError(exp, req, 'cache', bad)
           : this.run(exp, req, 'cache', 0, Promise.resolve());
       }
+      case Command.BLOCK_STATUS: {
+        const bad =
+          this.invalid(exp, req, false, BLOCK_STATUS_FLAGS) ??
+          (this.contexts.length === 0 ? NbdErrno.EINVAL : undefined);
+        if (bad !== undefined) return this.replyError(exp, req, 'block_status', bad);
+        return this.run(exp, req, 'block_status', 0, this.blockStatus(device, req));
+      }
       default:
         return this.replyError(exp, req, 'invalid', NbdErrno.EINVAL);
     }
@@ -538,11 +621,27 @@ export class NbdConnection {
     );
   }
 
+  /** Every selected context's extents, framed as one reply once all of them are known. */
+  private async blockStatus(device: BlockDevice, req: Request): Promise<Buffer> {
+    const source = device.metaContexts;
+    // Contexts were selected on this export's device, so it has them unless it changed since.
+    if (!source) throw new ReplyErrno(NbdErrno.EINVAL);
+    const reports = await Promise.all(
+      this.contexts.map((name) => source.extents(name, req.offset, req.length)),
+    );
+    return blockStatusReply(req, reports, req.length, (req.flags & CommandFlag.REQ_ONE) !== 0);
+  }
+
   /** The errno a request gets before it reaches the device, if any. */
-  private invalid(exp: NbdExport, req: Request, writing: boolean): number | undefined {
+  private invalid(
+    exp: NbdExport,
+    req: Request,
+    writing: boolean,
+    allowedFlags: number = KNOWN_COMMAND_FLAGS,
+  ): number | undefined {
     const { flags, offset, length } = req;
     const device = exp.device;
-    if (flags & ~KNOWN_COMMAND_FLAGS) return NbdErrno.EINVAL;
+    if (flags & ~allowedFlags) return NbdErrno.EINVAL;
     if (writing && device.readOnly) return NbdErrno.EPERM;
     if (length === 0) return NbdErrno.EINVAL;
     if (offset < 0 || offset + length > device.size) {
@@ -554,29 +653,32 @@ export class NbdConnection {
     return undefined;
   }
 
-  /** Tracks a request until its reply is sent; `reply` carries read data after the header. */
+  /**
+   * Tracks a request until its reply is sent. A read's `reply` holds its data after room for
+   * the header; work that resolves to a buffer (block status) has framed the whole reply.
+   */
   private run(
     exp: NbdExport,
     req: Request,
     kind: RequestKind,
     bytes: number,
-    work: Promise<void>,
+    work: Promise<Buffer | void>,
     reply?: Buffer,
   ): void {
     const started = performance.now();
     const payloadBytes = kind === 'write' || kind === 'read' ? bytes : 0;
     this.inFlightBytes += payloadBytes;
     const done = work.then(
-      () => this.sendReply(req, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES)),
+      (framed) => this.send(framed ?? this.success(req, reply)),
       (err: unknown) => {
-        const errno = errnoOf(err, kind !== 'read' && kind !== 'cache');
+        const errno = errnoOf(err, kind !== 'read' && kind !== 'cache' && kind !== 'block_status');
         if (errno === NbdErrno.EIO) {
           this.log.warn(
             { conn: this.id, export: exp.name, kind, err: errorMessage(err) },
             'nbd request failed',
           );
         }
-        this.sendReply(req, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+        this.send(this.failure(req, errno, err));
         return errno;
       },
     );
@@ -600,22 +702,36 @@ export class NbdConnection {
     this.run(exp, req, kind, 0, Promise.reject(new ReplyErrno(errno)));
   }
 
-  private sendReply(req: Request, errno: number, reply: Buffer): void {
-    reply.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-    reply.writeUInt32BE(errno, 4);
-    reply.writeUInt32BE(req.cookieHi, 8); // the client's cookie, echoed
-    reply.writeUInt32BE(req.cookieLo, 12);
-    if (this.phase.kind !== 'closed') {
-      if (!this.corked) {
-        // Replies finished in the same turn (a replica's batch of acks completes many writes at
-        // once) leave in one writev instead of one write syscall each (measured: the reply
-        // writes were the largest cost on a primary under 4k writes at queue depth 16).
-        this.corked = true;
-        this.socket.cork();
-        process.nextTick(this.uncork);
-      }
-      this.socket.write(errno === 0 ? reply : reply.subarray(0, SIMPLE_REPLY_BYTES));
+  /** A success's reply, its header written in front of a read's data if there is any. */
+  private success(req: Request, reply: Buffer | undefined): Buffer {
+    if (reply && this.structured) {
+      // One chunk carries all the data and ends the reply: the data is in hand, nothing can
+      // fail any more.
+      writeChunkHeader(reply, req, ReplyType.OFFSET_DATA, ReplyFlag.DONE);
+      reply.writeUInt32BE(Math.floor(req.offset / 0x100000000), CHUNK_HEADER_BYTES);
+      reply.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_BYTES + 4);
+      return reply;
     }
+    return simpleReply(req, 0, reply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+  }
+
+  private failure(req: Request, errno: number, err: unknown): Buffer {
+    if (!this.structured) return simpleReply(req, errno, Buffer.allocUnsafe(SIMPLE_REPLY_BYTES));
+    const message = err instanceof ReplyErrno ? refusalMessage(errno) : errorMessage(err);
+    return errorChunk(req, errno, message);
+  }
+
+  private send(reply: Buffer): void {
+    if (this.phase.kind === 'closed') return;
+    if (!this.corked) {
+      // Replies finished in the same turn (a replica's batch of acks completes many writes at
+      // once) leave in one writev instead of one write syscall each (measured: the reply
+      // writes were the largest cost on a primary under 4k writes at queue depth 16).
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.socket.write(reply);
   }
 
   private readonly uncork = (): void => {
@@ -674,6 +790,30 @@ export class NbdConnection {
     // Detach only once the requests already handed to the device have finished: until then
     // the export is still in use, even though nobody will read the replies.
     if (exp) void this.drain().then(() => this.catalog.detach(this, exp));
+  }
+}
+
+/** Fills a simple reply's header at the start of `reply` (in front of a read's data). */
+function simpleReply(req: Request, errno: number, reply: Buffer): Buffer {
+  reply.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+  reply.writeUInt32BE(errno, 4);
+  reply.writeUInt32BE(req.cookieHi, 8); // the client's cookie, echoed
+  reply.writeUInt32BE(req.cookieLo, 12);
+  return reply;
+}
+
+/** What a structured error chunk tells a human about a request refused before the device. */
+function refusalMessage(errno: number): string {
+  switch (errno) {
+    case NbdErrno.EPERM:
+      return 'the export is read-only';
+    case NbdErrno.ENOSPC:
+      return 'the request goes past the end of the export';
+    default:
+      return (
+        'invalid request: unknown command or flag, bad offset or length, ' +
+        'or BLOCK_STATUS without a selected metadata context'
+      );
   }
 }
 
