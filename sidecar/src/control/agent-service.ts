@@ -95,6 +95,8 @@ export function agentHandlers(agent: Agent): AgentHandlers {
       await agent.deleteSnapshot(req.volume, req.name, req.force);
       return {};
     }),
-    RollbackSnapshot: unary(async (req) => wire(await agent.rollbackSnapshot(req.volume, req.name))),
+    RollbackSnapshot: unary(async (req) =>
+      wire(await agent.rollbackSnapshot(req.volume, req.name)),
+    ),
   };
 }

@@ -69,6 +69,7 @@ export class SnapshotCatalog {
   private reads = 0;
   private readsDone: (() => void)[] = [];
   private closed = false;
+  private readonly changedCache = new Map<string, { key: string; blocks: number[] }>();
   /** Never reused while the agent runs: a reclaim in progress still removes its old id's file. */
   private nextId: number;
 
@@ -297,12 +298,21 @@ export class SnapshotCatalog {
     return new Promise((resolve) => this.readsDone.push(resolve));
   }
 
-  /** Blocks whose contents may differ between the snapshot and the volume now, ascending. */
+  /**
+   * Blocks whose contents may differ between the snapshot and the volume now, ascending. Kept
+   * while no log from the snapshot on has grown, so a backup paging through block status
+   * sorts once.
+   */
   changedBlocks(name: string): number[] {
+    const links = this.chain.slice(this.position(name));
+    const key = links.map((l) => `${l.log.description.id}:${l.log.index.size}`).join(',');
+    const cached = this.changedCache.get(name);
+    if (cached?.key === key) return cached.blocks;
     const changed = new Set<number>();
-    for (const link of this.chain.slice(this.position(name)))
-      for (const b of link.log.index.keys()) changed.add(b);
-    return [...changed].sort((a, b) => a - b);
+    for (const link of links) for (const b of link.log.index.keys()) changed.add(b);
+    const blocks = Float64Array.from(changed).sort();
+    this.changedCache.set(name, { key, blocks: Array.from(blocks) });
+    return this.changedCache.get(name)!.blocks;
   }
 
   // ---- rollback, resumable ------------------------------------------------------------------

@@ -90,8 +90,8 @@ export class FileBlockDevice implements BlockDevice {
   private syncCalls = 0;
   /** Asked before every overwrite of the file: where snapshots save old data first. */
   private guard: OverwriteGuard | undefined;
-  /** `base:allocation`, from the allocation map. */
-  readonly metaContexts: MetaContexts;
+  /** `base:allocation`, from the allocation map, and what other layers add (snapshots). */
+  private contexts: MetaContexts;
 
   constructor(
     private readonly fd: number,
@@ -102,7 +102,7 @@ export class FileBlockDevice implements BlockDevice {
     /** Which extents were ever written: scans read those and skip the rest. */
     readonly allocation: AllocationMap,
   ) {
-    this.metaContexts = new AllocationStatus(allocation, size);
+    this.contexts = new AllocationStatus(allocation, size);
   }
 
   private check(op: string, offset: number, length: number, writing: boolean): void {
@@ -199,6 +199,15 @@ export class FileBlockDevice implements BlockDevice {
    */
   releaseAlignedBuffer(buf: Buffer): boolean {
     return this.direct?.release(buf) ?? false;
+  }
+
+  get metaContexts(): MetaContexts {
+    return this.contexts;
+  }
+
+  /** Lets a layer offer more metadata contexts around the ones the file has. */
+  wrapMetaContexts(wrap: (inner: MetaContexts) => MetaContexts): void {
+    this.contexts = wrap(this.contexts);
   }
 
   /** Installs the step every overwrite of the file takes first (see CopyBeforeWrite). */

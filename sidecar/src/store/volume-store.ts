@@ -7,6 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { LockstepError, errorMessage, isLockstepError } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { SnapshotCatalog } from '../snapshots/snapshot-catalog';
+import { ChangedContexts } from '../snapshots/changed-contexts';
 import { fsyncDir } from './atomic-file';
 import { AllocationMap } from './allocation-map';
 import { FileBlockDevice } from './file-device';
@@ -136,6 +137,7 @@ export class VolumeStore {
         this.log.child({ volume: name }),
       );
       device.setOverwriteGuard(snapshots.guard);
+      device.wrapMetaContexts((inner) => new ChangedContexts(inner, snapshots));
       return snapshots;
     } catch (err) {
       device.close();
