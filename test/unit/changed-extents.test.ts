@@ -15,7 +15,11 @@ describe('changed extents', () => {
   });
 
   it('starts and ends inside blocks without exceeding the request', () => {
-    expect(changedExtents([1, 2, 5], K + 100, 2 * K)).toEqual([{ length: 2 * K, flags: CHANGED }]);
+    expect(changedExtents([1, 2, 5], K + 100, 2 * K)).toEqual([
+      { length: 2 * K - 100, flags: CHANGED },
+      { length: 100, flags: 0 },
+    ]);
+    expect(changedExtents([1, 2, 5], K + 100, K)).toEqual([{ length: K, flags: CHANGED }]);
     expect(changedExtents([1, 2, 5], 100, K)).toEqual([
       { length: K - 100, flags: 0 },
       { length: 100, flags: CHANGED },
