@@ -7,11 +7,17 @@ import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoRe
 import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
 import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
 import type { Snapshot__Output } from '../proto/gen/lockstep/v1/Snapshot';
+import type { Group__Output } from '../proto/gen/lockstep/v1/Group';
+import type { GroupSnapshot__Output } from '../proto/gen/lockstep/v1/GroupSnapshot';
+import type { VerifySnapshotResponse__Output } from '../proto/gen/lockstep/v1/VerifySnapshotResponse';
 
 export type AgentInfo = GetInfoResponse__Output;
 export type AgentStatus = GetStatusResponse__Output;
 export type VolumeInfo = Volume__Output;
 export type SnapshotInfo = Snapshot__Output;
+export type GroupInfo = Group__Output;
+export type GroupSnapshotInfo = GroupSnapshot__Output;
+export type Verification = VerifySnapshotResponse__Output;
 
 type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
 
@@ -120,6 +126,33 @@ export class AgentClient {
 
   rollbackSnapshot(volume: string, name: string): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.RollbackSnapshot({ volume, name }, o, cb));
+  }
+
+  createGroup(name: string, volumes: string[]): Promise<GroupInfo> {
+    return this.call<GroupInfo>((o, cb) => this.raw.CreateGroup({ name, volumes }, o, cb));
+  }
+
+  async listGroups(): Promise<GroupInfo[]> {
+    return (await this.call<{ groups: GroupInfo[] }>((o, cb) => this.raw.ListGroups({}, o, cb)))
+      .groups;
+  }
+
+  async deleteGroup(name: string): Promise<void> {
+    await this.call((o, cb) => this.raw.DeleteGroup({ name }, o, cb));
+  }
+
+  snapshotGroup(
+    group: string,
+    name: string,
+    options: { label?: string; noHold?: boolean; holdTimeoutMs?: number } = {},
+  ): Promise<GroupSnapshotInfo> {
+    return this.call<GroupSnapshotInfo>((o, cb) =>
+      this.raw.SnapshotGroup({ group, name, ...options }, o, cb),
+    );
+  }
+
+  verifySnapshot(volume: string, name: string): Promise<Verification> {
+    return this.call<Verification>((o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb));
   }
 
   close(): void {
