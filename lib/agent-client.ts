@@ -155,6 +155,12 @@ export class AgentClient {
     return this.call<Verification>((o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb));
   }
 
+  cloneSnapshot(volume: string, name: string, newVolume: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) =>
+      this.raw.CloneSnapshot({ volume, name, newVolume }, o, cb),
+    );
+  }
+
   close(): void {
     this.raw.close();
   }

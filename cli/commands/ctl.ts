@@ -348,6 +348,29 @@ export function ctlCommand(): Command {
       },
     );
   ctl
+    .command('clone <volume> <snapshot> <new-volume>')
+    .description(
+      'a new writable volume from a snapshot, usable at once (hydrated in the background)',
+    )
+    .addOption(outputOption())
+    .action(
+      async (
+        volumeName: string,
+        snapshotName: string,
+        newVolume: string,
+        opts: { output: OutputFormat },
+        cmd: Command,
+      ) => {
+        const v = await withClient(cmd, (c) =>
+          c.cloneSnapshot(volumeName, snapshotName, newVolume),
+        );
+        if (opts.output === 'json') return printJson(v);
+        process.stdout.write(
+          `volume ${v.name} cloned from ${volumeName}@${snapshotName}: ${v.exportUri}\n`,
+        );
+      },
+    );
+  ctl
     .command('verify <volume> <snapshot>')
     .description("compare a snapshot's per-region hashes across every copy")
     .addOption(outputOption())
@@ -389,7 +412,8 @@ function printCopies(snapshots: SnapshotInfo[]): void {
 function printVolume(v: VolumeInfo): void {
   process.stdout.write(
     `volume:   ${v.name} (${v.state}, ${formatSize(v.sizeBytes)}, ${v.role}${v.readOnly ? ', read-only' : ''})\n` +
-      `export:   ${v.exportUri}\n`,
+      `export:   ${v.exportUri}\n` +
+      (v.cloneOf ? `clone of: ${v.cloneOf} (${v.hydratedPercent}% hydrated)\n` : ''),
   );
   const r = v.replication;
   if (!r) return;

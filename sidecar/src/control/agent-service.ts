@@ -111,5 +111,8 @@ export function agentHandlers(agent: Agent): AgentHandlers {
       }),
     ),
     VerifySnapshot: unary((req) => agent.verifySnapshot(req.volume, req.name)),
+    CloneSnapshot: unary(async (req) =>
+      wire(await agent.cloneSnapshot(req.volume, req.name, req.newVolume)),
+    ),
   };
 }

@@ -400,6 +400,11 @@ export class SnapshotCatalog {
     return out;
   }
 
+  /** Whether the snapshot may hold data in the range (else it reads as zeroes). */
+  mayHoldDataAt(name: string, offset: number, length: number): boolean {
+    return this.mayHoldData(this.position(name), offset, length);
+  }
+
   /** Whether the snapshot at chain position `at` may hold data in the range (else zeroes). */
   private mayHoldData(at: number, offset: number, length: number): boolean {
     if (this.allocation.mayHoldData(offset, length)) return true;
