@@ -468,21 +468,60 @@ export class Agent implements ExportSource {
     };
   }
 
-  /** A new volume from a snapshot, usable at once, hydrated in the background. */
+  /**
+   * A new volume from a snapshot, usable at once, hydrated in the background. A clone of a
+   * replicating primary's volume is replicated to the same peers, each of which builds its copy
+   * from its own copy of the snapshot: no data crosses the network (a peer that lacks the
+   * snapshot gets a baseline instead).
+   */
   async cloneSnapshot(volume: string, snapshot: string, newVolume: string): Promise<VolumeView> {
     const source = this.store.ready(volume);
-    source.snapshots.get(snapshot);
-    const created = await this.store.create({
+    const snap = source.snapshots.get(snapshot);
+    await this.makeClone(volume, snapshot, {
       name: newVolume,
       sizeBytes: source.meta.sizeBytes,
       readOnly: false,
     });
-    if (created.state !== 'Ready') throw created.error;
-    await CloneBacking.create(created.dir, { volume, snapshot });
-    await this.attachClone(newVolume);
-    this.engines.set(newVolume, new ReplicatedVolume(this.ctx, created));
     this.log.info({ volume: newVolume, source: `${volume}@${snapshot}` }, 'clone created');
+    const rv = this.replicaOf(volume);
+    const repl = rv.meta.replication;
+    if (rv.role === 'primary' && repl && repl.peers.length > 0) {
+      const clone = this.replicaOf(newVolume);
+      const built = await Promise.allSettled(
+        rv
+          .snapshotPeers()
+          .ready.map((link) => link.cloneSnapshot(snap, newVolume, clone.uuid, clone.generation)),
+      );
+      for (const r of built) {
+        if (r.status === 'rejected')
+          this.log.warn(
+            { volume: newVolume, err: errorMessage(r.reason) },
+            'a peer could not build the clone from its snapshot: it gets a baseline',
+          );
+      }
+      await this.replicate(
+        newVolume,
+        repl.peers.map((p) => p.address),
+        repl.mode,
+        repl.regionSize,
+        repl.maxResyncBytesPerSecond,
+      );
+    }
     return this.volume(newVolume);
+  }
+
+  /** A secondary copy of a primary's clone, built from this agent's copy of the snapshot. */
+  async cloneReplica(source: string, snapshot: string, spec: NewVolume): Promise<void> {
+    await this.makeClone(source, snapshot, spec);
+  }
+
+  private async makeClone(source: string, snapshot: string, spec: NewVolume): Promise<void> {
+    this.store.ready(source).snapshots.get(snapshot);
+    const created = await this.store.create(spec);
+    if (created.state !== 'Ready') throw created.error;
+    await CloneBacking.create(created.dir, { volume: source, snapshot });
+    await this.attachClone(spec.name);
+    this.engines.set(spec.name, new ReplicatedVolume(this.ctx, created));
   }
 
   /** Resumes the clones that were not hydrated when the agent stopped. */

@@ -69,6 +69,7 @@ export class CloneBacking implements Backing {
       name: 'present',
       label: '',
       createdAtMs: Date.now(),
+      uid: '',
     }).then((l) => l.close());
     await writeFileAtomic(path.join(volumeDir, CLONE_FILE), JSON.stringify(source));
   }
