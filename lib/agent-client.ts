@@ -106,9 +106,9 @@ export class AgentClient {
     await this.call((o, cb) => this.raw.ReleaseVolume({ name, force }, o, cb));
   }
 
-  createSnapshot(volume: string, name: string, label = ''): Promise<SnapshotInfo> {
+  createSnapshot(volume: string, name: string, label = '', retain = 0): Promise<SnapshotInfo> {
     return this.call<SnapshotInfo>((o, cb) =>
-      this.raw.CreateSnapshot({ volume, name, label }, o, cb),
+      this.raw.CreateSnapshot({ volume, name, label, retain }, o, cb),
     );
   }
 
@@ -144,7 +144,7 @@ export class AgentClient {
   snapshotGroup(
     group: string,
     name: string,
-    options: { label?: string; noHold?: boolean; holdTimeoutMs?: number } = {},
+    options: { label?: string; noHold?: boolean; holdTimeoutMs?: number; retain?: number } = {},
   ): Promise<GroupSnapshotInfo> {
     return this.call<GroupSnapshotInfo>((o, cb) =>
       this.raw.SnapshotGroup({ group, name, ...options }, o, cb),

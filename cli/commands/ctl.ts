@@ -224,16 +224,17 @@ export function ctlCommand(): Command {
     .command('create <volume> <name>')
     .description('take a snapshot (no data copied; holds the writes acknowledged before it)')
     .option('--label <label>', 'a label, e.g. daily, kept with the snapshot', '')
+    .option('--retain <n>', 'keep only the newest N snapshots with this label', '0')
     .addOption(outputOption())
     .action(
       async (
         volumeName: string,
         name: string,
-        opts: { label: string; output: OutputFormat },
+        opts: { label: string; retain: string; output: OutputFormat },
         cmd: Command,
       ) => {
         const created = await withClient(cmd, (c) =>
-          c.createSnapshot(volumeName, name, opts.label),
+          c.createSnapshot(volumeName, name, opts.label, Number(opts.retain)),
         );
         if (opts.output === 'json') return printJson(created);
         process.stdout.write(
@@ -325,12 +326,19 @@ export function ctlCommand(): Command {
       'do not pause writes: hold back only their acknowledgements until every member has cut',
     )
     .option('--hold-timeout <ms>', 'give up if writes do not drain in time (hold)', '1000')
+    .option('--retain <n>', 'keep only the newest N snapshots with this label', '0')
     .addOption(outputOption())
     .action(
       async (
         name: string,
         snapshotName: string,
-        opts: { label: string; hold: boolean; holdTimeout: string; output: OutputFormat },
+        opts: {
+          label: string;
+          hold: boolean;
+          holdTimeout: string;
+          retain: string;
+          output: OutputFormat;
+        },
         cmd: Command,
       ) => {
         const taken = await withClient(cmd, (c) =>
@@ -338,6 +346,7 @@ export function ctlCommand(): Command {
             label: opts.label,
             noHold: !opts.hold,
             holdTimeoutMs: Number(opts.holdTimeout),
+            retain: Number(opts.retain),
           }),
         );
         if (opts.output === 'json') return printJson(taken);

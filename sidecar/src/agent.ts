@@ -436,6 +436,7 @@ export class Agent implements ExportSource {
     volume: string,
     name: string,
     label: string,
+    retain = 0,
   ): Promise<SnapshotView & { holdMs: number }> {
     const rv = this.replicaOf(volume);
     const { snapshots, holdMs } = await snapshotAtOnePoint([rv], name, label, {
@@ -453,7 +454,30 @@ export class Agent implements ExportSource {
       },
       'snapshot created',
     );
+    await this.retain(volume, label, retain);
     return { ...this.snapshotView(volume, taken), copies: taken.copies, holdMs };
+  }
+
+  /**
+   * Keeps the newest `keep` snapshots labelled `label`, deleting older ones (on every copy, as
+   * any delete on a primary). One a clone still reads from is kept, and said so.
+   */
+  private async retain(volume: string, label: string, keep: number): Promise<void> {
+    if (!label || keep <= 0) return;
+    const labelled = this.store
+      .ready(volume)
+      .snapshots.list()
+      .filter((s) => s.label === label);
+    for (const old of labelled.slice(0, Math.max(0, labelled.length - keep))) {
+      try {
+        await this.deleteSnapshot(volume, old.name, true);
+      } catch (err) {
+        this.log.warn(
+          { volume, snapshot: old.name, label, err: errorMessage(err) },
+          'snapshot past its retention kept',
+        );
+      }
+    }
   }
 
   // ---- clones -----------------------------------------------------------------------------
@@ -594,7 +618,7 @@ export class Agent implements ExportSource {
     group: string,
     name: string,
     label: string,
-    opts: { hold: boolean; holdTimeoutMs?: number },
+    opts: { hold: boolean; holdTimeoutMs?: number; retain?: number },
   ): Promise<{ group: string; name: string; snapshots: SnapshotView[]; holdMs: number }> {
     const members = this.groups.get(group).volumes.map((v) => this.replicaOf(v));
     const taken = await snapshotAtOnePoint(members, name, label, {
@@ -605,6 +629,7 @@ export class Agent implements ExportSource {
       { group, snapshot: name, label, hold: opts.hold, holdMs: taken.holdMs },
       'group snapshot created',
     );
+    for (const s of taken.snapshots) await this.retain(s.volume, label, opts.retain ?? 0);
     return {
       group,
       name,
