@@ -336,6 +336,17 @@ export class PeerLink implements ResyncTarget {
     );
   }
 
+  /** Prepares the peer's snapshot ahead of the hold (see TakeSnapshot). */
+  async prepareSnapshot(name: string, label: string, uid: string): Promise<void> {
+    await this.unary((o, cb) =>
+      this.rpc.PrepareSnapshot(
+        { volume: this.host.volumeName, uuid: this.host.uuid, name, label, uid },
+        o,
+        cb,
+      ),
+    );
+  }
+
   async dropSnapshot(name: string): Promise<void> {
     await this.unary((o, cb) =>
       this.rpc.DropSnapshot({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),

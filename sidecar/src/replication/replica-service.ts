@@ -164,11 +164,17 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       // A copy left over from an earlier snapshot of this name (one whose drop never arrived)
       // would not hold what the primary's holds: replaced, never kept under the name.
       if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
-      const taken = await snapshots.create(req.name, req.label, req.uid);
+      const taken = await snapshots.take(req.name, req.label, req.uid);
       host.log.info(
         { volume: req.volume, snapshot: req.name, label: req.label, holdMs: taken.holdMs },
         'replicated snapshot taken',
       );
+      return {};
+    }),
+    PrepareSnapshot: unary(async (req) => {
+      const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      await snapshots.reserve(req.name, req.label, req.uid);
       return {};
     }),
     DropSnapshot: unary(async (req) => {

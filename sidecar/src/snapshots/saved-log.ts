@@ -50,6 +50,26 @@ export interface SnapshotDescription {
    * snapshot that happens to bear the name is never taken for this one.
    */
   uid: string;
+  /**
+   * Set while the log exists but the snapshot has not been cut (prepared ahead of a hold): a
+   * log still prepared when the agent starts is removed, never taken for a snapshot.
+   */
+  prepared?: boolean;
+}
+
+/** The header's description fits one sector, so rewriting it (at the cut) is atomic. */
+const HEADER_SECTOR = 512;
+
+function headerOf(description: SnapshotDescription): Buffer {
+  const json = Buffer.from(JSON.stringify(description));
+  if (json.length > HEADER_SECTOR - 16)
+    throw new LockstepError('LOCKSTEP_ERR_INVALID_ARGUMENT', 'snapshot name or label too long');
+  const header = Buffer.alloc(HEADER_SECTOR);
+  header.write(FILE_MAGIC, 0, 'latin1');
+  header.writeUInt32LE(json.length, 8);
+  header.writeUInt32LE(crc32(json), 12);
+  json.copy(header, 16);
+  return header;
 }
 
 /** Where a saved block is: its data's offset in the log, or ZERO_BLOCK. */
@@ -133,14 +153,8 @@ export class SavedLog {
 
   /** Creates the log of a new snapshot; durable (file and directory entry) when it resolves. */
   static async create(file: string, description: SnapshotDescription): Promise<SavedLog> {
-    const json = Buffer.from(JSON.stringify(description));
-    if (json.length > HEADER_BYTES - 16)
-      throw new LockstepError('LOCKSTEP_ERR_INVALID_ARGUMENT', 'snapshot name or label too long');
     const header = Buffer.alloc(HEADER_BYTES);
-    header.write(FILE_MAGIC, 0, 'latin1');
-    header.writeUInt32LE(json.length, 8);
-    header.writeUInt32LE(crc32(json), 12);
-    json.copy(header, 16);
+    headerOf(description).copy(header);
     let fd: number;
     try {
       fd = fs.openSync(
@@ -214,6 +228,17 @@ export class SavedLog {
       pos += length;
     }
     this.tail = pos;
+  }
+
+  /** Records that the snapshot was cut: from now on it exists, whatever happens. */
+  async markCut(): Promise<void> {
+    const cut = { ...this.description, prepared: undefined };
+    try {
+      await writev(this.fd, [headerOf(cut)], 0);
+    } catch (err) {
+      throw ioError('cut', this.file, err);
+    }
+    this.description.prepared = undefined;
   }
 
   /** Bytes of saved data (records included). */
