@@ -379,9 +379,13 @@ export class PeerLink implements ResyncTarget {
   }
 
   /** The peer's per-region digests of a snapshot (see SnapshotCatalog.digests). */
-  snapshotDigests(name: string): Promise<SnapshotDigestsResponse__Output> {
+  snapshotDigests(name: string, uid: string): Promise<SnapshotDigestsResponse__Output> {
     return this.unary<SnapshotDigestsResponse__Output>((o, cb) =>
-      this.rpc.SnapshotDigests({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),
+      this.rpc.SnapshotDigests(
+        { volume: this.host.volumeName, uuid: this.host.uuid, name, uid },
+        o,
+        cb,
+      ),
     );
   }
 

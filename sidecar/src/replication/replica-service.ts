@@ -71,6 +71,23 @@ function sameVolume(host: ReplicaHost, name: string, uuid: string): ReplicaVolum
   return rv;
 }
 
+/** Throws unless this copy's snapshot of that name is the primary's (same uid). */
+function sameSnapshot(
+  host: ReplicaHost,
+  snapshots: SnapshotCatalog,
+  volume: string,
+  name: string,
+  uid: string,
+): void {
+  const snapshot = snapshots.get(name);
+  if (snapshot.uid !== uid)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_SNAPSHOT_NOT_FOUND',
+      `snapshot ${volume}@${name} on node ${host.node} is another snapshot of that name ` +
+        `(${snapshot.uid || 'local'}, not ${uid}): this copy never took the primary's`,
+    );
+}
+
 export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
   return {
     Handshake: unary(async (req) => {
@@ -184,13 +201,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     }),
     CloneSnapshot: unary(async (req) => {
       const source = sameVolume(host, req.volume, req.uuid);
-      const snapshot = source.snapshots.get(req.name);
-      if (snapshot.uid !== req.snapshotUid)
-        throw new LockstepError(
-          'LOCKSTEP_ERR_SNAPSHOT_NOT_FOUND',
-          `snapshot ${req.volume}@${req.name} on node ${host.node} is another snapshot of that name ` +
-            `(${snapshot.uid || 'local'}, not ${req.snapshotUid}): this copy never took the primary's`,
-        );
+      sameSnapshot(host, source.snapshots, req.volume, req.name, req.snapshotUid);
       const existing = host.replicated(req.newVolume);
       if (existing) {
         if (existing.uuid === req.newUuid) return {}; // the primary repeats itself
@@ -214,6 +225,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     }),
     SnapshotDigests: unary(async (req) => {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      sameSnapshot(host, snapshots, req.volume, req.name, req.uid);
       return { regionSize: VERIFY_REGION, digests: await snapshots.digests(req.name) };
     }),
   };
