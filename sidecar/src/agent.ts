@@ -707,17 +707,12 @@ export class Agent implements ExportSource {
     const { snapshots } = this.store.ready(volume);
     snapshots.get(name);
     this.refuseIfCloned(volume, name);
-    const exportName = `${volume}${SNAPSHOT_SEPARATOR}${name}`;
-    const clients = this.nbd.clientsOf(exportName);
-    if (clients > 0) {
-      if (!force) {
-        throw new LockstepError(
-          'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
-          `snapshot ${exportName} has ${clients} NBD client(s) attached; disconnect them or use --force`,
-        );
-      }
-      await this.nbd.disconnectExport(exportName);
-    }
+    const clients = await this.detachClients(
+      `${volume}${SNAPSHOT_SEPARATOR}${name}`,
+      force,
+      'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
+      'snapshot',
+    );
     await snapshots.delete(name);
     // A replicated snapshot goes from every copy; a copy that cannot be told now keeps its
     // copy until the next snapshot of the same name replaces it.
@@ -820,19 +815,30 @@ export class Agent implements ExportSource {
     );
   }
 
-  /** Disconnects (with force) or refuses NBD clients, and stops the volume's replication engine. */
-  private async closeVolume(name: string, force: boolean): Promise<number> {
-    this.store.get(name);
-    const clients = this.nbd.clientsOf(name);
+  /** Disconnects an export's NBD clients (with force) or refuses; how many there were. */
+  private async detachClients(
+    exportName: string,
+    force: boolean,
+    code: 'LOCKSTEP_ERR_VOLUME_IN_USE' | 'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
+    what: string,
+  ): Promise<number> {
+    const clients = this.nbd.clientsOf(exportName);
     if (clients > 0) {
       if (!force) {
         throw new LockstepError(
-          'LOCKSTEP_ERR_VOLUME_IN_USE',
-          `volume ${name} has ${clients} NBD client(s) attached; disconnect them or use --force`,
+          code,
+          `${what} ${exportName} has ${clients} NBD client(s) attached; disconnect them or use --force`,
         );
       }
-      await this.nbd.disconnectExport(name);
+      await this.nbd.disconnectExport(exportName);
     }
+    return clients;
+  }
+
+  /** Disconnects (with force) or refuses NBD clients, and stops the volume's replication engine. */
+  private async closeVolume(name: string, force: boolean): Promise<number> {
+    this.store.get(name);
+    const clients = await this.detachClients(name, force, 'LOCKSTEP_ERR_VOLUME_IN_USE', 'volume');
     const rv = this.engines.get(name);
     this.engines.delete(name);
     await rv?.close();

@@ -108,6 +108,22 @@ async function expectSame(v: Volume, model: Buffer, snaps: Map<string, Buffer>):
   }
 }
 
+/** Writes 0xaa over blocks 0-1, snapshots s1, overwrites both blocks: two records in its log. */
+async function twoRecords(v: Volume): Promise<void> {
+  await v.dev.write(0, Buffer.alloc(8192, 0xaa), false);
+  await v.catalog.create('s1');
+  await v.dev.write(0, Buffer.alloc(4096, 0xbb), false);
+  await v.dev.write(4096, Buffer.alloc(4096, 0xcc), false);
+  await v.catalog.close();
+}
+
+/** Overwrites bytes of a snapshot's log, as a crash or a bad disk would. */
+function damage(dir: string, at: number, bytes: Buffer): void {
+  const fd = fs.openSync(path.join(dir, 'snapshots', 'snap-1.log'), 'r+');
+  fs.writeSync(fd, bytes, 0, bytes.length, at);
+  fs.closeSync(fd);
+}
+
 describe('snapshots against an in-memory model', () => {
   let vol: TempVolumeFile;
   let dir: string;
@@ -214,18 +230,11 @@ describe('snapshots against an in-memory model', () => {
 
   it('a torn record at the end of a log is dropped, and the records before it are kept', async () => {
     const v = await open(vol, dir, true);
-    await v.dev.write(0, Buffer.alloc(8192, 0xaa), false);
-    await v.catalog.create('s1');
-    await v.dev.write(0, Buffer.alloc(4096, 0xbb), false);
-    await v.dev.write(4096, Buffer.alloc(4096, 0xcc), false);
-    await v.catalog.close();
+    await twoRecords(v);
     v.dev.close();
     // Tear the second record: a crash in the middle of an append that never returned.
-    const logFile = path.join(dir, 'snapshots', 'snap-1.log');
-    const fd = fs.openSync(logFile, 'r+');
     const second = 4096 + 16 + 8 + 4096;
-    fs.writeSync(fd, Buffer.alloc(100, 0x55), 0, 100, second + 16 + 8 + 50);
-    fs.closeSync(fd);
+    damage(dir, second + 16 + 8 + 50, Buffer.alloc(100, 0x55));
     const again = await open(vol, dir, false);
     const block0 = Buffer.alloc(4096);
     await again.catalog.read('s1', 0, block0);
@@ -236,17 +245,9 @@ describe('snapshots against an in-memory model', () => {
   });
 
   it('a damaged record with whole records after it is refused, not silently cut short', async () => {
-    const v = await open(vol, dir, true);
-    await v.dev.write(0, Buffer.alloc(8192, 0xaa), false);
-    await v.catalog.create('s1');
-    await v.dev.write(0, Buffer.alloc(4096, 0xbb), false);
-    await v.dev.write(4096, Buffer.alloc(4096, 0xcc), false);
-    await v.catalog.close();
+    await twoRecords(await open(vol, dir, true));
     // A flipped byte in the first record's data: the second record is still whole.
-    const logFile = path.join(dir, 'snapshots', 'snap-1.log');
-    const fd = fs.openSync(logFile, 'r+');
-    fs.writeSync(fd, Buffer.from([0x00]), 0, 1, 4096 + 16 + 8 + 10);
-    fs.closeSync(fd);
+    damage(dir, 4096 + 16 + 8 + 10, Buffer.from([0x00]));
     await expect(
       SnapshotCatalog.open('v', dir, SIZE, (o, t) => vol.dev.read(o, t), vol.dev.allocation, log),
     ).rejects.toMatchObject({
@@ -259,10 +260,7 @@ describe('snapshots against an in-memory model', () => {
     const v = await open(vol, dir, true);
     await v.catalog.create('s1');
     await v.catalog.close();
-    const logFile = path.join(dir, 'snapshots', 'snap-1.log');
-    const fd = fs.openSync(logFile, 'r+');
-    fs.writeSync(fd, Buffer.from('garbage!'), 0, 8, 20);
-    fs.closeSync(fd);
+    damage(dir, 20, Buffer.from('garbage!'));
     await expect(
       SnapshotCatalog.open('v', dir, SIZE, (o, t) => vol.dev.read(o, t), vol.dev.allocation, log),
     ).rejects.toMatchObject({

@@ -209,19 +209,28 @@ export class SavedLog {
     pos: number,
     size: number,
   ): Promise<{ count: number; length: number; body: Buffer } | undefined> {
+    const head = await this.headAt(pos, size);
+    if (!head || pos + head.length > size) return undefined;
+    const body = Buffer.allocUnsafe(head.length - RECORD_HEAD);
+    await pread(this.fd, body, pos + RECORD_HEAD);
+    if (crc32(body) !== head.crc) return undefined;
+    return { count: head.count, length: head.length, body };
+  }
+
+  /** A plausible record header at `pos` (magic, counts in bounds): its length and CRC. */
+  private async headAt(
+    pos: number,
+    size: number,
+  ): Promise<{ count: number; length: number; crc: number } | undefined> {
     if (pos + RECORD_HEAD > size) return undefined;
     const head = Buffer.alloc(RECORD_HEAD);
     await pread(this.fd, head, pos);
     if (head.readUInt32LE(0) !== RECORD_MAGIC) return undefined;
     const count = head.readUInt32LE(4);
     const dataBlocks = head.readUInt32LE(12);
+    if (count === 0 || count > MAX_RECORD_BLOCKS || dataBlocks > count) return undefined;
     const length = RECORD_HEAD + count * ENTRY_BYTES + dataBlocks * BLOCK;
-    if (count === 0 || count > MAX_RECORD_BLOCKS || dataBlocks > count || pos + length > size)
-      return undefined;
-    const body = Buffer.allocUnsafe(length - RECORD_HEAD);
-    await pread(this.fd, body, pos + RECORD_HEAD);
-    if (crc32(body) !== head.readUInt32LE(8)) return undefined;
-    return { count, length, body };
+    return { count, length, crc: head.readUInt32LE(8) };
   }
 
   private async replay(size: number): Promise<void> {
@@ -250,15 +259,8 @@ export class SavedLog {
 
   /** Whether a bad record at `pos` claims a length after which a whole record follows. */
   private async wholeRecordAfter(pos: number, size: number): Promise<boolean> {
-    if (pos + RECORD_HEAD > size) return false;
-    const head = Buffer.alloc(RECORD_HEAD);
-    await pread(this.fd, head, pos);
-    if (head.readUInt32LE(0) !== RECORD_MAGIC) return false;
-    const count = head.readUInt32LE(4);
-    const dataBlocks = head.readUInt32LE(12);
-    if (count === 0 || count > MAX_RECORD_BLOCKS || dataBlocks > count) return false;
-    const next = pos + RECORD_HEAD + count * ENTRY_BYTES + dataBlocks * BLOCK;
-    return (await this.recordAt(next, size)) !== undefined;
+    const head = await this.headAt(pos, size);
+    return head !== undefined && (await this.recordAt(pos + head.length, size)) !== undefined;
   }
 
   /** Records that the snapshot was cut: from now on it exists, whatever happens. */

@@ -329,6 +329,7 @@ export class SnapshotCatalog {
       // It receives nothing any more: what it saved until it stopped must be in the predecessor.
       if (into) await this.copyMissing(link, into);
       this.chain = this.chain.filter((l) => l !== link);
+      this.digestCache.delete(link.log.description.id);
       await this.whenNoReads();
       await link.log.close();
       await fs.promises.rm(deletedFile(link.log), { force: true });
@@ -365,11 +366,12 @@ export class SnapshotCatalog {
    * the time the volume changes, so the lookup finds it.
    */
   async read(name: string, offset: number, target: Buffer): Promise<void> {
-    const from = this.position(name);
+    this.position(name); // an unknown snapshot fails before anything is read
     this.reads++;
     try {
       await this.readRaw(offset, target);
-      const chain = this.chain.slice(from);
+      // Positions are taken now, not before the await: a reclaim may have shortened the chain.
+      const chain = this.chain.slice(this.position(name));
       const first = Math.floor(offset / BLOCK);
       const end = offset + target.length;
       for (let b = first; b * BLOCK < end; b++) {
@@ -438,7 +440,7 @@ export class SnapshotCatalog {
       if (base && !stale.has(r)) continue;
       const start = r * VERIFY_REGION;
       const view = buf.subarray(0, Math.min(VERIFY_REGION, size - start));
-      if (!base && !this.mayHoldData(at, start, view.length)) {
+      if (!base && !this.mayHoldDataAt(name, start, view.length)) {
         zeroDigest(view.length).copy(out, r * DIGEST_BYTES);
         continue;
       }
