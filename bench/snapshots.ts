@@ -517,18 +517,24 @@ async function replicatedRuns(): Promise<ReplicatedRuns> {
       await execFileAsync('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 0 1G', a.uri(volume)]);
       await a.ctl('replicate', volume, '--to', b.grpcAddress);
     }
-    await waitFor(
-      'replicas in sync',
-      async () => {
-        for (const volume of volumes) {
-          const p = (await client.getVolume(volume)).replication?.peers[0];
-          if (p?.state !== 'InSync' || Number(p.dirtyBytes) !== 0) return undefined;
-        }
-        return true;
-      },
-      300_000,
-      100,
-    );
+    try {
+      await waitFor(
+        'replicas in sync',
+        async () => {
+          for (const volume of volumes) {
+            const p = (await client.getVolume(volume)).replication?.peers[0];
+            if (p?.state !== 'InSync' || Number(p.dirtyBytes) !== 0)
+              throw new Error(`${volume}: ${p?.state} ${p?.reason} dirty=${p?.dirtyBytes}`);
+          }
+          return true;
+        },
+        180_000,
+        100,
+      );
+    } catch (err) {
+      const tail = (agent: AgentProcess) => agent.proc.log().split('\n').slice(-15).join('\n');
+      throw new Error(`${String(err)}\nprimary:\n${tail(a)}\nreplica:\n${tail(b)}`);
+    }
     const run = (volume: string, what: string) => {
       process.stderr.write(`  sync rand4k-qd16, ${what} (${FIO_SECONDS} s)\n`);
       return fioRand4k(a.uri(volume), FIO_SECONDS);
@@ -789,6 +795,15 @@ export function snapshotsReport(r: Snapshots): string {
     f2(many),
     '≈ 1 (0.9–1.1)',
     met(many >= 0.9 && many <= 1.1),
+  );
+  const manyWithout = rep.many.iops / rep.withoutAfter.iops;
+  row(
+    `sync 4k qd16 IOPS, ${MANY + 1} snapshots / none (the run after)`,
+    `${rep.many.iops.toFixed(0)} / ${rep.withoutAfter.iops.toFixed(0)}`,
+    '—',
+    f2(manyWithout),
+    '≥ 0.8',
+    met(manyWithout >= 0.8),
   );
   const drift = rep.withoutAfter.iops / rep.withoutBefore.iops;
   row(
