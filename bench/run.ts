@@ -3,7 +3,7 @@
 // machines, so what counts is each Lockstep figure as a ratio to its anchor from this run.
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
-//        [--baseline-only | --large-volumes-only]
+//        [--baseline-only | --large-volumes-only | --snapshots-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -26,6 +26,7 @@ import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
 import { inSync, waitPeer } from '../test/harness/replication';
 import { largeVolumesReport, largeVolumesRun } from './large-volumes';
+import { snapshotsReport, snapshotsRun } from './snapshots';
 
 const execFileAsync = promisify(execFile);
 
@@ -249,6 +250,8 @@ async function main(): Promise<void> {
       'baseline-only': { type: 'boolean', default: false },
       // Only the large-volume section (8 TiB replicate, a 1 TiB baseline beside a workload).
       'large-volumes-only': { type: 'boolean', default: false },
+      // Only the snapshot section (first writes, create and delete, changed maps) and its anchors.
+      'snapshots-only': { type: 'boolean', default: false },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -268,6 +271,10 @@ async function main(): Promise<void> {
   }
   if (values['large-volumes-only']) {
     process.stdout.write(`${largeVolumesReport(await largeVolumesRun())}\n`);
+    return;
+  }
+  if (values['snapshots-only']) {
+    process.stdout.write(`${snapshotsReport(await snapshotsRun(bench))}\n`);
     return;
   }
 
@@ -326,6 +333,7 @@ async function main(): Promise<void> {
     'large volumes: a fresh 8 TiB replicate, a 1 TiB baseline beside a writer\n',
   );
   const large = await largeVolumesRun();
+  const snapshots = await snapshotsRun(bench);
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -367,6 +375,8 @@ async function main(): Promise<void> {
         `(median of ${rounds}; per round: ${baselineRatios.map((r) => r.toFixed(2)).join(', ')}).`,
       '',
       largeVolumesReport(large),
+      '',
+      snapshotsReport(snapshots),
       '',
       'Raw lines:',
       '```',
