@@ -7,11 +7,17 @@ import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoRe
 import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
 import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
 import type { Snapshot__Output } from '../proto/gen/lockstep/v1/Snapshot';
+import type { Group__Output } from '../proto/gen/lockstep/v1/Group';
+import type { GroupSnapshot__Output } from '../proto/gen/lockstep/v1/GroupSnapshot';
+import type { VerifySnapshotResponse__Output } from '../proto/gen/lockstep/v1/VerifySnapshotResponse';
 
 export type AgentInfo = GetInfoResponse__Output;
 export type AgentStatus = GetStatusResponse__Output;
 export type VolumeInfo = Volume__Output;
 export type SnapshotInfo = Snapshot__Output;
+export type GroupInfo = Group__Output;
+export type GroupSnapshotInfo = GroupSnapshot__Output;
+export type SnapshotVerification = VerifySnapshotResponse__Output;
 
 type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
 
@@ -30,9 +36,10 @@ export class AgentClient {
 
   private call<Res>(
     invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
+    timeoutMs = this.timeoutMs,
   ): Promise<Res> {
     return new Promise((resolve, reject) => {
-      invoke({ deadline: Date.now() + this.timeoutMs }, (err, res) =>
+      invoke({ deadline: Date.now() + timeoutMs }, (err, res) =>
         err ? reject(fromServiceError(err, this.target)) : resolve(res!),
       );
     });
@@ -120,6 +127,42 @@ export class AgentClient {
 
   rollbackSnapshot(volume: string, name: string): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.RollbackSnapshot({ volume, name }, o, cb));
+  }
+
+  /** Names a set of volumes snapshotted together; idempotent for the same volumes. */
+  createGroup(name: string, volumes: string[]): Promise<GroupInfo> {
+    return this.call<GroupInfo>((o, cb) => this.raw.CreateGroup({ name, volumes }, o, cb));
+  }
+
+  async listGroups(): Promise<GroupInfo[]> {
+    return (await this.call<{ groups: GroupInfo[] }>((o, cb) => this.raw.ListGroups({}, o, cb)))
+      .groups;
+  }
+
+  async deleteGroup(name: string): Promise<void> {
+    await this.call((o, cb) => this.raw.DeleteGroup({ name }, o, cb));
+  }
+
+  /** Snapshots every member of a group at one write-order point (and its in-sync copies). */
+  snapshotGroup(req: {
+    group: string;
+    name: string;
+    label?: string;
+    noHold?: boolean;
+    holdTimeoutMs?: number;
+  }): Promise<GroupSnapshotInfo> {
+    return this.call<GroupSnapshotInfo>((o, cb) => this.raw.SnapshotGroup(req, o, cb));
+  }
+
+  /**
+   * Compares a snapshot's per-region hashes on this copy and on its peers' copies. It reads
+   * the whole snapshot on every copy, so it gets its own deadline (default 10 minutes).
+   */
+  verifySnapshot(volume: string, name: string, timeoutMs = 600_000): Promise<SnapshotVerification> {
+    return this.call<SnapshotVerification>(
+      (o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb),
+      timeoutMs,
+    );
   }
 
   close(): void {

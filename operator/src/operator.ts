@@ -7,7 +7,12 @@ import * as k8s from '@kubernetes/client-node';
 import type { Logger } from '../../lib/logger';
 import { GROUP, VERSION } from '../../lib/kube';
 import { splitHostPort } from '../../lib/host-port';
-import type { ConsistencyGroup, LockstepNode, SyncRelationship } from './api/types';
+import type {
+  ConsistencyGroup,
+  LockstepNode,
+  ReplicatedSnapshot,
+  SyncRelationship,
+} from './api/types';
 import { AgentPool } from './agents/agent-pool';
 import { AgentWatcher } from './agents/agent-watcher';
 import { SupervisedInformer } from './informers/supervised-informer';
@@ -15,10 +20,12 @@ import { LeaderElector } from './leader/lease-election';
 import { ControllerMetrics } from './metrics';
 import { ConsistencyGroupReconciler } from './reconcilers/consistency-group';
 import { LockstepNodeReconciler } from './reconcilers/lockstep-node';
+import { ReplicatedSnapshotReconciler } from './reconcilers/replicated-snapshot';
 import { SyncRelationshipReconciler } from './reconcilers/sync-relationship';
 import { groupUsesPvc, type Lookup } from './resolve/group-volumes';
 import { agentVolumeName } from './resolve/relationship-plan';
 import { EventRecorder } from './status/event-recorder';
+import { needsVerification } from './status/snapshot-status';
 import { runControllerLoop, type ReconcileResult } from './workqueue/controller-loop';
 import { WorkQueue } from './workqueue/work-queue';
 
@@ -52,6 +59,7 @@ export class Operator {
     relationships: new WorkQueue(),
     groups: new WorkQueue(),
     nodes: new WorkQueue(),
+    snapshots: new WorkQueue(),
   };
   private readonly informers: SupervisedInformer<k8s.KubernetesObject>[] = [];
   private loops: Promise<void>[] = [];
@@ -62,6 +70,7 @@ export class Operator {
   readonly relationships: SupervisedInformer<SyncRelationship>;
   readonly groups: SupervisedInformer<ConsistencyGroup>;
   readonly nodes: SupervisedInformer<LockstepNode>;
+  readonly snapshots: SupervisedInformer<ReplicatedSnapshot>;
   private readonly leases: SupervisedInformer<k8s.V1Lease>;
   private readonly pvcs: SupervisedInformer<k8s.V1PersistentVolumeClaim>;
   private readonly pvs: SupervisedInformer<k8s.V1PersistentVolume>;
@@ -88,11 +97,13 @@ export class Operator {
         onChange,
       );
 
-    this.relationships = custom<SyncRelationship>('syncrelationships', (r) =>
-      this.queues.relationships.add(keyOf(r)),
-    );
+    this.relationships = custom<SyncRelationship>('syncrelationships', (r) => {
+      this.queues.relationships.add(keyOf(r));
+      this.enqueueUnsettledSnapshots(r.metadata.namespace);
+    });
     this.groups = custom<ConsistencyGroup>('consistencygroups', (g) => {
       this.queues.groups.add(keyOf(g));
+      this.enqueueUnsettledSnapshots(g.metadata.namespace);
       this.enqueueRelationships(
         (r) =>
           r.metadata.namespace === g.metadata.namespace &&
@@ -103,6 +114,9 @@ export class Operator {
       this.queues.nodes.add(n.metadata.name);
       this.enqueueRelationships((r) => usesNode(r, n.metadata.name));
     });
+    this.snapshots = custom<ReplicatedSnapshot>('replicatedsnapshots', (s) =>
+      this.queues.snapshots.add(keyOf(s)),
+    );
     this.leases = this.informer<k8s.V1Lease>(
       'leases',
       `/apis/coordination.k8s.io/v1/namespaces/${namespace}/leases`,
@@ -151,6 +165,18 @@ export class Operator {
 
   private enqueueRelationships(pred: (r: SyncRelationship) => boolean): void {
     for (const r of this.relationships.list()) if (pred(r)) this.queues.relationships.add(keyOf(r));
+  }
+
+  /**
+   * Snapshots still waiting to be taken or verified, which a change of their relationship or
+   * group may unblock; settled ones are left alone.
+   */
+  private enqueueUnsettledSnapshots(namespace: string | undefined): void {
+    for (const s of this.snapshots.list(namespace)) {
+      if (s.metadata.deletionTimestamp || !s.status?.readyToUse || needsVerification(s)) {
+        this.queues.snapshots.add(keyOf(s));
+      }
+    }
   }
 
   private pvcChanged(pvc: k8s.V1PersistentVolumeClaim): void {
@@ -205,6 +231,7 @@ export class Operator {
     for (const r of this.relationships.list()) this.queues.relationships.add(keyOf(r));
     for (const g of this.groups.list()) this.queues.groups.add(keyOf(g));
     for (const n of this.nodes.list()) this.queues.nodes.add(n.metadata.name);
+    for (const s of this.snapshots.list()) this.queues.snapshots.add(keyOf(s));
 
     const events = new EventRecorder(options.kc, this.identity, log);
     const rel = new SyncRelationshipReconciler({
@@ -229,6 +256,18 @@ export class Operator {
       objects: this.objects,
       events,
     });
+    const snapshots = new ReplicatedSnapshotReconciler({
+      snapshots: this.snapshots,
+      relationships: this.relationships,
+      groups: this.groups,
+      nodes: this.nodes,
+      lookup: this.lookup,
+      leaseOf: this.leaseOf,
+      agents: this.pool,
+      objects: this.objects,
+      events,
+      log: log.child({ controller: 'replicatedsnapshot' }),
+    });
     const loop = (
       name: string,
       queue: WorkQueue,
@@ -245,6 +284,7 @@ export class Operator {
       loop('syncrelationship', this.queues.relationships, (k) => rel.reconcile(k), 8),
       loop('consistencygroup', this.queues.groups, (k) => group.reconcile(k), 2),
       loop('lockstepnode', this.queues.nodes, (k) => node.reconcile(k), 2),
+      loop('replicatedsnapshot', this.queues.snapshots, (k) => snapshots.reconcile(k), 4),
     ];
     this.watcher = new AgentWatcher({
       pool: this.pool,

@@ -72,3 +72,58 @@ export type LockstepNode = Resource<
   { endpoint: string; version?: string; capacityBytes?: number },
   { conditions?: Condition[] }
 >;
+
+export type SnapshotPhase = 'Pending' | 'Ready' | 'Degraded';
+export type CopyState = 'Pending' | 'Taken' | 'Missing';
+export type CopyVerificationState = 'Identical' | 'Differs' | 'Missing';
+export type VerificationResult = 'Identical' | 'Differs' | 'Incomplete';
+
+export interface SnapshotCopyStatus {
+  node: string;
+  state: CopyState;
+  reason?: string;
+  verification?: CopyVerificationState;
+  differingRegions?: number;
+}
+
+export interface SnapshotVolumeStatus {
+  name: string;
+  persistentVolumeClaimName: string;
+  volumeHandle: string;
+  snapshotHandle: string;
+  sizeBytes: number;
+  copies: SnapshotCopyStatus[];
+}
+
+export interface ReplicatedSnapshotStatus {
+  observedGeneration?: number;
+  phase?: SnapshotPhase;
+  snapshotID?: string;
+  readyToUse?: boolean;
+  creationTime?: string;
+  consistencyGroup?: string;
+  primaryNode?: string;
+  restoreSizeBytes?: number;
+  holdMs?: number;
+  copiesTaken?: string;
+  volumes?: SnapshotVolumeStatus[];
+  verification?: {
+    /** The spec generation it was run for: turning verify off and on again runs it again. */
+    generation: number;
+    result: VerificationResult;
+    completionTime: string;
+    regionSize: number;
+    differingRegions: number;
+    message: string;
+  };
+  conditions?: Condition[];
+}
+
+export type ReplicatedSnapshot = Resource<
+  {
+    source: { consistencyGroup?: string; persistentVolumeClaimName?: string };
+    label?: string;
+    verify?: boolean;
+  },
+  ReplicatedSnapshotStatus
+>;
