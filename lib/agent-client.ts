@@ -17,7 +17,7 @@ export type VolumeInfo = Volume__Output;
 export type SnapshotInfo = Snapshot__Output;
 export type GroupInfo = Group__Output;
 export type GroupSnapshotInfo = GroupSnapshot__Output;
-export type SnapshotVerification = VerifySnapshotResponse__Output;
+export type Verification = VerifySnapshotResponse__Output;
 
 type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
 
@@ -144,22 +144,22 @@ export class AgentClient {
   }
 
   /** Snapshots every member of a group at one write-order point (and its in-sync copies). */
-  snapshotGroup(req: {
-    group: string;
-    name: string;
-    label?: string;
-    noHold?: boolean;
-    holdTimeoutMs?: number;
-  }): Promise<GroupSnapshotInfo> {
-    return this.call<GroupSnapshotInfo>((o, cb) => this.raw.SnapshotGroup(req, o, cb));
+  snapshotGroup(
+    group: string,
+    name: string,
+    options: { label?: string; noHold?: boolean; holdTimeoutMs?: number } = {},
+  ): Promise<GroupSnapshotInfo> {
+    return this.call<GroupSnapshotInfo>((o, cb) =>
+      this.raw.SnapshotGroup({ group, name, ...options }, o, cb),
+    );
   }
 
   /**
    * Compares a snapshot's per-region hashes on this copy and on its peers' copies. It reads
    * the whole snapshot on every copy, so it gets its own deadline (default 10 minutes).
    */
-  verifySnapshot(volume: string, name: string, timeoutMs = 600_000): Promise<SnapshotVerification> {
-    return this.call<SnapshotVerification>(
+  verifySnapshot(volume: string, name: string, timeoutMs = 600_000): Promise<Verification> {
+    return this.call<Verification>(
       (o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb),
       timeoutMs,
     );

@@ -239,6 +239,7 @@ export function ctlCommand(): Command {
         process.stdout.write(
           `snapshot ${created.volume}@${created.name} created (writes held ${created.holdMs.toFixed(2)} ms): ${created.exportUri}\n`,
         );
+        if (created.copies.length > 1) printCopies([created]);
       },
     );
   snapshot
@@ -282,7 +283,107 @@ export function ctlCommand(): Command {
         process.stdout.write(`volume ${volumeName} rolled back to snapshot ${name}\n`);
       },
     );
+  const group = ctl
+    .command('group')
+    .description('consistency groups: volumes snapshotted at one write-order point');
+  group
+    .command('create <group> <volumes...>')
+    .description('name a set of volumes on this agent')
+    .addOption(outputOption())
+    .action(
+      async (name: string, volumes: string[], opts: { output: OutputFormat }, cmd: Command) => {
+        const created = await withClient(cmd, (c) => c.createGroup(name, volumes));
+        if (opts.output === 'json') return printJson(created);
+        process.stdout.write(`group ${created.name}: ${created.volumes.join(', ')}\n`);
+      },
+    );
+  group
+    .command('list')
+    .description('list consistency groups')
+    .addOption(outputOption())
+    .action(async (opts: { output: OutputFormat }, cmd: Command) => {
+      const groups = await withClient(cmd, (c) => c.listGroups());
+      if (opts.output === 'json') return printJson({ groups });
+      printTable(
+        ['GROUP', 'VOLUMES'],
+        groups.map((g) => [g.name, g.volumes.join(',')]),
+      );
+    });
+  group
+    .command('delete <group>')
+    .description('forget a consistency group (its volumes and snapshots stay)')
+    .action(async (name: string, _opts: object, cmd: Command) => {
+      await withClient(cmd, (c) => c.deleteGroup(name));
+      process.stdout.write(`group ${name} deleted\n`);
+    });
+  group
+    .command('snapshot <group> <name>')
+    .description('snapshot every member at one write-order point (on every in-sync copy too)')
+    .option('--label <label>', 'a label, e.g. daily, kept with the snapshots', '')
+    .option(
+      '--no-hold',
+      'do not pause writes: hold back only their acknowledgements until every member has cut',
+    )
+    .option('--hold-timeout <ms>', 'give up if writes do not drain in time (hold)', '1000')
+    .addOption(outputOption())
+    .action(
+      async (
+        name: string,
+        snapshotName: string,
+        opts: { label: string; hold: boolean; holdTimeout: string; output: OutputFormat },
+        cmd: Command,
+      ) => {
+        const taken = await withClient(cmd, (c) =>
+          c.snapshotGroup(name, snapshotName, {
+            label: opts.label,
+            noHold: !opts.hold,
+            holdTimeoutMs: Number(opts.holdTimeout),
+          }),
+        );
+        if (opts.output === 'json') return printJson(taken);
+        process.stdout.write(
+          `group snapshot ${taken.group}@${taken.name} (${opts.hold ? 'writes held' : 'acks held'} ${taken.holdMs.toFixed(2)} ms)\n`,
+        );
+        printCopies(taken.snapshots);
+      },
+    );
+  ctl
+    .command('verify <volume> <snapshot>')
+    .description("compare a snapshot's per-region hashes across every copy")
+    .addOption(outputOption())
+    .action(
+      async (volumeName: string, name: string, opts: { output: OutputFormat }, cmd: Command) => {
+        const v = await withClient(cmd, (c) => c.verifySnapshot(volumeName, name));
+        if (opts.output === 'json') printJson(v);
+        else {
+          process.stdout.write(
+            `snapshot ${v.volume}@${v.name}: ${v.identical ? 'identical on every copy' : 'COPIES DIFFER'}\n`,
+          );
+          printTable(
+            ['COPY', 'NODE', 'STATE', 'DIFFERING REGIONS'],
+            v.copies.map((c) => [
+              c.address,
+              c.node || '-',
+              c.state,
+              c.state === 'Differs'
+                ? c.differingOffsets.map((o) => `${o}+${v.regionSize}`).join(' ')
+                : c.reason || '-',
+            ]),
+          );
+        }
+        if (!v.identical) process.exitCode = 2;
+      },
+    );
   return ctl;
+}
+
+function printCopies(snapshots: SnapshotInfo[]): void {
+  printTable(
+    ['VOLUME', 'SNAPSHOT', 'COPY', 'NODE', 'STATE', 'REASON'],
+    snapshots.flatMap((s) =>
+      s.copies.map((c) => [s.volume, s.name, c.address, c.node || '-', c.state, c.reason || '-']),
+    ),
+  );
 }
 
 function printVolume(v: VolumeInfo): void {

@@ -7,7 +7,7 @@ import { packageVersion } from '../../lib/package-root';
 import type { NodeRegistration } from './k8s/node-registration';
 import type * as RegistrationModule from './k8s/node-registration';
 import path from 'node:path';
-import { LockstepError } from '../../lib/errors';
+import { LockstepError, errorMessage } from '../../lib/errors';
 import { splitHostPort } from '../../lib/host-port';
 import type { Logger } from '../../lib/logger';
 import { agentProto, replicationProto } from '../../proto';
@@ -24,7 +24,9 @@ import { lockDataDir, type DataDirLock } from './store/data-dir-lock';
 import type { NewVolume, ReplicationMode } from './store/volume-metadata';
 import { VolumeStore, type Volume } from './store/volume-store';
 import { SnapshotDevice } from './snapshots/snapshot-device';
-import type { SnapshotInfo } from './snapshots/snapshot-catalog';
+import { VERIFY_REGION, type SnapshotInfo } from './snapshots/snapshot-catalog';
+import { ConsistencyGroups, type Group } from './snapshots/consistency-groups';
+import { snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
 import { ZERO_GENERATION } from './replication/generations';
 
 export interface AgentOptions {
@@ -67,7 +69,20 @@ export interface VolumeView {
 export interface SnapshotView extends SnapshotInfo {
   volume: string;
   exportUri: string;
+  /** Where each copy stands, for a snapshot just taken on a replicating primary. */
+  copies?: SnapshotCopy[];
 }
+
+export interface CopyVerification {
+  address: string;
+  node: string;
+  state: 'Identical' | 'Differs' | 'Missing';
+  reason: string;
+  differingOffsets: number[];
+}
+
+/** Writes held at most this long for a cut, unless the caller says otherwise. */
+const DEFAULT_HOLD_TIMEOUT_MS = 1000;
 
 /** Snapshots are exported as VOLUME@SNAPSHOT; neither name may contain '@'. */
 const SNAPSHOT_SEPARATOR = '@';
@@ -100,6 +115,7 @@ export class Agent implements ExportSource {
     readonly nbdSocket: string,
     private readonly lock: DataDirLock,
     readonly store: VolumeStore,
+    private readonly groups: ConsistencyGroups,
   ) {
     this.log = options.log;
     this.metrics = new AgentMetrics(store, options.node, () =>
@@ -146,6 +162,7 @@ export class Agent implements ExportSource {
         options.nbdSocket ?? path.join(options.dataDir, 'nbd.sock'),
         lock,
         store,
+        ConsistencyGroups.load(options.dataDir),
       );
       for (const v of store.list()) {
         if (v.state === 'Ready') agent.engines.set(v.name, new ReplicatedVolume(agent.ctx, v));
@@ -404,15 +421,131 @@ export class Agent implements ExportSource {
     return { ...s, volume, exportUri: this.exportUri(`${volume}${SNAPSHOT_SEPARATOR}${s.name}`) };
   }
 
+  /**
+   * Takes a snapshot at one write-order point: on this copy and, if it is a replicating
+   * primary, on every peer copy in sync (the others are listed as lacking it).
+   */
   async createSnapshot(
     volume: string,
     name: string,
     label: string,
   ): Promise<SnapshotView & { holdMs: number }> {
-    const { snapshots } = this.store.ready(volume);
-    const created = await snapshots.create(name, label);
-    this.log.info({ volume, snapshot: name, label, holdMs: created.holdMs }, 'snapshot created');
-    return { ...this.snapshotView(volume, created), holdMs: created.holdMs };
+    const rv = this.replicaOf(volume);
+    const { snapshots, holdMs } = await snapshotAtOnePoint([rv], name, label, {
+      hold: true,
+      holdTimeoutMs: DEFAULT_HOLD_TIMEOUT_MS,
+    });
+    const [taken] = snapshots;
+    this.log.info(
+      {
+        volume,
+        snapshot: name,
+        label,
+        holdMs,
+        copies: taken.copies.map((c) => `${c.node || c.address}:${c.state}`),
+      },
+      'snapshot created',
+    );
+    return { ...this.snapshotView(volume, taken), copies: taken.copies, holdMs };
+  }
+
+  // ---- consistency groups ---------------------------------------------------------------------
+
+  async createGroup(name: string, volumes: string[]): Promise<Group> {
+    for (const v of volumes) this.store.ready(v);
+    const group = await this.groups.create(name, volumes);
+    this.log.info({ group: name, volumes }, 'consistency group created');
+    return group;
+  }
+
+  listGroups(): Group[] {
+    return this.groups.list();
+  }
+
+  async deleteGroup(name: string): Promise<void> {
+    await this.groups.delete(name);
+  }
+
+  /** Snapshots every member of a group at one write-order point (see snapshot-barrier.ts). */
+  async snapshotGroup(
+    group: string,
+    name: string,
+    label: string,
+    opts: { hold: boolean; holdTimeoutMs?: number },
+  ): Promise<{ group: string; name: string; snapshots: SnapshotView[]; holdMs: number }> {
+    const members = this.groups.get(group).volumes.map((v) => this.replicaOf(v));
+    const taken = await snapshotAtOnePoint(members, name, label, {
+      hold: opts.hold,
+      holdTimeoutMs: opts.holdTimeoutMs || DEFAULT_HOLD_TIMEOUT_MS,
+    });
+    this.log.info(
+      { group, snapshot: name, label, hold: opts.hold, holdMs: taken.holdMs },
+      'group snapshot created',
+    );
+    return {
+      group,
+      name,
+      holdMs: taken.holdMs,
+      snapshots: taken.snapshots.map((s) => ({
+        ...this.snapshotView(s.volume, s),
+        copies: s.copies,
+      })),
+    };
+  }
+
+  /**
+   * Compares the snapshot's per-region digests on this copy with every peer copy's: identical,
+   * or exactly which regions differ on which copy.
+   */
+  async verifySnapshot(
+    volume: string,
+    name: string,
+  ): Promise<{
+    volume: string;
+    name: string;
+    identical: boolean;
+    regionSize: number;
+    copies: CopyVerification[];
+  }> {
+    const rv = this.replicaOf(volume);
+    const local = await rv.snapshots.digests(name);
+    const copies: CopyVerification[] = [
+      {
+        address: rv.localAddress,
+        node: rv.localNode,
+        state: 'Identical',
+        reason: '',
+        differingOffsets: [],
+      },
+    ];
+    for (const link of rv.peerLinks()) {
+      const base = { address: link.address, node: link.node, differingOffsets: [] as number[] };
+      try {
+        const remote = await link.snapshotDigests(name);
+        const differing: number[] = [];
+        for (let at = 0; at < local.length; at += 16) {
+          if (local.compare(remote.digests, at, at + 16, at, at + 16) !== 0)
+            differing.push((at / 16) * remote.regionSize);
+        }
+        copies.push({
+          ...base,
+          state:
+            differing.length === 0 && remote.digests.length === local.length
+              ? 'Identical'
+              : 'Differs',
+          reason: differing.length === 0 ? '' : `${differing.length} region(s) differ`,
+          differingOffsets: differing,
+        });
+      } catch (err) {
+        copies.push({ ...base, state: 'Missing', reason: errorMessage(err) });
+      }
+    }
+    const identical = copies.every((c) => c.state === 'Identical');
+    this.log.info(
+      { volume, snapshot: name, identical, copies: copies.length },
+      'snapshot verified',
+    );
+    return { volume, name, identical, regionSize: VERIFY_REGION, copies };
   }
 
   listSnapshots(volume?: string): SnapshotView[] {
@@ -437,6 +570,17 @@ export class Agent implements ExportSource {
       await this.nbd.disconnectExport(exportName);
     }
     await snapshots.delete(name);
+    // A replicated snapshot goes from every copy; a copy that cannot be told now keeps its
+    // copy until the next snapshot of the same name replaces it.
+    const rv = this.engines.get(volume);
+    const dropped = await Promise.allSettled(
+      (rv?.peerLinks() ?? []).map((l) => l.dropSnapshot(name)),
+    );
+    const failed = dropped.flatMap((r, i) =>
+      r.status === 'rejected' ? [`${rv!.peerLinks()[i].address}: ${errorMessage(r.reason)}`] : [],
+    );
+    if (failed.length > 0)
+      this.log.warn({ volume, snapshot: name, failed }, 'snapshot not deleted on some copies');
     this.log.info({ volume, snapshot: name, disconnectedClients: clients }, 'snapshot deleted');
   }
 

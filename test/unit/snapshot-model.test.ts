@@ -40,6 +40,7 @@ async function open(vol: TempVolumeFile, dir: string, fresh: boolean): Promise<V
   const catalog = await SnapshotCatalog.open(
     'v',
     dir,
+    SIZE,
     (o, t) => dev.read(o, t),
     dev.allocation,
     log,
@@ -163,7 +164,7 @@ describe('snapshots against an in-memory model', () => {
     fs.writeSync(fd, Buffer.from('garbage!'), 0, 8, 20);
     fs.closeSync(fd);
     await expect(
-      SnapshotCatalog.open('v', dir, (o, t) => vol.dev.read(o, t), vol.dev.allocation, log),
+      SnapshotCatalog.open('v', dir, SIZE, (o, t) => vol.dev.read(o, t), vol.dev.allocation, log),
     ).rejects.toMatchObject({
       code: 'LOCKSTEP_ERR_METADATA_CORRUPT',
       message: /snap-1\.log: header checksum mismatch/,

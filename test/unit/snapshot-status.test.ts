@@ -1,7 +1,7 @@
 // A ReplicatedSnapshot's status from what the primary's agent reports: the stable ids a CSI
 // layer reads, each copy's state, readyToUse and creationTime from a GroupSnapshot, the
 // verification result from VerifySnapshot, the conditions, and which Events a change deserves.
-import type { SnapshotInfo, SnapshotVerification } from '../../lib/agent-client';
+import type { SnapshotInfo, Verification } from '../../lib/agent-client';
 import type { ReplicatedSnapshot, ReplicatedSnapshotStatus } from '../../operator/src/api/types';
 import type { SnapshotSource } from '../../operator/src/resolve/snapshot-source';
 import {
@@ -281,7 +281,7 @@ describe('verification', () => {
     volume: string,
     state: string,
     differingOffsets: number[] = [],
-  ): SnapshotVerification => ({
+  ): Verification => ({
     volume,
     name: ID,
     identical: state === 'Identical',

@@ -144,7 +144,7 @@ export class ReplicatedSnapshotReconciler {
     try {
       if (source.wholeGroup) {
         await ensureGroup(primary, source);
-        const g = await primary.snapshotGroup({ group: source.agentGroup, name: id, label });
+        const g = await primary.snapshotGroup(source.agentGroup, id, { label });
         return { snapshots: g.snapshots, holdMs: g.holdMs };
       }
       const [volume] = source.volumes;
@@ -344,9 +344,7 @@ async function ensureGroup(agent: AgentClient, source: SnapshotSource): Promise<
   try {
     await agent.createGroup(source.agentGroup, volumes);
   } catch (err) {
-    if (isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
-    const existing = (await agent.listGroups()).find((g) => g.name === source.agentGroup);
-    if (!existing || sameJson([...existing.volumes].sort(), [...volumes].sort())) throw err;
+    if (!isLockstepError(err, 'LOCKSTEP_ERR_GROUP_EXISTS')) throw err;
     await agent.deleteGroup(source.agentGroup);
     await agent.createGroup(source.agentGroup, volumes);
   }

@@ -3,7 +3,7 @@
 // readyToUse, restore size), the state of every copy, the verification result, the
 // Ready/Replicated/Verified conditions, and the Event a change deserves. Pure: the reconciler
 // writes.
-import type { SnapshotInfo, SnapshotVerification } from '../../../lib/agent-client';
+import type { SnapshotInfo, Verification } from '../../../lib/agent-client';
 import type {
   CopyVerificationState,
   ReplicatedSnapshot,
@@ -141,7 +141,7 @@ function copiesOf(s: SnapshotInfo | undefined, source: SnapshotSource): Snapshot
 export function verifiedStatus(
   snap: ReplicatedSnapshot,
   taken: ReplicatedSnapshotStatus,
-  results: readonly SnapshotVerification[],
+  results: readonly Verification[],
   source: Pick<SnapshotSource, 'primary' | 'sides'>,
   now: Date,
 ): ReplicatedSnapshotStatus {

@@ -98,5 +98,18 @@ export function agentHandlers(agent: Agent): AgentHandlers {
     RollbackSnapshot: unary(async (req) =>
       wire(await agent.rollbackSnapshot(req.volume, req.name)),
     ),
+    CreateGroup: unary((req) => agent.createGroup(req.name, req.volumes)),
+    ListGroups: unary(() => ({ groups: agent.listGroups() })),
+    DeleteGroup: unary(async (req) => {
+      await agent.deleteGroup(req.name);
+      return {};
+    }),
+    SnapshotGroup: unary((req) =>
+      agent.snapshotGroup(req.group, req.name, req.label, {
+        hold: !req.noHold,
+        holdTimeoutMs: req.holdTimeoutMs,
+      }),
+    ),
+    VerifySnapshot: unary((req) => agent.verifySnapshot(req.volume, req.name)),
   };
 }

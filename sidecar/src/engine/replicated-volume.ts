@@ -25,6 +25,7 @@ import { SecondarySession, type PrimaryHello } from '../replication/secondary-se
 import { SendBatch } from '../replication/send-batch';
 import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
 import type { FileBlockDevice } from '../store/file-device';
+import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import { MetaWriter, type ReadyVolume } from '../store/meta-writer';
 import type {
   ReplicationConfig,
@@ -68,6 +69,8 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   private phase: Phase;
   /** Set while a transition runs: writes wait for it. */
   private transition: Promise<void> | undefined;
+  /** Set while a group cut without hold runs: writes run, their answers wait for it. */
+  private ackGate: Promise<void> | undefined;
   /** Writes sent straight to the local copy (no peers) and not finished. */
   private directWrites = 0;
   private directIdle: (() => void)[] = [];
@@ -99,6 +102,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   }
   get local(): FileBlockDevice {
     return this.volume.device;
+  }
+  get snapshots(): SnapshotCatalog {
+    return this.volume.snapshots;
   }
   get volumeName(): string {
     return this.volume.name;
@@ -149,16 +155,28 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     if (this.transition) return this.transition.then(() => this.write(offset, data, fua));
     if (this.readOnly) return Promise.reject(this.readOnlyError());
     const splitter = this.splitter();
-    if (splitter) return splitter.write(offset, data, fua);
-    return this.direct(() => this.local.write(offset, data, fua));
+    const done = splitter
+      ? splitter.write(offset, data, fua)
+      : this.direct(() => this.local.write(offset, data, fua));
+    return this.ackGate ? this.gated(done, this.ackGate) : done;
   }
 
   writeZeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     if (this.transition) return this.transition.then(() => this.writeZeroes(offset, length, opts));
     if (this.readOnly) return Promise.reject(this.readOnlyError());
     const splitter = this.splitter();
-    if (splitter) return splitter.writeZeroes(offset, length, opts);
-    return this.direct(() => this.local.writeZeroes(offset, length, opts));
+    const done = splitter
+      ? splitter.writeZeroes(offset, length, opts)
+      : this.direct(() => this.local.writeZeroes(offset, length, opts));
+    return this.ackGate ? this.gated(done, this.ackGate) : done;
+  }
+
+  /** A write's answer, held until the gate opens (it still runs meanwhile). */
+  private gated(done: Promise<void>, gate: Promise<void>): Promise<void> {
+    return done.then(
+      () => gate,
+      (err: unknown) => gate.then(() => Promise.reject(err as Error)),
+    );
   }
 
   trim(offset: number, length: number): Promise<void> {
@@ -196,6 +214,70 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   private async drainWrites(): Promise<void> {
     if (this.directWrites > 0) await new Promise<void>((resolve) => this.directIdle.push(resolve));
     await this.splitter()?.drain();
+  }
+
+  // ---- write-order points (snapshots) --------------------------------------------------------
+
+  /**
+   * Holds new writes and waits for the ones in flight (on every copy); resolves with the
+   * release. A snapshot cut meanwhile holds exactly the writes acknowledged before it, on this
+   * copy and on peers told to cut too.
+   */
+  async holdWrites(): Promise<() => void> {
+    while (this.transition) await this.transition.catch(() => undefined);
+    let release!: () => void;
+    this.transition = new Promise((resolve) => (release = resolve));
+    const done = () => {
+      this.transition = undefined;
+      release();
+    };
+    try {
+      await this.drainWrites();
+    } catch (err) {
+      done();
+      throw err;
+    }
+    return done;
+  }
+
+  /**
+   * Lets writes run but holds back their answers until the release: what "drain without hold"
+   * needs, so that no write after a group's cut is acknowledged before every member has cut.
+   */
+  gateAcks(): () => void {
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    this.ackGate = gate;
+    return () => {
+      if (this.ackGate === gate) this.ackGate = undefined;
+      open();
+    };
+  }
+
+  /** Waits until no write is on its way (new ones are not held). */
+  drained(): Promise<void> {
+    return this.drainWrites();
+  }
+
+  /**
+   * The peers that can cut at this copy's point (in sync, streaming), and those that cannot,
+   * with why: they lack the snapshot, and say so.
+   */
+  snapshotPeers(): { ready: PeerLink[]; lacking: { link: PeerLink; reason: string }[] } {
+    const links = this.phase.role === 'primary' ? (this.phase.replicating?.links ?? []) : [];
+    const ready = links.filter((l) => l.state === 'InSync' && l.streaming);
+    const lacking = links
+      .filter((l) => !ready.includes(l))
+      .map((link) => ({
+        link,
+        reason: `peer is ${link.state}${link.reason ? `: ${link.reason}` : ''}`,
+      }));
+    return { ready, lacking };
+  }
+
+  /** Every peer link of a replicating primary, whatever its state. */
+  peerLinks(): readonly PeerLink[] {
+    return this.phase.role === 'primary' ? (this.phase.replicating?.links ?? []) : [];
   }
 
   /** Runs a transition alone: new writes wait for it, and it waits for the writes in flight. */

@@ -8,6 +8,7 @@ import type { Logger } from '../../../lib/logger';
 import { replicationProto, type ReplicationClient } from '../../../proto';
 import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/HandshakeResponse';
 import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
+import type { SnapshotDigestsResponse__Output } from '../../../proto/gen/lockstep/v1/SnapshotDigestsResponse';
 import { DataLane, type LaneOwner } from './data-lane';
 import { AckErrno, OpFlag, OpKind, isToken } from './frames';
 import { decideResync, type Generations } from './generations';
@@ -321,6 +322,30 @@ export class PeerLink implements ResyncTarget {
         o,
         cb,
       ),
+    );
+  }
+
+  /** Takes the snapshot on the peer's copy; the caller holds the writes it must contain. */
+  async takeSnapshot(name: string, label: string): Promise<void> {
+    await this.unary((o, cb) =>
+      this.rpc.TakeSnapshot(
+        { volume: this.host.volumeName, uuid: this.host.uuid, name, label },
+        o,
+        cb,
+      ),
+    );
+  }
+
+  async dropSnapshot(name: string): Promise<void> {
+    await this.unary((o, cb) =>
+      this.rpc.DropSnapshot({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),
+    );
+  }
+
+  /** The peer's per-region digests of a snapshot (see SnapshotCatalog.digests). */
+  snapshotDigests(name: string): Promise<SnapshotDigestsResponse__Output> {
+    return this.unary<SnapshotDigestsResponse__Output>((o, cb) =>
+      this.rpc.SnapshotDigests({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),
     );
   }
 

@@ -7,6 +7,7 @@ import { unary } from '../../../lib/grpc-errors';
 import type { Logger } from '../../../lib/logger';
 import type { ReplicationHandlers } from '../../../proto';
 import type { FileBlockDevice } from '../store/file-device';
+import { VERIFY_REGION, type SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import {
   REPLICATION_MODES,
   type NewVolume,
@@ -29,6 +30,8 @@ export interface ReplicaVolume {
   readonly generation: Generations;
   /** The local copy, read by checksum scans. */
   readonly local: FileBlockDevice;
+  /** The copy's snapshots: replicated ones are taken and dropped at the primary's request. */
+  readonly snapshots: SnapshotCatalog;
   /** A session for the primary's data lanes (empty if this copy is a primary), and its view. */
   acceptPrimary(primary: PrimaryHello): Promise<{ differs: Buffer; session: string }>;
   adoptGeneration(gen: Generations): Promise<void>;
@@ -51,6 +54,17 @@ function needVolume(host: ReplicaHost, name: string): ReplicaVolume {
     throw new LockstepError(
       'LOCKSTEP_ERR_VOLUME_NOT_FOUND',
       `volume ${JSON.stringify(name)} does not exist on node ${host.node}`,
+    );
+  return rv;
+}
+
+/** The volume, if it is a copy of the primary's (same UUID). */
+function sameVolume(host: ReplicaHost, name: string, uuid: string): ReplicaVolume {
+  const rv = needVolume(host, name);
+  if (rv.uuid !== uuid)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `volume ${name} on node ${host.node} has UUID ${rv.uuid}, not the primary's ${uuid}`,
     );
   return rv;
 }
@@ -142,6 +156,27 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     PrimaryLeaving: unary((req) => {
       needVolume(host, req.volume).primaryLeaving();
       return {};
+    }),
+    TakeSnapshot: unary(async (req) => {
+      const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      // A copy left over from an earlier snapshot of this name (one whose drop never arrived)
+      // would not hold what the primary's holds: replaced, never kept under the name.
+      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      const taken = await snapshots.create(req.name, req.label);
+      host.log.info(
+        { volume: req.volume, snapshot: req.name, label: req.label, holdMs: taken.holdMs },
+        'replicated snapshot taken',
+      );
+      return {};
+    }),
+    DropSnapshot: unary(async (req) => {
+      const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      return {};
+    }),
+    SnapshotDigests: unary(async (req) => {
+      const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      return { regionSize: VERIFY_REGION, digests: await snapshots.digests(req.name) };
     }),
   };
 }

@@ -29,8 +29,13 @@ const RECORD_MAGIC = 0x4c535231;
 const RECORD_HEAD = 16;
 const ENTRY_BYTES = 8;
 const FLAG_ZERO = 1;
-/** Zeroes written ahead of the tail at a time, and the distance at which the next batch starts. */
-const GROW_BYTES = 8 * 1024 * 1024;
+/**
+ * Zeroes written ahead of the tail at a time: as much as the log holds already, between these
+ * bounds, so a snapshot that saves little costs little, and one that saves a lot grows rarely.
+ * The next batch starts when the tail is half way into the last one.
+ */
+const MIN_GROW_BYTES = 256 * 1024;
+const MAX_GROW_BYTES = 8 * 1024 * 1024;
 /** A record carries at most this many blocks; a larger save is split. */
 const MAX_RECORD_BLOCKS = 1024;
 
@@ -148,9 +153,8 @@ export class SavedLog {
       fs.rmSync(file, { force: true });
       throw ioError('create', file, err);
     }
-    const log = new SavedLog(file, fd, description, HEADER_BYTES, HEADER_BYTES);
-    log.growAhead();
-    return log;
+    // Not grown yet: a cut must not queue behind a write of zeroes on the same disk.
+    return new SavedLog(file, fd, description, HEADER_BYTES, HEADER_BYTES);
   }
 
   /** Opens an existing log and rebuilds its index; a torn tail record is dropped. */
@@ -174,7 +178,6 @@ export class SavedLog {
       const description = JSON.parse(json.toString('utf8')) as SnapshotDescription;
       const log = new SavedLog(file, fd, description, HEADER_BYTES, size);
       await log.replay(size);
-      log.growAhead();
       return log;
     } catch (err) {
       fs.closeSync(fd);
@@ -294,8 +297,12 @@ export class SavedLog {
         this.index.set(b.block, b.data === undefined ? ZERO_BLOCK : offset);
         if (b.data !== undefined) offset += BLOCK;
       }
-      if (this.grown - this.tail < GROW_BYTES / 2) this.growAhead();
+      if (this.grown - this.tail < this.growStep() / 2) this.growAhead();
     }
+  }
+
+  private growStep(): number {
+    return Math.min(MAX_GROW_BYTES, Math.max(MIN_GROW_BYTES, this.tail - HEADER_BYTES));
   }
 
   /** Writes zeroes past the end so that later appends overwrite blocks already on disk. */
@@ -303,9 +310,10 @@ export class SavedLog {
     if (this.growing || this.closed || this.sealed) return;
     const from = Math.max(this.grown, this.tail);
     this.growFrom = from;
-    this.growing = writev(this.fd, [Buffer.alloc(GROW_BYTES)], from).then(
+    const step = this.growStep();
+    this.growing = writev(this.fd, [Buffer.alloc(step)], from).then(
       () => {
-        this.grown = from + GROW_BYTES;
+        this.grown = from + step;
         this.growing = undefined;
       },
       // No room to grow: appends go past the end (slower), and fail loudly if the disk is full.
@@ -334,7 +342,6 @@ export class SavedLog {
   /** Receives first writes again (the newer snapshots were deleted). */
   unseal(): void {
     this.sealed = false;
-    this.growAhead();
   }
 
   /** Fills `target` (one block, or the part of one from `within`) with a saved block. */

@@ -15,6 +15,7 @@
 // Rollback is a plan, not a mechanism: the blocks changed since the snapshot, and the
 // snapshot's contents to write back through the volume's own write path (so it is replicated,
 // and newer snapshots keep what it overwrites).
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
@@ -27,6 +28,18 @@ import { BLOCK, SavedLog, type SavedBlock } from './saved-log';
 const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 const LOG_FILE = /^snap-(\d+)\.(log|deleted)$/;
 const ROLLBACK_FILE = 'rollback.json';
+/** Verification compares copies region by region, at this size. */
+export const VERIFY_REGION = 1024 * 1024;
+const DIGEST_BYTES = 16;
+const zeroDigests = new Map<number, Buffer>();
+function zeroDigest(length: number): Buffer {
+  let d = zeroDigests.get(length);
+  if (!d) {
+    d = createHash('sha256').update(Buffer.alloc(length)).digest().subarray(0, DIGEST_BYTES);
+    zeroDigests.set(length, d);
+  }
+  return d;
+}
 /** Blocks copied per step when reclaiming a deleted snapshot. */
 const MERGE_STEP = 256;
 
@@ -69,6 +82,7 @@ export class SnapshotCatalog {
   private reads = 0;
   private readsDone: (() => void)[] = [];
   private closed = false;
+  private readonly digestCache = new Map<number, Buffer>();
   private readonly changedCache = new Map<string, { key: string; blocks: number[] }>();
   /** Never reused while the agent runs: a reclaim in progress still removes its old id's file. */
   private nextId: number;
@@ -78,6 +92,8 @@ export class SnapshotCatalog {
     private readonly dir: string,
     readonly guard: CopyBeforeWrite,
     private readonly readRaw: RawReader,
+    private readonly allocation: AllocationMap,
+    private readonly volumeSize: number,
     private readonly log: Logger,
     chain: Link[],
   ) {
@@ -92,6 +108,7 @@ export class SnapshotCatalog {
   static async open(
     volume: string,
     volumeDir: string,
+    volumeSize: number,
     readRaw: RawReader,
     allocation: AllocationMap,
     log: Logger,
@@ -114,7 +131,16 @@ export class SnapshotCatalog {
       throw err;
     }
     const guard = new CopyBeforeWrite(readRaw, allocation);
-    const catalog = new SnapshotCatalog(volume, dir, guard, readRaw, log, chain);
+    const catalog = new SnapshotCatalog(
+      volume,
+      dir,
+      guard,
+      readRaw,
+      allocation,
+      volumeSize,
+      log,
+      chain,
+    );
     await guard.cut(() => chain.at(-1)?.log);
     for (const l of chain.slice(0, -1)) await l.log.seal();
     if (chain.some((l) => l.deleted)) void catalog.reclaim();
@@ -141,11 +167,22 @@ export class SnapshotCatalog {
    * enough to let the admitted ones finish and switch logs. Returns it with the hold time.
    */
   async create(name: string, label = ''): Promise<SnapshotInfo & { holdMs: number }> {
-    const prepared = await this.prepare(name, label);
+    return this.cut(await this.prepare(name, label));
+  }
+
+  /** The second half: the prepared log becomes the newest, at a cut. */
+  async cut(prepared: SavedLog): Promise<SnapshotInfo & { holdMs: number }> {
     const previous = this.guard.receiving;
     const holdMs = await this.guard.cut(() => this.adopt(prepared));
     await previous?.seal();
     return { ...info(prepared), holdMs };
+  }
+
+  /** Forgets a prepared snapshot that was never cut (a group cut that gave up). */
+  async discard(prepared: SavedLog): Promise<void> {
+    await prepared.close();
+    await fs.promises.rm(prepared.file, { force: true });
+    await fsyncDir(this.dir);
   }
 
   /**
@@ -169,8 +206,8 @@ export class SnapshotCatalog {
     return log;
   }
 
-  /** The second half, run by the cut while writes are held: the log becomes the newest. */
-  adopt(log: SavedLog): SavedLog {
+  /** Run by the cut while writes are held: the log becomes the newest. */
+  private adopt(log: SavedLog): SavedLog {
     this.chain.push({ log, deleted: false });
     return log;
   }
@@ -313,6 +350,64 @@ export class SnapshotCatalog {
     const blocks = Float64Array.from(changed).sort();
     this.changedCache.set(name, { key, blocks: Array.from(blocks) });
     return this.changedCache.get(name)!.blocks;
+  }
+
+  // ---- verification ------------------------------------------------------------------------
+
+  /**
+   * SHA-256 (first 16 bytes) of each VERIFY_REGION of the snapshot, in order. A snapshot never
+   * changes, so its digests are kept; a newer snapshot's are its predecessor's with only the
+   * regions changed between them (the blocks the predecessor's log saved) hashed again.
+   */
+  async digests(name: string): Promise<Buffer> {
+    const link = this.link(name);
+    const cached = this.digestCache.get(link.log.description.id);
+    if (cached) return cached;
+    const size = this.volumeSize;
+    const regions = Math.ceil(size / VERIFY_REGION);
+    const at = this.chain.indexOf(link);
+    // The nearest older snapshot whose digests are known, and the regions changed since.
+    let base: Buffer | undefined;
+    let from = at - 1;
+    for (; from >= 0; from--) {
+      base = this.digestCache.get(this.chain[from].log.description.id);
+      if (base) break;
+    }
+    const stale = new Set<number>();
+    if (base) {
+      for (const l of this.chain.slice(from, at))
+        for (const b of l.log.index.keys()) stale.add(Math.floor((b * BLOCK) / VERIFY_REGION));
+    }
+    const out = base ? Buffer.from(base) : Buffer.alloc(regions * DIGEST_BYTES);
+    const buf = Buffer.allocUnsafe(VERIFY_REGION);
+    for (let r = 0; r < regions; r++) {
+      if (base && !stale.has(r)) continue;
+      const start = r * VERIFY_REGION;
+      const view = buf.subarray(0, Math.min(VERIFY_REGION, size - start));
+      if (!base && !this.mayHoldData(at, start, view.length)) {
+        zeroDigest(view.length).copy(out, r * DIGEST_BYTES);
+        continue;
+      }
+      await this.read(name, start, view);
+      createHash('sha256')
+        .update(view)
+        .digest()
+        .copy(out, r * DIGEST_BYTES, 0, DIGEST_BYTES);
+      // Hashing a large volume must not starve the volume's own I/O.
+      if (r % 64 === 63) await new Promise((resolve) => setImmediate(resolve));
+    }
+    this.digestCache.set(link.log.description.id, out);
+    return out;
+  }
+
+  /** Whether the snapshot at chain position `at` may hold data in the range (else zeroes). */
+  private mayHoldData(at: number, offset: number, length: number): boolean {
+    if (this.allocation.mayHoldData(offset, length)) return true;
+    const first = Math.floor(offset / BLOCK);
+    const last = Math.floor((offset + length - 1) / BLOCK);
+    for (const l of this.chain.slice(at))
+      for (let b = first; b <= last; b++) if (l.log.index.has(b)) return true;
+    return false;
   }
 
   // ---- rollback, resumable ------------------------------------------------------------------

@@ -132,6 +132,7 @@ export class VolumeStore {
       const snapshots = await SnapshotCatalog.open(
         name,
         dir,
+        device.size,
         (offset, target) => device.read(offset, target),
         device.allocation,
         this.log.child({ volume: name }),
