@@ -21,9 +21,11 @@ import { ControllerMetrics } from './metrics';
 import { ConsistencyGroupReconciler } from './reconcilers/consistency-group';
 import { LockstepNodeReconciler } from './reconcilers/lockstep-node';
 import { ReplicatedSnapshotReconciler } from './reconcilers/replicated-snapshot';
+import { SnapshotScheduleReconciler } from './reconcilers/snapshot-schedule';
 import { SyncRelationshipReconciler } from './reconcilers/sync-relationship';
 import { groupUsesPvc, type Lookup } from './resolve/group-volumes';
 import { agentVolumeName } from './resolve/relationship-plan';
+import { SCHEDULE_ANNOTATION } from './resolve/snapshot-schedule';
 import { EventRecorder } from './status/event-recorder';
 import { needsVerification } from './status/snapshot-status';
 import { runControllerLoop, type ReconcileResult } from './workqueue/controller-loop';
@@ -60,6 +62,7 @@ export class Operator {
     groups: new WorkQueue(),
     nodes: new WorkQueue(),
     snapshots: new WorkQueue(),
+    schedules: new WorkQueue(),
   };
   private readonly informers: SupervisedInformer<k8s.KubernetesObject>[] = [];
   private loops: Promise<void>[] = [];
@@ -99,6 +102,7 @@ export class Operator {
 
     this.relationships = custom<SyncRelationship>('syncrelationships', (r) => {
       this.queues.relationships.add(keyOf(r));
+      if (r.spec.snapshotSchedules?.length) this.queues.schedules.add(keyOf(r));
       this.enqueueUnsettledSnapshots(r.metadata.namespace);
     });
     this.groups = custom<ConsistencyGroup>('consistencygroups', (g) => {
@@ -114,9 +118,12 @@ export class Operator {
       this.queues.nodes.add(n.metadata.name);
       this.enqueueRelationships((r) => usesNode(r, n.metadata.name));
     });
-    this.snapshots = custom<ReplicatedSnapshot>('replicatedsnapshots', (s) =>
-      this.queues.snapshots.add(keyOf(s)),
-    );
+    this.snapshots = custom<ReplicatedSnapshot>('replicatedsnapshots', (s) => {
+      this.queues.snapshots.add(keyOf(s));
+      // A scheduled snapshot that became ready (or went) may put an older one past retention.
+      const schedule = s.metadata.annotations?.[SCHEDULE_ANNOTATION];
+      if (schedule) this.queues.schedules.add(`${s.metadata.namespace}/${schedule.split('/')[0]}`);
+    });
     this.leases = this.informer<k8s.V1Lease>(
       'leases',
       `/apis/coordination.k8s.io/v1/namespaces/${namespace}/leases`,
@@ -232,6 +239,9 @@ export class Operator {
     for (const g of this.groups.list()) this.queues.groups.add(keyOf(g));
     for (const n of this.nodes.list()) this.queues.nodes.add(n.metadata.name);
     for (const s of this.snapshots.list()) this.queues.snapshots.add(keyOf(s));
+    for (const r of this.relationships.list()) {
+      if (r.spec.snapshotSchedules?.length) this.queues.schedules.add(keyOf(r));
+    }
 
     const events = new EventRecorder(options.kc, this.identity, log);
     const rel = new SyncRelationshipReconciler({
@@ -268,6 +278,13 @@ export class Operator {
       events,
       log: log.child({ controller: 'replicatedsnapshot' }),
     });
+    const schedules = new SnapshotScheduleReconciler({
+      relationships: this.relationships,
+      snapshots: this.snapshots,
+      objects: this.objects,
+      events,
+      log: log.child({ controller: 'snapshotschedule' }),
+    });
     const loop = (
       name: string,
       queue: WorkQueue,
@@ -285,6 +302,7 @@ export class Operator {
       loop('consistencygroup', this.queues.groups, (k) => group.reconcile(k), 2),
       loop('lockstepnode', this.queues.nodes, (k) => node.reconcile(k), 2),
       loop('replicatedsnapshot', this.queues.snapshots, (k) => snapshots.reconcile(k), 4),
+      loop('snapshotschedule', this.queues.schedules, (k) => schedules.reconcile(k), 1),
     ];
     this.watcher = new AgentWatcher({
       pool: this.pool,

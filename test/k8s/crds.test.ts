@@ -98,6 +98,21 @@ describe('lockstep.dev CRDs', () => {
       /a target cannot be the source node/,
     ],
     [
+      'a snapshot schedule that keeps nothing',
+      { snapshotSchedules: [{ label: 'hourly', intervalMinutes: 60, keep: 0 }] },
+      /spec.snapshotSchedules\[0\].keep: Invalid value: 0/,
+    ],
+    [
+      'two snapshot schedules of one label',
+      {
+        snapshotSchedules: [
+          { label: 'hourly', intervalMinutes: 60, keep: 24 },
+          { label: 'hourly', intervalMinutes: 30, keep: 4 },
+        ],
+      },
+      /spec.snapshotSchedules\[1\]: Duplicate value/,
+    ],
+    [
       'a region size that is not offered',
       { resync: { regionSize: 1000 } },
       /spec.resync.regionSize: Unsupported value: 1000/,

@@ -3,9 +3,10 @@
 // the real PV controller, operator replicas running with the ServiceAccount tokens of
 // deploy/rbac. A SyncRelationship walks through baseline to InSync; losing the replica shows
 // as Degraded with an Event; ReplicatedSnapshots of the group and of one volume are taken on
-// both copies, verified, and deleted on both with their objects; the standby operator takes
-// over; at rest the operator writes nothing; deleting the relationship stops replication and
-// keeps the files.
+// both copies, verified, and deleted on both with their objects (one taken while the replica
+// is down shows the missing copy), and on a schedule with retention; the standby operator
+// takes over; at rest the operator writes nothing; deleting the relationship stops
+// replication and keeps the files.
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -490,6 +491,107 @@ describe('operator on a real control plane', () => {
     }
   });
 
+  it('takes scheduled snapshots of the group and deletes those past retention', async () => {
+    const patchSchedules = (schedules: object[] | null) =>
+      kubectl(adminKubeconfig(), [
+        'patch',
+        'lsr',
+        'db-sync',
+        '-n',
+        NS,
+        '--type=merge',
+        '-p',
+        JSON.stringify({ spec: { snapshotSchedules: schedules } }),
+      ]);
+    const scheduled = () =>
+      getJson<{
+        items: Array<SnapshotJson & { metadata: { name: string; annotations?: object } }>;
+      }>('lrs', '-n', NS).items.filter(
+        (s) =>
+          (s.metadata.annotations as Record<string, string> | undefined)?.[
+            'lockstep.dev/schedule'
+          ] === 'db-sync/daily',
+      );
+    patchSchedules([{ label: 'daily', intervalMinutes: 1440, keep: 1 }]);
+    // Today's slot (UTC midnight) has no snapshot yet: one is taken at once.
+    const first = await waitFor(
+      "today's scheduled snapshot ready",
+      () => Promise.resolve(scheduled().find((s) => s.status?.readyToUse)),
+      30_000,
+      100,
+    );
+    expect(first.metadata.name).toMatch(/^db-sync-daily-\d{8}-0000$/);
+    expect(first.status).toMatchObject({ phase: 'Ready', copiesTaken: '2/2' });
+    expect(eventsOf('db-sync').map((e) => e.reason)).toContain('SnapshotScheduled');
+    const firstId = `rs-${first.metadata.uid}`;
+
+    // A newer one of the same schedule: once it is ready, keep 1 puts the first past retention.
+    apply({
+      ...replicatedSnapshot('db-sync-daily-extra', {
+        source: { consistencyGroup: 'db' },
+        label: 'daily',
+      }),
+      metadata: {
+        name: 'db-sync-daily-extra',
+        namespace: NS,
+        annotations: { 'lockstep.dev/schedule': 'db-sync/daily' },
+      },
+    });
+    await waitFor(
+      'the first scheduled snapshot pruned',
+      () => {
+        const names = scheduled().map((s) => s.metadata.name);
+        return Promise.resolve(
+          (names.length === 1 && names[0] === 'db-sync-daily-extra') || undefined,
+        );
+      },
+      30_000,
+      100,
+    );
+    for (const agent of [a, b]) {
+      const held = (await snapshotsOn(agent, `${NS}.db.data`)).map((s) => s.name);
+      expect(held).not.toContain(firstId);
+    }
+    patchSchedules(null);
+  });
+
+  it('takes a snapshot while the replica is down: usable on the primary, Degraded, the missing copy named', async () => {
+    await b.kill('SIGKILL');
+    await phase('db-sync', 'Degraded', 20_000);
+    apply(replicatedSnapshot('db-alone', { source: { consistencyGroup: 'db' } }));
+    const snap = await waitFor(
+      'db-alone taken',
+      () => {
+        const s = snapshot('db-alone');
+        return Promise.resolve(s.status?.readyToUse ? s : undefined);
+      },
+      30_000,
+      100,
+    );
+    expect(snap.status).toMatchObject({ phase: 'Degraded', readyToUse: true, copiesTaken: '1/2' });
+    for (const v of snap.status?.volumes ?? []) {
+      expect(v.copies.map((c) => [c.node, c.state])).toEqual([
+        ['k8s-node-a', 'Taken'],
+        ['k8s-node-b', 'Missing'],
+      ]);
+    }
+    expect(snap.status?.conditions?.find((c) => c.type === 'Replicated')).toMatchObject({
+      status: 'False',
+      reason: 'CopiesMissing',
+    });
+    await waitFor(
+      'a CopiesMissing warning',
+      () =>
+        Promise.resolve(
+          eventsOf('db-alone').find((e) => e.reason === 'CopiesMissing' && e.type === 'Warning'),
+        ),
+      10_000,
+      100,
+    );
+    await b.start();
+    await phase('db-sync', 'InSync', 60_000);
+  });
+
   it('makes no API writes at rest for 60 s (agents only renew their leases)', async () => {
     await phase('db-sync', 'InSync');
     await new Promise((r) => setTimeout(r, 3_000));
@@ -533,7 +635,9 @@ describe('operator on a real control plane', () => {
         NS,
       ]).trim(),
     ).toBe('yes');
-    expect(refused(['delete', 'lrs', '--all', '-n', NS])).toMatch(/forbidden/i);
+    expect(
+      kubectl(operatorKc, ['auth', 'can-i', 'create', 'replicatedsnapshots', '-n', NS]).trim(),
+    ).toBe('yes');
   });
 
   it('fails over to the standby operator, which finishes a reconcile in progress', async () => {
@@ -640,16 +744,9 @@ describe('operator on a real control plane', () => {
   });
 
   it('deletes the snapshots on both copies when the ReplicatedSnapshots are deleted', async () => {
-    const ids = ['db-nightly', 'log-only'].map((n) => `rs-${snapshot(n).metadata.uid}`);
-    kubectl(adminKubeconfig(), [
-      'delete',
-      'lrs',
-      'db-nightly',
-      'log-only',
-      '-n',
-      NS,
-      '--timeout=30s',
-    ]);
+    const names = ['db-nightly', 'log-only', 'db-alone', 'db-sync-daily-extra'];
+    const ids = names.map((n) => `rs-${snapshot(n).metadata.uid}`);
+    kubectl(adminKubeconfig(), ['delete', 'lrs', ...names, '-n', NS, '--timeout=30s']);
     expect(kubectl(adminKubeconfig(), ['get', 'lrs', '-n', NS, '-o', 'name'])).toBe('');
     for (const agent of [a, b]) {
       for (const volume of ['data', 'log']) {

@@ -174,6 +174,29 @@ const syncRelationship: Kind = {
       deleteDataOnRemoval: bool(
         'Delete replica files when the relationship is deleted (default: keep them).',
       ),
+      snapshotSchedules: arr(
+        'ReplicatedSnapshots of the group taken on a schedule, with retention per label.',
+        obj(
+          'One schedule: a snapshot every interval, aligned to the clock (UTC), the newest `keep` ready ones kept.',
+          {
+            label: str('The snapshots’ label; one schedule per label.', {
+              pattern: SNAPSHOT_LABEL,
+              maxLength: 63,
+            }),
+            intervalMinutes: int('Minutes between snapshots (60: on the hour, 1440: daily).', {
+              minimum: 1,
+              maximum: 525600,
+            }),
+            keep: int('How many ready snapshots of this label to keep; older ones are deleted.', {
+              minimum: 1,
+              maximum: 1000,
+            }),
+            verify: bool('Verify each snapshot’s copies once taken.'),
+          },
+          { required: ['label', 'intervalMinutes', 'keep'] },
+        ),
+        { maxItems: 8, 'x-kubernetes-list-type': 'map', 'x-kubernetes-list-map-keys': ['label'] },
+      ),
     },
     {
       required: ['consistencyGroup', 'source', 'targets'],

@@ -54,6 +54,13 @@ export interface SyncRelationshipStatus {
   conditions?: Condition[];
 }
 
+export interface SnapshotSchedule {
+  label: string;
+  intervalMinutes: number;
+  keep: number;
+  verify?: boolean;
+}
+
 export type SyncRelationship = Resource<
   {
     consistencyGroup: string;
@@ -64,6 +71,7 @@ export type SyncRelationship = Resource<
     resync?: { maxBytesPerSecond?: number; regionSize?: number };
     failover?: { policy?: 'Manual' | 'Automatic' };
     deleteDataOnRemoval?: boolean;
+    snapshotSchedules?: SnapshotSchedule[];
   },
   SyncRelationshipStatus
 >;
