@@ -107,9 +107,9 @@ export class AgentClient {
     await this.call((o, cb) => this.raw.ReleaseVolume({ name, force }, o, cb));
   }
 
-  createSnapshot(volume: string, name: string, label = ''): Promise<SnapshotInfo> {
+  createSnapshot(volume: string, name: string, label = '', retain = 0): Promise<SnapshotInfo> {
     return this.call<SnapshotInfo>((o, cb) =>
-      this.raw.CreateSnapshot({ volume, name, label }, o, cb),
+      this.raw.CreateSnapshot({ volume, name, label, retain }, o, cb),
     );
   }
 
@@ -147,7 +147,7 @@ export class AgentClient {
   snapshotGroup(
     group: string,
     name: string,
-    options: { label?: string; noHold?: boolean; holdTimeoutMs?: number } = {},
+    options: { label?: string; noHold?: boolean; holdTimeoutMs?: number; retain?: number } = {},
   ): Promise<GroupSnapshotInfo> {
     return this.call<GroupSnapshotInfo>((o, cb) =>
       this.raw.SnapshotGroup({ group, name, ...options }, o, cb),
@@ -162,6 +162,12 @@ export class AgentClient {
     return this.call<Verification>(
       (o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb),
       timeoutMs,
+    );
+  }
+
+  cloneSnapshot(volume: string, name: string, newVolume: string): Promise<VolumeInfo> {
+    return this.call<VolumeInfo>((o, cb) =>
+      this.raw.CloneSnapshot({ volume, name, newVolume }, o, cb),
     );
   }
 

@@ -224,16 +224,17 @@ export function ctlCommand(): Command {
     .command('create <volume> <name>')
     .description('take a snapshot (no data copied; holds the writes acknowledged before it)')
     .option('--label <label>', 'a label, e.g. daily, kept with the snapshot', '')
+    .option('--retain <n>', 'keep only the newest N snapshots with this label', '0')
     .addOption(outputOption())
     .action(
       async (
         volumeName: string,
         name: string,
-        opts: { label: string; output: OutputFormat },
+        opts: { label: string; retain: string; output: OutputFormat },
         cmd: Command,
       ) => {
         const created = await withClient(cmd, (c) =>
-          c.createSnapshot(volumeName, name, opts.label),
+          c.createSnapshot(volumeName, name, opts.label, Number(opts.retain)),
         );
         if (opts.output === 'json') return printJson(created);
         process.stdout.write(
@@ -325,12 +326,19 @@ export function ctlCommand(): Command {
       'do not pause writes: hold back only their acknowledgements until every member has cut',
     )
     .option('--hold-timeout <ms>', 'give up if writes do not drain in time (hold)', '1000')
+    .option('--retain <n>', 'keep only the newest N snapshots with this label', '0')
     .addOption(outputOption())
     .action(
       async (
         name: string,
         snapshotName: string,
-        opts: { label: string; hold: boolean; holdTimeout: string; output: OutputFormat },
+        opts: {
+          label: string;
+          hold: boolean;
+          holdTimeout: string;
+          retain: string;
+          output: OutputFormat;
+        },
         cmd: Command,
       ) => {
         const taken = await withClient(cmd, (c) =>
@@ -338,6 +346,7 @@ export function ctlCommand(): Command {
             label: opts.label,
             noHold: !opts.hold,
             holdTimeoutMs: Number(opts.holdTimeout),
+            retain: Number(opts.retain),
           }),
         );
         if (opts.output === 'json') return printJson(taken);
@@ -345,6 +354,29 @@ export function ctlCommand(): Command {
           `group snapshot ${taken.group}@${taken.name} (${opts.hold ? 'writes held' : 'acks held'} ${taken.holdMs.toFixed(2)} ms)\n`,
         );
         printCopies(taken.snapshots);
+      },
+    );
+  ctl
+    .command('clone <volume> <snapshot> <new-volume>')
+    .description(
+      'a new writable volume from a snapshot, usable at once (hydrated in the background)',
+    )
+    .addOption(outputOption())
+    .action(
+      async (
+        volumeName: string,
+        snapshotName: string,
+        newVolume: string,
+        opts: { output: OutputFormat },
+        cmd: Command,
+      ) => {
+        const v = await withClient(cmd, (c) =>
+          c.cloneSnapshot(volumeName, snapshotName, newVolume),
+        );
+        if (opts.output === 'json') return printJson(v);
+        process.stdout.write(
+          `volume ${v.name} cloned from ${volumeName}@${snapshotName}: ${v.exportUri}\n`,
+        );
       },
     );
   ctl
@@ -389,7 +421,8 @@ function printCopies(snapshots: SnapshotInfo[]): void {
 function printVolume(v: VolumeInfo): void {
   process.stdout.write(
     `volume:   ${v.name} (${v.state}, ${formatSize(v.sizeBytes)}, ${v.role}${v.readOnly ? ', read-only' : ''})\n` +
-      `export:   ${v.exportUri}\n`,
+      `export:   ${v.exportUri}\n` +
+      (v.cloneOf ? `clone of: ${v.cloneOf} (${v.hydratedPercent}% hydrated)\n` : ''),
   );
   const r = v.replication;
   if (!r) return;

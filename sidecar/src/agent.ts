@@ -26,6 +26,7 @@ import { VolumeStore, type Volume } from './store/volume-store';
 import { SnapshotDevice } from './snapshots/snapshot-device';
 import { VERIFY_REGION, type SnapshotInfo } from './snapshots/snapshot-catalog';
 import { ConsistencyGroups, type Group } from './snapshots/consistency-groups';
+import { CloneBacking, cloneSourceOf, snapshotNeeded } from './snapshots/clone-backing';
 import { snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
 import { ZERO_GENERATION } from './replication/generations';
 
@@ -64,6 +65,8 @@ export interface VolumeView {
   role: string;
   replication: ReplicationStatus | undefined;
   dataPath: string;
+  cloneOf: string;
+  hydratedPercent: number;
 }
 
 export interface SnapshotView extends SnapshotInfo {
@@ -107,6 +110,8 @@ export class Agent implements ExportSource {
   private metricsServer: { close(): Promise<void> } | undefined;
   private stopping: Promise<void> | undefined;
   private registration: NodeRegistration | undefined;
+  /** Clones still reading from their snapshot, by clone volume. */
+  private readonly clones = new Map<string, CloneBacking>();
   /** Volumes being rolled back: not exported until it is over. */
   private readonly rollingBack = new Set<string>();
 
@@ -167,6 +172,7 @@ export class Agent implements ExportSource {
       for (const v of store.list()) {
         if (v.state === 'Ready') agent.engines.set(v.name, new ReplicatedVolume(agent.ctx, v));
       }
+      await agent.attachClones();
       // The data port is bound first: handshakes answered over gRPC advertise it.
       const [dataHost, dataPort] = options.dataListen
         ? splitHostPort(options.dataListen, '--data-listen')
@@ -306,6 +312,7 @@ export class Agent implements ExportSource {
       role: ready ? volume.meta.role : '',
       replication: rv?.meta.replication ? rv.status() : undefined,
       dataPath: ready ? (volume.meta.dataPath ?? '') : '',
+      ...this.cloneView(volume.name),
     };
   }
 
@@ -429,6 +436,7 @@ export class Agent implements ExportSource {
     volume: string,
     name: string,
     label: string,
+    retain = 0,
   ): Promise<SnapshotView & { holdMs: number }> {
     const rv = this.replicaOf(volume);
     const { snapshots, holdMs } = await snapshotAtOnePoint([rv], name, label, {
@@ -446,7 +454,146 @@ export class Agent implements ExportSource {
       },
       'snapshot created',
     );
+    await this.retain(volume, label, retain);
     return { ...this.snapshotView(volume, taken), copies: taken.copies, holdMs };
+  }
+
+  /**
+   * Keeps the newest `keep` snapshots labelled `label`, deleting older ones (on every copy, as
+   * any delete on a primary). One a clone still reads from is kept, and said so.
+   */
+  private async retain(volume: string, label: string, keep: number): Promise<void> {
+    if (!label || keep <= 0) return;
+    const labelled = this.store
+      .ready(volume)
+      .snapshots.list()
+      .filter((s) => s.label === label);
+    for (const old of labelled.slice(0, Math.max(0, labelled.length - keep))) {
+      try {
+        await this.deleteSnapshot(volume, old.name, true);
+      } catch (err) {
+        this.log.warn(
+          { volume, snapshot: old.name, label, err: errorMessage(err) },
+          'snapshot past its retention kept',
+        );
+      }
+    }
+  }
+
+  // ---- clones -----------------------------------------------------------------------------
+
+  private cloneView(name: string): { cloneOf: string; hydratedPercent: number } {
+    const backing = this.clones.get(name);
+    if (!backing) return { cloneOf: '', hydratedPercent: 100 };
+    const { present, blocks } = backing.progress;
+    return {
+      cloneOf: `${backing.source.volume}${SNAPSHOT_SEPARATOR}${backing.source.snapshot}`,
+      hydratedPercent: Math.floor((1000 * present) / blocks) / 10,
+    };
+  }
+
+  /**
+   * A new volume from a snapshot, usable at once, hydrated in the background. A clone of a
+   * replicating primary's volume is replicated to the same peers, each of which builds its copy
+   * from its own copy of the snapshot: no data crosses the network (a peer that lacks the
+   * snapshot gets a baseline instead).
+   */
+  async cloneSnapshot(volume: string, snapshot: string, newVolume: string): Promise<VolumeView> {
+    const source = this.store.ready(volume);
+    const snap = source.snapshots.get(snapshot);
+    await this.makeClone(volume, snapshot, {
+      name: newVolume,
+      sizeBytes: source.meta.sizeBytes,
+      readOnly: false,
+    });
+    this.log.info({ volume: newVolume, source: `${volume}@${snapshot}` }, 'clone created');
+    const rv = this.replicaOf(volume);
+    const repl = rv.meta.replication;
+    if (rv.role === 'primary' && repl && repl.peers.length > 0) {
+      const clone = this.replicaOf(newVolume);
+      const built = await Promise.allSettled(
+        rv
+          .snapshotPeers()
+          .ready.map((link) => link.cloneSnapshot(snap, newVolume, clone.uuid, clone.generation)),
+      );
+      for (const r of built) {
+        if (r.status === 'rejected')
+          this.log.warn(
+            { volume: newVolume, err: errorMessage(r.reason) },
+            'a peer could not build the clone from its snapshot: it gets a baseline',
+          );
+      }
+      await this.replicate(
+        newVolume,
+        repl.peers.map((p) => p.address),
+        repl.mode,
+        repl.regionSize,
+        repl.maxResyncBytesPerSecond,
+      );
+    }
+    return this.volume(newVolume);
+  }
+
+  /** A secondary copy of a primary's clone, built from this agent's copy of the snapshot. */
+  async cloneReplica(source: string, snapshot: string, spec: NewVolume): Promise<void> {
+    await this.makeClone(source, snapshot, spec);
+  }
+
+  private async makeClone(source: string, snapshot: string, spec: NewVolume): Promise<void> {
+    this.store.ready(source).snapshots.get(snapshot);
+    const created = await this.store.create(spec);
+    if (created.state !== 'Ready') throw created.error;
+    await CloneBacking.create(created.dir, { volume: source, snapshot });
+    await this.attachClone(spec.name);
+    this.engines.set(spec.name, new ReplicatedVolume(this.ctx, created));
+  }
+
+  /** Resumes the clones that were not hydrated when the agent stopped. */
+  private async attachClones(): Promise<void> {
+    for (const v of this.store.list()) {
+      if (v.state !== 'Ready' || !cloneSourceOf(v.dir)) continue;
+      try {
+        await this.attachClone(v.name);
+      } catch (err) {
+        // Without its snapshot a clone has no data to serve: not exported, and said why.
+        this.engines.delete(v.name);
+        this.log.error({ volume: v.name, err: errorMessage(err) }, 'clone cannot be served');
+      }
+    }
+  }
+
+  private async attachClone(name: string): Promise<void> {
+    const clone = this.store.ready(name);
+    const from = cloneSourceOf(clone.dir);
+    if (!from) return;
+    const source = this.store.ready(from.volume);
+    const device = clone.device;
+    const backing = await CloneBacking.open(
+      clone.dir,
+      from,
+      source.snapshots,
+      clone.meta.sizeBytes,
+      (offset, data) => device.writeBelow(offset, data),
+      this.log.child({ volume: name }),
+      () => {
+        device.setBacking(undefined);
+        this.clones.delete(name);
+      },
+    );
+    // Every block may hold the snapshot's data: scans and block status must not skip any.
+    device.allocation.markWritten(0, clone.meta.sizeBytes);
+    device.setBacking(backing);
+    this.clones.set(name, backing);
+    backing.startHydration();
+  }
+
+  /** Refuses to let go of a snapshot (or a whole volume) that an unhydrated clone reads from. */
+  private refuseIfCloned(volume: string, snapshot?: string): void {
+    for (const [clone, backing] of this.clones) {
+      const s = backing.source;
+      if (s.volume === volume && (snapshot === undefined || s.snapshot === snapshot))
+        throw snapshotNeeded(s.volume, s.snapshot, clone);
+    }
   }
 
   // ---- consistency groups ---------------------------------------------------------------------
@@ -471,7 +618,7 @@ export class Agent implements ExportSource {
     group: string,
     name: string,
     label: string,
-    opts: { hold: boolean; holdTimeoutMs?: number },
+    opts: { hold: boolean; holdTimeoutMs?: number; retain?: number },
   ): Promise<{ group: string; name: string; snapshots: SnapshotView[]; holdMs: number }> {
     const members = this.groups.get(group).volumes.map((v) => this.replicaOf(v));
     const taken = await snapshotAtOnePoint(members, name, label, {
@@ -482,6 +629,7 @@ export class Agent implements ExportSource {
       { group, snapshot: name, label, hold: opts.hold, holdMs: taken.holdMs },
       'group snapshot created',
     );
+    for (const s of taken.snapshots) await this.retain(s.volume, label, opts.retain ?? 0);
     return {
       group,
       name,
@@ -558,6 +706,7 @@ export class Agent implements ExportSource {
   async deleteSnapshot(volume: string, name: string, force: boolean): Promise<void> {
     const { snapshots } = this.store.ready(volume);
     snapshots.get(name);
+    this.refuseIfCloned(volume, name);
     const exportName = `${volume}${SNAPSHOT_SEPARATOR}${name}`;
     const clients = this.nbd.clientsOf(exportName);
     if (clients > 0) {
@@ -655,6 +804,7 @@ export class Agent implements ExportSource {
   }
 
   async deleteVolume(name: string, force: boolean): Promise<void> {
+    this.refuseIfCloned(name);
     const clients = await this.closeVolume(name, force);
     await this.store.delete(name);
     this.log.info({ volume: name, force, disconnectedClients: clients }, 'volume deleted');
@@ -686,6 +836,8 @@ export class Agent implements ExportSource {
     const rv = this.engines.get(name);
     this.engines.delete(name);
     await rv?.close();
+    await this.clones.get(name)?.close();
+    this.clones.delete(name);
     this.metrics.forgetVolume(name);
     return clients;
   }
@@ -698,6 +850,7 @@ export class Agent implements ExportSource {
       await this.nbd.shutdown();
       await this.data?.close();
       for (const rv of this.engines.values()) await rv.close();
+      for (const backing of this.clones.values()) await backing.close();
       await this.store.flushAll();
       await this.store.saveAllocationMaps();
       await this.grpc?.close();

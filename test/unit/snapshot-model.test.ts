@@ -9,6 +9,46 @@ import { SnapshotCatalog } from '../../sidecar/src/snapshots/snapshot-catalog';
 import { tempVolumeFile, type TempVolumeFile } from './temp-volume-file';
 import { FileBlockDevice } from '../../sidecar/src/store/file-device';
 import { AllocationMap } from '../../sidecar/src/store/allocation-map';
+import { CloneBacking } from '../../sidecar/src/snapshots/clone-backing';
+
+/** A clone of one of the snapshots, and what it must read as. */
+interface Clone {
+  vol: TempVolumeFile;
+  backing: CloneBacking;
+  snapshot: string;
+  model: Buffer;
+}
+
+async function openClone(
+  vol: TempVolumeFile,
+  catalog: SnapshotCatalog,
+  snapshot: string,
+): Promise<CloneBacking> {
+  const dir = path.dirname(vol.file);
+  const backing = await CloneBacking.open(
+    dir,
+    { volume: 'v', snapshot },
+    catalog,
+    SIZE,
+    (o, d) => vol.dev.writeBelow(o, d),
+    log,
+    () => vol.dev.setBacking(undefined),
+  );
+  vol.dev.allocation.markWritten(0, SIZE);
+  vol.dev.setBacking(backing);
+  return backing;
+}
+
+async function expectClones(clones: Clone[]): Promise<void> {
+  for (const c of clones) {
+    const got = Buffer.alloc(SIZE);
+    await c.vol.dev.read(0, got);
+    if (!got.equals(c.model)) {
+      const at = got.findIndex((b, i) => b !== c.model[i]);
+      throw new Error(`clone of ${c.snapshot} differs from the model at byte ${at}`);
+    }
+  }
+}
 
 const SIZE = 512 * 1024;
 const log = pino({ level: 'silent' });
@@ -83,53 +123,93 @@ describe('snapshots against an in-memory model', () => {
     let v = await open(vol, dir, true);
     const model = Buffer.alloc(SIZE);
     const snaps = new Map<string, Buffer>();
+    const clones: Clone[] = [];
     let counter = 0;
-    for (let step = 0; step < 120; step++) {
-      const op = int(100);
-      if (op < 45) {
-        const aligned = rnd() < 0.5;
-        const length = aligned ? (1 + int(24)) * 4096 : 1 + int(20000);
-        const offset = aligned ? int((SIZE - length) / 4096) * 4096 : int(SIZE - length);
-        const data = Buffer.alloc(length, 1 + int(255));
-        data.writeUInt32LE(step, 0);
-        await v.dev.write(offset, data, false);
-        data.copy(model, offset);
-      } else if (op < 52) {
-        const length = (1 + int(40)) * 4096;
-        const offset = int((SIZE - length) / 4096) * 4096;
-        await v.dev.writeZeroes(offset, length, { fua: false, noHole: rnd() < 0.5 });
-        model.fill(0, offset, offset + length);
-      } else if (op < 70) {
-        const name = `s${++counter}`;
-        await v.catalog.create(name, rnd() < 0.5 ? 'daily' : '');
-        snaps.set(name, Buffer.from(model));
-      } else if (op < 82 && snaps.size > 0) {
-        const names = [...snaps.keys()];
-        const name = names[int(names.length)];
-        await v.catalog.delete(name);
-        snaps.delete(name);
-        if (rnd() < 0.5) await v.catalog.settled();
-      } else if (op < 92 && snaps.size > 0) {
-        const names = [...snaps.keys()];
-        const name = names[int(names.length)];
-        for (const b of v.catalog.changedBlocks(name)) {
-          const data = Buffer.alloc(4096);
-          await v.catalog.read(name, b * 4096, data);
-          await v.dev.write(b * 4096, data, false);
+    try {
+      for (let step = 0; step < 120; step++) {
+        const op = int(100);
+        // Writes go to the volume, or now and then to a clone.
+        const clone = clones.length > 0 && rnd() < 0.3 ? clones[int(clones.length)] : undefined;
+        const dev = clone ? clone.vol.dev : v.dev;
+        const image = clone ? clone.model : model;
+        if (op < 45) {
+          const aligned = rnd() < 0.5;
+          const length = aligned ? (1 + int(24)) * 4096 : 1 + int(20000);
+          const offset = aligned ? int((SIZE - length) / 4096) * 4096 : int(SIZE - length);
+          const data = Buffer.alloc(length, 1 + int(255));
+          data.writeUInt32LE(step, 0);
+          await dev.write(offset, data, false);
+          data.copy(image, offset);
+        } else if (op < 52) {
+          const length = (1 + int(40)) * 4096;
+          const offset = int((SIZE - length) / 4096) * 4096;
+          await dev.writeZeroes(offset, length, { fua: false, noHole: rnd() < 0.5 });
+          image.fill(0, offset, offset + length);
+        } else if (op < 57 && snaps.size > 0 && clones.length < 3) {
+          const names = [...snaps.keys()];
+          const snapshot = names[int(names.length)];
+          const cv = tempVolumeFile('lockstep-snap-clone-', SIZE);
+          await CloneBacking.create(path.dirname(cv.file), { volume: 'v', snapshot });
+          const backing = await openClone(cv, v.catalog, snapshot);
+          if (rnd() < 0.5) backing.startHydration();
+          clones.push({ vol: cv, backing, snapshot, model: Buffer.from(snaps.get(snapshot)!) });
+        } else if (op < 70) {
+          const name = `s${++counter}`;
+          await v.catalog.create(name, rnd() < 0.5 ? 'daily' : '');
+          snaps.set(name, Buffer.from(model));
+        } else if (op < 82 && snaps.size > 0) {
+          // A snapshot an unhydrated clone reads from stays (the agent refuses to delete it).
+          const needed = new Set(
+            clones.filter((c) => !c.backing.isStandalone).map((c) => c.snapshot),
+          );
+          const names = [...snaps.keys()].filter((n) => !needed.has(n));
+          if (names.length === 0) continue;
+          const name = names[int(names.length)];
+          await v.catalog.delete(name);
+          snaps.delete(name);
+          if (rnd() < 0.5) await v.catalog.settled();
+        } else if (op < 92 && snaps.size > 0) {
+          const names = [...snaps.keys()];
+          const name = names[int(names.length)];
+          for (const b of v.catalog.changedBlocks(name)) {
+            const data = Buffer.alloc(4096);
+            await v.catalog.read(name, b * 4096, data);
+            await v.dev.write(b * 4096, data, false);
+          }
+          snaps.get(name)!.copy(model);
+        } else {
+          // A restart: everything reported must be back from the files alone.
+          for (const c of clones) await c.backing.close();
+          await v.catalog.close();
+          v.dev.close();
+          v = await open(vol, dir, false);
+          for (const c of clones) {
+            if (c.backing.isStandalone) continue;
+            c.backing = await openClone(c.vol, v.catalog, c.snapshot);
+            if (rnd() < 0.5) c.backing.startHydration();
+          }
         }
-        snaps.get(name)!.copy(model);
-      } else {
-        // A restart: everything reported must be back from the files alone.
-        await v.catalog.close();
-        v.dev.close();
-        v = await open(vol, dir, false);
+        await expectSame(v, model, snaps);
+        await expectClones(clones);
       }
+      await v.catalog.settled();
       await expectSame(v, model, snaps);
+      // Every clone hydrates to stand alone, and still reads the same.
+      for (const c of clones) c.backing.startHydration();
+      for (const c of clones) {
+        for (let i = 0; i < 500 && !c.backing.isStandalone; i++)
+          await new Promise((r) => setTimeout(r, 10));
+        expect(c.backing.isStandalone).toBe(true);
+      }
+      await expectClones(clones);
+    } finally {
+      for (const c of clones) {
+        await c.backing.close();
+        c.vol.remove();
+      }
+      await v.catalog.close();
+      if (v.dev !== vol.dev) v.dev.close();
     }
-    await v.catalog.settled();
-    await expectSame(v, model, snaps);
-    await v.catalog.close();
-    if (v.dev !== vol.dev) v.dev.close();
   });
 
   it('a torn record at the end of a log is dropped, and the records before it are kept', async () => {

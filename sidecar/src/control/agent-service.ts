@@ -89,7 +89,9 @@ export function agentHandlers(agent: Agent): AgentHandlers {
     Promote: unary(async (req) => wire(await agent.promote(req.name, req.force))),
     Demote: unary(async (req) => wire(await agent.demote(req.name))),
     DiscardPeer: unary((req) => wire(agent.discardPeer(req.name, req.peer))),
-    CreateSnapshot: unary((req) => agent.createSnapshot(req.volume, req.name, req.label)),
+    CreateSnapshot: unary((req) =>
+      agent.createSnapshot(req.volume, req.name, req.label, req.retain),
+    ),
     ListSnapshots: unary((req) => ({ snapshots: agent.listSnapshots(req.volume || undefined) })),
     DeleteSnapshot: unary(async (req) => {
       await agent.deleteSnapshot(req.volume, req.name, req.force);
@@ -108,8 +110,12 @@ export function agentHandlers(agent: Agent): AgentHandlers {
       agent.snapshotGroup(req.group, req.name, req.label, {
         hold: !req.noHold,
         holdTimeoutMs: req.holdTimeoutMs,
+        retain: req.retain,
       }),
     ),
     VerifySnapshot: unary((req) => agent.verifySnapshot(req.volume, req.name)),
+    CloneSnapshot: unary(async (req) =>
+      wire(await agent.cloneSnapshot(req.volume, req.name, req.newVolume)),
+    ),
   };
 }

@@ -11,6 +11,7 @@
 //
 // Each member's log is prepared (created, durable) before anything is held, so a hold covers
 // only the cuts themselves.
+import { randomUUID } from 'node:crypto';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { PeerLink } from '../replication/peer-link';
 import type { SnapshotInfo } from '../snapshots/snapshot-catalog';
@@ -40,6 +41,7 @@ export interface BarrierOptions {
 interface Prepared {
   rv: ReplicatedVolume;
   log: SavedLog;
+  uid: string;
 }
 
 export async function snapshotAtOnePoint(
@@ -50,7 +52,10 @@ export async function snapshotAtOnePoint(
 ): Promise<{ snapshots: MemberSnapshot[]; holdMs: number }> {
   const prepared: Prepared[] = [];
   try {
-    for (const rv of members) prepared.push({ rv, log: await rv.snapshots.prepare(name, label) });
+    for (const rv of members) {
+      const uid = randomUUID();
+      prepared.push({ rv, uid, log: await rv.snapshots.prepare(name, label, uid) });
+    }
   } catch (err) {
     for (const p of prepared) await p.rv.snapshots.discard(p.log);
     throw err;
@@ -128,7 +133,7 @@ async function cutMember(p: Prepared, name: string, label: string): Promise<Memb
   const { ready, lacking } = rv.snapshotPeers();
   const [local, ...remote] = await Promise.allSettled([
     rv.snapshots.cut(p.log),
-    ...ready.map((link) => link.takeSnapshot(name, label)),
+    ...ready.map((link) => link.takeSnapshot(name, label, p.uid)),
   ]);
   if (local.status === 'rejected') {
     // This copy has no snapshot: neither may the peers that took one.

@@ -326,10 +326,10 @@ export class PeerLink implements ResyncTarget {
   }
 
   /** Takes the snapshot on the peer's copy; the caller holds the writes it must contain. */
-  async takeSnapshot(name: string, label: string): Promise<void> {
+  async takeSnapshot(name: string, label: string, uid: string): Promise<void> {
     await this.unary((o, cb) =>
       this.rpc.TakeSnapshot(
-        { volume: this.host.volumeName, uuid: this.host.uuid, name, label },
+        { volume: this.host.volumeName, uuid: this.host.uuid, name, label, uid },
         o,
         cb,
       ),
@@ -339,6 +339,31 @@ export class PeerLink implements ResyncTarget {
   async dropSnapshot(name: string): Promise<void> {
     await this.unary((o, cb) =>
       this.rpc.DropSnapshot({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),
+    );
+  }
+
+  /** Makes the peer build its copy of a clone from its own copy of the snapshot. */
+  async cloneSnapshot(
+    snapshot: { name: string; uid: string },
+    newVolume: string,
+    newUuid: string,
+    generation: Generations,
+  ): Promise<void> {
+    const { name, uid: snapshotUid } = snapshot;
+    await this.unary((o, cb) =>
+      this.rpc.CloneSnapshot(
+        {
+          volume: this.host.volumeName,
+          uuid: this.host.uuid,
+          name,
+          snapshotUid,
+          newVolume,
+          newUuid,
+          generation,
+        },
+        o,
+        cb,
+      ),
     );
   }
 

@@ -46,6 +46,8 @@ export interface ReplicaHost {
   readonly log: Logger;
   replicated(name: string): ReplicaVolume | undefined;
   createReplica(spec: NewVolume): Promise<ReplicaVolume>;
+  /** A secondary copy of a clone, made of this agent's copy of the snapshot. */
+  cloneReplica(source: string, snapshot: string, spec: NewVolume): Promise<void>;
 }
 
 function needVolume(host: ReplicaHost, name: string): ReplicaVolume {
@@ -162,7 +164,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       // A copy left over from an earlier snapshot of this name (one whose drop never arrived)
       // would not hold what the primary's holds: replaced, never kept under the name.
       if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
-      const taken = await snapshots.create(req.name, req.label);
+      const taken = await snapshots.create(req.name, req.label, req.uid);
       host.log.info(
         { volume: req.volume, snapshot: req.name, label: req.label, holdMs: taken.holdMs },
         'replicated snapshot taken',
@@ -172,6 +174,36 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     DropSnapshot: unary(async (req) => {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);
       if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      return {};
+    }),
+    CloneSnapshot: unary(async (req) => {
+      const source = sameVolume(host, req.volume, req.uuid);
+      const snapshot = source.snapshots.get(req.name);
+      if (snapshot.uid !== req.snapshotUid)
+        throw new LockstepError(
+          'LOCKSTEP_ERR_SNAPSHOT_NOT_FOUND',
+          `snapshot ${req.volume}@${req.name} on node ${host.node} is another snapshot of that name ` +
+            `(${snapshot.uid || 'local'}, not ${req.snapshotUid}): this copy never took the primary's`,
+        );
+      const existing = host.replicated(req.newVolume);
+      if (existing) {
+        if (existing.uuid === req.newUuid) return {}; // the primary repeats itself
+        throw new LockstepError(
+          'LOCKSTEP_ERR_VOLUME_EXISTS',
+          `volume ${req.newVolume} already exists on node ${host.node} with another UUID`,
+        );
+      }
+      await host.cloneReplica(req.volume, req.name, {
+        name: req.newVolume,
+        sizeBytes: source.sizeBytes,
+        uuid: req.newUuid,
+        role: 'secondary',
+        generation: req.generation?.current ?? ZERO_GENERATION,
+      });
+      host.log.info(
+        { volume: req.newVolume, source: `${req.volume}@${req.name}` },
+        'replica of a clone created from the local snapshot',
+      );
       return {};
     }),
     SnapshotDigests: unary(async (req) => {

@@ -45,6 +45,11 @@ export interface SnapshotDescription {
   name: string;
   label: string;
   createdAtMs: number;
+  /**
+   * The same on every copy of a replicated snapshot (the primary draws it): a copy of another
+   * snapshot that happens to bear the name is never taken for this one.
+   */
+  uid: string;
 }
 
 /** Where a saved block is: its data's offset in the log, or ZERO_BLOCK. */

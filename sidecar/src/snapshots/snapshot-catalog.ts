@@ -15,7 +15,7 @@
 // Rollback is a plan, not a mechanism: the blocks changed since the snapshot, and the
 // snapshot's contents to write back through the volume's own write path (so it is replicated,
 // and newer snapshots keep what it overwrites).
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
@@ -45,6 +45,8 @@ const MERGE_STEP = 256;
 
 export interface SnapshotInfo {
   id: number;
+  /** The same on every copy of a replicated snapshot. */
+  uid: string;
   name: string;
   label: string;
   createdAtMs: number;
@@ -166,8 +168,12 @@ export class SnapshotCatalog {
    * Takes a snapshot: its log is made durable first, then the cut holds writes only long
    * enough to let the admitted ones finish and switch logs. Returns it with the hold time.
    */
-  async create(name: string, label = ''): Promise<SnapshotInfo & { holdMs: number }> {
-    return this.cut(await this.prepare(name, label));
+  async create(
+    name: string,
+    label = '',
+    uid: string = randomUUID(),
+  ): Promise<SnapshotInfo & { holdMs: number }> {
+    return this.cut(await this.prepare(name, label, uid));
   }
 
   /** The second half: the prepared log becomes the newest, at a cut. */
@@ -189,7 +195,7 @@ export class SnapshotCatalog {
    * The first half of a snapshot: its durable, empty log, not yet in the chain. A consistency
    * group prepares every member before cutting any, so that the cuts themselves are instant.
    */
-  async prepare(name: string, label: string): Promise<SavedLog> {
+  async prepare(name: string, label: string, uid: string = randomUUID()): Promise<SavedLog> {
     validateSnapshotName(name);
     if (this.closed)
       throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `volume ${this.volume} is closed`);
@@ -201,7 +207,7 @@ export class SnapshotCatalog {
     }
     const id = this.nextId++;
     const file = path.join(this.dir, `snap-${id}.log`);
-    const log = await SavedLog.create(file, { id, name, label, createdAtMs: Date.now() });
+    const log = await SavedLog.create(file, { id, name, label, createdAtMs: Date.now(), uid });
     await fsyncDir(this.dir);
     return log;
   }
@@ -400,6 +406,11 @@ export class SnapshotCatalog {
     return out;
   }
 
+  /** Whether the snapshot may hold data in the range (else it reads as zeroes). */
+  mayHoldDataAt(name: string, offset: number, length: number): boolean {
+    return this.mayHoldData(this.position(name), offset, length);
+  }
+
   /** Whether the snapshot at chain position `at` may hold data in the range (else zeroes). */
   private mayHoldData(at: number, offset: number, length: number): boolean {
     if (this.allocation.mayHoldData(offset, length)) return true;
@@ -455,6 +466,7 @@ function info(log: SavedLog): SnapshotInfo {
   const d = log.description;
   return {
     id: d.id,
+    uid: d.uid ?? '',
     name: d.name,
     label: d.label,
     createdAtMs: d.createdAtMs,

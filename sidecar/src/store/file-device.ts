@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
 import type { OverwriteGuard } from '../snapshots/copy-before-write';
+import type { Backing } from '../snapshots/clone-backing';
 import type { AllocationMap } from './allocation-map';
 import { AllocationStatus } from './allocation-status';
 import { DirectIo } from './direct-io';
@@ -90,6 +91,8 @@ export class FileBlockDevice implements BlockDevice {
   private syncCalls = 0;
   /** Asked before every overwrite of the file: where snapshots save old data first. */
   private guard: OverwriteGuard | undefined;
+  /** A clone's snapshot: what the blocks it has not written yet read as. */
+  private backing: Backing | undefined;
   /** `base:allocation`, from the allocation map, and what other layers add (snapshots). */
   private contexts: MetaContexts;
 
@@ -129,12 +132,22 @@ export class FileBlockDevice implements BlockDevice {
 
   async read(offset: number, target: Buffer): Promise<void> {
     this.check('read', offset, target.length, false);
+    const backing = this.backing;
+    if (backing)
+      return this.guarded(() =>
+        backing.readThrough(offset, target, () => pread(this.fd, target, offset)),
+      );
     return this.guarded(() => pread(this.fd, target, offset));
   }
 
   /** Like `read`, but without filling the page cache: for scans over the whole volume. */
   async readUncached(offset: number, target: Buffer): Promise<void> {
     this.check('read', offset, target.length, false);
+    const backing = this.backing;
+    if (backing)
+      return this.guarded(() =>
+        backing.readThrough(offset, target, () => this.preadUncached(offset, target)),
+      );
     return this.guarded(() => this.preadUncached(offset, target));
   }
 
@@ -145,7 +158,7 @@ export class FileBlockDevice implements BlockDevice {
    * file's holes do not fill the page cache.
    */
   async readForScan(offset: number, target: Buffer): Promise<void> {
-    if (!this.allocation.known) return this.readUncached(offset, target);
+    if (!this.allocation.known || this.backing) return this.readUncached(offset, target);
     this.check('read', offset, target.length, false);
     return this.guarded(async () => {
       const end = offset + target.length;
@@ -210,6 +223,17 @@ export class FileBlockDevice implements BlockDevice {
     this.contexts = wrap(this.contexts);
   }
 
+  /** Makes the device a clone's: unwritten blocks read from `backing` (undefined: it stands alone). */
+  setBacking(backing: Backing | undefined): void {
+    this.backing = backing;
+  }
+
+  /** Writes straight to the file, past the guards: a backing's own copies, which change no byte a reader sees. */
+  writeBelow(offset: number, data: Buffer): Promise<void> {
+    this.check('write', offset, data.length, true);
+    return this.guarded(() => pwrite(this.fd, data, offset));
+  }
+
   /** Installs the step every overwrite of the file takes first (see CopyBeforeWrite). */
   setOverwriteGuard(guard: OverwriteGuard): void {
     this.guard = guard;
@@ -232,6 +256,8 @@ export class FileBlockDevice implements BlockDevice {
     length: number,
     work: () => Promise<void>,
   ): Promise<void> {
+    const claimed = this.backing?.prepareOverwrite(offset, length);
+    if (claimed) await claimed;
     const guard = this.guard;
     try {
       const admitted = guard?.admit(offset, length);
@@ -272,7 +298,9 @@ export class FileBlockDevice implements BlockDevice {
     return this.guarded(() => this.zero(offset, length, opts));
   }
 
-  private async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+  private async zero(offset: number, length: number, given: ZeroOptions): Promise<void> {
+    // A clone's unwritten blocks hold the snapshot's data even where its file is a hole.
+    const opts = this.backing ? { ...given, noHole: true } : given;
     // Node cannot punch holes (no fallocate), so zeroing writes zeroes. Where the range already
     // reads as zeroes (a hole, typically) and a hole is allowed, skip the write: the file stays
     // sparse, which matters for copies that arrive as zero runs (qemu-img convert, baselines).

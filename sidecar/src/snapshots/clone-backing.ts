@@ -1,0 +1,234 @@
+// A clone: a new volume that starts as a snapshot of another, usable at once. Its file starts
+// empty; a block it has not written yet reads from the snapshot (redirect-on-write), and a
+// background copy fills in the rest (hydration) until the clone stands alone and the snapshot
+// may go.
+//
+// Which blocks the clone holds itself is the `present` log (a SavedLog of flag-only entries,
+// O_DSYNC like any saved data), and a block is recorded present durably *before* the clone's
+// own data lands on it: after a crash, a block either reads from the snapshot (not yet written:
+// the snapshot still has it) or from the file (written, and recorded so). A write that covers
+// part of a block first copies the snapshot's block in, so the rest of it stays right.
+//
+// Hydration copies one chunk at a time; a client write to a chunk being copied waits for that
+// chunk, so the copy can never land over newer data.
+import fs from 'node:fs';
+import path from 'node:path';
+import { LockstepError, errorMessage } from '../../../lib/errors';
+import type { Logger } from '../../../lib/logger';
+import { writeFileAtomic, fsyncDir } from '../store/atomic-file';
+import type { SnapshotCatalog } from './snapshot-catalog';
+import { BLOCK, SavedLog } from './saved-log';
+
+const CLONE_FILE = 'clone.json';
+const PRESENT_LOG = 'present.log';
+/** Blocks hydrated per step: one read of the snapshot, one write, one present record. */
+const HYDRATE_BLOCKS = 256;
+
+export interface CloneSource {
+  volume: string;
+  snapshot: string;
+}
+
+/** What the clone's device calls: reads fill from the snapshot, writes prepare first. */
+export interface Backing {
+  /** Overlays the snapshot's bytes on the blocks of [offset, +target) the clone lacks. */
+  readThrough(offset: number, target: Buffer, readFile: () => Promise<void>): Promise<void>;
+  /** Makes [offset, +length) the clone's own (partial blocks filled in first), durably. */
+  prepareOverwrite(offset: number, length: number): Promise<void> | undefined;
+}
+
+export function cloneSourceOf(volumeDir: string): CloneSource | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(volumeDir, CLONE_FILE), 'utf8')) as CloneSource;
+  } catch {
+    return undefined;
+  }
+}
+
+export class CloneBacking implements Backing {
+  private hydrating: { first: number; last: number; done: Promise<void> } | undefined;
+  private stopped = false;
+  private running: Promise<void> | undefined;
+  private standalone = false;
+
+  private constructor(
+    readonly source: CloneSource,
+    private readonly dir: string,
+    private readonly snapshots: SnapshotCatalog,
+    private readonly present: SavedLog,
+    private readonly blocks: number,
+    private readonly writeFile: (offset: number, data: Buffer) => Promise<void>,
+    private readonly log: Logger,
+    private readonly onStandalone: () => void,
+  ) {}
+
+  /** Records a new clone's source durably: from then on the volume reads through it. */
+  static async create(volumeDir: string, source: CloneSource): Promise<void> {
+    await SavedLog.create(path.join(volumeDir, PRESENT_LOG), {
+      id: 0,
+      name: 'present',
+      label: '',
+      createdAtMs: Date.now(),
+      uid: '',
+    }).then((l) => l.close());
+    await writeFileAtomic(path.join(volumeDir, CLONE_FILE), JSON.stringify(source));
+  }
+
+  static async open(
+    volumeDir: string,
+    source: CloneSource,
+    snapshots: SnapshotCatalog,
+    size: number,
+    writeFile: (offset: number, data: Buffer) => Promise<void>,
+    log: Logger,
+    onStandalone: () => void,
+  ): Promise<CloneBacking> {
+    snapshots.get(source.snapshot); // its snapshot must exist: else the clone cannot be served
+    const present = await SavedLog.open(path.join(volumeDir, PRESENT_LOG));
+    return new CloneBacking(
+      source,
+      volumeDir,
+      snapshots,
+      present,
+      Math.ceil(size / BLOCK),
+      writeFile,
+      log,
+      onStandalone,
+    );
+  }
+
+  /** Blocks the clone holds itself, out of all. */
+  get progress(): { present: number; blocks: number } {
+    return { present: this.present.index.size, blocks: this.blocks };
+  }
+
+  private has(block: number): boolean {
+    return this.present.index.has(block);
+  }
+
+  async readThrough(offset: number, target: Buffer, readFile: () => Promise<void>): Promise<void> {
+    // Which blocks are missing is decided before the file is read: a block that becomes present
+    // meanwhile reads as the snapshot (its old value), never as a hole.
+    const first = Math.floor(offset / BLOCK);
+    const end = offset + target.length;
+    const missing: number[] = [];
+    for (let b = first; b * BLOCK < end; b++) if (!this.has(b)) missing.push(b);
+    await readFile();
+    for (let i = 0; i < missing.length;) {
+      let j = i + 1;
+      while (j < missing.length && missing[j] === missing[j - 1] + 1) j++;
+      const start = Math.max(offset, missing[i] * BLOCK);
+      const stop = Math.min(end, (missing[j - 1] + 1) * BLOCK);
+      await this.snapshots.read(
+        this.source.snapshot,
+        start,
+        target.subarray(start - offset, stop - offset),
+      );
+      i = j;
+    }
+  }
+
+  prepareOverwrite(offset: number, length: number): Promise<void> | undefined {
+    if (length === 0) return undefined;
+    const first = Math.floor(offset / BLOCK);
+    const last = Math.floor((offset + length - 1) / BLOCK);
+    let all = true;
+    for (let b = first; b <= last && all; b++) all = this.has(b);
+    if (all) return undefined;
+    return this.claim(offset, length, first, last);
+  }
+
+  private async claim(offset: number, length: number, first: number, last: number): Promise<void> {
+    const h = this.hydrating;
+    if (h && h.first <= last && first <= h.last) await h.done;
+    // The partly covered end blocks keep the snapshot's bytes around the write.
+    for (const b of new Set([first, last])) {
+      const whole = offset <= b * BLOCK && offset + length >= (b + 1) * BLOCK;
+      if (whole || this.has(b)) continue;
+      const data = Buffer.allocUnsafe(BLOCK);
+      await this.snapshots.read(this.source.snapshot, b * BLOCK, data);
+      await this.writeFile(b * BLOCK, data);
+    }
+    const fresh: { block: number; data: undefined }[] = [];
+    for (let b = first; b <= last; b++) if (!this.has(b)) fresh.push({ block: b, data: undefined });
+    await this.present.append(fresh);
+  }
+
+  /** Copies what the clone lacks, chunk by chunk, until it stands alone. */
+  startHydration(): void {
+    this.running ??= this.hydrate().catch((err: unknown) =>
+      this.log.error({ err: errorMessage(err) }, 'clone hydration stopped; resumed on restart'),
+    );
+  }
+
+  private async hydrate(): Promise<void> {
+    const buf = Buffer.allocUnsafe(HYDRATE_BLOCKS * BLOCK);
+    for (let first = 0; first < this.blocks && !this.stopped; first += HYDRATE_BLOCKS) {
+      const last = Math.min(this.blocks, first + HYDRATE_BLOCKS) - 1;
+      let done!: () => void;
+      this.hydrating = { first, last, done: new Promise((r) => (done = r)) };
+      try {
+        const missing: { block: number; data: undefined }[] = [];
+        for (let b = first; b <= last; b++)
+          if (!this.has(b)) missing.push({ block: b, data: undefined });
+        if (missing.length === 0) continue;
+        const view = buf.subarray(0, (last - first + 1) * BLOCK);
+        // Never-written stretches of the source are zeroes: nothing to copy, only to record.
+        if (this.snapshots.mayHoldDataAt(this.source.snapshot, first * BLOCK, view.length)) {
+          await this.snapshots.read(this.source.snapshot, first * BLOCK, view);
+          for (let i = 0; i < missing.length;) {
+            let j = i + 1;
+            while (j < missing.length && missing[j].block === missing[j - 1].block + 1) j++;
+            const from = missing[i].block - first;
+            const to = missing[j - 1].block - first + 1;
+            await this.writeFile(missing[i].block * BLOCK, view.subarray(from * BLOCK, to * BLOCK));
+            i = j;
+          }
+        }
+        await this.present.append(missing);
+      } finally {
+        this.hydrating = undefined;
+        done();
+      }
+      // A background copy: the clone's and the source's own I/O go first.
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    if (!this.stopped && this.present.index.size >= this.blocks) await this.standAlone();
+  }
+
+  /** Everything is the clone's own: the snapshot is no longer needed. */
+  private async standAlone(): Promise<void> {
+    await fs.promises.rm(path.join(this.dir, CLONE_FILE), { force: true });
+    await fsyncDir(this.dir);
+    this.standalone = true;
+    await this.present.close();
+    await fs.promises.rm(path.join(this.dir, PRESENT_LOG), { force: true });
+    this.log.info(
+      { source: `${this.source.volume}@${this.source.snapshot}` },
+      'clone hydrated: it stands alone',
+    );
+    this.onStandalone();
+  }
+
+  get isStandalone(): boolean {
+    return this.standalone;
+  }
+
+  async close(): Promise<void> {
+    this.stopped = true;
+    await this.running;
+    if (!this.standalone) await this.present.close();
+  }
+}
+
+export function cloneNeeds(source: CloneSource, volume: string, snapshot: string): boolean {
+  return source.volume === volume && source.snapshot === snapshot;
+}
+
+export function snapshotNeeded(volume: string, snapshot: string, clone: string): LockstepError {
+  return new LockstepError(
+    'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
+    `snapshot ${volume}@${snapshot} is the source of clone ${clone}, which still reads from it; ` +
+      'wait until the clone is hydrated (see its status) or delete the clone',
+  );
+}
