@@ -60,6 +60,7 @@ function member(volume: string, copies: Array<[string, string, string?]>): Snaps
     savedBytes: 0,
     exportUri: `nbd+unix:///${volume}@${ID}?socket=/x`,
     holdMs: 0,
+    uid: `uid-${volume}`,
     copies: copies.map(([node, state, reason]) => ({
       address: `${node}:7400`,
       node,
