@@ -669,7 +669,7 @@ export class Agent implements ExportSource {
     for (const link of rv.peerLinks()) {
       const base = { address: link.address, node: link.node, differingOffsets: [] as number[] };
       try {
-        const remote = await link.snapshotDigests(name);
+        const remote = await link.snapshotDigests(name, rv.snapshots.get(name).uid);
         const differing: number[] = [];
         for (let at = 0; at < local.length; at += 16) {
           if (local.compare(remote.digests, at, at + 16, at, at + 16) !== 0)

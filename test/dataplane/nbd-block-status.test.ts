@@ -211,6 +211,39 @@ print(json.dumps(out))`;
     });
   });
 
+  it('lists exactly the ranges written since a snapshot as lockstep:changed:<snapshot>', async () => {
+    const changedUri = await agent.createVolume('changes', '64MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 8m', changedUri]);
+    await agent.ctl('snapshot', 'create', 'changes', 'base');
+    await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x22 4k 8k', // inside written data
+      '-c',
+      'write -P 0x33 10m 1000', // part of one block, in a hole
+      '-c',
+      'write -P 0x44 20m 1m',
+      changedUri,
+    ]);
+    const listed = (await run('nbdinfo', ['--list', changedUri.replace('/changes?', '/?')]))
+      .split('\n')
+      .map((l) => l.trim());
+    expect(listed).toContain('lockstep:changed:base');
+    const out = JSON.parse(
+      await run('nbdinfo', ['--map=lockstep:changed:base', '--json', changedUri]),
+    ) as { offset: number; length: number; type: number }[];
+    const changed = out.filter((e) => e.type === 1).map((e) => [e.offset, e.length]);
+    expect(changed).toEqual([
+      [4 * KiB, 8 * KiB],
+      [10 * MiB, 4 * KiB],
+      [20 * MiB, MiB],
+    ]);
+    expect(out.reduce((sum, e) => sum + e.length, 0)).toBe(SIZE);
+    // An unknown snapshot's context is not offered.
+    await expect(run('nbdinfo', ['--map=lockstep:changed:nope', changedUri])).rejects.toThrow();
+  });
+
   it('reports everything as data once the allocation is unknown (after a crash)', async () => {
     await agent.kill('SIGKILL');
     await agent.start();

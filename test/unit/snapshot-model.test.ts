@@ -235,6 +235,26 @@ describe('snapshots against an in-memory model', () => {
     again.dev.close();
   });
 
+  it('a damaged record with whole records after it is refused, not silently cut short', async () => {
+    const v = await open(vol, dir, true);
+    await v.dev.write(0, Buffer.alloc(8192, 0xaa), false);
+    await v.catalog.create('s1');
+    await v.dev.write(0, Buffer.alloc(4096, 0xbb), false);
+    await v.dev.write(4096, Buffer.alloc(4096, 0xcc), false);
+    await v.catalog.close();
+    // A flipped byte in the first record's data: the second record is still whole.
+    const logFile = path.join(dir, 'snapshots', 'snap-1.log');
+    const fd = fs.openSync(logFile, 'r+');
+    fs.writeSync(fd, Buffer.from([0x00]), 0, 1, 4096 + 16 + 8 + 10);
+    fs.closeSync(fd);
+    await expect(
+      SnapshotCatalog.open('v', dir, SIZE, (o, t) => vol.dev.read(o, t), vol.dev.allocation, log),
+    ).rejects.toMatchObject({
+      code: 'LOCKSTEP_ERR_METADATA_CORRUPT',
+      message: /snap-1\.log: record at byte 4096 is damaged/,
+    });
+  });
+
   it('a log whose header is damaged is refused with a clear error', async () => {
     const v = await open(vol, dir, true);
     await v.catalog.create('s1');

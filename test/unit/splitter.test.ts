@@ -239,6 +239,27 @@ describe('the splitter: mode × peer outcome', () => {
     expect(legs[0].failures.length).toBe(outcome === 'failed' ? 1 : 0);
   });
 
+  it('drains a write still waiting for an overlapping one, not only the one in flight', async () => {
+    // A snapshot cut after the drain must not miss a write that then goes on to the peers.
+    const { splitter, legs } = setup('sync', ['acked']);
+    let releaseFirst!: () => void;
+    legs[0].hold = new Promise((r) => (releaseFirst = r));
+    const first = splitter.write(0, Buffer.alloc(4096, 1), false);
+    const second = splitter.write(4096, Buffer.alloc(4096, 2), false); // same region: waits
+    let drained = false;
+    const drain = splitter.drain().then(() => (drained = true));
+    let releaseSecond!: () => void;
+    legs[0].hold = new Promise((r) => (releaseSecond = r));
+    releaseFirst();
+    await first;
+    await new Promise((r) => setImmediate(r));
+    expect(legs[0].sent.length).toBe(2); // the second is on its way to the peer
+    expect(drained).toBe(false);
+    releaseSecond();
+    await Promise.all([second, drain]);
+    expect(drained).toBe(true);
+  });
+
   it('lets a resync copy of a region wait for the async write still on its way there', async () => {
     const { splitter, legs } = setup('async', ['acked']);
     let release!: () => void;

@@ -54,7 +54,14 @@ export async function snapshotAtOnePoint(
   try {
     for (const rv of members) {
       const uid = randomUUID();
-      prepared.push({ rv, uid, log: await rv.snapshots.prepare(name, label, uid) });
+      // The peers prepare theirs meanwhile; one that could not just takes it whole in the hold.
+      const [log] = await Promise.all([
+        rv.snapshots.prepare(name, label, uid),
+        ...rv
+          .snapshotPeers()
+          .ready.map((link) => link.prepareSnapshot(name, label, uid).catch(() => undefined)),
+      ]);
+      prepared.push({ rv, uid, log });
     }
   } catch (err) {
     for (const p of prepared) await p.rv.snapshots.discard(p.log);

@@ -54,7 +54,7 @@ export class Splitter implements BlockDevice {
   /** Async ops answered on the local copy and still on their way to the peers, by region. */
   private readonly peerOrder = new PeerOrder();
   private readonly backlog: Backlog = { writes: 0, bytes: 0 };
-  /** Writes between their lock and their last leg. */
+  /** Writes between their arrival (a write waiting for its regions counts) and their last leg. */
   private inFlight = 0;
   private idle: (() => void)[] = [];
 
@@ -115,7 +115,11 @@ export class Splitter implements BlockDevice {
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
-  /** Settles once no write is between its lock and its last leg. */
+  /**
+   * Settles once no write is between its arrival and its last leg: one still waiting for an
+   * overlapping write's regions counts too, or it would start after the drain (after a
+   * snapshot's cut here, say) but could reach a peer before that peer's cut.
+   */
   drain(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => this.idle.push(resolve));
@@ -151,9 +155,9 @@ export class Splitter implements BlockDevice {
     const { activity, policy, regionSize } = this.parts;
     const first = Math.floor(offset / regionSize);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / regionSize);
+    this.inFlight++;
     const wait = this.locks.acquire(first, last);
     if (wait) await wait;
-    this.inFlight++;
     const unlock = () => this.locks.release(first, last);
     // The activity log keeps the regions until every copy has the write.
     const settled = () => {

@@ -336,6 +336,17 @@ export class PeerLink implements ResyncTarget {
     );
   }
 
+  /** Prepares the peer's snapshot ahead of the hold (see TakeSnapshot). */
+  async prepareSnapshot(name: string, label: string, uid: string): Promise<void> {
+    await this.unary((o, cb) =>
+      this.rpc.PrepareSnapshot(
+        { volume: this.host.volumeName, uuid: this.host.uuid, name, label, uid },
+        o,
+        cb,
+      ),
+    );
+  }
+
   async dropSnapshot(name: string): Promise<void> {
     await this.unary((o, cb) =>
       this.rpc.DropSnapshot({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),
@@ -368,9 +379,13 @@ export class PeerLink implements ResyncTarget {
   }
 
   /** The peer's per-region digests of a snapshot (see SnapshotCatalog.digests). */
-  snapshotDigests(name: string): Promise<SnapshotDigestsResponse__Output> {
+  snapshotDigests(name: string, uid: string): Promise<SnapshotDigestsResponse__Output> {
     return this.unary<SnapshotDigestsResponse__Output>((o, cb) =>
-      this.rpc.SnapshotDigests({ volume: this.host.volumeName, uuid: this.host.uuid, name }, o, cb),
+      this.rpc.SnapshotDigests(
+        { volume: this.host.volumeName, uuid: this.host.uuid, name, uid },
+        o,
+        cb,
+      ),
     );
   }
 

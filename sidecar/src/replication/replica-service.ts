@@ -71,6 +71,23 @@ function sameVolume(host: ReplicaHost, name: string, uuid: string): ReplicaVolum
   return rv;
 }
 
+/** Throws unless this copy's snapshot of that name is the primary's (same uid). */
+function sameSnapshot(
+  host: ReplicaHost,
+  snapshots: SnapshotCatalog,
+  volume: string,
+  name: string,
+  uid: string,
+): void {
+  const snapshot = snapshots.get(name);
+  if (snapshot.uid !== uid)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_SNAPSHOT_NOT_FOUND',
+      `snapshot ${volume}@${name} on node ${host.node} is another snapshot of that name ` +
+        `(${snapshot.uid || 'local'}, not ${uid}): this copy never took the primary's`,
+    );
+}
+
 export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
   return {
     Handshake: unary(async (req) => {
@@ -164,11 +181,17 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       // A copy left over from an earlier snapshot of this name (one whose drop never arrived)
       // would not hold what the primary's holds: replaced, never kept under the name.
       if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
-      const taken = await snapshots.create(req.name, req.label, req.uid);
+      const taken = await snapshots.take(req.name, req.label, req.uid);
       host.log.info(
         { volume: req.volume, snapshot: req.name, label: req.label, holdMs: taken.holdMs },
         'replicated snapshot taken',
       );
+      return {};
+    }),
+    PrepareSnapshot: unary(async (req) => {
+      const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      await snapshots.reserve(req.name, req.label, req.uid);
       return {};
     }),
     DropSnapshot: unary(async (req) => {
@@ -178,13 +201,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     }),
     CloneSnapshot: unary(async (req) => {
       const source = sameVolume(host, req.volume, req.uuid);
-      const snapshot = source.snapshots.get(req.name);
-      if (snapshot.uid !== req.snapshotUid)
-        throw new LockstepError(
-          'LOCKSTEP_ERR_SNAPSHOT_NOT_FOUND',
-          `snapshot ${req.volume}@${req.name} on node ${host.node} is another snapshot of that name ` +
-            `(${snapshot.uid || 'local'}, not ${req.snapshotUid}): this copy never took the primary's`,
-        );
+      sameSnapshot(host, source.snapshots, req.volume, req.name, req.snapshotUid);
       const existing = host.replicated(req.newVolume);
       if (existing) {
         if (existing.uuid === req.newUuid) return {}; // the primary repeats itself
@@ -208,6 +225,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     }),
     SnapshotDigests: unary(async (req) => {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);
+      sameSnapshot(host, snapshots, req.volume, req.name, req.uid);
       return { regionSize: VERIFY_REGION, digests: await snapshots.digests(req.name) };
     }),
   };

@@ -50,6 +50,26 @@ export interface SnapshotDescription {
    * snapshot that happens to bear the name is never taken for this one.
    */
   uid: string;
+  /**
+   * Set while the log exists but the snapshot has not been cut (prepared ahead of a hold): a
+   * log still prepared when the agent starts is removed, never taken for a snapshot.
+   */
+  prepared?: boolean;
+}
+
+/** The header's description fits one sector, so rewriting it (at the cut) is atomic. */
+const HEADER_SECTOR = 512;
+
+function headerOf(description: SnapshotDescription): Buffer {
+  const json = Buffer.from(JSON.stringify(description));
+  if (json.length > HEADER_SECTOR - 16)
+    throw new LockstepError('LOCKSTEP_ERR_INVALID_ARGUMENT', 'snapshot name or label too long');
+  const header = Buffer.alloc(HEADER_SECTOR);
+  header.write(FILE_MAGIC, 0, 'latin1');
+  header.writeUInt32LE(json.length, 8);
+  header.writeUInt32LE(crc32(json), 12);
+  json.copy(header, 16);
+  return header;
 }
 
 /** Where a saved block is: its data's offset in the log, or ZERO_BLOCK. */
@@ -133,14 +153,8 @@ export class SavedLog {
 
   /** Creates the log of a new snapshot; durable (file and directory entry) when it resolves. */
   static async create(file: string, description: SnapshotDescription): Promise<SavedLog> {
-    const json = Buffer.from(JSON.stringify(description));
-    if (json.length > HEADER_BYTES - 16)
-      throw new LockstepError('LOCKSTEP_ERR_INVALID_ARGUMENT', 'snapshot name or label too long');
     const header = Buffer.alloc(HEADER_BYTES);
-    header.write(FILE_MAGIC, 0, 'latin1');
-    header.writeUInt32LE(json.length, 8);
-    header.writeUInt32LE(crc32(json), 12);
-    json.copy(header, 16);
+    headerOf(description).copy(header);
     let fd: number;
     try {
       fd = fs.openSync(
@@ -190,20 +204,38 @@ export class SavedLog {
     }
   }
 
-  private async replay(size: number): Promise<void> {
+  /** The record at `pos` if it is whole (magic, bounds, CRC), else undefined. */
+  private async recordAt(
+    pos: number,
+    size: number,
+  ): Promise<{ count: number; length: number; body: Buffer } | undefined> {
+    if (pos + RECORD_HEAD > size) return undefined;
     const head = Buffer.alloc(RECORD_HEAD);
+    await pread(this.fd, head, pos);
+    if (head.readUInt32LE(0) !== RECORD_MAGIC) return undefined;
+    const count = head.readUInt32LE(4);
+    const dataBlocks = head.readUInt32LE(12);
+    const length = RECORD_HEAD + count * ENTRY_BYTES + dataBlocks * BLOCK;
+    if (count === 0 || count > MAX_RECORD_BLOCKS || dataBlocks > count || pos + length > size)
+      return undefined;
+    const body = Buffer.allocUnsafe(length - RECORD_HEAD);
+    await pread(this.fd, body, pos + RECORD_HEAD);
+    if (crc32(body) !== head.readUInt32LE(8)) return undefined;
+    return { count, length, body };
+  }
+
+  private async replay(size: number): Promise<void> {
     let pos = HEADER_BYTES;
-    while (pos + RECORD_HEAD <= size) {
-      await pread(this.fd, head, pos);
-      if (head.readUInt32LE(0) !== RECORD_MAGIC) break;
-      const count = head.readUInt32LE(4);
-      const dataBlocks = head.readUInt32LE(12);
-      const length = RECORD_HEAD + count * ENTRY_BYTES + dataBlocks * BLOCK;
-      if (count === 0 || count > MAX_RECORD_BLOCKS || dataBlocks > count || pos + length > size)
+    for (;;) {
+      const record = await this.recordAt(pos, size);
+      if (!record) {
+        // Only the last record can be torn (no append follows one that did not return). A bad
+        // record with a whole one after it is damage: refused, never silently cut short.
+        if (await this.wholeRecordAfter(pos, size))
+          throw corrupt(this.file, `record at byte ${pos} is damaged (records follow it)`);
         break;
-      const body = Buffer.allocUnsafe(length - RECORD_HEAD);
-      await pread(this.fd, body, pos + RECORD_HEAD);
-      if (crc32(body) !== head.readUInt32LE(8)) break;
+      }
+      const { count, length, body } = record;
       let data = pos + RECORD_HEAD + count * ENTRY_BYTES;
       for (let i = 0; i < count; i++) {
         const block = body.readUIntLE(i * ENTRY_BYTES, 6);
@@ -214,6 +246,30 @@ export class SavedLog {
       pos += length;
     }
     this.tail = pos;
+  }
+
+  /** Whether a bad record at `pos` claims a length after which a whole record follows. */
+  private async wholeRecordAfter(pos: number, size: number): Promise<boolean> {
+    if (pos + RECORD_HEAD > size) return false;
+    const head = Buffer.alloc(RECORD_HEAD);
+    await pread(this.fd, head, pos);
+    if (head.readUInt32LE(0) !== RECORD_MAGIC) return false;
+    const count = head.readUInt32LE(4);
+    const dataBlocks = head.readUInt32LE(12);
+    if (count === 0 || count > MAX_RECORD_BLOCKS || dataBlocks > count) return false;
+    const next = pos + RECORD_HEAD + count * ENTRY_BYTES + dataBlocks * BLOCK;
+    return (await this.recordAt(next, size)) !== undefined;
+  }
+
+  /** Records that the snapshot was cut: from now on it exists, whatever happens. */
+  async markCut(): Promise<void> {
+    const cut = { ...this.description, prepared: undefined };
+    try {
+      await writev(this.fd, [headerOf(cut)], 0);
+    } catch (err) {
+      throw ioError('cut', this.file, err);
+    }
+    this.description.prepared = undefined;
   }
 
   /** Bytes of saved data (records included). */

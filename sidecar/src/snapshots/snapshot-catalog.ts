@@ -59,15 +59,18 @@ interface Link {
   deleted: boolean;
 }
 
-export function validateSnapshotName(name: string): void {
+export function validateSnapshotName(name: string, what = 'snapshot name'): void {
   if (!NAME_PATTERN.test(name)) {
     throw new LockstepError(
       'LOCKSTEP_ERR_INVALID_ARGUMENT',
-      `invalid snapshot name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '-', '.', '_', ` +
+      `invalid ${what} ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '-', '.', '_', ` +
         'starting and ending with a letter or digit',
     );
   }
 }
+
+/** How long a snapshot prepared for a primary's cut waits for it before it is dropped. */
+const RESERVATION_MS = 30_000;
 
 function notFound(volume: string, name: string): LockstepError {
   return new LockstepError(
@@ -85,6 +88,7 @@ export class SnapshotCatalog {
   private readsDone: (() => void)[] = [];
   private closed = false;
   private readonly digestCache = new Map<number, Buffer>();
+  private readonly reserved = new Map<string, { log: SavedLog; timer: NodeJS.Timeout }>();
   private readonly changedCache = new Map<string, { key: string; blocks: number[] }>();
   /** Never reused while the agent runs: a reclaim in progress still removes its old id's file. */
   private nextId: number;
@@ -127,7 +131,16 @@ export class SnapshotCatalog {
     found.sort((a, b) => a.id - b.id);
     const chain: Link[] = [];
     try {
-      for (const f of found) chain.push({ log: await SavedLog.open(f.file), deleted: f.deleted });
+      for (const f of found) {
+        const log = await SavedLog.open(f.file);
+        if (log.description.prepared) {
+          // Prepared for a cut that never happened: no snapshot, nothing saved in it.
+          await log.close();
+          await fs.promises.rm(f.file, { force: true });
+          continue;
+        }
+        chain.push({ log, deleted: f.deleted });
+      }
     } catch (err) {
       for (const l of chain) await l.log.close();
       throw err;
@@ -179,9 +192,36 @@ export class SnapshotCatalog {
   /** The second half: the prepared log becomes the newest, at a cut. */
   async cut(prepared: SavedLog): Promise<SnapshotInfo & { holdMs: number }> {
     const previous = this.guard.receiving;
-    const holdMs = await this.guard.cut(() => this.adopt(prepared));
+    const holdMs = await this.guard.cut(async () => {
+      await prepared.markCut();
+      return this.adopt(prepared);
+    });
     await previous?.seal();
     return { ...info(prepared), holdMs };
+  }
+
+  /**
+   * A copy's half of a replicated cut, ahead of the primary's hold: the log is prepared now,
+   * and `take` with the same uid only cuts it. Dropped if the cut does not come.
+   */
+  async reserve(name: string, label: string, uid: string): Promise<void> {
+    const log = await this.prepare(name, label, uid);
+    const timer = setTimeout(() => {
+      if (this.reserved.get(uid)?.log !== log) return;
+      this.reserved.delete(uid);
+      void this.discard(log).catch(() => undefined);
+    }, RESERVATION_MS);
+    timer.unref();
+    this.reserved.set(uid, { log, timer });
+  }
+
+  /** Cuts the snapshot reserved under `uid`, or takes it whole if none was. */
+  async take(name: string, label: string, uid: string): Promise<SnapshotInfo & { holdMs: number }> {
+    const reserved = this.reserved.get(uid);
+    if (!reserved) return this.create(name, label, uid);
+    this.reserved.delete(uid);
+    clearTimeout(reserved.timer);
+    return this.cut(reserved.log);
   }
 
   /** Forgets a prepared snapshot that was never cut (a group cut that gave up). */
@@ -197,6 +237,7 @@ export class SnapshotCatalog {
    */
   async prepare(name: string, label: string, uid: string = randomUUID()): Promise<SavedLog> {
     validateSnapshotName(name);
+    if (label) validateSnapshotName(label, 'label');
     if (this.closed)
       throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `volume ${this.volume} is closed`);
     if (this.chain.some((l) => !l.deleted && l.log.description.name === name)) {
@@ -207,7 +248,14 @@ export class SnapshotCatalog {
     }
     const id = this.nextId++;
     const file = path.join(this.dir, `snap-${id}.log`);
-    const log = await SavedLog.create(file, { id, name, label, createdAtMs: Date.now(), uid });
+    const log = await SavedLog.create(file, {
+      id,
+      name,
+      label,
+      createdAtMs: Date.now(),
+      uid,
+      prepared: true,
+    });
     await fsyncDir(this.dir);
     return log;
   }
