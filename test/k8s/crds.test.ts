@@ -191,6 +191,11 @@ describe('lockstep.dev CRDs', () => {
         /spec.label in body should match/,
       ],
       [
+        'a label with capitals (the agents take lowercase only)',
+        { source: { consistencyGroup: 'db' }, label: 'Nightly' },
+        /spec.label in body should match/,
+      ],
+      [
         'a label that ends in a dash',
         { source: { consistencyGroup: 'db' }, label: 'nightly-' },
         /spec.label in body should match/,

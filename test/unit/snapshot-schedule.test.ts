@@ -9,14 +9,14 @@ import {
 import { syncRelationship } from './relationship-fixture';
 
 const rel = syncRelationship();
-const hourly: SnapshotSchedule = { label: 'Hourly_db', intervalMinutes: 60, keep: 2 };
+const hourly: SnapshotSchedule = { label: 'hourly_db', intervalMinutes: 60, keep: 2 };
 const at = (iso: string) => new Date(iso);
 
 function made(
   name: string,
   created: string,
   ready = true,
-  key = 'r/Hourly_db',
+  key = 'r/hourly_db',
 ): ReplicatedSnapshot {
   return {
     metadata: {
@@ -25,7 +25,7 @@ function made(
       creationTimestamp: at(created),
       annotations: { [SCHEDULE_ANNOTATION]: key },
     },
-    spec: { source: { consistencyGroup: 'g' }, label: 'Hourly_db' },
+    spec: { source: { consistencyGroup: 'g' }, label: 'hourly_db' },
     status: { readyToUse: ready },
   };
 }
@@ -39,9 +39,9 @@ describe('a snapshot schedule', () => {
       metadata: {
         name: 'r-hourly-db-20260301-1200',
         namespace: 'ns',
-        annotations: { [SCHEDULE_ANNOTATION]: 'r/Hourly_db' },
+        annotations: { [SCHEDULE_ANNOTATION]: 'r/hourly_db' },
       },
-      spec: { source: { consistencyGroup: 'g' }, label: 'Hourly_db', verify: false },
+      spec: { source: { consistencyGroup: 'g' }, label: 'hourly_db', verify: false },
     });
     expect(step.nextAt).toEqual(at('2026-03-01T13:00:00Z'));
     expect(step.prune).toEqual([]);

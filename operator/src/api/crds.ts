@@ -8,8 +8,8 @@ export const GROUP = 'lockstep.dev';
 export const VERSION = 'v1alpha1';
 
 const DNS_LABEL = '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$';
-/** A snapshot label: what a Kubernetes label value may be (and a retention policy selects by). */
-const SNAPSHOT_LABEL = '^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$';
+/** A snapshot label, as the agents accept it (the same rule as their snapshot names). */
+const SNAPSHOT_LABEL = '^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$';
 const HOST_PORT = '^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$';
 
 interface Kind {
@@ -293,7 +293,7 @@ const replicatedSnapshot: Kind = {
         },
       ),
       label: str(
-        'A free label carried by the snapshot on every copy (e.g. hourly, pre-upgrade): 1-63 letters, digits, "-", "_", ".", starting and ending with a letter or digit.',
+        'A label carried by the snapshot on every copy (e.g. hourly, pre-upgrade): 1-63 lowercase letters, digits, "-", "_", ".", starting and ending with a letter or digit.',
         { pattern: SNAPSHOT_LABEL, maxLength: 63 },
       ),
       verify: bool(

@@ -86,7 +86,7 @@ function prune(snapshots: readonly ReplicatedSnapshot[], keep: number): string[]
 function slotName(rel: SyncRelationship, schedule: SnapshotSchedule, slot: number): string {
   const stamp = new Date(slot).toISOString(); // 2026-03-01T12:00:00.000Z
   const when = `${stamp.slice(0, 10).replaceAll('-', '')}-${stamp.slice(11, 16).replace(':', '')}`;
-  const label = schedule.label.toLowerCase().replace(/[._]/g, '-');
+  const label = schedule.label.replace(/[._]/g, '-');
   return `${rel.metadata.name}-${label}-${when}`;
 }
 
