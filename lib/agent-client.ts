@@ -36,9 +36,10 @@ export class AgentClient {
 
   private call<Res>(
     invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
+    timeoutMs = this.timeoutMs,
   ): Promise<Res> {
     return new Promise((resolve, reject) => {
-      invoke({ deadline: Date.now() + this.timeoutMs }, (err, res) =>
+      invoke({ deadline: Date.now() + timeoutMs }, (err, res) =>
         err ? reject(fromServiceError(err, this.target)) : resolve(res!),
       );
     });
@@ -128,6 +129,7 @@ export class AgentClient {
     return this.call<VolumeInfo>((o, cb) => this.raw.RollbackSnapshot({ volume, name }, o, cb));
   }
 
+  /** Names a set of volumes snapshotted together; idempotent for the same volumes. */
   createGroup(name: string, volumes: string[]): Promise<GroupInfo> {
     return this.call<GroupInfo>((o, cb) => this.raw.CreateGroup({ name, volumes }, o, cb));
   }
@@ -141,6 +143,7 @@ export class AgentClient {
     await this.call((o, cb) => this.raw.DeleteGroup({ name }, o, cb));
   }
 
+  /** Snapshots every member of a group at one write-order point (and its in-sync copies). */
   snapshotGroup(
     group: string,
     name: string,
@@ -151,8 +154,15 @@ export class AgentClient {
     );
   }
 
-  verifySnapshot(volume: string, name: string): Promise<Verification> {
-    return this.call<Verification>((o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb));
+  /**
+   * Compares a snapshot's per-region hashes on this copy and on its peers' copies. It reads
+   * the whole snapshot on every copy, so it gets its own deadline (default 10 minutes).
+   */
+  verifySnapshot(volume: string, name: string, timeoutMs = 600_000): Promise<Verification> {
+    return this.call<Verification>(
+      (o, cb) => this.raw.VerifySnapshot({ volume, name }, o, cb),
+      timeoutMs,
+    );
   }
 
   cloneSnapshot(volume: string, name: string, newVolume: string): Promise<VolumeInfo> {

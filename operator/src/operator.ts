@@ -7,7 +7,12 @@ import * as k8s from '@kubernetes/client-node';
 import type { Logger } from '../../lib/logger';
 import { GROUP, VERSION } from '../../lib/kube';
 import { splitHostPort } from '../../lib/host-port';
-import type { ConsistencyGroup, LockstepNode, SyncRelationship } from './api/types';
+import type {
+  ConsistencyGroup,
+  LockstepNode,
+  ReplicatedSnapshot,
+  SyncRelationship,
+} from './api/types';
 import { AgentPool } from './agents/agent-pool';
 import { AgentWatcher } from './agents/agent-watcher';
 import { SupervisedInformer } from './informers/supervised-informer';
@@ -15,10 +20,14 @@ import { LeaderElector } from './leader/lease-election';
 import { ControllerMetrics } from './metrics';
 import { ConsistencyGroupReconciler } from './reconcilers/consistency-group';
 import { LockstepNodeReconciler } from './reconcilers/lockstep-node';
+import { ReplicatedSnapshotReconciler } from './reconcilers/replicated-snapshot';
+import { SnapshotScheduleReconciler } from './reconcilers/snapshot-schedule';
 import { SyncRelationshipReconciler } from './reconcilers/sync-relationship';
 import { groupUsesPvc, type Lookup } from './resolve/group-volumes';
 import { agentVolumeName } from './resolve/relationship-plan';
+import { SCHEDULE_ANNOTATION } from './resolve/snapshot-schedule';
 import { EventRecorder } from './status/event-recorder';
+import { needsVerification } from './status/snapshot-status';
 import { runControllerLoop, type ReconcileResult } from './workqueue/controller-loop';
 import { WorkQueue } from './workqueue/work-queue';
 
@@ -52,6 +61,8 @@ export class Operator {
     relationships: new WorkQueue(),
     groups: new WorkQueue(),
     nodes: new WorkQueue(),
+    snapshots: new WorkQueue(),
+    schedules: new WorkQueue(),
   };
   private readonly informers: SupervisedInformer<k8s.KubernetesObject>[] = [];
   private loops: Promise<void>[] = [];
@@ -62,6 +73,7 @@ export class Operator {
   readonly relationships: SupervisedInformer<SyncRelationship>;
   readonly groups: SupervisedInformer<ConsistencyGroup>;
   readonly nodes: SupervisedInformer<LockstepNode>;
+  readonly snapshots: SupervisedInformer<ReplicatedSnapshot>;
   private readonly leases: SupervisedInformer<k8s.V1Lease>;
   private readonly pvcs: SupervisedInformer<k8s.V1PersistentVolumeClaim>;
   private readonly pvs: SupervisedInformer<k8s.V1PersistentVolume>;
@@ -88,11 +100,14 @@ export class Operator {
         onChange,
       );
 
-    this.relationships = custom<SyncRelationship>('syncrelationships', (r) =>
-      this.queues.relationships.add(keyOf(r)),
-    );
+    this.relationships = custom<SyncRelationship>('syncrelationships', (r) => {
+      this.queues.relationships.add(keyOf(r));
+      if (r.spec.snapshotSchedules?.length) this.queues.schedules.add(keyOf(r));
+      this.enqueueUnsettledSnapshots(r.metadata.namespace);
+    });
     this.groups = custom<ConsistencyGroup>('consistencygroups', (g) => {
       this.queues.groups.add(keyOf(g));
+      this.enqueueUnsettledSnapshots(g.metadata.namespace);
       this.enqueueRelationships(
         (r) =>
           r.metadata.namespace === g.metadata.namespace &&
@@ -102,6 +117,12 @@ export class Operator {
     this.nodes = custom<LockstepNode>('lockstepnodes', (n) => {
       this.queues.nodes.add(n.metadata.name);
       this.enqueueRelationships((r) => usesNode(r, n.metadata.name));
+    });
+    this.snapshots = custom<ReplicatedSnapshot>('replicatedsnapshots', (s) => {
+      this.queues.snapshots.add(keyOf(s));
+      // A scheduled snapshot that became ready (or went) may put an older one past retention.
+      const schedule = s.metadata.annotations?.[SCHEDULE_ANNOTATION];
+      if (schedule) this.queues.schedules.add(`${s.metadata.namespace}/${schedule.split('/')[0]}`);
     });
     this.leases = this.informer<k8s.V1Lease>(
       'leases',
@@ -151,6 +172,18 @@ export class Operator {
 
   private enqueueRelationships(pred: (r: SyncRelationship) => boolean): void {
     for (const r of this.relationships.list()) if (pred(r)) this.queues.relationships.add(keyOf(r));
+  }
+
+  /**
+   * Snapshots still waiting to be taken or verified, which a change of their relationship or
+   * group may unblock; settled ones are left alone.
+   */
+  private enqueueUnsettledSnapshots(namespace: string | undefined): void {
+    for (const s of this.snapshots.list(namespace)) {
+      if (s.metadata.deletionTimestamp || !s.status?.readyToUse || needsVerification(s)) {
+        this.queues.snapshots.add(keyOf(s));
+      }
+    }
   }
 
   private pvcChanged(pvc: k8s.V1PersistentVolumeClaim): void {
@@ -205,6 +238,10 @@ export class Operator {
     for (const r of this.relationships.list()) this.queues.relationships.add(keyOf(r));
     for (const g of this.groups.list()) this.queues.groups.add(keyOf(g));
     for (const n of this.nodes.list()) this.queues.nodes.add(n.metadata.name);
+    for (const s of this.snapshots.list()) this.queues.snapshots.add(keyOf(s));
+    for (const r of this.relationships.list()) {
+      if (r.spec.snapshotSchedules?.length) this.queues.schedules.add(keyOf(r));
+    }
 
     const events = new EventRecorder(options.kc, this.identity, log);
     const rel = new SyncRelationshipReconciler({
@@ -229,6 +266,25 @@ export class Operator {
       objects: this.objects,
       events,
     });
+    const snapshots = new ReplicatedSnapshotReconciler({
+      snapshots: this.snapshots,
+      relationships: this.relationships,
+      groups: this.groups,
+      nodes: this.nodes,
+      lookup: this.lookup,
+      leaseOf: this.leaseOf,
+      agents: this.pool,
+      objects: this.objects,
+      events,
+      log: log.child({ controller: 'replicatedsnapshot' }),
+    });
+    const schedules = new SnapshotScheduleReconciler({
+      relationships: this.relationships,
+      snapshots: this.snapshots,
+      objects: this.objects,
+      events,
+      log: log.child({ controller: 'snapshotschedule' }),
+    });
     const loop = (
       name: string,
       queue: WorkQueue,
@@ -245,6 +301,8 @@ export class Operator {
       loop('syncrelationship', this.queues.relationships, (k) => rel.reconcile(k), 8),
       loop('consistencygroup', this.queues.groups, (k) => group.reconcile(k), 2),
       loop('lockstepnode', this.queues.nodes, (k) => node.reconcile(k), 2),
+      loop('replicatedsnapshot', this.queues.snapshots, (k) => snapshots.reconcile(k), 4),
+      loop('snapshotschedule', this.queues.schedules, (k) => schedules.reconcile(k), 1),
     ];
     this.watcher = new AgentWatcher({
       pool: this.pool,

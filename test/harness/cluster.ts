@@ -39,6 +39,7 @@ export function installLockstep(): void {
     'syncrelationships.lockstep.dev',
     'consistencygroups.lockstep.dev',
     'lockstepnodes.lockstep.dev',
+    'replicatedsnapshots.lockstep.dev',
   ]);
 }
 

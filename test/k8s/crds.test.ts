@@ -48,6 +48,7 @@ describe('lockstep.dev CRDs', () => {
             'syncrelationships.lockstep.dev',
             'consistencygroups.lockstep.dev',
             'lockstepnodes.lockstep.dev',
+            'replicatedsnapshots.lockstep.dev',
           ])
             ? true
             : undefined,
@@ -95,6 +96,21 @@ describe('lockstep.dev CRDs', () => {
       'a target on the source node',
       { targets: [{ node: 'node-a' }] },
       /a target cannot be the source node/,
+    ],
+    [
+      'a snapshot schedule that keeps nothing',
+      { snapshotSchedules: [{ label: 'hourly', intervalMinutes: 60, keep: 0 }] },
+      /spec.snapshotSchedules\[0\].keep: Invalid value: 0/,
+    ],
+    [
+      'two snapshot schedules of one label',
+      {
+        snapshotSchedules: [
+          { label: 'hourly', intervalMinutes: 60, keep: 24 },
+          { label: 'hourly', intervalMinutes: 30, keep: 4 },
+        ],
+      },
+      /spec.snapshotSchedules\[1\]: Duplicate value/,
     ],
     [
       'a region size that is not offered',
@@ -147,5 +163,77 @@ describe('lockstep.dev CRDs', () => {
       spec: { volumes: { file: string }[] };
     };
     expect(got.spec.volumes.map((v) => v.file)).toEqual(['disk.img', 'log.img']);
+  });
+
+  describe('ReplicatedSnapshot', () => {
+    const snapshot = (name: string, spec: Record<string, unknown>) => ({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'ReplicatedSnapshot',
+      metadata: { name, namespace: 'default' },
+      spec,
+    });
+
+    it.each([
+      ['no source', {}, /spec.source: Required value/],
+      [
+        'a source naming neither a group nor a volume',
+        { source: {} },
+        /set exactly one of source.consistencyGroup or source.persistentVolumeClaimName/,
+      ],
+      [
+        'a source naming both a group and a volume',
+        { source: { consistencyGroup: 'db', persistentVolumeClaimName: 'db-data' } },
+        /set exactly one of source.consistencyGroup or source.persistentVolumeClaimName/,
+      ],
+      [
+        'a label with spaces',
+        { source: { consistencyGroup: 'db' }, label: 'before upgrade' },
+        /spec.label in body should match/,
+      ],
+      [
+        'a label with capitals (the agents take lowercase only)',
+        { source: { consistencyGroup: 'db' }, label: 'Nightly' },
+        /spec.label in body should match/,
+      ],
+      [
+        'a label that ends in a dash',
+        { source: { consistencyGroup: 'db' }, label: 'nightly-' },
+        /spec.label in body should match/,
+      ],
+      [
+        'a label longer than 63 characters',
+        { source: { consistencyGroup: 'db' }, label: 'x'.repeat(64) },
+        /spec.label: Too long/,
+      ],
+      [
+        'a group name that is not a DNS label',
+        { source: { consistencyGroup: 'DB_1' } },
+        /spec.source.consistencyGroup in body should match/,
+      ],
+    ])('refuse %s', (_what, spec, message) => {
+      expect(rejection(snapshot('bad', spec))).toMatch(message);
+    });
+
+    it('accept a valid one, keep its source and label immutable, and let verify change', () => {
+      apply(snapshot('nightly', { source: { consistencyGroup: 'db' }, label: 'nightly' }));
+      expect(
+        rejection(snapshot('nightly', { source: { consistencyGroup: 'db2' }, label: 'nightly' })),
+      ).toMatch(/source is immutable/);
+      expect(
+        rejection(snapshot('nightly', { source: { consistencyGroup: 'db' }, label: 'weekly' })),
+      ).toMatch(/label is immutable/);
+      expect(rejection(snapshot('nightly', { source: { consistencyGroup: 'db' } }))).toMatch(
+        /label is immutable/,
+      );
+      apply(
+        snapshot('nightly', { source: { consistencyGroup: 'db' }, label: 'nightly', verify: true }),
+      );
+      apply(snapshot('one', { source: { persistentVolumeClaimName: 'db-data' } }));
+      const table = kubectl(kubeconfig, ['get', 'lrs']);
+      expect(table.split('\n')[0]).toMatch(
+        /^NAME\s+READY\s+PHASE\s+GROUP\s+LABEL\s+COPIES\s+VERIFIED\s+CREATED\s+AGE$/,
+      );
+      expect(table).toMatch(/^nightly\s+nightly\s+/m);
+    });
   });
 });

@@ -2,11 +2,15 @@
 // agents as separate processes standing in for two nodes, local PVs in temp dirs bound through
 // the real PV controller, operator replicas running with the ServiceAccount tokens of
 // deploy/rbac. A SyncRelationship walks through baseline to InSync; losing the replica shows
-// as Degraded with an Event; the standby operator takes over; at rest the operator writes
-// nothing; deleting the relationship stops replication and keeps the files.
+// as Degraded with an Event; ReplicatedSnapshots of the group and of one volume are taken on
+// both copies, verified, and deleted on both with their objects (one taken while the replica
+// is down shows the missing copy), and on a schedule with retention; the standby operator
+// takes over; at rest the operator writes nothing; deleting the relationship stops
+// replication and keeps the files.
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
 import { fioVerify } from '../harness/agent-process';
 import {
@@ -53,6 +57,30 @@ interface RelationshipJson {
     conditions?: Condition[];
   };
 }
+interface SnapshotJson {
+  metadata: { uid: string; generation: number; finalizers?: string[] };
+  status?: {
+    observedGeneration?: number;
+    phase?: string;
+    snapshotID?: string;
+    readyToUse?: boolean;
+    creationTime?: string;
+    consistencyGroup?: string;
+    primaryNode?: string;
+    restoreSizeBytes?: number;
+    copiesTaken?: string;
+    volumes?: Array<{
+      name: string;
+      persistentVolumeClaimName: string;
+      volumeHandle: string;
+      snapshotHandle: string;
+      sizeBytes: number;
+      copies: Array<{ node: string; state: string; verification?: string }>;
+    }>;
+    verification?: { result: string; regionSize: number; differingRegions: number };
+    conditions?: Condition[];
+  };
+}
 interface AuditEvent {
   verb: string;
   stage: string;
@@ -61,6 +89,13 @@ interface AuditEvent {
 }
 
 const relationship = (name: string): RelationshipJson => getJson('lsr', name, '-n', NS);
+const snapshot = (name: string): SnapshotJson => getJson('lrs', name, '-n', NS);
+const replicatedSnapshot = (name: string, spec: object) => ({
+  apiVersion: 'lockstep.dev/v1alpha1',
+  kind: 'ReplicatedSnapshot',
+  metadata: { name, namespace: NS },
+  spec,
+});
 const condition = (r: RelationshipJson, type: string) =>
   r.status?.conditions?.find((c) => c.type === type);
 
@@ -339,6 +374,224 @@ describe('operator on a real control plane', () => {
     );
   });
 
+  it('takes a ReplicatedSnapshot of the group on both copies at one point, verifies it, with Events', async () => {
+    await phase('db-sync', 'InSync');
+    const asked = Date.now();
+    apply(
+      replicatedSnapshot('db-nightly', {
+        source: { consistencyGroup: 'db' },
+        label: 'nightly',
+        verify: true,
+      }),
+    );
+    const snap = await waitFor(
+      'db-nightly taken and verified',
+      () => {
+        const s = snapshot('db-nightly');
+        return Promise.resolve(s.status?.verification ? s : undefined);
+      },
+      60_000,
+      100,
+    );
+    const id = `rs-${snap.metadata.uid}`;
+    expect(snap.metadata.finalizers).toContain('lockstep.dev/snapshots');
+    expect(snap.status).toMatchObject({
+      observedGeneration: snap.metadata.generation,
+      phase: 'Ready',
+      readyToUse: true,
+      snapshotID: id,
+      consistencyGroup: 'db',
+      primaryNode: 'k8s-node-a',
+      restoreSizeBytes: 96 * MiB,
+      copiesTaken: '2/2',
+      verification: { result: 'Identical', differingRegions: 0 },
+    });
+    const cut = Date.parse(snap.status?.creationTime ?? '');
+    expect(cut).toBeGreaterThanOrEqual(asked - 1_000);
+    expect(cut).toBeLessThanOrEqual(Date.now());
+    expect(snap.status?.volumes).toEqual([
+      {
+        name: 'data',
+        persistentVolumeClaimName: 'data',
+        volumeHandle: `${NS}.db.data`,
+        snapshotHandle: `${NS}.db.data@${id}`,
+        sizeBytes: 64 * MiB,
+        copies: [
+          { node: 'k8s-node-a', state: 'Taken' },
+          { node: 'k8s-node-b', state: 'Taken', verification: 'Identical' },
+        ],
+      },
+      expect.objectContaining({
+        name: 'log',
+        snapshotHandle: `${NS}.db.log@${id}`,
+        copies: [
+          { node: 'k8s-node-a', state: 'Taken' },
+          { node: 'k8s-node-b', state: 'Taken', verification: 'Identical' },
+        ],
+      }),
+    ]);
+    for (const [type, status] of [
+      ['Ready', 'True'],
+      ['Replicated', 'True'],
+      ['Verified', 'True'],
+    ]) {
+      expect(snap.status?.conditions?.find((c) => c.type === type)).toMatchObject({ status });
+    }
+    // Both copies of both volumes hold it, under the same name and label.
+    for (const agent of [a, b]) {
+      for (const volume of ['data', 'log']) {
+        const held = await snapshotsOn(agent, `${NS}.db.${volume}`);
+        expect(held).toContainEqual(expect.objectContaining({ name: id, label: 'nightly' }));
+      }
+    }
+    await waitFor(
+      'SnapshotTaken and Verified events',
+      () => {
+        const reasons = eventsOf('db-nightly').map((e) => e.reason);
+        return Promise.resolve(
+          (reasons.includes('SnapshotTaken') && reasons.includes('Verified')) || undefined,
+        );
+      },
+      10_000,
+      100,
+    );
+    expect(kubectl(adminKubeconfig(), ['get', 'lrs', '-n', NS])).toMatch(
+      /db-nightly\s+true\s+Ready\s+db\s+nightly\s+2\/2\s+Identical\s+/,
+    );
+  });
+
+  it('takes a ReplicatedSnapshot of one volume named by its PVC', async () => {
+    apply(replicatedSnapshot('log-only', { source: { persistentVolumeClaimName: 'log' } }));
+    const snap = await waitFor(
+      'log-only ready',
+      () => {
+        const s = snapshot('log-only');
+        return Promise.resolve(s.status?.readyToUse ? s : undefined);
+      },
+      30_000,
+      100,
+    );
+    const id = `rs-${snap.metadata.uid}`;
+    expect(snap.status).toMatchObject({
+      phase: 'Ready',
+      copiesTaken: '2/2',
+      restoreSizeBytes: 32 * MiB,
+    });
+    expect(
+      snap.status?.volumes?.map((v) => [v.volumeHandle, v.copies.map((c) => c.state)]),
+    ).toEqual([[`${NS}.db.log`, ['Taken', 'Taken']]]);
+    expect(snap.status?.verification).toBeUndefined();
+    expect(snap.status?.conditions?.find((c) => c.type === 'Verified')).toMatchObject({
+      status: 'Unknown',
+      reason: 'NotRequested',
+    });
+    for (const agent of [a, b]) {
+      expect((await snapshotsOn(agent, `${NS}.db.log`)).map((s) => s.name)).toContain(id);
+      expect((await snapshotsOn(agent, `${NS}.db.data`)).map((s) => s.name)).not.toContain(id);
+    }
+  });
+
+  it('takes scheduled snapshots of the group and deletes those past retention', async () => {
+    const patchSchedules = (schedules: object[] | null) =>
+      kubectl(adminKubeconfig(), [
+        'patch',
+        'lsr',
+        'db-sync',
+        '-n',
+        NS,
+        '--type=merge',
+        '-p',
+        JSON.stringify({ spec: { snapshotSchedules: schedules } }),
+      ]);
+    const scheduled = () =>
+      getJson<{
+        items: Array<SnapshotJson & { metadata: { name: string; annotations?: object } }>;
+      }>('lrs', '-n', NS).items.filter(
+        (s) =>
+          (s.metadata.annotations as Record<string, string> | undefined)?.[
+            'lockstep.dev/schedule'
+          ] === 'db-sync/daily',
+      );
+    patchSchedules([{ label: 'daily', intervalMinutes: 1440, keep: 1 }]);
+    // Today's slot (UTC midnight) has no snapshot yet: one is taken at once.
+    const first = await waitFor(
+      "today's scheduled snapshot ready",
+      () => Promise.resolve(scheduled().find((s) => s.status?.readyToUse)),
+      30_000,
+      100,
+    );
+    expect(first.metadata.name).toMatch(/^db-sync-daily-\d{8}-0000$/);
+    expect(first.status).toMatchObject({ phase: 'Ready', copiesTaken: '2/2' });
+    expect(eventsOf('db-sync').map((e) => e.reason)).toContain('SnapshotScheduled');
+    const firstId = `rs-${first.metadata.uid}`;
+
+    // A newer one of the same schedule: once it is ready, keep 1 puts the first past retention.
+    apply({
+      ...replicatedSnapshot('db-sync-daily-extra', {
+        source: { consistencyGroup: 'db' },
+        label: 'daily',
+      }),
+      metadata: {
+        name: 'db-sync-daily-extra',
+        namespace: NS,
+        annotations: { 'lockstep.dev/schedule': 'db-sync/daily' },
+      },
+    });
+    await waitFor(
+      'the first scheduled snapshot pruned',
+      () => {
+        const names = scheduled().map((s) => s.metadata.name);
+        return Promise.resolve(
+          (names.length === 1 && names[0] === 'db-sync-daily-extra') || undefined,
+        );
+      },
+      30_000,
+      100,
+    );
+    for (const agent of [a, b]) {
+      const held = (await snapshotsOn(agent, `${NS}.db.data`)).map((s) => s.name);
+      expect(held).not.toContain(firstId);
+    }
+    patchSchedules(null);
+  });
+
+  it('takes a snapshot while the replica is down: usable on the primary, Degraded, the missing copy named', async () => {
+    await b.kill('SIGKILL');
+    await phase('db-sync', 'Degraded', 20_000);
+    apply(replicatedSnapshot('db-alone', { source: { consistencyGroup: 'db' } }));
+    const snap = await waitFor(
+      'db-alone taken',
+      () => {
+        const s = snapshot('db-alone');
+        return Promise.resolve(s.status?.readyToUse ? s : undefined);
+      },
+      30_000,
+      100,
+    );
+    expect(snap.status).toMatchObject({ phase: 'Degraded', readyToUse: true, copiesTaken: '1/2' });
+    for (const v of snap.status?.volumes ?? []) {
+      expect(v.copies.map((c) => [c.node, c.state])).toEqual([
+        ['k8s-node-a', 'Taken'],
+        ['k8s-node-b', 'Missing'],
+      ]);
+    }
+    expect(snap.status?.conditions?.find((c) => c.type === 'Replicated')).toMatchObject({
+      status: 'False',
+      reason: 'CopiesMissing',
+    });
+    await waitFor(
+      'a CopiesMissing warning',
+      () =>
+        Promise.resolve(
+          eventsOf('db-alone').find((e) => e.reason === 'CopiesMissing' && e.type === 'Warning'),
+        ),
+      10_000,
+      100,
+    );
+    await b.start();
+    await phase('db-sync', 'InSync', 60_000);
+  });
+
   it('makes no API writes at rest for 60 s (agents only renew their leases)', async () => {
     await phase('db-sync', 'InSync');
     await new Promise((r) => setTimeout(r, 3_000));
@@ -371,6 +624,19 @@ describe('operator on a real control plane', () => {
     expect(refused(['delete', 'pvc', 'data', '-n', NS])).toMatch(/forbidden/i);
     expect(
       kubectl(operatorKc, ['auth', 'can-i', 'patch', 'syncrelationships/status', '-n', NS]).trim(),
+    ).toBe('yes');
+    expect(
+      kubectl(operatorKc, [
+        'auth',
+        'can-i',
+        'update',
+        'replicatedsnapshots/status',
+        '-n',
+        NS,
+      ]).trim(),
+    ).toBe('yes');
+    expect(
+      kubectl(operatorKc, ['auth', 'can-i', 'create', 'replicatedsnapshots', '-n', NS]).trim(),
     ).toBe('yes');
   });
 
@@ -477,6 +743,20 @@ describe('operator on a real control plane', () => {
     expect(await role(b)).toBe('secondary');
   });
 
+  it('deletes the snapshots on both copies when the ReplicatedSnapshots are deleted', async () => {
+    const names = ['db-nightly', 'log-only', 'db-alone', 'db-sync-daily-extra'];
+    const ids = names.map((n) => `rs-${snapshot(n).metadata.uid}`);
+    kubectl(adminKubeconfig(), ['delete', 'lrs', ...names, '-n', NS, '--timeout=30s']);
+    expect(kubectl(adminKubeconfig(), ['get', 'lrs', '-n', NS, '-o', 'name'])).toBe('');
+    for (const agent of [a, b]) {
+      for (const volume of ['data', 'log']) {
+        const left = (await snapshotsOn(agent, `${NS}.db.${volume}`)).map((s) => s.name);
+        expect(left.filter((n) => ids.includes(n))).toEqual([]);
+      }
+    }
+    expect(eventsOf('db-nightly').map((e) => e.reason)).toContain('SnapshotDeleted');
+  });
+
   it('stops replicating and keeps the files when the relationship is deleted', async () => {
     const before = readFileSync(path.join(disks.replica ?? '', 'data', 'disk.img'));
     kubectl(adminKubeconfig(), ['delete', 'lsr', 'db-sync', '-n', NS, '--timeout=30s']);
@@ -498,6 +778,16 @@ describe('operator on a real control plane', () => {
     expect(eventsOf('db-sync').map((e) => e.reason)).toContain('TornDown');
   });
 });
+
+/** The snapshots of a volume, as the agent lists them. */
+async function snapshotsOn(agent: AgentProcess, volume: string) {
+  const client = new AgentClient(agent.grpcAddress);
+  try {
+    return await client.listSnapshots(volume);
+  } finally {
+    client.close();
+  }
+}
 
 /** A few writes while the replica is away, so there is something to resync. */
 async function run(agent: AgentProcess, volume: string): Promise<void> {

@@ -121,7 +121,16 @@ describe('relationship status from the agents’ view', () => {
     source: a,
     targets: [b],
     primary: a,
-    volumes: [{ agentName: 'ns.g.v', dataPath: '/d', sizeBytes: 4096, targetPaths: new Map() }],
+    volumes: [
+      {
+        name: 'v',
+        pvc: 'v',
+        agentName: 'ns.g.v',
+        dataPath: '/d',
+        sizeBytes: 4096,
+        targetPaths: new Map(),
+      },
+    ],
   };
   const volume = (
     state: string,

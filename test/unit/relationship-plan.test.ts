@@ -142,12 +142,16 @@ describe('planning a relationship', () => {
       primary: a,
       volumes: [
         {
+          name: 'data',
+          pvc: 'data',
           agentName: 'ns.db.data',
           dataPath: '/disks/data/disk.img',
           sizeBytes: 64 * MiB,
           targetPaths: new Map([['b', '/disks/replica/data/disk.img']]),
         },
         {
+          name: 'log',
+          pvc: 'log',
           agentName: 'ns.db.log',
           dataPath: '/disks/log/disk.img',
           sizeBytes: 32 * MiB,

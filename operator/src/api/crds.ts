@@ -2,12 +2,14 @@
 // `npm run gen:crds` writes to deploy/crds/ (and that the tests apply to a real apiserver).
 // Validation lives in the schema and in CEL rules, so bad specs are refused by the apiserver
 // with a message, before any controller sees them.
-import { arr, bool, conditions, int, obj, rule, str, type Schema } from './schema';
+import { arr, bool, conditions, int, num, obj, rule, str, type Schema } from './schema';
 
 export const GROUP = 'lockstep.dev';
 export const VERSION = 'v1alpha1';
 
 const DNS_LABEL = '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$';
+/** A snapshot label, as the agents accept it (the same rule as their snapshot names). */
+const SNAPSHOT_LABEL = '^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$';
 const HOST_PORT = '^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$';
 
 interface Kind {
@@ -172,6 +174,29 @@ const syncRelationship: Kind = {
       deleteDataOnRemoval: bool(
         'Delete replica files when the relationship is deleted (default: keep them).',
       ),
+      snapshotSchedules: arr(
+        'ReplicatedSnapshots of the group taken on a schedule, with retention per label.',
+        obj(
+          'One schedule: a snapshot every interval, aligned to the clock (UTC), the newest `keep` ready ones kept.',
+          {
+            label: str('The snapshots’ label; one schedule per label.', {
+              pattern: SNAPSHOT_LABEL,
+              maxLength: 63,
+            }),
+            intervalMinutes: int('Minutes between snapshots (60: on the hour, 1440: daily).', {
+              minimum: 1,
+              maximum: 525600,
+            }),
+            keep: int('How many ready snapshots of this label to keep; older ones are deleted.', {
+              minimum: 1,
+              maximum: 1000,
+            }),
+            verify: bool('Verify each snapshot’s copies once taken.'),
+          },
+          { required: ['label', 'intervalMinutes', 'keep'] },
+        ),
+        { maxItems: 8, 'x-kubernetes-list-type': 'map', 'x-kubernetes-list-map-keys': ['label'] },
+      ),
     },
     {
       required: ['consistencyGroup', 'source', 'targets'],
@@ -221,6 +246,135 @@ const syncRelationship: Kind = {
   ],
 };
 
+const snapshotCopy = obj(
+  'One copy of a volume’s snapshot: on the primary or on a replica.',
+  {
+    node: str('The node whose agent holds the copy.'),
+    state: str(
+      'Pending (not taken yet), Taken, or Missing (then `reason` says why: out of sync, unreachable...).',
+      { enum: ['Pending', 'Taken', 'Missing'] },
+    ),
+    reason: str('Why the copy is missing.'),
+    verification: str('Identical, Differs or Missing, compared with the primary’s copy.', {
+      enum: ['Identical', 'Differs', 'Missing'],
+    }),
+    differingRegions: int('Regions whose contents differ from the primary’s copy.'),
+  },
+  { required: ['node', 'state'] },
+);
+
+const replicatedSnapshot: Kind = {
+  kind: 'ReplicatedSnapshot',
+  plural: 'replicatedsnapshots',
+  singular: 'replicatedsnapshot',
+  shortNames: ['lrs'],
+  scope: 'Namespaced',
+  spec: obj(
+    'A snapshot taken on every copy of replicated volumes at one write-order point.',
+    {
+      source: obj(
+        'What to snapshot: every volume of a ConsistencyGroup (crash-consistent across them), or the one volume on a PVC. Its SyncRelationship must replicate it.',
+        {
+          consistencyGroup: str('A ConsistencyGroup in the same namespace.', {
+            pattern: DNS_LABEL,
+          }),
+          persistentVolumeClaimName: str(
+            'A PVC in the same namespace that is a volume of a replicated ConsistencyGroup.',
+            { pattern: DNS_LABEL },
+          ),
+        },
+        {
+          'x-kubernetes-validations': [
+            rule(
+              'has(self.consistencyGroup) != has(self.persistentVolumeClaimName)',
+              'set exactly one of source.consistencyGroup or source.persistentVolumeClaimName',
+            ),
+          ],
+        },
+      ),
+      label: str(
+        'A label carried by the snapshot on every copy (e.g. hourly, pre-upgrade): 1-63 lowercase letters, digits, "-", "_", ".", starting and ending with a letter or digit.',
+        { pattern: SNAPSHOT_LABEL, maxLength: 63 },
+      ),
+      verify: bool(
+        'Once taken, compare the copies’ per-region hashes and report the result in status.verification.',
+      ),
+    },
+    {
+      required: ['source'],
+      'x-kubernetes-validations': [
+        rule('self.source == oldSelf.source', 'source is immutable; create a new snapshot'),
+        rule(
+          "(has(self.label) ? self.label : '') == (has(oldSelf.label) ? oldSelf.label : '')",
+          'label is immutable; create a new snapshot',
+        ),
+      ],
+    },
+  ),
+  status: obj('Observed state; the fields a CSI snapshot layer reads are stable once set.', {
+    observedGeneration: int('Spec generation last acted on.'),
+    phase: str(
+      'Pending (waiting for prerequisites), Ready (on every copy), Degraded (taken, some copy missing).',
+    ),
+    snapshotID: str(
+      'The name of the snapshot on every copy of every volume; derived from the object’s uid, never reused.',
+    ),
+    readyToUse: bool('True once the snapshot is cut on the primary copy of every volume.'),
+    creationTime: str('The write-order point: when the snapshot was cut on the primary.', {
+      format: 'date-time',
+    }),
+    consistencyGroup: str('The ConsistencyGroup the source resolved to.'),
+    primaryNode: str('The node whose agent took the snapshot (the primary at that time).'),
+    restoreSizeBytes: int('Bytes needed to restore it: the sum of the volumes’ sizes.'),
+    holdMs: num('How long writes were held (or their acknowledgements delayed) for the cut.'),
+    copiesTaken: str('Copies holding every volume’s snapshot, of all copies, e.g. 2/2.'),
+    volumes: arr(
+      'Per volume: where its snapshot lives and the state of each copy.',
+      obj(
+        'One volume’s snapshot.',
+        {
+          name: str('The volume within the ConsistencyGroup.'),
+          persistentVolumeClaimName: str('The source PVC.'),
+          volumeHandle: str('The volume on the agents (<namespace>.<group>.<volume>).'),
+          snapshotHandle: str(
+            'The snapshot on the agents, VOLUME@SNAPSHOT: also its read-only NBD export on each copy.',
+          ),
+          sizeBytes: int('The volume’s size.'),
+          copies: arr('Each copy of this volume’s snapshot.', snapshotCopy, {
+            'x-kubernetes-list-type': 'map',
+            'x-kubernetes-list-map-keys': ['node'],
+          }),
+        },
+        { required: ['name', 'volumeHandle', 'snapshotHandle', 'copies'] },
+      ),
+      { 'x-kubernetes-list-type': 'map', 'x-kubernetes-list-map-keys': ['name'] },
+    ),
+    verification: obj('The result of comparing the copies (spec.verify).', {
+      generation: int(
+        'The spec generation it was run for; turning verify off and on again runs it again.',
+      ),
+      result: str('Identical, Differs, or Incomplete (a copy was missing or unreachable).', {
+        enum: ['Identical', 'Differs', 'Incomplete'],
+      }),
+      completionTime: str('When the comparison finished.', { format: 'date-time' }),
+      regionSize: int('Bytes per compared region.'),
+      differingRegions: int('Regions that differ, summed over volumes and copies.'),
+      message: str('What differs or what was missing.'),
+    }),
+    conditions,
+  }),
+  printerColumns: [
+    { name: 'Ready', type: 'boolean', jsonPath: '.status.readyToUse' },
+    { name: 'Phase', type: 'string', jsonPath: '.status.phase' },
+    { name: 'Group', type: 'string', jsonPath: '.status.consistencyGroup' },
+    { name: 'Label', type: 'string', jsonPath: '.spec.label' },
+    { name: 'Copies', type: 'string', jsonPath: '.status.copiesTaken' },
+    { name: 'Verified', type: 'string', jsonPath: '.status.verification.result' },
+    { name: 'Created', type: 'date', jsonPath: '.status.creationTime' },
+    { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },
+  ],
+};
+
 const lockstepNode: Kind = {
   kind: 'LockstepNode',
   plural: 'lockstepnodes',
@@ -245,7 +399,12 @@ const lockstepNode: Kind = {
   ],
 };
 
-export const KINDS: readonly Kind[] = [consistencyGroup, syncRelationship, lockstepNode];
+export const KINDS: readonly Kind[] = [
+  consistencyGroup,
+  syncRelationship,
+  replicatedSnapshot,
+  lockstepNode,
+];
 
 export function customResourceDefinition(k: Kind): Record<string, unknown> {
   return {

@@ -11,6 +11,11 @@ export const int = (description: string, extra: Schema = {}): Schema => ({
   description,
   ...extra,
 });
+export const num = (description: string, extra: Schema = {}): Schema => ({
+  type: 'number',
+  description,
+  ...extra,
+});
 export const bool = (description: string): Schema => ({ type: 'boolean', description });
 export const arr = (description: string, items: Schema, extra: Schema = {}): Schema => ({
   type: 'array',

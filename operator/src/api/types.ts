@@ -54,6 +54,13 @@ export interface SyncRelationshipStatus {
   conditions?: Condition[];
 }
 
+export interface SnapshotSchedule {
+  label: string;
+  intervalMinutes: number;
+  keep: number;
+  verify?: boolean;
+}
+
 export type SyncRelationship = Resource<
   {
     consistencyGroup: string;
@@ -64,6 +71,7 @@ export type SyncRelationship = Resource<
     resync?: { maxBytesPerSecond?: number; regionSize?: number };
     failover?: { policy?: 'Manual' | 'Automatic' };
     deleteDataOnRemoval?: boolean;
+    snapshotSchedules?: SnapshotSchedule[];
   },
   SyncRelationshipStatus
 >;
@@ -71,4 +79,59 @@ export type SyncRelationship = Resource<
 export type LockstepNode = Resource<
   { endpoint: string; version?: string; capacityBytes?: number },
   { conditions?: Condition[] }
+>;
+
+export type SnapshotPhase = 'Pending' | 'Ready' | 'Degraded';
+export type CopyState = 'Pending' | 'Taken' | 'Missing';
+export type CopyVerificationState = 'Identical' | 'Differs' | 'Missing';
+export type VerificationResult = 'Identical' | 'Differs' | 'Incomplete';
+
+export interface SnapshotCopyStatus {
+  node: string;
+  state: CopyState;
+  reason?: string;
+  verification?: CopyVerificationState;
+  differingRegions?: number;
+}
+
+export interface SnapshotVolumeStatus {
+  name: string;
+  persistentVolumeClaimName: string;
+  volumeHandle: string;
+  snapshotHandle: string;
+  sizeBytes: number;
+  copies: SnapshotCopyStatus[];
+}
+
+export interface ReplicatedSnapshotStatus {
+  observedGeneration?: number;
+  phase?: SnapshotPhase;
+  snapshotID?: string;
+  readyToUse?: boolean;
+  creationTime?: string;
+  consistencyGroup?: string;
+  primaryNode?: string;
+  restoreSizeBytes?: number;
+  holdMs?: number;
+  copiesTaken?: string;
+  volumes?: SnapshotVolumeStatus[];
+  verification?: {
+    /** The spec generation it was run for: turning verify off and on again runs it again. */
+    generation: number;
+    result: VerificationResult;
+    completionTime: string;
+    regionSize: number;
+    differingRegions: number;
+    message: string;
+  };
+  conditions?: Condition[];
+}
+
+export type ReplicatedSnapshot = Resource<
+  {
+    source: { consistencyGroup?: string; persistentVolumeClaimName?: string };
+    label?: string;
+    verify?: boolean;
+  },
+  ReplicatedSnapshotStatus
 >;

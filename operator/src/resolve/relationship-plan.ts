@@ -14,6 +14,9 @@ export interface Side {
 }
 
 export interface VolumePlan {
+  /** The volume within the group, and the PVC that holds it on the source. */
+  name: string;
+  pvc: string;
   agentName: string;
   dataPath: string;
   sizeBytes: number;
@@ -98,6 +101,8 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
       targetPaths.set(t.node, `${at.path}/${v.name}/${v.file}`);
     }
     return {
+      name: v.name,
+      pvc: v.pvc,
       agentName: agentVolumeName(ns, group.metadata.name, v.name),
       dataPath: `${where.path}/${v.file}`,
       sizeBytes: Math.floor(where.capacityBytes / 4096) * 4096,
@@ -130,7 +135,11 @@ function side(from: PlanSources, node: string, now: Date): Side {
 }
 
 /** The oldest relationship that names the group owns it; others are refused. */
-function groupOwner(from: PlanSources, namespace: string, group: string): string | undefined {
+export function groupOwner(
+  from: PlanSources,
+  namespace: string,
+  group: string,
+): string | undefined {
   const claimants = from.relationships
     .list(namespace)
     .filter((r) => r.spec.consistencyGroup === group && !r.metadata.deletionTimestamp)
