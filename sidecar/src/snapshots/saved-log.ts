@@ -55,6 +55,13 @@ export interface SnapshotDescription {
    * log still prepared when the agent starts is removed, never taken for a snapshot.
    */
   prepared?: boolean;
+  /** Deleted: hidden, its data being handed to its predecessor before the file goes. */
+  deleted?: boolean;
+  /**
+   * Its place in the volume's chain, given at the cut (ids are given when a spare is made, and
+   * two snapshots taken at once may cut in the other order).
+   */
+  seq?: number;
 }
 
 /** The header's description fits one sector, so rewriting it (at the cut) is atomic. */
@@ -134,6 +141,7 @@ export class SavedLog {
   private grown: number;
   private growing: Promise<void> | undefined;
   private growFrom = 0;
+  private truncating: Promise<void> | undefined;
   private queue: PendingAppend[] = [];
   private writing = false;
   private closed = false;
@@ -263,15 +271,22 @@ export class SavedLog {
     return head !== undefined && (await this.recordAt(pos + head.length, size)) !== undefined;
   }
 
-  /** Records that the snapshot was cut: from now on it exists, whatever happens. */
-  async markCut(): Promise<void> {
-    const cut = { ...this.description, prepared: undefined };
+  /**
+   * Replaces the description, durably, in one sector write: how a snapshot is named (a spare
+   * log taken for it), cut and deleted without creating, renaming or fsyncing a directory.
+   */
+  async describe(next: SnapshotDescription): Promise<void> {
     try {
-      await writev(this.fd, [headerOf(cut)], 0);
+      await writev(this.fd, [headerOf(next)], 0);
     } catch (err) {
-      throw ioError('cut', this.file, err);
+      throw ioError('update', this.file, err);
     }
-    this.description.prepared = undefined;
+    Object.assign(this.description, next);
+  }
+
+  /** Records that the snapshot was cut, at `seq` in its chain: from now on it exists. */
+  markCut(seq: number): Promise<void> {
+    return this.describe({ ...this.description, prepared: undefined, seq });
   }
 
   /** Bytes of saved data (records included). */
@@ -297,6 +312,7 @@ export class SavedLog {
   private async drain(): Promise<void> {
     this.writing = true;
     while (this.queue.length > 0) {
+      if (this.truncating) await this.truncating.catch(() => undefined);
       const batch = this.takeBatch();
       try {
         await this.writeRecord(batch.flatMap((p) => p.blocks));
@@ -394,11 +410,19 @@ export class SavedLog {
     this.sealed = true;
     await this.growing;
     if (this.writing || this.grown <= this.tail) return;
+    const tail = this.tail;
+    // Not on the event loop (on a disk mounted with discard a truncate can take 20 ms), and
+    // appends wait for it: none may land past the tail while it is cut back.
+    this.truncating = new Promise<void>((resolve, reject) =>
+      fs.ftruncate(this.fd, tail, (err) =>
+        err ? reject(ioError('truncate', this.file, err)) : resolve(),
+      ),
+    );
     try {
-      fs.ftruncateSync(this.fd, this.tail);
-      this.grown = this.tail;
-    } catch (err) {
-      throw ioError('truncate', this.file, err);
+      await this.truncating;
+      this.grown = tail;
+    } finally {
+      this.truncating = undefined;
     }
   }
 
