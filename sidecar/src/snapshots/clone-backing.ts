@@ -9,8 +9,11 @@
 // the snapshot still has it) or from the file (written, and recorded so). A write that covers
 // part of a block first copies the snapshot's block in, so the rest of it stays right.
 //
-// Hydration copies one chunk at a time; a client write to a chunk being copied waits for that
-// chunk, so the copy can never land over newer data.
+// Hydration copies one chunk at a time. Blocks are made the clone's own by one party at a time:
+// a write to a chunk being copied waits for that chunk, the copy of a chunk waits for the writes
+// that claimed blocks in it before it started, and a write waits for another claiming the same
+// blocks (writes to one block reach the device concurrently when nothing above orders them), so
+// neither a copy nor a partial block's fill from the snapshot can land over newer data.
 import fs from 'node:fs';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
@@ -45,8 +48,25 @@ export function cloneSourceOf(volumeDir: string): CloneSource | undefined {
   }
 }
 
+/** Blocks [first, last] being copied or claimed, and when that is over. */
+interface Busy {
+  first: number;
+  last: number;
+  done: Promise<void>;
+}
+
+function busy(first: number, last: number): Busy & { end: () => void } {
+  let end!: () => void;
+  const done = new Promise<void>((resolve) => (end = resolve));
+  return { first, last, done, end };
+}
+
+const overlaps = (b: Busy, first: number, last: number) => b.first <= last && first <= b.last;
+
 export class CloneBacking implements Backing {
-  private hydrating: { first: number; last: number; done: Promise<void> } | undefined;
+  private hydrating: Busy | undefined;
+  /** Writes between deciding which of their blocks are missing and recording them present. */
+  private readonly claims = new Set<Busy>();
   private stopped = false;
   private running: Promise<void> | undefined;
   private standalone = false;
@@ -139,19 +159,40 @@ export class CloneBacking implements Backing {
   }
 
   private async claim(offset: number, length: number, first: number, last: number): Promise<void> {
-    const h = this.hydrating;
-    if (h && h.first <= last && first <= h.last) await h.done;
-    // The partly covered end blocks keep the snapshot's bytes around the write.
-    for (const b of new Set([first, last])) {
-      const whole = offset <= b * BLOCK && offset + length >= (b + 1) * BLOCK;
-      if (whole || this.has(b)) continue;
-      const data = Buffer.allocUnsafe(BLOCK);
-      await this.snapshots.read(this.source.snapshot, b * BLOCK, data);
-      await this.writeFile(b * BLOCK, data);
+    for (let b = this.busyOn(first, last); b; b = this.busyOn(first, last)) await b.done;
+    // From here until its blocks are present, hydration and other writes keep off them (no
+    // await since the check).
+    const claim = busy(first, last);
+    this.claims.add(claim);
+    try {
+      // The partly covered end blocks keep the snapshot's bytes around the write.
+      for (const b of new Set([first, last])) {
+        const whole = offset <= b * BLOCK && offset + length >= (b + 1) * BLOCK;
+        if (whole || this.has(b)) continue;
+        const data = Buffer.allocUnsafe(BLOCK);
+        await this.snapshots.read(this.source.snapshot, b * BLOCK, data);
+        await this.writeFile(b * BLOCK, data);
+      }
+      const fresh: { block: number; data: undefined }[] = [];
+      for (let b = first; b <= last; b++)
+        if (!this.has(b)) fresh.push({ block: b, data: undefined });
+      if (fresh.length > 0) await this.present.append(fresh);
+    } finally {
+      this.claims.delete(claim);
+      claim.end();
     }
-    const fresh: { block: number; data: undefined }[] = [];
-    for (let b = first; b <= last; b++) if (!this.has(b)) fresh.push({ block: b, data: undefined });
-    await this.present.append(fresh);
+  }
+
+  /** The chunk being copied or a write claiming blocks in [first, last], if any. */
+  private busyOn(first: number, last: number): Busy | undefined {
+    const h = this.hydrating;
+    return h && overlaps(h, first, last) ? h : this.claimOn(first, last);
+  }
+
+  /** A write claiming blocks in [first, last], if any. */
+  private claimOn(first: number, last: number): Busy | undefined {
+    for (const c of this.claims) if (overlaps(c, first, last)) return c;
+    return undefined;
   }
 
   /** Copies what the clone lacks, chunk by chunk, until it stands alone. */
@@ -165,9 +206,12 @@ export class CloneBacking implements Backing {
     const buf = Buffer.allocUnsafe(HYDRATE_BLOCKS * BLOCK);
     for (let first = 0; first < this.blocks && !this.stopped; first += HYDRATE_BLOCKS) {
       const last = Math.min(this.blocks, first + HYDRATE_BLOCKS) - 1;
-      let done!: () => void;
-      this.hydrating = { first, last, done: new Promise((r) => (done = r)) };
+      // Announced first, so writes arriving from now on wait for this chunk (a stream of writes
+      // cannot hold it off); the writes claiming blocks here already finish claiming them.
+      const chunk = busy(first, last);
+      this.hydrating = chunk;
       try {
+        for (let c = this.claimOn(first, last); c; c = this.claimOn(first, last)) await c.done;
         const missing: { block: number; data: undefined }[] = [];
         for (let b = first; b <= last; b++)
           if (!this.has(b)) missing.push({ block: b, data: undefined });
@@ -188,7 +232,7 @@ export class CloneBacking implements Backing {
         await this.present.append(missing);
       } finally {
         this.hydrating = undefined;
-        done();
+        chunk.end();
       }
       // A background copy: the clone's and the source's own I/O go first.
       await new Promise((resolve) => setImmediate(resolve));
