@@ -248,7 +248,9 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   /**
-   * Every change to the file goes through here: the guard admits it (old data saved first),
+   * Every change to the file goes through here: the guard admits it (old data saved first, as
+   * readers saw it: a clone's blocks not yet its own read through its snapshot), a clone's
+   * backing makes the blocks its own (after the guard: from then on they read from the file),
    * the allocation map learns of it (after the guard, which reads it as it was), then `work`.
    */
   private async overwrite(
@@ -256,12 +258,12 @@ export class FileBlockDevice implements BlockDevice {
     length: number,
     work: () => Promise<void>,
   ): Promise<void> {
-    const claimed = this.backing?.prepareOverwrite(offset, length);
-    if (claimed) await claimed;
     const guard = this.guard;
     try {
       const admitted = guard?.admit(offset, length);
       if (admitted) await admitted;
+      const claimed = this.backing?.prepareOverwrite(offset, length);
+      if (claimed) await claimed;
       this.allocation.markWritten(offset, length);
       await work();
     } finally {
