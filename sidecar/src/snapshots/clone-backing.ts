@@ -4,10 +4,13 @@
 // may go.
 //
 // Which blocks the clone holds itself is the `present` log (a SavedLog of flag-only entries,
-// O_DSYNC like any saved data), and a block is recorded present durably *before* the clone's
-// own data lands on it: after a crash, a block either reads from the snapshot (not yet written:
-// the snapshot still has it) or from the file (written, and recorded so). A write that covers
-// part of a block first copies the snapshot's block in, so the rest of it stays right.
+// O_DSYNC like any saved data), and a block is recorded present durably *after* the clone's own
+// data has landed on it and before the write is answered: after a crash, a block either reads
+// from the snapshot (not recorded: its write was never answered, and the snapshot still has
+// its old contents) or from the file (recorded, so its write landed). Recorded first, a block
+// whose write the crash cut off would read as the file's hole: zeroes the clone never held. A
+// write that covers part of a block first copies the snapshot's block in, so the rest of it
+// stays right.
 //
 // Hydration copies one chunk at a time. Blocks are made the clone's own by one party at a time:
 // a write to a chunk being copied waits for that chunk, the copy of a chunk waits for the writes
@@ -32,12 +35,22 @@ export interface CloneSource {
   snapshot: string;
 }
 
+/**
+ * Ends a write's claim once its data is in the file (`written`): the blocks become the clone's
+ * own, durably; or, the write having failed, releases them as they were.
+ */
+export type SettleOverwrite = (written: boolean) => Promise<void>;
+
 /** What the clone's device calls: reads fill from the snapshot, writes prepare first. */
 export interface Backing {
   /** Overlays the snapshot's bytes on the blocks of [offset, +target) the clone lacks. */
   readThrough(offset: number, target: Buffer, readFile: () => Promise<void>): Promise<void>;
-  /** Makes [offset, +length) the clone's own (partial blocks filled in first), durably. */
-  prepareOverwrite(offset: number, length: number): Promise<void> | undefined;
+  /**
+   * Readies [offset, +length) for the clone's own data (partial blocks filled in from the
+   * snapshot first): undefined if the blocks are its own already, else the settle step to call
+   * once the write is over, whatever happened.
+   */
+  prepareOverwrite(offset: number, length: number): Promise<SettleOverwrite> | undefined;
 }
 
 export function cloneSourceOf(volumeDir: string): CloneSource | undefined {
@@ -148,7 +161,7 @@ export class CloneBacking implements Backing {
     }
   }
 
-  prepareOverwrite(offset: number, length: number): Promise<void> | undefined {
+  prepareOverwrite(offset: number, length: number): Promise<SettleOverwrite> | undefined {
     if (length === 0) return undefined;
     const first = Math.floor(offset / BLOCK);
     const last = Math.floor((offset + length - 1) / BLOCK);
@@ -158,12 +171,21 @@ export class CloneBacking implements Backing {
     return this.claim(offset, length, first, last);
   }
 
-  private async claim(offset: number, length: number, first: number, last: number): Promise<void> {
+  private async claim(
+    offset: number,
+    length: number,
+    first: number,
+    last: number,
+  ): Promise<SettleOverwrite> {
     for (let b = this.busyOn(first, last); b; b = this.busyOn(first, last)) await b.done;
-    // From here until its blocks are present, hydration and other writes keep off them (no
+    // From here until the write is settled, hydration and other writes keep off its blocks (no
     // await since the check).
     const claim = busy(first, last);
     this.claims.add(claim);
+    const release = () => {
+      this.claims.delete(claim);
+      claim.end();
+    };
     try {
       // The partly covered end blocks keep the snapshot's bytes around the write.
       for (const b of new Set([first, last])) {
@@ -173,14 +195,21 @@ export class CloneBacking implements Backing {
         await this.snapshots.read(this.source.snapshot, b * BLOCK, data);
         await this.writeFile(b * BLOCK, data);
       }
-      const fresh: { block: number; data: undefined }[] = [];
-      for (let b = first; b <= last; b++)
-        if (!this.has(b)) fresh.push({ block: b, data: undefined });
-      if (fresh.length > 0) await this.present.append(fresh);
-    } finally {
-      this.claims.delete(claim);
-      claim.end();
+    } catch (err) {
+      release();
+      throw err;
     }
+    return async (written) => {
+      try {
+        if (!written) return;
+        const fresh: { block: number; data: undefined }[] = [];
+        for (let b = first; b <= last; b++)
+          if (!this.has(b)) fresh.push({ block: b, data: undefined });
+        if (fresh.length > 0) await this.present.append(fresh);
+      } finally {
+        release();
+      }
+    };
   }
 
   /** The chunk being copied or a write claiming blocks in [first, last], if any. */
