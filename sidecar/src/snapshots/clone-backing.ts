@@ -4,13 +4,19 @@
 // may go.
 //
 // Which blocks the clone holds itself is the `present` log (a SavedLog of flag-only entries,
-// O_DSYNC like any saved data), and a block is recorded present durably *before* the clone's
-// own data lands on it: after a crash, a block either reads from the snapshot (not yet written:
-// the snapshot still has it) or from the file (written, and recorded so). A write that covers
-// part of a block first copies the snapshot's block in, so the rest of it stays right.
+// O_DSYNC like any saved data), and a block is recorded present durably *after* the clone's own
+// data has landed on it and before the write is answered: after a crash, a block either reads
+// from the snapshot (not recorded: its write was never answered, and the snapshot still has
+// its old contents) or from the file (recorded, so its write landed). Recorded first, a block
+// whose write the crash cut off would read as the file's hole: zeroes the clone never held. A
+// write that covers part of a block first copies the snapshot's block in, so the rest of it
+// stays right.
 //
-// Hydration copies one chunk at a time; a client write to a chunk being copied waits for that
-// chunk, so the copy can never land over newer data.
+// Hydration copies one chunk at a time. Blocks are made the clone's own by one party at a time:
+// a write to a chunk being copied waits for that chunk, the copy of a chunk waits for the writes
+// that claimed blocks in it before it started, and a write waits for another claiming the same
+// blocks (writes to one block reach the device concurrently when nothing above orders them), so
+// neither a copy nor a partial block's fill from the snapshot can land over newer data.
 import fs from 'node:fs';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
@@ -29,12 +35,22 @@ export interface CloneSource {
   snapshot: string;
 }
 
+/**
+ * Ends a write's claim once its data is in the file (`written`): the blocks become the clone's
+ * own, durably; or, the write having failed, releases them as they were.
+ */
+export type SettleOverwrite = (written: boolean) => Promise<void>;
+
 /** What the clone's device calls: reads fill from the snapshot, writes prepare first. */
 export interface Backing {
   /** Overlays the snapshot's bytes on the blocks of [offset, +target) the clone lacks. */
   readThrough(offset: number, target: Buffer, readFile: () => Promise<void>): Promise<void>;
-  /** Makes [offset, +length) the clone's own (partial blocks filled in first), durably. */
-  prepareOverwrite(offset: number, length: number): Promise<void> | undefined;
+  /**
+   * Readies [offset, +length) for the clone's own data (partial blocks filled in from the
+   * snapshot first): undefined if the blocks are its own already, else the settle step to call
+   * once the write is over, whatever happened.
+   */
+  prepareOverwrite(offset: number, length: number): Promise<SettleOverwrite> | undefined;
 }
 
 export function cloneSourceOf(volumeDir: string): CloneSource | undefined {
@@ -45,8 +61,25 @@ export function cloneSourceOf(volumeDir: string): CloneSource | undefined {
   }
 }
 
+/** Blocks [first, last] being copied or claimed, and when that is over. */
+interface Busy {
+  first: number;
+  last: number;
+  done: Promise<void>;
+}
+
+function busy(first: number, last: number): Busy & { end: () => void } {
+  let end!: () => void;
+  const done = new Promise<void>((resolve) => (end = resolve));
+  return { first, last, done, end };
+}
+
+const overlaps = (b: Busy, first: number, last: number) => b.first <= last && first <= b.last;
+
 export class CloneBacking implements Backing {
-  private hydrating: { first: number; last: number; done: Promise<void> } | undefined;
+  private hydrating: Busy | undefined;
+  /** Writes between deciding which of their blocks are missing and recording them present. */
+  private readonly claims = new Set<Busy>();
   private stopped = false;
   private running: Promise<void> | undefined;
   private standalone = false;
@@ -128,7 +161,7 @@ export class CloneBacking implements Backing {
     }
   }
 
-  prepareOverwrite(offset: number, length: number): Promise<void> | undefined {
+  prepareOverwrite(offset: number, length: number): Promise<SettleOverwrite> | undefined {
     if (length === 0) return undefined;
     const first = Math.floor(offset / BLOCK);
     const last = Math.floor((offset + length - 1) / BLOCK);
@@ -138,20 +171,57 @@ export class CloneBacking implements Backing {
     return this.claim(offset, length, first, last);
   }
 
-  private async claim(offset: number, length: number, first: number, last: number): Promise<void> {
-    const h = this.hydrating;
-    if (h && h.first <= last && first <= h.last) await h.done;
-    // The partly covered end blocks keep the snapshot's bytes around the write.
-    for (const b of new Set([first, last])) {
-      const whole = offset <= b * BLOCK && offset + length >= (b + 1) * BLOCK;
-      if (whole || this.has(b)) continue;
-      const data = Buffer.allocUnsafe(BLOCK);
-      await this.snapshots.read(this.source.snapshot, b * BLOCK, data);
-      await this.writeFile(b * BLOCK, data);
+  private async claim(
+    offset: number,
+    length: number,
+    first: number,
+    last: number,
+  ): Promise<SettleOverwrite> {
+    for (let b = this.busyOn(first, last); b; b = this.busyOn(first, last)) await b.done;
+    // From here until the write is settled, hydration and other writes keep off its blocks (no
+    // await since the check).
+    const claim = busy(first, last);
+    this.claims.add(claim);
+    const release = () => {
+      this.claims.delete(claim);
+      claim.end();
+    };
+    try {
+      // The partly covered end blocks keep the snapshot's bytes around the write.
+      for (const b of new Set([first, last])) {
+        const whole = offset <= b * BLOCK && offset + length >= (b + 1) * BLOCK;
+        if (whole || this.has(b)) continue;
+        const data = Buffer.allocUnsafe(BLOCK);
+        await this.snapshots.read(this.source.snapshot, b * BLOCK, data);
+        await this.writeFile(b * BLOCK, data);
+      }
+    } catch (err) {
+      release();
+      throw err;
     }
-    const fresh: { block: number; data: undefined }[] = [];
-    for (let b = first; b <= last; b++) if (!this.has(b)) fresh.push({ block: b, data: undefined });
-    await this.present.append(fresh);
+    return async (written) => {
+      try {
+        if (!written) return;
+        const fresh: { block: number; data: undefined }[] = [];
+        for (let b = first; b <= last; b++)
+          if (!this.has(b)) fresh.push({ block: b, data: undefined });
+        if (fresh.length > 0) await this.present.append(fresh);
+      } finally {
+        release();
+      }
+    };
+  }
+
+  /** The chunk being copied or a write claiming blocks in [first, last], if any. */
+  private busyOn(first: number, last: number): Busy | undefined {
+    const h = this.hydrating;
+    return h && overlaps(h, first, last) ? h : this.claimOn(first, last);
+  }
+
+  /** A write claiming blocks in [first, last], if any. */
+  private claimOn(first: number, last: number): Busy | undefined {
+    for (const c of this.claims) if (overlaps(c, first, last)) return c;
+    return undefined;
   }
 
   /** Copies what the clone lacks, chunk by chunk, until it stands alone. */
@@ -165,9 +235,12 @@ export class CloneBacking implements Backing {
     const buf = Buffer.allocUnsafe(HYDRATE_BLOCKS * BLOCK);
     for (let first = 0; first < this.blocks && !this.stopped; first += HYDRATE_BLOCKS) {
       const last = Math.min(this.blocks, first + HYDRATE_BLOCKS) - 1;
-      let done!: () => void;
-      this.hydrating = { first, last, done: new Promise((r) => (done = r)) };
+      // Announced first, so writes arriving from now on wait for this chunk (a stream of writes
+      // cannot hold it off); the writes claiming blocks here already finish claiming them.
+      const chunk = busy(first, last);
+      this.hydrating = chunk;
       try {
+        for (let c = this.claimOn(first, last); c; c = this.claimOn(first, last)) await c.done;
         const missing: { block: number; data: undefined }[] = [];
         for (let b = first; b <= last; b++)
           if (!this.has(b)) missing.push({ block: b, data: undefined });
@@ -188,7 +261,7 @@ export class CloneBacking implements Backing {
         await this.present.append(missing);
       } finally {
         this.hydrating = undefined;
-        done();
+        chunk.end();
       }
       // A background copy: the clone's and the source's own I/O go first.
       await new Promise((resolve) => setImmediate(resolve));

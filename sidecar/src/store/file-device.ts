@@ -248,22 +248,32 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   /**
-   * Every change to the file goes through here: the guard admits it (old data saved first),
-   * the allocation map learns of it (after the guard, which reads it as it was), then `work`.
+   * Every change to the file goes through here: the guard admits it (old data saved first, as
+   * readers saw it: a clone's blocks not yet its own read through its snapshot), a clone's
+   * backing readies the blocks (after the guard), the allocation map learns of it (after the
+   * guard, which reads it as it was), then `work`, and the blocks become the clone's own once
+   * `work` has landed (see CloneBacking).
    */
   private async overwrite(
     offset: number,
     length: number,
     work: () => Promise<void>,
   ): Promise<void> {
-    const claimed = this.backing?.prepareOverwrite(offset, length);
-    if (claimed) await claimed;
     const guard = this.guard;
     try {
       const admitted = guard?.admit(offset, length);
       if (admitted) await admitted;
+      const claimed = this.backing?.prepareOverwrite(offset, length);
+      const settle = claimed && (await claimed);
       this.allocation.markWritten(offset, length);
-      await work();
+      if (!settle) return await work();
+      let written = false;
+      try {
+        await work();
+        written = true;
+      } finally {
+        await settle(written);
+      }
     } finally {
       guard?.overwritten();
     }
