@@ -294,13 +294,17 @@ export class SavedLog {
         this.index.set(b.block, b.data === undefined ? ZERO_BLOCK : offset);
         if (b.data !== undefined) offset += BLOCK;
       }
-      if (this.grown - this.tail < GROW_BYTES / 2) this.growAhead();
+      this.growAhead();
     }
   }
 
-  /** Writes zeroes past the end so that later appends overwrite blocks already on disk. */
+  /**
+   * Writes zeroes past the end so that later appends overwrite blocks already on disk, unless
+   * enough are there already: a log reopened after a restart has those it grew before.
+   */
   private growAhead(): void {
     if (this.growing || this.closed || this.sealed) return;
+    if (this.grown - this.tail >= GROW_BYTES / 2) return;
     const from = Math.max(this.grown, this.tail);
     this.growFrom = from;
     this.growing = writev(this.fd, [Buffer.alloc(GROW_BYTES)], from).then(
