@@ -426,6 +426,13 @@ export class Agent implements ExportSource {
     const { snapshots } = this.store.ready(volume);
     snapshots.get(name);
     const exportName = `${volume}${SNAPSHOT_SEPARATOR}${name}`;
+    // A rollback in progress or left unfinished (resumed on restart) still reads it.
+    if (snapshots.interruptedRollback() === name)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
+        `volume ${volume} is being rolled back to snapshot ${name}; finish the rollback ` +
+          `(lockstep ctl snapshot rollback ${volume} ${name}) before deleting it`,
+      );
     const clients = this.nbd.clientsOf(exportName);
     if (clients > 0) {
       if (!force) {
