@@ -707,6 +707,13 @@ export class Agent implements ExportSource {
     const { snapshots } = this.store.ready(volume);
     snapshots.get(name);
     this.refuseIfCloned(volume, name);
+    // A rollback in progress or left unfinished (resumed on restart) still reads it.
+    if (snapshots.interruptedRollback() === name)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
+        `volume ${volume} is being rolled back to snapshot ${name}; finish the rollback ` +
+          `(lockstep ctl snapshot rollback ${volume} ${name}) before deleting it`,
+      );
     const clients = await this.detachClients(
       `${volume}${SNAPSHOT_SEPARATOR}${name}`,
       force,

@@ -376,7 +376,7 @@ export class SavedLog {
         this.index.set(b.block, b.data === undefined ? ZERO_BLOCK : offset);
         if (b.data !== undefined) offset += BLOCK;
       }
-      if (this.grown - this.tail < this.growStep() / 2) this.growAhead();
+      this.growAhead();
     }
   }
 
@@ -384,9 +384,13 @@ export class SavedLog {
     return Math.min(MAX_GROW_BYTES, Math.max(MIN_GROW_BYTES, this.tail - HEADER_BYTES));
   }
 
-  /** Writes zeroes past the end so that later appends overwrite blocks already on disk. */
+  /**
+   * Writes zeroes past the end so that later appends overwrite blocks already on disk, unless
+   * enough are there already: a log reopened after a restart has those it grew before.
+   */
   private growAhead(): void {
     if (this.growing || this.closed || this.sealed) return;
+    if (this.grown - this.tail >= this.growStep() / 2) return;
     const from = Math.max(this.grown, this.tail);
     this.growFrom = from;
     const step = this.growStep();
