@@ -113,7 +113,7 @@ export class Agent implements ExportSource {
   /** Clones still reading from their snapshot, by clone volume. */
   private readonly clones = new Map<string, CloneBacking>();
   /** Volumes being rolled back: not exported until it is over. */
-  private readonly rollingBack = new Set<string>();
+  private readonly rollingBack = new Map<string, 'running' | 'unfinished'>();
 
   private constructor(
     readonly options: AgentOptions,
@@ -574,6 +574,7 @@ export class Agent implements ExportSource {
       source.snapshots,
       clone.meta.sizeBytes,
       (offset, data) => device.writeBelow(offset, data),
+      () => device.flush(),
       this.log.child({ volume: name }),
       () => {
         device.setBacking(undefined);
@@ -588,7 +589,7 @@ export class Agent implements ExportSource {
   }
 
   /** Refuses to let go of a snapshot (or a whole volume) that an unhydrated clone reads from. */
-  private refuseIfCloned(volume: string, snapshot?: string): void {
+  refuseIfCloned(volume: string, snapshot?: string): void {
     for (const [clone, backing] of this.clones) {
       const s = backing.source;
       if (s.volume === volume && (snapshot === undefined || s.snapshot === snapshot))
@@ -755,10 +756,16 @@ export class Agent implements ExportSource {
         'LOCKSTEP_ERR_VOLUME_IN_USE',
         `volume ${volume} has ${clients} NBD client(s) attached; detach them before rolling it back`,
       );
-    if (this.rollingBack.has(volume))
+    if (this.rollingBack.get(volume) === 'running')
       throw new LockstepError(
         'LOCKSTEP_ERR_VOLUME_IN_USE',
         `volume ${volume} is already being rolled back`,
+      );
+    const unfinished = snapshots.interruptedRollback();
+    if (unfinished !== undefined && unfinished !== name)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_VOLUME_IN_USE',
+        `volume ${volume} has an unfinished rollback to snapshot ${unfinished}; run it again first`,
       );
     await snapshots.beginRollback(name);
     await this.rollBack(volume, name);
@@ -768,8 +775,9 @@ export class Agent implements ExportSource {
   private async rollBack(volume: string, name: string): Promise<void> {
     const rv = this.replicaOf(volume);
     const { snapshots } = this.store.ready(volume);
-    this.rollingBack.add(volume);
+    this.rollingBack.set(volume, 'running');
     const started = performance.now();
+    let done = false;
     try {
       const changed = snapshots.changedBlocks(name);
       let bytes = 0;
@@ -785,12 +793,16 @@ export class Agent implements ExportSource {
       }
       await rv.flush();
       await snapshots.endRollback();
+      done = true;
       this.log.info(
         { volume, snapshot: name, bytes, ms: Math.round(performance.now() - started) },
         'volume rolled back to snapshot',
       );
     } finally {
-      this.rollingBack.delete(volume);
+      // Half rolled back, the volume is neither the snapshot nor what it was: not served
+      // until the rollback is run again to its end (and never finished later over new writes).
+      if (done) this.rollingBack.delete(volume);
+      else this.rollingBack.set(volume, 'unfinished');
     }
   }
 
@@ -801,7 +813,15 @@ export class Agent implements ExportSource {
       const snapshot = v.snapshots.interruptedRollback();
       if (snapshot === undefined) continue;
       this.log.warn({ volume: v.name, snapshot }, 'finishing an interrupted rollback');
-      await this.rollBack(v.name, snapshot);
+      try {
+        await this.rollBack(v.name, snapshot);
+      } catch (err) {
+        // One volume's failure does not keep the agent (and its other volumes) down.
+        this.log.error(
+          { volume: v.name, snapshot, err: errorMessage(err) },
+          'rollback not finished; the volume is not served until it is run again',
+        );
+      }
     }
   }
 

@@ -31,6 +31,7 @@ async function openClone(
     catalog,
     SIZE,
     (o, d) => vol.dev.writeBelow(o, d),
+    () => vol.dev.flush(),
     log,
     () => vol.dev.setBacking(undefined),
   );

@@ -48,6 +48,8 @@ export interface ReplicaHost {
   createReplica(spec: NewVolume): Promise<ReplicaVolume>;
   /** A secondary copy of a clone, made of this agent's copy of the snapshot. */
   cloneReplica(source: string, snapshot: string, spec: NewVolume): Promise<void>;
+  /** Throws if a clone here still reads from the snapshot (it must not go under it). */
+  refuseIfCloned(volume: string, snapshot: string): void;
 }
 
 function needVolume(host: ReplicaHost, name: string): ReplicaVolume {
@@ -180,7 +182,10 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);
       // A copy left over from an earlier snapshot of this name (one whose drop never arrived)
       // would not hold what the primary's holds: replaced, never kept under the name.
-      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      if (snapshots.list().some((s) => s.name === req.name)) {
+        host.refuseIfCloned(req.volume, req.name);
+        await snapshots.delete(req.name);
+      }
       const taken = await snapshots.take(req.name, req.label, req.uid);
       host.log.info(
         { volume: req.volume, snapshot: req.name, label: req.label, holdMs: taken.holdMs },
@@ -190,13 +195,19 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     }),
     PrepareSnapshot: unary(async (req) => {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);
-      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      if (snapshots.list().some((s) => s.name === req.name)) {
+        host.refuseIfCloned(req.volume, req.name);
+        await snapshots.delete(req.name);
+      }
       await snapshots.reserve(req.name, req.label, req.uid);
       return {};
     }),
     DropSnapshot: unary(async (req) => {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);
-      if (snapshots.list().some((s) => s.name === req.name)) await snapshots.delete(req.name);
+      if (!snapshots.list().some((s) => s.name === req.name)) return {};
+      // This copy's clone of it is not hydrated yet: kept here (the primary is told why).
+      host.refuseIfCloned(req.volume, req.name);
+      await snapshots.delete(req.name);
       return {};
     }),
     CloneSnapshot: unary(async (req) => {

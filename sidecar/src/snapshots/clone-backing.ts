@@ -91,6 +91,7 @@ export class CloneBacking implements Backing {
     private readonly present: SavedLog,
     private readonly blocks: number,
     private readonly writeFile: (offset: number, data: Buffer) => Promise<void>,
+    private readonly flushFile: () => Promise<void>,
     private readonly log: Logger,
     private readonly onStandalone: () => void,
   ) {}
@@ -113,6 +114,7 @@ export class CloneBacking implements Backing {
     snapshots: SnapshotCatalog,
     size: number,
     writeFile: (offset: number, data: Buffer) => Promise<void>,
+    flushFile: () => Promise<void>,
     log: Logger,
     onStandalone: () => void,
   ): Promise<CloneBacking> {
@@ -125,6 +127,7 @@ export class CloneBacking implements Backing {
       present,
       Math.ceil(size / BLOCK),
       writeFile,
+      flushFile,
       log,
       onStandalone,
     );
@@ -247,7 +250,12 @@ export class CloneBacking implements Backing {
         if (missing.length === 0) continue;
         const view = buf.subarray(0, (last - first + 1) * BLOCK);
         // Never-written stretches of the source are zeroes: nothing to copy, only to record.
-        if (this.snapshots.mayHoldDataAt(this.source.snapshot, first * BLOCK, view.length)) {
+        const copying = this.snapshots.mayHoldDataAt(
+          this.source.snapshot,
+          first * BLOCK,
+          view.length,
+        );
+        if (copying) {
           await this.snapshots.read(this.source.snapshot, first * BLOCK, view);
           for (let i = 0; i < missing.length;) {
             let j = i + 1;
@@ -258,6 +266,9 @@ export class CloneBacking implements Backing {
             i = j;
           }
         }
+        // Copied data must be on disk before the record says the snapshot is no longer needed
+        // for it: after a power loss, a block recorded present but not written reads zeroes.
+        if (copying) await this.flushFile();
         await this.present.append(missing);
       } finally {
         this.hydrating = undefined;
@@ -271,6 +282,7 @@ export class CloneBacking implements Backing {
 
   /** Everything is the clone's own: the snapshot is no longer needed. */
   private async standAlone(): Promise<void> {
+    await this.flushFile();
     await fs.promises.rm(path.join(this.dir, CLONE_FILE), { force: true });
     await fsyncDir(this.dir);
     this.standalone = true;
