@@ -28,9 +28,11 @@ describe('lockstep ctl', () => {
       [
         'allocatedBytes',
         'clients',
+        'cloneOf',
         'dataPath',
         'error',
         'exportUri',
+        'hydratedPercent',
         'name',
         'readOnly',
         'replication',
