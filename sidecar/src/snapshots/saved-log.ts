@@ -94,7 +94,8 @@ interface PendingAppend {
   reject: (err: Error) => void;
 }
 
-function ioError(op: string, file: string, err: unknown): LockstepError {
+/** A failed file operation on snapshot data, with a full disk told apart (ENOSPC to clients). */
+export function ioError(op: string, file: string, err: unknown): LockstepError {
   const code = (err as NodeJS.ErrnoException).code;
   return new LockstepError(
     code === 'ENOSPC' || code === 'EDQUOT' ? 'LOCKSTEP_ERR_NO_SPACE' : 'LOCKSTEP_ERR_IO',

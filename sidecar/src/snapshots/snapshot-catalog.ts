@@ -24,7 +24,7 @@ import type { Logger } from '../../../lib/logger';
 import { fsyncDir, writeFileAtomic } from '../store/atomic-file';
 import type { AllocationMap } from '../store/allocation-map';
 import { CopyBeforeWrite, type RawReader } from './copy-before-write';
-import { BLOCK, SavedLog, type SavedBlock } from './saved-log';
+import { BLOCK, SavedLog, ioError, type SavedBlock } from './saved-log';
 
 const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 const LOG_FILE = /^snap-(\d+)\.log$/;
@@ -509,7 +509,12 @@ export class SnapshotCatalog {
   /** Records that the volume is being rolled back to `name`, durably, before the first write. */
   async beginRollback(name: string): Promise<void> {
     this.link(name);
-    await writeFileAtomic(path.join(this.dir, ROLLBACK_FILE), JSON.stringify({ snapshot: name }));
+    const file = path.join(this.dir, ROLLBACK_FILE);
+    try {
+      await writeFileAtomic(file, JSON.stringify({ snapshot: name }));
+    } catch (err) {
+      throw ioError('write', file, err);
+    }
   }
 
   async endRollback(): Promise<void> {
