@@ -19,6 +19,11 @@ export function buildProgram(): Command {
 }
 
 export function main(argv: string[]): void {
+  // `lockstep ctl ... | head`: a reader that stops early is not an error worth a stack trace.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(process.exitCode ?? 0);
+  });
   buildProgram()
     .parseAsync(argv)
     .catch((err: unknown) => {
