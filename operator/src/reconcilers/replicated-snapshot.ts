@@ -7,7 +7,6 @@
 import type * as k8s from '@kubernetes/client-node';
 import type { AgentClient, SnapshotInfo } from '../../../lib/agent-client';
 import { errorMessage, isLockstepError } from '../../../lib/errors';
-import { GROUP, VERSION, apiErrorMessage, isNotFound, mergePatch } from '../../../lib/kube';
 import type { Logger } from '../../../lib/logger';
 import type {
   ConsistencyGroup,
@@ -38,6 +37,7 @@ import {
   verifiedStatus,
   type Why,
 } from '../status/snapshot-status';
+import { withFinalizer } from '../status/finalizer';
 import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
 
@@ -66,20 +66,8 @@ export class ReplicatedSnapshotReconciler {
     const [namespace, name] = key.split('/') as [string, string];
     let snap = this.deps.snapshots.get(name, namespace);
     if (!snap) return;
-    if (snap.metadata.deletionTimestamp) {
-      if (snap.metadata.finalizers?.includes(FINALIZER)) {
-        await this.teardown(snap);
-        await this.setFinalizers(
-          snap,
-          snap.metadata.finalizers.filter((f) => f !== FINALIZER),
-        );
-      }
-      return;
-    }
-    if (!snap.metadata.finalizers?.includes(FINALIZER)) {
-      snap = await this.setFinalizers(snap, [...(snap.metadata.finalizers ?? []), FINALIZER]);
-      if (!snap) return;
-    }
+    snap = await withFinalizer(this.deps.objects, PLURAL, FINALIZER, snap, (o) => this.teardown(o));
+    if (!snap) return;
     if (!snap.status?.readyToUse) return this.take(snap);
     if (needsVerification(snap)) return this.verify(snap);
     // Settled; only a change of spec.verify (turned off) is left to acknowledge.
@@ -282,29 +270,6 @@ export class ReplicatedSnapshotReconciler {
   }
 
   /** Returns the updated object, or undefined if it is gone. */
-  private async setFinalizers(
-    snap: ReplicatedSnapshot,
-    finalizers: string[],
-  ): Promise<ReplicatedSnapshot | undefined> {
-    try {
-      return (await this.deps.objects.patchNamespacedCustomObject(
-        {
-          group: GROUP,
-          version: VERSION,
-          namespace: snap.metadata.namespace ?? '',
-          plural: PLURAL,
-          name: snap.metadata.name,
-          // The resourceVersion makes this a compare-and-swap: a stale cache gets a conflict.
-          body: { metadata: { finalizers, resourceVersion: snap.metadata.resourceVersion } },
-        },
-        mergePatch,
-      )) as ReplicatedSnapshot;
-    } catch (err) {
-      if (isNotFound(err)) return undefined;
-      throw new Error(`updating finalizers: ${apiErrorMessage(err)}`, { cause: err });
-    }
-  }
-
   /** Writes the status if it changed, with the Events its changes deserve. */
   private async writeStatus(
     snap: ReplicatedSnapshot,

@@ -6,7 +6,6 @@
 import type * as k8s from '@kubernetes/client-node';
 import type { AgentClient, VolumeInfo } from '../../../lib/agent-client';
 import { errorMessage, isLockstepError } from '../../../lib/errors';
-import { GROUP, VERSION, apiErrorMessage, isNotFound, mergePatch } from '../../../lib/kube';
 import type { Logger } from '../../../lib/logger';
 import type {
   ConsistencyGroup,
@@ -23,6 +22,7 @@ import { agentVolumeName, planRelationship, type Plan } from '../resolve/relatio
 import { sameJson } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
 import { blockedStatus, phaseEvent, summarize, type Observed } from '../status/relationship-status';
+import { withFinalizer } from '../status/finalizer';
 import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
 
@@ -59,21 +59,8 @@ export class SyncRelationshipReconciler {
     const [namespace, name] = key.split('/') as [string, string];
     let rel = this.deps.relationships.get(name, namespace);
     if (!rel) return;
-    if (rel.metadata.deletionTimestamp) {
-      if (rel.metadata.finalizers?.includes(FINALIZER)) {
-        await this.teardown(rel);
-        await this.setFinalizers(
-          rel,
-          rel.metadata.finalizers.filter((f) => f !== FINALIZER),
-        );
-      }
-      return;
-    }
-    if (!rel.metadata.finalizers?.includes(FINALIZER)) {
-      // Carry on with the object the patch returned: its resourceVersion is the current one.
-      rel = await this.setFinalizers(rel, [...(rel.metadata.finalizers ?? []), FINALIZER]);
-      if (!rel) return;
-    }
+    rel = await withFinalizer(this.deps.objects, PLURAL, FINALIZER, rel, (o) => this.teardown(o));
+    if (!rel) return;
 
     let status: SyncRelationshipStatus;
     try {
@@ -254,29 +241,6 @@ export class SyncRelationshipReconciler {
   // ---- writing back -------------------------------------------------------------------------
 
   /** Returns the updated object, or undefined if it is gone. */
-  private async setFinalizers(
-    rel: SyncRelationship,
-    finalizers: string[],
-  ): Promise<SyncRelationship | undefined> {
-    try {
-      return (await this.deps.objects.patchNamespacedCustomObject(
-        {
-          group: GROUP,
-          version: VERSION,
-          namespace: rel.metadata.namespace ?? '',
-          plural: PLURAL,
-          name: rel.metadata.name,
-          // The resourceVersion makes this a compare-and-swap: a stale cache gets a conflict.
-          body: { metadata: { finalizers, resourceVersion: rel.metadata.resourceVersion } },
-        },
-        mergePatch,
-      )) as SyncRelationship;
-    } catch (err) {
-      if (isNotFound(err)) return undefined;
-      throw new Error(`updating finalizers: ${apiErrorMessage(err)}`, { cause: err });
-    }
-  }
-
   /** Writes the status if it changed, with an Event when the phase moved. */
   private async writeStatus(rel: SyncRelationship, status: SyncRelationshipStatus): Promise<void> {
     const event = phaseEvent(rel.status, status);
