@@ -6,7 +6,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
   existsSync,
+  fstatSync,
   fsyncSync,
+  ftruncateSync,
   mkdirSync,
   mkdtempSync,
   openSync,
@@ -670,10 +672,12 @@ describe('snapshots', () => {
     const refB = await reference(size, [[B, 0, size]]);
     await expectImage(uri, refB);
 
-    // A rollback also saves what it overwrites (for s2): out of space, it fails and stays
-    // pending, and the snapshot it reads cannot be deleted until it is finished.
+    // A rollback also saves what it overwrites (for s2): with room to record that it began but
+    // not for the 16 MiB it must save, it fails and stays pending, and the snapshot it reads
+    // cannot be deleted until it is finished. (The 1 MiB left also covers a spare log the
+    // agent may still be making ahead.)
     await createSnapshot(agent, 'v', 's2');
-    fillDisk(path.join(fs.mountPoint, 'ballast'));
+    fillDisk(path.join(fs.mountPoint, 'ballast'), 1 * MiB);
     await expect(agent.ctl('snapshot', 'rollback', 'v', 's1')).rejects.toThrow(
       /LOCKSTEP_ERR_NO_SPACE/,
     );
@@ -693,8 +697,11 @@ describe('snapshots', () => {
   });
 });
 
-/** Writes (really, not sparse) into `file` until the filesystem has no space left. */
-function fillDisk(file: string): void {
+/**
+ * Writes (really, not sparse) into `file` until the filesystem has no space left, then gives
+ * `leave` bytes back.
+ */
+function fillDisk(file: string, leave = 0): void {
   const fd = openSync(file, 'w');
   try {
     for (const chunk of [Buffer.alloc(1 * MiB, 0x42), Buffer.alloc(4 * KiB, 0x42)]) {
@@ -707,6 +714,7 @@ function fillDisk(file: string): void {
         }
       }
     }
+    if (leave > 0) ftruncateSync(fd, Math.max(0, fstatSync(fd).size - leave));
     fsyncSync(fd);
   } finally {
     closeSync(fd);
