@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { AgentProcess, run } from '../harness/agent-process';
 import { RawNbd } from '../harness/raw-nbd';
+import { productNode } from '../harness/product-runtime';
 
 describe('lockstep ctl', () => {
   const agent = new AgentProcess({ node: 'node-ctl', metrics: true });
@@ -85,7 +86,7 @@ describe('lockstep ctl', () => {
   });
 
   it('says which agent it cannot reach', async () => {
-    const err = (await run(process.execPath, [
+    const err = (await run(productNode(), [
       path.join(__dirname, '../../bin/lockstep.js'),
       'ctl',
       '--agent',

@@ -3,11 +3,12 @@
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { lockstepBin } from '../harness/agent-process';
+import { productNode } from '../harness/product-runtime';
 
 describe('lockstep demo', () => {
   it('fails over without losing an acknowledged write', async () => {
     const { stdout } = await promisify(execFile)(
-      process.execPath,
+      productNode(),
       [lockstepBin, 'demo', '--seconds', '2'],
       { timeout: 120_000 },
     );

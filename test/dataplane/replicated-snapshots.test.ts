@@ -12,6 +12,7 @@ import { readSequences, startCausalWriter, type CausalWriter } from '../harness/
 import { waitFor } from '../harness/processes';
 import { dataFile, replicationAgent } from '../harness/replication';
 import type { PeerStatus__Output as PeerStatus } from '../../proto/gen/lockstep/v1/PeerStatus';
+import { productNode } from '../harness/product-runtime';
 
 const MiB = 1024 * 1024;
 /** Snapshots read and deleted together, while the next ones are taken. */
@@ -27,7 +28,7 @@ function ctlWithCode(
 ): Promise<{ code: number; out: string }> {
   return new Promise((resolve) =>
     execFile(
-      process.execPath,
+      productNode(),
       [lockstepBin, 'ctl', '--agent', agent.grpcAddress, ...args],
       (err, stdout, stderr) =>
         resolve({ code: err ? Number((err as { code?: number }).code) : 0, out: stdout + stderr }),

@@ -8,6 +8,7 @@ import { promisify } from 'node:util';
 import { AgentClient } from '../../lib/agent-client';
 import { packageRoot } from '../../lib/package-root';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
+import { productNode } from './product-runtime';
 
 const execFileAsync = promisify(execFile);
 export const repoRoot = packageRoot;
@@ -71,7 +72,7 @@ export class AgentProcess {
     args.push(...(this.opts.extraArgs ?? []));
     this.proc = startProcess(
       `agent-${this.node}`,
-      process.execPath,
+      productNode(),
       args,
       path.join(this.opts.logDir ?? this.dataDir, `agent.${this.node}.${++this.starts}.log`),
     );
@@ -96,7 +97,7 @@ export class AgentProcess {
   /** Runs `lockstep ctl --agent <this> ...args` and returns stdout; rejects with stderr on failure. */
   async ctl(...args: string[]): Promise<string> {
     try {
-      const { stdout } = await execFileAsync(process.execPath, [
+      const { stdout } = await execFileAsync(productNode(), [
         lockstepBin,
         'ctl',
         '--agent',

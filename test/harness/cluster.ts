@@ -8,6 +8,7 @@ import { KubeConfig } from '@kubernetes/client-node';
 import { AgentProcess, lockstepBin, repoRoot } from './agent-process';
 import { kubectl, writeKubeconfig } from './control-plane';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
+import { productNode } from './product-runtime';
 
 export const NAMESPACE = 'lockstep-system';
 
@@ -95,7 +96,7 @@ export class OperatorProcess {
     this.metricsPort ||= await freePort();
     this.proc = startProcess(
       this.name,
-      process.execPath,
+      productNode(),
       [
         lockstepBin,
         'operator',

@@ -36,7 +36,8 @@ export function startProcess(
   void exited.then(() => out.end());
   const kill = async (signal: NodeJS.Signals = 'SIGKILL') => {
     if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-    await exited;
+    if (signal === 'SIGKILL') await reaped(name, child, exited);
+    else await exited;
   };
   return {
     name,
@@ -47,9 +48,8 @@ export function startProcess(
     async stop(graceMs = 5000) {
       if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-      await exited;
-      clearTimeout(timer);
+      await within(exited, graceMs);
+      await kill('SIGKILL');
     },
     log: () => {
       try {
@@ -59,6 +59,47 @@ export function startProcess(
       }
     },
   };
+}
+
+/** Whether `p` settles within `ms`. */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<boolean>((resolve) => (timer = setTimeout(resolve, ms, false)));
+  try {
+    return await Promise.race([p.then(() => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+/** Time a SIGKILLed process gets to be gone: only a process stuck in the kernel takes longer. */
+const REAP_MS = 10_000;
+
+/**
+ * Waits for a SIGKILLed process to exit. One stuck in the kernel (uninterruptible I/O) would
+ * keep its pipes, and with them the test run, open forever: it is reported with where it is
+ * stuck, and let go.
+ */
+async function reaped(
+  name: string,
+  child: ChildProcess,
+  exited: Promise<number | string>,
+): Promise<void> {
+  if (await within(exited, REAP_MS)) return;
+  const proc = (file: string) => {
+    try {
+      return readFileSync(`/proc/${child.pid}/${file}`, 'utf8').trim();
+    } catch {
+      return '?';
+    }
+  };
+  const state = /^State:\s*(.*)$/m.exec(proc('status'))?.[1] ?? '?';
+  process.stderr.write(
+    `${name} (pid ${child.pid}) has not exited ${REAP_MS} ms after SIGKILL: state ${state}, ` +
+      `waiting in ${proc('wchan')}; letting it go\n`,
+  );
+  child.stdout?.destroy();
+  child.stderr?.destroy();
+  child.unref();
 }
 
 /** A loopback TCP port that was free a moment ago. */

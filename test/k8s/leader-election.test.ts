@@ -9,6 +9,7 @@ import pino from 'pino';
 import { LeaderElector } from '../../operator/src/leader/lease-election';
 import { startProcess, waitFor, type ManagedProcess } from '../harness/processes';
 import { TcpProxy } from '../harness/tcp-proxy';
+import { productNode } from '../harness/product-runtime';
 
 const kubeconfig = process.env.LOCKSTEP_TEST_KUBECONFIG!;
 const namespace = `election-${process.pid}`;
@@ -93,7 +94,7 @@ describe('LeaderElector', () => {
     cleanups.push(() => Promise.resolve(rmSync(dir, { recursive: true, force: true })));
     const child: ManagedProcess = startProcess(
       'lease-holder',
-      process.execPath,
+      productNode(),
       [
         path.join(__dirname, '..', 'harness', 'lease-holder.js'),
         kubeconfig,
