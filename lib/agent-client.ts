@@ -6,6 +6,7 @@ import { fromServiceError } from './grpc-errors';
 import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoResponse';
 import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
 import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
+import type { PromoteResponse__Output } from '../proto/gen/lockstep/v1/PromoteResponse';
 import type { Snapshot__Output } from '../proto/gen/lockstep/v1/Snapshot';
 import type { Group__Output } from '../proto/gen/lockstep/v1/Group';
 import type { GroupSnapshot__Output } from '../proto/gen/lockstep/v1/GroupSnapshot';
@@ -14,6 +15,7 @@ import type { VerifySnapshotResponse__Output } from '../proto/gen/lockstep/v1/Ve
 export type AgentInfo = GetInfoResponse__Output;
 export type AgentStatus = GetStatusResponse__Output;
 export type VolumeInfo = Volume__Output;
+export type PromoteInfo = PromoteResponse__Output & { volume: VolumeInfo };
 export type SnapshotInfo = Snapshot__Output;
 export type GroupInfo = Group__Output;
 export type GroupSnapshotInfo = GroupSnapshot__Output;
@@ -87,8 +89,12 @@ export class AgentClient {
     return this.call<VolumeInfo>((o, cb) => this.raw.StopReplication({ name }, o, cb));
   }
 
-  promote(name: string, force = false): Promise<VolumeInfo> {
-    return this.call<VolumeInfo>((o, cb) => this.raw.Promote({ name, force }, o, cb));
+  async promote(name: string, force = false): Promise<PromoteInfo> {
+    const r = await this.call<PromoteResponse__Output>((o, cb) =>
+      this.raw.Promote({ name, force }, o, cb),
+    );
+    if (!r.volume) throw new Error(`the agent promoted ${name} but did not describe the volume`);
+    return { ...r, volume: r.volume };
   }
 
   discardPeer(name: string, peer: string): Promise<VolumeInfo> {

@@ -201,8 +201,18 @@ export function ctlCommand(): Command {
       'make this copy the primary (refused while a primary is connected, unless --force)',
     )
     .option('--force', 'promote even though a primary may still exist (after it failed)', false)
-    .action(async (name: string, opts: { force: boolean }, cmd: Command) => {
-      printVolume(await withClient(cmd, (c) => c.promote(name, opts.force)));
+    .addOption(outputOption())
+    .action(async (name: string, opts: { force: boolean; output: OutputFormat }, cmd: Command) => {
+      const promoted = await withClient(cmd, (c) => c.promote(name, opts.force));
+      if (opts.output === 'json') return printJson(promoted);
+      const { volume, rolledBack } = promoted;
+      if (rolledBack)
+        process.stdout.write(
+          `rolled back: a resync was catching this copy up; it is back at snapshot ${rolledBack.snapshot} ` +
+            `(${new Date(Number(rolledBack.snapshotCreatedAtMs)).toISOString()}), ` +
+            `${formatSize(Number(rolledBack.bytes))} restored\n`,
+        );
+      printVolume(volume);
     });
   ctl
     .command('demote <volume>')
@@ -431,6 +441,11 @@ function printVolume(v: VolumeInfo): void {
   );
   if (v.role === 'secondary') {
     process.stdout.write(`primary:  ${r.primaryConnected ? 'connected' : 'not connected'}\n`);
+    if (r.resyncSnapshot)
+      process.stdout.write(
+        `resync:   being caught up; its last complete state is snapshot ${r.resyncSnapshot} ` +
+          '(promoting it now rolls back to that)\n',
+      );
     return;
   }
   printTable(

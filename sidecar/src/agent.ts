@@ -27,6 +27,7 @@ import { SnapshotDevice } from './snapshots/snapshot-device';
 import { VERIFY_REGION, type SnapshotInfo } from './snapshots/snapshot-catalog';
 import { ConsistencyGroups, type Group } from './snapshots/consistency-groups';
 import { CloneBacking, cloneSourceOf, snapshotNeeded } from './snapshots/clone-backing';
+import { refuseReserved, resyncProtection } from './snapshots/resync-protection';
 import { snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
 import { ZERO_GENERATION } from './replication/generations';
 
@@ -67,6 +68,13 @@ export interface VolumeView {
   dataPath: string;
   cloneOf: string;
   hydratedPercent: number;
+}
+
+/** What a promotion in the middle of a resync rolled the copy back to. */
+export interface PromotionRollback {
+  snapshot: string;
+  snapshotCreatedAtMs: number;
+  bytes: number;
 }
 
 export interface SnapshotView extends SnapshotInfo {
@@ -407,9 +415,46 @@ export class Agent implements ExportSource {
     return this.volume(name);
   }
 
-  async promote(name: string, force: boolean): Promise<VolumeView> {
-    await this.replicaOf(name).promote(force);
-    return this.volume(name);
+  /**
+   * Makes the copy the primary. One that a resync was catching up holds a mix of old and new
+   * regions; it is rolled back to the snapshot it took before the resync began, so that what
+   * is promoted is a state the primary really had.
+   */
+  async promote(
+    name: string,
+    force: boolean,
+  ): Promise<{ volume: VolumeView; rolledBack?: PromotionRollback }> {
+    const rv = this.replicaOf(name);
+    const { snapshots } = this.store.ready(name);
+    const protection = rv.role === 'secondary' ? resyncProtection(snapshots) : undefined;
+    if (!protection) {
+      await rv.promote(force);
+      return { volume: this.volume(name) };
+    }
+    // The intent first. A crash before the promotion leaves a secondary that nothing wrote to
+    // (the intent is dropped on restart); after it, a primary whose rollback is finished
+    // before it is served.
+    await snapshots.beginRollback(protection.name);
+    this.rollingBack.set(name, 'running');
+    try {
+      await rv.promote(force);
+    } catch (err) {
+      this.rollingBack.delete(name);
+      await snapshots.endRollback();
+      throw err;
+    }
+    const bytes = await this.rollBack(name, protection.name);
+    await snapshots.delete(protection.name);
+    const rolledBack = {
+      snapshot: protection.name,
+      snapshotCreatedAtMs: protection.createdAtMs,
+      bytes,
+    };
+    this.log.warn(
+      { volume: name, ...rolledBack },
+      'promoted in the middle of a resync: rolled back to the snapshot taken before it began',
+    );
+    return { volume: this.volume(name), rolledBack };
   }
 
   discardPeer(name: string, peer: string): VolumeView {
@@ -707,6 +752,7 @@ export class Agent implements ExportSource {
   async deleteSnapshot(volume: string, name: string, force: boolean): Promise<void> {
     const { snapshots } = this.store.ready(volume);
     snapshots.get(name);
+    refuseReserved(volume, name, true);
     this.refuseIfCloned(volume, name);
     // A rollback in progress or left unfinished (resumed on restart) still reads it.
     if (snapshots.interruptedRollback() === name)
@@ -772,7 +818,8 @@ export class Agent implements ExportSource {
     return this.volume(volume);
   }
 
-  private async rollBack(volume: string, name: string): Promise<void> {
+  /** Writes the snapshot back over what changed since it; the bytes written. */
+  private async rollBack(volume: string, name: string): Promise<number> {
     const rv = this.replicaOf(volume);
     const { snapshots } = this.store.ready(volume);
     this.rollingBack.set(volume, 'running');
@@ -798,6 +845,7 @@ export class Agent implements ExportSource {
         { volume, snapshot: name, bytes, ms: Math.round(performance.now() - started) },
         'volume rolled back to snapshot',
       );
+      return bytes;
     } finally {
       // Half rolled back, the volume is neither the snapshot nor what it was: not served
       // until the rollback is run again to its end (and never finished later over new writes).
@@ -806,15 +854,25 @@ export class Agent implements ExportSource {
     }
   }
 
-  /** Finishes rollbacks a crash interrupted, before the volumes are exported. */
+  /** Finishes rollbacks (and promotions' rollbacks) a crash interrupted, before serving. */
   private async resumeRollbacks(): Promise<void> {
     for (const v of this.store.list()) {
       if (v.state !== 'Ready') continue;
       const snapshot = v.snapshots.interruptedRollback();
-      if (snapshot === undefined) continue;
-      this.log.warn({ volume: v.name, snapshot }, 'finishing an interrupted rollback');
+      const protection = resyncProtection(v.snapshots);
       try {
-        await this.rollBack(v.name, snapshot);
+        if (snapshot !== undefined && v.meta.role === 'secondary') {
+          // On a secondary it can only be a promotion's, which never began writing (its writes
+          // come after the promotion): nothing to finish.
+          await v.snapshots.endRollback();
+          continue;
+        }
+        if (snapshot !== undefined) {
+          this.log.warn({ volume: v.name, snapshot }, 'finishing an interrupted rollback');
+          await this.rollBack(v.name, snapshot);
+        }
+        // A primary's protection is one its promotion rolled back to, then crashed.
+        if (protection && v.meta.role === 'primary') await v.snapshots.delete(protection.name);
       } catch (err) {
         // One volume's failure does not keep the agent (and its other volumes) down.
         this.log.error(

@@ -179,11 +179,22 @@ export class SyncRelationshipReconciler {
       const other = await agent.getVolume(name).catch(() => undefined);
       if (other?.role === 'primary') await agent.demote(name);
     }
-    vol = await chosen.promote(name, false);
+    const promoted = await chosen.promote(name, false);
+    vol = promoted.volume;
     this.deps.log.info(
       { relationship: rel.metadata.name, volume: name, primary: plan.primary.node },
       'switched primary',
     );
+    const back = promoted.rolledBack;
+    if (back)
+      await this.deps.events.record(
+        rel,
+        'Warning',
+        'RolledBackToBeforeResync',
+        `${name}: node ${plan.primary.node} was being resynced; it was rolled back to its snapshot ` +
+          `${back.snapshot} of ${new Date(Number(back.snapshotCreatedAtMs)).toISOString()} ` +
+          `(${Number(back.bytes)} bytes restored) before becoming primary`,
+      );
     await this.deps.events.record(
       rel,
       'Normal',

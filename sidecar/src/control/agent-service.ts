@@ -86,7 +86,10 @@ export function agentHandlers(agent: Agent): AgentHandlers {
         ),
       ),
     ),
-    Promote: unary(async (req) => wire(await agent.promote(req.name, req.force))),
+    Promote: unary(async (req) => {
+      const { volume, rolledBack } = await agent.promote(req.name, req.force);
+      return { volume: wire(volume), rolledBack };
+    }),
     Demote: unary(async (req) => wire(await agent.demote(req.name))),
     DiscardPeer: unary((req) => wire(agent.discardPeer(req.name, req.peer))),
     CreateSnapshot: unary((req) =>

@@ -25,6 +25,7 @@ import { SecondarySession, type PrimaryHello } from '../replication/secondary-se
 import { SendBatch } from '../replication/send-batch';
 import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
 import type { FileBlockDevice } from '../store/file-device';
+import { resyncProtection } from '../snapshots/resync-protection';
 import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import { MetaWriter, type ReadyVolume } from '../store/meta-writer';
 import type {
@@ -562,6 +563,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       dir: this.volume.dir,
       meta: this.record,
       local: this.local,
+      snapshots: this.snapshots,
     });
   }
 
@@ -609,6 +611,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       primaryConnected: p.role === 'secondary' && p.session.connected,
       links: p.role === 'primary' ? (p.replicating?.links ?? []) : [],
       tracking: p.role === 'primary' ? p.replicating?.tracking : undefined,
+      resyncSnapshot: resyncProtection(this.snapshots)?.name ?? '',
     });
   }
 

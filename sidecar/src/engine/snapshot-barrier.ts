@@ -16,6 +16,7 @@ import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { PeerLink } from '../replication/peer-link';
 import type { SnapshotInfo } from '../snapshots/snapshot-catalog';
 import type { SavedLog } from '../snapshots/saved-log';
+import { refuseReserved } from '../snapshots/resync-protection';
 import type { ReplicatedVolume } from './replicated-volume';
 
 export type CopyState = 'Taken' | 'Missing';
@@ -50,6 +51,7 @@ export async function snapshotAtOnePoint(
   label: string,
   opts: BarrierOptions,
 ): Promise<{ snapshots: MemberSnapshot[]; holdMs: number }> {
+  for (const rv of members) refuseReserved(rv.volumeName, name, false);
   const prepared: Prepared[] = [];
   try {
     for (const rv of members) {

@@ -12,6 +12,8 @@ export interface StatusSource {
   links: readonly PeerLink[];
   /** The peers' tracking; present whenever `links` is not empty. */
   tracking: VolumeTracking | undefined;
+  /** The snapshot protecting this copy while a resync catches it up; empty if none does. */
+  resyncSnapshot: string;
 }
 
 function resyncOf(link: PeerLink): PeerStatus['resync'] {
@@ -36,6 +38,7 @@ export function replicationStatus(s: StatusSource): ReplicationStatus {
     maxResyncBytesPerSecond: s.meta.replication?.maxResyncBytesPerSecond ?? 0,
     generation: s.meta.generation.current,
     primaryConnected: s.primaryConnected,
+    resyncSnapshot: s.resyncSnapshot,
     peers: s.links.map((l) => ({
       address: l.address,
       node: l.node,

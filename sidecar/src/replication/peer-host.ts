@@ -3,6 +3,7 @@
 // writes), and callbacks for state changes. The replicated volume (engine/) implements it;
 // nothing here knows the engine.
 import type { Logger } from '../../../lib/logger';
+import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import type { ReplicationMode } from '../store/volume-metadata';
 import type { Generations } from './generations';
 import type { PeerLink } from './peer-link';
@@ -17,6 +18,8 @@ export interface PeerHost extends ResyncSource {
   readonly localNode: string;
   readonly localAddress: string;
   readonly log: Logger;
+  /** Its snapshots: a resync with no bitmap to trust starts from the newest the peer shares. */
+  readonly snapshots: SnapshotCatalog;
   generations(): Generations;
   bitmapUuid(peer: string): string | null;
   /** The peer holds everything up to our current generation. */

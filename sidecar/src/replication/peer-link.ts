@@ -6,6 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { replicationProto, type ReplicationClient } from '../../../proto';
+import type { ChangedSinceCommonResponse__Output } from '../../../proto/gen/lockstep/v1/ChangedSinceCommonResponse';
 import type { HandshakeResponse__Output } from '../../../proto/gen/lockstep/v1/HandshakeResponse';
 import type { RegionChecksumsResponse__Output } from '../../../proto/gen/lockstep/v1/RegionChecksumsResponse';
 import type { SnapshotDigestsResponse__Output } from '../../../proto/gen/lockstep/v1/SnapshotDigestsResponse';
@@ -21,6 +22,7 @@ import {
 import type { PeerHost } from './peer-host';
 import { STREAMING_STATES, type PeerState, type ResyncProgress } from './replication-status';
 import type { SendBatch } from './send-batch';
+import { changedRegions, newestCommon, snapshotUids } from '../snapshots/common-snapshot';
 
 /**
  * How an op travels: `spread` over the lanes (the secondary applies ops concurrently; they never
@@ -389,6 +391,39 @@ export class PeerLink implements ResyncTarget {
     );
   }
 
+  /**
+   * With no bitmap to trust: the peer's bitmap becomes what this copy and the peer each changed
+   * since the newest snapshot they share (snapshots/common-snapshot.ts). False if none.
+   */
+  private async markChangedSinceCommon(): Promise<boolean> {
+    const host = this.host;
+    const uids = snapshotUids(host.snapshots);
+    if (uids.length === 0) return false;
+    const answer = await this.unary<ChangedSinceCommonResponse__Output>((o, cb) =>
+      this.rpc.ChangedSinceCommon(
+        { volume: host.volumeName, uuid: host.uuid, regionSize: host.regionSize, uids },
+        o,
+        cb,
+      ),
+    );
+    const common = answer.uid ? newestCommon(host.snapshots, [answer.uid]) : undefined;
+    if (!common) return false;
+    // This copy's changes and the replacement in one step: a write after it is tracked as
+    // usual, one before it is among the changes (its old data was saved before it was made).
+    // That includes what the activity log and the peer's `differs` stood for, so they go.
+    const own = changedRegions(host.snapshots, common.name, host.sizeBytes, host.regionSize);
+    host.tracking.replace(this.address, [answer.changed, own.toBuffer()]);
+    this.log.info(
+      {
+        snapshot: common.name,
+        changedHere: own.dirtyBytes(),
+        dirtyBytes: host.tracking.bitmap(this.address).dirtyBytes(),
+      },
+      'resync from the newest common snapshot',
+    );
+    return true;
+  }
+
   private async connect(): Promise<void> {
     if (this.stopped) return;
     this.failed = false;
@@ -460,18 +495,24 @@ export class PeerLink implements ResyncTarget {
         'peer connected',
       );
 
+      let kind: ResyncProgress['kind'] =
+        decision.kind === 'baseline' ? 'baseline' : decision.kind === 'full' ? 'full' : 'bitmap';
       if (decision.kind === 'full' || host.tracking.isUntrusted(this.address)) {
-        this.resync = {
-          kind: 'full',
-          doneBytes: 0,
-          totalBytes: host.sizeBytes,
-          startedAt: Date.now(),
-        };
-        await markDifferingRegions(this, host, () => stale());
+        if (await this.markChangedSinceCommon()) {
+          kind = 'snapshot';
+        } else {
+          if (stale()) return;
+          this.resync = {
+            kind: 'full',
+            doneBytes: 0,
+            totalBytes: host.sizeBytes,
+            startedAt: Date.now(),
+          };
+          await markDifferingRegions(this, host, () => stale());
+        }
+        if (stale()) return;
         host.tracking.trust(this.address);
       }
-      const kind =
-        decision.kind === 'baseline' ? 'baseline' : decision.kind === 'full' ? 'full' : 'bitmap';
       await this.catchUp(kind, { peerIsZero: decision.kind === 'baseline' && hello.fresh }, stale);
     } catch (err) {
       if (!stale()) this.fail(errorMessage(err));

@@ -7,6 +7,7 @@ import { unary } from '../../../lib/grpc-errors';
 import type { Logger } from '../../../lib/logger';
 import type { ReplicationHandlers } from '../../../proto';
 import type { FileBlockDevice } from '../store/file-device';
+import { changedRegions, newestCommon } from '../snapshots/common-snapshot';
 import { VERIFY_REGION, type SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import {
   REPLICATION_MODES,
@@ -141,6 +142,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         node: req.primaryNode,
         mode,
         regionSize: req.regionSize,
+        generation: req.generation?.current ?? '',
       });
       return {
         node: host.node,
@@ -233,6 +235,13 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         'replica of a clone created from the local snapshot',
       );
       return {};
+    }),
+    ChangedSinceCommon: unary((req) => {
+      const rv = sameVolume(host, req.volume, req.uuid);
+      const common = newestCommon(rv.snapshots, req.uids);
+      if (!common) return { uid: '', name: '', changed: Buffer.alloc(0) };
+      const changed = changedRegions(rv.snapshots, common.name, rv.sizeBytes, req.regionSize);
+      return { uid: common.uid, name: common.name, changed: changed.toBuffer() };
     }),
     SnapshotDigests: unary(async (req) => {
       const { snapshots } = sameVolume(host, req.volume, req.uuid);

@@ -22,7 +22,8 @@ export const STREAMING_STATES: ReadonlySet<PeerState> = new Set([
 ]);
 
 export interface ResyncProgress {
-  kind: 'baseline' | 'bitmap' | 'full';
+  /** snapshot: what either copy changed since the newest snapshot they share. */
+  kind: 'baseline' | 'bitmap' | 'full' | 'snapshot';
   doneBytes: number;
   totalBytes: number;
   startedAt: number;
@@ -51,5 +52,10 @@ export interface ReplicationStatus {
   generation: string;
   /** Secondary: a primary is streaming to this copy right now. */
   primaryConnected: boolean;
+  /**
+   * Secondary: the snapshot it took before a resync began overwriting it, kept until the resync
+   * ends; promoting the copy meanwhile rolls it back to it. Empty when none.
+   */
+  resyncSnapshot: string;
   peers: PeerStatus[];
 }

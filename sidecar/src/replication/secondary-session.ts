@@ -1,8 +1,12 @@
 // The secondary's side of one volume's replication: the session a primary opens with its
 // handshake, the data lanes bound to it (at most one primary at a time), and the generation
 // the primary hands over once this copy has caught up. It exists while the copy is a secondary.
+// A copy about to be caught up is protected by a snapshot from the handshake until that
+// generation arrives (snapshots/resync-protection.ts).
 import { randomBytes } from 'node:crypto';
 import { LockstepError } from '../../../lib/errors';
+import { protectBeforeResync, releaseProtection } from '../snapshots/resync-protection';
+import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import type { FileBlockDevice } from '../store/file-device';
 import type { MetaWriter } from '../store/meta-writer';
 import type { ReplicationMode } from '../store/volume-metadata';
@@ -16,6 +20,8 @@ export interface PrimaryHello {
   node: string;
   mode: ReplicationMode;
   regionSize: number;
+  /** The primary's current generation. */
+  generation: string;
 }
 
 export interface SecondaryCopy {
@@ -23,6 +29,7 @@ export interface SecondaryCopy {
   readonly dir: string;
   readonly meta: MetaWriter;
   readonly local: FileBlockDevice;
+  readonly snapshots: SnapshotCatalog;
 }
 
 export class SecondarySession {
@@ -69,6 +76,8 @@ export class SecondarySession {
       });
     }
     this.end('a new handshake replaced the session');
+    // Before a token exists, so before any of this primary's writes can land.
+    await protectBeforeResync(this.copy.snapshots, meta.generation.current, primary.generation);
     this.token = randomBytes(TOKEN_BYTES).toString('hex');
     this.primary = primary.address;
     this.primaryLeft = false;
@@ -107,6 +116,9 @@ export class SecondarySession {
     // The data this generation vouches for must be on disk before the claim is: otherwise a
     // power loss could leave a copy that says it is in sync and is not (it would never resync).
     await this.copy.local.flush();
+    // Released before the claim: a crash in between leaves a complete copy that is merely not
+    // known to be, and the primary sends the generation again on its next handshake.
+    await releaseProtection(this.copy.snapshots);
     const meta = this.copy.meta.meta;
     await this.copy.meta.save({
       ...meta,

@@ -131,6 +131,18 @@ export class VolumeTracking {
     p.changed = true;
   }
 
+  /**
+   * Replaces the peer's bits with the union of serialized bitmaps: a plan known to cover every
+   * difference (what either copy changed since a snapshot they share), not what was tracked.
+   */
+  replace(peer: string, sets: Buffer[]): void {
+    const p = this.bitmaps.get(peer)!;
+    const { volumeSize, regionSize } = this.opts;
+    p.bitmap.clearAll();
+    for (const words of sets) p.bitmap.merge(DirtyBitmap.fromBuffer(volumeSize, regionSize, words));
+    p.changed = true;
+  }
+
   /** Clears regions [first, last]; returns how many were dirty. */
   clearRange(peer: string, first: number, last: number): number {
     const p = this.bitmaps.get(peer)!;
