@@ -3,7 +3,8 @@ import { Command, Option } from 'commander';
 import { createLogger } from '../../lib/logger';
 import { errorMessage, isLockstepError } from '../../lib/errors';
 import { Agent } from '../../sidecar/src/agent';
-import { positiveInteger } from '../arguments';
+import { DEFAULT_CUTOVER } from '../../sidecar/src/replication/establishment';
+import { byteSize, nonNegativeInteger, positiveInteger } from '../arguments';
 import type * as KubeModule from '../../lib/kube';
 
 export function agentCommand(): Command {
@@ -35,6 +36,18 @@ export function agentCommand(): Command {
       positiveInteger,
       5000,
     )
+    .option(
+      '--cutover-bytes <size>',
+      'establishing a replica: cut over to live mirroring after a diff of at most this size',
+      byteSize,
+      DEFAULT_CUTOVER.bytes,
+    )
+    .option(
+      '--cutover-ms <ms>',
+      'establishing a replica: cut over after a diff that took at most this long',
+      nonNegativeInteger,
+      DEFAULT_CUTOVER.ms,
+    )
     .option('--register', 'register a LockstepNode and heartbeat through a Lease', false)
     .option('--kubeconfig <file>', 'kubeconfig for --register (default: in-cluster or $KUBECONFIG)')
     .option('--namespace <ns>', 'namespace of the heartbeat Lease', 'lockstep-system')
@@ -53,6 +66,8 @@ export function agentCommand(): Command {
         dataListen?: string;
         dataAdvertise?: string;
         peerTimeout: number;
+        cutoverBytes: number;
+        cutoverMs: number;
       }) => {
         const log = createLogger('agent', { node: opts.node });
         // The Kubernetes client is loaded only when used: it adds ~0.15 s to start-up.
@@ -72,6 +87,7 @@ export function agentCommand(): Command {
             dataListen: opts.dataListen,
             dataAdvertise: opts.dataAdvertise,
             peerTimeoutMs: opts.peerTimeout,
+            cutover: { ...DEFAULT_CUTOVER, bytes: opts.cutoverBytes, ms: opts.cutoverMs },
             register: opts.register
               ? { kc: loadKubeConfig(opts.kubeconfig), namespace: opts.namespace }
               : undefined,

@@ -28,6 +28,7 @@ import { VERIFY_REGION, type SnapshotInfo } from './snapshots/snapshot-catalog';
 import { ConsistencyGroups, type Group } from './snapshots/consistency-groups';
 import { CloneBacking, cloneSourceOf, snapshotNeeded } from './snapshots/clone-backing';
 import { refuseReserved, resyncProtection } from './snapshots/resync-protection';
+import { DEFAULT_CUTOVER, type CutoverPolicy } from './replication/establishment';
 import { snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
 import { ZERO_GENERATION } from './replication/generations';
 
@@ -48,6 +49,8 @@ export interface AgentOptions {
   metricsListen?: string;
   /** A replicated op not acknowledged within this time fails the peer link. */
   peerTimeoutMs?: number;
+  /** When establishing a replica gives way to live mirroring. */
+  cutover?: CutoverPolicy;
   /** Register a LockstepNode and heartbeat through a Lease in this cluster. */
   register?: { kc: KubeConfig; namespace: string };
   log: Logger;
@@ -148,6 +151,7 @@ export class Agent implements ExportSource {
       store,
       log: this.log.child({ subsystem: 'replication' }),
       ackTimeoutMs: options.peerTimeoutMs ?? 5_000,
+      cutover: options.cutover ?? DEFAULT_CUTOVER,
     };
   }
 
@@ -437,7 +441,7 @@ export class Agent implements ExportSource {
     await snapshots.beginRollback(protection.name);
     this.rollingBack.set(name, 'running');
     try {
-      await rv.promote(force);
+      await rv.promote(force, true);
     } catch (err) {
       this.rollingBack.delete(name);
       await snapshots.endRollback();
@@ -751,8 +755,7 @@ export class Agent implements ExportSource {
 
   async deleteSnapshot(volume: string, name: string, force: boolean): Promise<void> {
     const { snapshots } = this.store.ready(volume);
-    snapshots.get(name);
-    refuseReserved(volume, name, true);
+    refuseReserved(volume, snapshots.get(name), true);
     this.refuseIfCloned(volume, name);
     // A rollback in progress or left unfinished (resumed on restart) still reads it.
     if (snapshots.interruptedRollback() === name)

@@ -185,6 +185,17 @@ describe('relationship status from the agents’ view', () => {
     });
   });
 
+  it.each([
+    ['Baselining', 'baseline', 'Baseline'],
+    ['Baselining', 'incremental', 'Incremental'],
+    ['Resyncing', 'cutover', 'CuttingOver'],
+  ])('a replica being established (%s, %s) is at step %s', (state, kind, step) => {
+    const s = summarize(rel, plan, {
+      volumes: [volume(state, 0, { kind, doneBytes: 1, totalBytes: 2, etaSeconds: 1 })],
+    });
+    expect(s).toMatchObject({ phase: 'Baselining', progression: step });
+  });
+
   it('reports baseline progress, dirty bytes and the last in-sync time', () => {
     const s = summarize(rel, plan, {
       volumes: [

@@ -225,7 +225,9 @@ const syncRelationship: Kind = {
     observedGeneration: int('Spec generation last acted on.'),
     phase: str('Pending, Baselining, InSync, Resyncing, Degraded, SplitBrain or Failed.'),
     progression: str(
-      'The step under way, e.g. CreatingReplicas, Baselining, InSync, SwitchingPrimary.',
+      'The step under way, e.g. CreatingReplicas; Baseline, Incremental, CuttingOver (a replica ' +
+        'being established: a snapshot, diffs between snapshots, the live cutover); InSync; ' +
+        'SwitchingPrimary.',
     ),
     primaryNode: str('Node currently serving writes.'),
     dirtyBytes: int('Bytes the replicas are known to miss, summed over peers.'),

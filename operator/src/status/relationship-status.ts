@@ -29,6 +29,21 @@ const PHASE_EVENT_TYPE: Record<RelationshipPhase, EventType> = {
 };
 
 /** The relationship's status from the primary's view of each volume. */
+/** A peer's resync kind while it is being established, and the step it names in status. */
+const ESTABLISHMENT_STEPS = new Map([
+  ['baseline', 'Baseline'],
+  ['incremental', 'Incremental'],
+  ['cutover', 'CuttingOver'],
+]);
+
+/** The earliest step any replica volume is at: the relationship is no further along than it. */
+function establishmentStep(peers: { resync?: { kind: string } | null }[]): string {
+  const steps = [...ESTABLISHMENT_STEPS.values()];
+  const at = peers.map((p) => steps.indexOf(ESTABLISHMENT_STEPS.get(p.resync?.kind ?? '') ?? ''));
+  const earliest = Math.min(...at.map((i) => (i === -1 ? 0 : i)));
+  return steps[earliest];
+}
+
 export function summarize(
   rel: SyncRelationship,
   plan: Plan,
@@ -47,7 +62,11 @@ export function summarize(
   const down = peers
     .filter((p) => DOWN.has(p.state) && !(p.state === 'Connecting' && !Number(p.lastInSyncMs)))
     .map(describePeer);
-  const baselining = peers.filter((p) => p.state === 'Baselining' || p.resync?.kind === 'baseline');
+  // A new replica is established in steps (a baseline snapshot, diffs, the live cutover):
+  // still setting up until it is in sync.
+  const establishing = (p: (typeof peers)[number]) =>
+    p.state === 'Baselining' || ESTABLISHMENT_STEPS.has(p.resync?.kind ?? '');
+  const baselining = peers.filter(establishing);
   // An in-sync peer with dirty bytes is catching up on a backlog (async mode's lag).
   const resyncing = peers.filter(
     (p) => p.state === 'Resyncing' || (p.state === 'InSync' && Number(p.dirtyBytes) > 0),
@@ -63,7 +82,7 @@ export function summarize(
   if (observed.unreachable) [phase, progression] = ['Degraded', 'WaitingForPrimary'];
   else if (split.length) [phase, progression] = ['SplitBrain', 'WaitingForResolution'];
   else if (allInSync) [phase, progression] = ['InSync', 'InSync'];
-  else if (baselining.length) [phase, progression] = ['Baselining', 'Baselining'];
+  else if (baselining.length) [phase, progression] = ['Baselining', establishmentStep(baselining)];
   else if (resyncing.length) [phase, progression] = ['Resyncing', 'Resyncing'];
   else if (down.length) [phase, progression] = ['Degraded', 'WaitingForPeers'];
   else [phase, progression] = ['Baselining', 'CreatingReplicas'];

@@ -5,6 +5,7 @@
 //   mode         admission              route     a peer misses a write     client answered
 //   sync         always                 spread    write succeeds            every streaming copy
 //   strict-sync  every peer streaming   spread    write fails (EIO)         every streaming copy
+//                (or being established)
 //   async        always                 ordered   write succeeds            local copy, within a
 //                                                                          bounded backlog
 //
@@ -70,14 +71,20 @@ const sync: ModePolicy = {
   completion: () => 'all-copies',
 };
 
+/**
+ * A replica being established is no copy yet (it takes snapshots and diffs, not live writes):
+ * strict-sync neither waits for it nor fails a write it misses, as it never did for a baseline.
+ */
+const establishing = (peer: PeerView) => peer.state === 'Baselining';
+
 const strictSync: ModePolicy = {
   mode: 'strict-sync',
   route: 'spread',
   admit(peers) {
-    const down = peers.find((p) => !p.streaming);
+    const down = peers.find((p) => !p.streaming && !establishing(p));
     return down && strictRefusal(down);
   },
-  missed: strictRefusal,
+  missed: (peer) => (establishing(peer) ? undefined : strictRefusal(peer)),
   completion: () => 'all-copies',
 };
 

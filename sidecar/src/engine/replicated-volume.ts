@@ -16,6 +16,7 @@ import path from 'node:path';
 import { LockstepError } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { advance, ZERO_GENERATION, type Generations } from '../replication/generations';
+import { dropEstablishment, type CutoverPolicy } from '../replication/establishment';
 import { PeerLink } from '../replication/peer-link';
 import type { PeerHost } from '../replication/peer-host';
 import type { LaneBinding, ReplicaLane } from '../replication/replica-lane';
@@ -49,6 +50,7 @@ export interface ReplicationContext {
   store: VolumeStore;
   log: Logger;
   ackTimeoutMs: number;
+  cutover: CutoverPolicy;
 }
 
 /** A primary's peers and what exists only while it has them. */
@@ -379,7 +381,11 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     });
     const links = repl.peers.map(
       (p) =>
-        new PeerLink(p.address, this, { ackTimeoutMs: this.ctx.ackTimeoutMs, batch: this.batch }),
+        new PeerLink(p.address, this, {
+          ackTimeoutMs: this.ctx.ackTimeoutMs,
+          batch: this.batch,
+          cutover: this.ctx.cutover,
+        }),
     );
     const replicating: Replicating = {
       tracking,
@@ -481,16 +487,20 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     await this.transit(async () => {
       await this.stopPeers(dropped);
       await this.record.save({ ...this.meta, replication });
-      for (const peer of dropped) await rm(bitmapFile(this.volume.dir, peer), { force: true });
+      for (const peer of dropped) {
+        await rm(bitmapFile(this.volume.dir, peer), { force: true });
+        await dropEstablishment(this.snapshots, peer);
+      }
       if (!replication) await rm(path.join(this.volume.dir, 'activity.log'), { force: true });
       await this.startPeers();
     });
   }
 
-  async promote(force: boolean): Promise<void> {
+  /** `complete`: the copy will be rolled back to a complete state first (its protection). */
+  async promote(force: boolean, complete = false): Promise<void> {
     const p = this.phase;
     if (p.role === 'primary') return;
-    if (this.meta.generation.current === ZERO_GENERATION && !force) {
+    if (this.meta.generation.current === ZERO_GENERATION && !force && !complete) {
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
         `volume ${this.volumeName} has never completed its first sync; promoting it would serve incomplete data (use --force to accept that)`,

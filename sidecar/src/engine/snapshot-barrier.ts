@@ -51,7 +51,7 @@ export async function snapshotAtOnePoint(
   label: string,
   opts: BarrierOptions,
 ): Promise<{ snapshots: MemberSnapshot[]; holdMs: number }> {
-  for (const rv of members) refuseReserved(rv.volumeName, name, false);
+  for (const rv of members) refuseReserved(rv.volumeName, { name }, false);
   const prepared: Prepared[] = [];
   try {
     for (const rv of members) {

@@ -21,6 +21,8 @@ export interface PeerHost extends ResyncSource {
   /** Its snapshots: a resync with no bitmap to trust starts from the newest the peer shares. */
   readonly snapshots: SnapshotCatalog;
   generations(): Generations;
+  /** Holds new writes once those in flight are done; resolves with the release. */
+  holdWrites(): Promise<() => void>;
   bitmapUuid(peer: string): string | null;
   /** The peer holds everything up to our current generation. */
   onPeerCaughtUp(link: PeerLink): Promise<void>;

@@ -17,11 +17,13 @@ import {
   markDifferingRegions,
   resyncDirtyRegions,
   type ResyncOptions,
-  type ResyncTarget,
+  type ScanSource,
 } from './resync';
 import type { PeerHost } from './peer-host';
 import { STREAMING_STATES, type PeerState, type ResyncProgress } from './replication-status';
 import type { SendBatch } from './send-batch';
+import { Establishment, type CutoverPolicy, type EstablishTarget } from './establishment';
+import type { SnapshotInfo } from '../snapshots/snapshot-catalog';
 import { changedRegions, newestCommon, snapshotUids } from '../snapshots/common-snapshot';
 
 /**
@@ -66,6 +68,8 @@ export interface PeerLinkOptions {
   ackTimeoutMs: number;
   /** The volume's batch of this turn's sends, shared by its links. */
   batch: SendBatch;
+  /** When a new replica's rounds of snapshots give way to the live cutover. */
+  cutover?: CutoverPolicy;
 }
 
 export class PeerUnavailable extends LockstepError {
@@ -74,7 +78,7 @@ export class PeerUnavailable extends LockstepError {
   }
 }
 
-export class PeerLink implements ResyncTarget {
+export class PeerLink implements EstablishTarget {
   state: PeerState = 'Connecting';
   /** Why the link is not in sync (last failure or refusal), for status. */
   reason = '';
@@ -105,6 +109,8 @@ export class PeerLink implements ResyncTarget {
   private readonly keepaliveMs: number;
   private stopped = false;
   private readonly log: Logger;
+  /** A new replica's rounds, kept across reconnects so that a broken-off one resumes. */
+  private readonly establishment: Establishment;
   private readonly flushLanes = () => {
     for (const lane of this.lanes) lane.flush();
     // The next turn's batch starts on another lane, so batches spread over all of them.
@@ -117,6 +123,7 @@ export class PeerLink implements ResyncTarget {
     private readonly opts: PeerLinkOptions,
   ) {
     this.log = host.log.child({ peer: address });
+    this.establishment = new Establishment(host, address, opts.cutover);
     this.channel = new grpc.Channel(
       address,
       grpc.credentials.createInsecure(),
@@ -140,6 +147,11 @@ export class PeerLink implements ResyncTarget {
     return STREAMING_STATES.has(this.state) && this.lanes.length > 0;
   }
 
+  /** Ops may go over the lanes: live writes, or a new replica's snapshots and diffs. */
+  private get lanesOpen(): boolean {
+    return (this.streaming || this.state === 'Baselining') && this.lanes.length > 0;
+  }
+
   // ---- the data lanes ----------------------------------------------------------------------
 
   /**
@@ -155,7 +167,7 @@ export class PeerLink implements ResyncTarget {
     flags: number,
     route: Route,
   ): Promise<void> {
-    if (!this.streaming) return Promise.reject(new PeerUnavailable(this.address, this.state));
+    if (!this.lanesOpen) return Promise.reject(new PeerUnavailable(this.address, this.state));
     if (data && data.length > MAX_OP_DATA) {
       const parts: Promise<void>[] = [];
       for (let at = 0; at < data.length; at += MAX_OP_DATA) {
@@ -229,7 +241,7 @@ export class PeerLink implements ResyncTarget {
     if (!oldest.done && now - oldest.value.sentAt > this.opts.ackTimeoutMs) {
       return this.fail(`no acknowledgement for ${Math.round(now - oldest.value.sentAt)} ms`);
     }
-    if (!this.streaming) return;
+    if (!this.lanesOpen) return;
     for (const lane of this.lanes) {
       if (now - lane.lastSentAt >= this.keepaliveMs)
         this.enqueue(lane, OpKind.PING, 0, 0, 0).catch(() => undefined);
@@ -485,7 +497,6 @@ export class PeerLink implements ResyncTarget {
       }
       const bitmap = host.tracking.bitmap(this.address);
       if (hello.differs.length > 0) host.tracking.merge(this.address, hello.differs);
-      if (decision.kind === 'baseline') host.tracking.markAll(this.address);
 
       await this.openLanes(hello, epoch);
       if (stale()) return;
@@ -494,9 +505,9 @@ export class PeerLink implements ResyncTarget {
         { decision: decision.kind, node: hello.node, dirtyBytes: bitmap.dirtyBytes() },
         'peer connected',
       );
+      if (decision.kind === 'baseline') return await this.establish(hello, stale);
 
-      let kind: ResyncProgress['kind'] =
-        decision.kind === 'baseline' ? 'baseline' : decision.kind === 'full' ? 'full' : 'bitmap';
+      let kind: ResyncProgress['kind'] = decision.kind === 'full' ? 'full' : 'bitmap';
       if (decision.kind === 'full' || host.tracking.isUntrusted(this.address)) {
         if (await this.markChangedSinceCommon()) {
           kind = 'snapshot';
@@ -513,10 +524,61 @@ export class PeerLink implements ResyncTarget {
         if (stale()) return;
         host.tracking.trust(this.address);
       }
-      await this.catchUp(kind, { peerIsZero: decision.kind === 'baseline' && hello.fresh }, stale);
+      await this.catchUp(kind, { peerIsZero: false }, stale);
     } catch (err) {
       if (!stale()) this.fail(errorMessage(err));
     }
+  }
+
+  /**
+   * A new replica: rounds of snapshots and diffs (establishment.ts), then the cutover: live
+   * writes stream to the peer from this step on, and the resync copies what its bitmap marked
+   * since the last committed snapshot.
+   */
+  private async establish(hello: HandshakeResponse__Output, stale: () => boolean): Promise<void> {
+    const host = this.host;
+    const base = await this.establishment.run(this, hello.committedUid, hello.fresh, stale);
+    if (!base || stale()) return;
+    // The cutover, at a point with no write in flight: every write before it is in the
+    // snapshot logs since `base`, every write after it streams to the peer.
+    const release = await host.holdWrites();
+    let remainder: ScanSource;
+    try {
+      if (stale()) return;
+      const tracked = host.tracking.bitmap(this.address);
+      host.tracking.clearRange(this.address, 0, tracked.regionCount - 1);
+      host.tracking.trust(this.address);
+      remainder = this.establishment.remainder(base);
+      this.setState('Resyncing');
+    } finally {
+      release();
+    }
+    this.begin('cutover', remainder.tracking.bitmap(this.address).dirtyBytes());
+    await resyncDirtyRegions(this, remainder, stale, { peerIsZero: false });
+    if (stale()) return;
+    // What the peer missed since (a failed op), then the generation: InSync.
+    await this.catchUp('cutover', { peerIsZero: false }, stale);
+  }
+
+  /** Starts a round of establishment: what `scanned` counts from now on. */
+  begin(kind: ResyncProgress['kind'], totalBytes: number): void {
+    this.resync = { kind, doneBytes: 0, totalBytes, startedAt: Date.now() };
+  }
+
+  /** Ends a round: the peer holds the snapshot whole, durably, and keeps it as its own. */
+  async commit(snapshot: SnapshotInfo): Promise<void> {
+    await this.unary<unknown>((o, cb) =>
+      this.rpc.CommitEstablished(
+        {
+          volume: this.host.volumeName,
+          uuid: this.host.uuid,
+          name: snapshot.name,
+          uid: snapshot.uid,
+        },
+        o,
+        cb,
+      ),
+    );
   }
 
   /**
@@ -538,6 +600,12 @@ export class PeerLink implements ResyncTarget {
     await host.onPeerCaughtUp(this);
     this.discardPeerData = false;
     this.resync = undefined;
+    // In sync, by a cutover or otherwise: what establishing it kept here can go.
+    await this.establishment
+      .finish()
+      .catch((err: unknown) =>
+        this.log.warn({ err: errorMessage(err) }, 'establishment snapshots not deleted'),
+      );
     // Backoff starts over only once the peer caught up: a peer that accepts the connection and
     // then fails every catch-up (its disk is full) is retried ever more slowly, not 5× a second.
     this.retryMs = RETRY_MIN_MS;

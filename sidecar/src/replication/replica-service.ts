@@ -8,6 +8,7 @@ import type { Logger } from '../../../lib/logger';
 import type { ReplicationHandlers } from '../../../proto';
 import type { FileBlockDevice } from '../store/file-device';
 import { changedRegions, newestCommon } from '../snapshots/common-snapshot';
+import { commitEstablished, resyncProtection } from '../snapshots/resync-protection';
 import { VERIFY_REGION, type SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import {
   REPLICATION_MODES,
@@ -154,6 +155,10 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         fresh: !rv.local.allocation.mayHoldData(0, rv.sizeBytes),
         session,
         dataAddress: host.dataAddress,
+        committedUid:
+          rv.generation.current === ZERO_GENERATION
+            ? (resyncProtection(rv.snapshots)?.uid ?? '')
+            : '',
       };
     }),
     RegionChecksums: unary(async (req) => {
@@ -234,6 +239,16 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         { volume: req.newVolume, source: `${req.volume}@${req.name}` },
         'replica of a clone created from the local snapshot',
       );
+      return {};
+    }),
+    CommitEstablished: unary(async (req) => {
+      const rv = sameVolume(host, req.volume, req.uuid);
+      if (rv.role !== 'secondary')
+        throw new LockstepError(
+          'LOCKSTEP_ERR_NOT_ALLOWED',
+          `volume ${req.volume} on node ${host.node} is a primary; it is not being established`,
+        );
+      await commitEstablished(rv.snapshots, rv.local, req.name, req.uid);
       return {};
     }),
     ChangedSinceCommon: unary((req) => {

@@ -14,16 +14,20 @@ export type PeerState =
   | 'PeerIsPrimary'
   | 'PeerIsNewer';
 
-/** States in which live writes are sent to the peer (connected, catching up or in sync). */
-export const STREAMING_STATES: ReadonlySet<PeerState> = new Set([
-  'Baselining',
-  'Resyncing',
-  'InSync',
-]);
+/**
+ * States in which live writes are sent to the peer (catching up or in sync). A peer being
+ * established (Baselining) takes snapshots and diffs over the lanes, not live writes.
+ */
+export const STREAMING_STATES: ReadonlySet<PeerState> = new Set(['Resyncing', 'InSync']);
 
 export interface ResyncProgress {
-  /** snapshot: what either copy changed since the newest snapshot they share. */
-  kind: 'baseline' | 'bitmap' | 'full' | 'snapshot';
+  /**
+   * baseline, incremental: establishing a replica, a snapshot then diffs between snapshots, not
+   * live (replication/establishment.ts); cutover: the resync that ends it, live; bitmap: what
+   * the peer missed; full: regions whose checksums differ; snapshot: what either copy changed
+   * since the newest snapshot both hold.
+   */
+  kind: 'baseline' | 'incremental' | 'cutover' | 'bitmap' | 'full' | 'snapshot';
   doneBytes: number;
   totalBytes: number;
   startedAt: number;

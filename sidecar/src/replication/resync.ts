@@ -11,6 +11,7 @@
 import { createHash } from 'node:crypto';
 import { LockstepError } from '../../../lib/errors';
 import { FileBlockDevice } from '../store/file-device';
+import type { AllocationMap } from '../store/allocation-map';
 import type { VolumeTracking } from '../tracking/volume-tracking';
 import { OpFlag, OpKind } from './frames';
 import type { PeerLink } from './peer-link';
@@ -27,20 +28,36 @@ export interface ResyncTarget {
   sentData(bytes: number): void;
 }
 
-/** This side of a scan: the local copy, the peers' tracking, and regions held off live writes. */
-export interface ResyncSource {
+/** What a copy pass reads: the local copy (around the page cache), or a snapshot of it. */
+export interface ScanData {
+  readonly allocation: Pick<AllocationMap, 'nextWritten' | 'nextUnwritten'>;
+  readForScan(offset: number, target: Buffer): Promise<void>;
+  alignedBuffer(): Promise<Buffer>;
+  releaseAlignedBuffer(buf: Buffer): boolean;
+}
+
+/** Which regions a copy pass still owes each peer; it clears them as the peer acknowledges. */
+export type ScanPlan = Pick<VolumeTracking, 'bitmap' | 'clearRange'>;
+
+/** This side of a copy pass: what it reads, its plan, and regions held off live writes. */
+export interface ScanSource {
   readonly sizeBytes: number;
   readonly regionSize: number;
   readonly maxResyncBytesPerSecond: number;
-  /** The local copy, read directly (not through the splitter). */
-  readonly local: FileBlockDevice;
-  /** The peers' bitmaps: read here, changed only through it (their one writer). */
-  readonly tracking: VolumeTracking;
+  readonly local: ScanData;
+  readonly tracking: ScanPlan;
   /**
    * Runs `work` with regions [first, last] held against live writes, after the ops on them
    * still on their way to the peers: a copy made inside reaches the peer after them.
    */
   withRegionsLocked<T>(first: number, last: number, work: () => Promise<T>): Promise<T>;
+}
+
+/** This side of a resync: the local copy, read directly, and the peers' tracking. */
+export interface ResyncSource extends ScanSource {
+  readonly local: FileBlockDevice;
+  /** The peers' bitmaps: read here, changed only through it (their one writer). */
+  readonly tracking: VolumeTracking;
 }
 
 const WINDOW = 8;
@@ -139,7 +156,7 @@ class Regions {
  */
 function clearUnwritten(
   link: ResyncTarget,
-  host: ResyncSource,
+  host: ScanSource,
   g: Regions,
   first: number,
   last: number,
@@ -158,7 +175,7 @@ function clearUnwritten(
 
 async function copyRun(
   link: ResyncTarget,
-  host: ResyncSource,
+  host: ScanSource,
   g: Regions,
   first: number,
   last: number,
@@ -241,7 +258,7 @@ async function sendRun(
  */
 async function zeroRun(
   link: ResyncTarget,
-  host: ResyncSource,
+  host: ScanSource,
   g: Regions,
   first: number,
   last: number,
@@ -267,7 +284,7 @@ export interface ResyncOptions {
 /** Copies dirty regions until none is left; throws if the link fails. */
 export async function resyncDirtyRegions(
   link: ResyncTarget,
-  host: ResyncSource,
+  host: ScanSource,
   cancelled: () => boolean,
   opts: ResyncOptions = { peerIsZero: false },
 ): Promise<void> {

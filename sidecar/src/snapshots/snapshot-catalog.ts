@@ -424,6 +424,21 @@ export class SnapshotCatalog {
     return new Promise((resolve) => this.readsDone.push(resolve));
   }
 
+  /** Blocks whose contents may differ between snapshot `older` and the newer `newer`, ascending. */
+  changedBetween(older: string, newer: string): number[] {
+    const from = this.position(older);
+    const to = this.position(newer);
+    if (to <= from)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_INVALID_ARGUMENT',
+        `snapshot ${newer} of volume ${this.volume} is not newer than ${older}`,
+      );
+    const changed = new Set<number>();
+    for (const link of this.chain.slice(from, to))
+      for (const b of link.log.index.keys()) changed.add(b);
+    return Array.from(Float64Array.from(changed).sort());
+  }
+
   /**
    * Blocks whose contents may differ between the snapshot and the volume now, ascending. Kept
    * while no log from the snapshot on has grown, so a backup paging through block status

@@ -1,0 +1,195 @@
+// A new replica is established by snapshots: a baseline snapshot, diffs between snapshots
+// while the workload writes, a commit after each (from the first on, the replica holds a
+// complete state of the primary), then the cutover to live mirroring and InSync. Real agents,
+// SIGKILLed mid-way; a proxy cuts the link; images compared with qemu-img.
+import { readdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import type { AgentProcess } from '../harness/agent-process';
+import { fioVerify, run, startAckWriter } from '../harness/agent-process';
+import { waitFor } from '../harness/processes';
+import {
+  expectIdentical,
+  inSync,
+  ProxiedReplica,
+  replicationAgent,
+  waitPeer,
+} from '../harness/replication';
+
+const MiB = 1024 * 1024;
+
+interface PeerJson {
+  state: string;
+  linkFailures: number;
+  resyncBytesSent: number;
+  resync?: { kind: string; doneBytes: number; totalBytes: number };
+}
+
+interface SnapshotJson {
+  name: string;
+  uid: string;
+  label: string;
+}
+
+async function peer(agent: AgentProcess): Promise<PeerJson> {
+  const v = JSON.parse(await agent.ctl('status', 'v', '-o', 'json')) as {
+    replication: { peers: PeerJson[] };
+  };
+  return v.replication.peers[0];
+}
+
+async function snapshots(agent: AgentProcess): Promise<SnapshotJson[]> {
+  return (
+    JSON.parse(await agent.ctl('snapshot', 'list', 'v', '-o', 'json')) as {
+      snapshots: SnapshotJson[];
+    }
+  ).snapshots;
+}
+
+/** Everything `agent` logged, over all its runs. */
+function agentLog(agent: AgentProcess): string {
+  return readdirSync(agent.dataDir)
+    .filter((f) => f.startsWith('agent.') && f.endsWith('.log'))
+    .map((f) => readFileSync(path.join(agent.dataDir, f), 'utf8'))
+    .join('');
+}
+
+/** Polls the primary's view of its peer until `until` holds, recording each phase seen. */
+async function watchPhases(
+  a: AgentProcess,
+  until: (p: PeerJson) => boolean,
+  timeoutMs = 120_000,
+): Promise<string[]> {
+  const seen: string[] = [];
+  await waitFor(
+    'the phases',
+    async () => {
+      const p = await peer(a);
+      const phase = p.resync ? `${p.state}/${p.resync.kind}` : p.state;
+      if (seen.at(-1) !== phase) seen.push(phase);
+      return until(p) || undefined;
+    },
+    timeoutMs,
+    20,
+  );
+  return seen;
+}
+
+describe('establishment by snapshots', () => {
+  const agents: AgentProcess[] = [];
+  const start = async (node: string, extra: string[] = []) => {
+    const a = replicationAgent(node, extra);
+    agents.push(a);
+    return a.start();
+  };
+  const proxies: ProxiedReplica[] = [];
+  afterEach(async () => {
+    for (const p of proxies.splice(0)) await p.close();
+    for (const a of agents.splice(0)) await a.dispose();
+  });
+
+  it('establishes a half-written 1 GiB volume under fio through baseline, diffs and cutover, and ends identical', async () => {
+    // Tiny diffs only end the rounds: under fio they never get that small, so it takes them all.
+    const a = await start('node-a', ['--cutover-bytes', '4KiB', '--cutover-ms', '0']);
+    const b = await start('node-b');
+    const uri = await a.createVolume('v', '1GiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 512m', uri]);
+    const workload = fioVerify(uri, '1G', ['--io_size=64M']);
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress);
+    const phases = await watchPhases(a, inSyncPeer);
+    await workload;
+    const done = await waitPeer(a, 'v', b, inSync, 'in sync');
+
+    expect(phases).toContain('Baselining/baseline');
+    expect(phases).toContain('Baselining/incremental');
+    expect(phases.indexOf('Baselining/incremental')).toBeGreaterThan(
+      phases.indexOf('Baselining/baseline'),
+    );
+    expect(
+      phases.filter((p) => p.startsWith('Resyncing')).every((p) => p === 'Resyncing/cutover'),
+    ).toBe(true);
+    expect(phases.at(-1)).toBe('InSync');
+    const diffs = agentLog(a).match(/establishment: diff committed/g) ?? [];
+    expect(diffs.length).toBeGreaterThanOrEqual(2);
+    // The data and what was written meanwhile (64 MiB), not the holes nor whole regions.
+    expect(done.resyncBytesSent).toBeGreaterThanOrEqual(512 * MiB);
+    expect(done.resyncBytesSent).toBeLessThanOrEqual(1.1 * (512 + 64) * MiB);
+    await expectIdentical(a, b, 'v');
+    // Nothing left behind on either side.
+    expect(await snapshots(a)).toEqual([]);
+    expect(await snapshots(b)).toEqual([]);
+  });
+
+  it('promotes a replica whose primary died mid-diff as the snapshot it last completed', async () => {
+    const a = await start('node-a', ['--cutover-bytes', '4KiB', '--cutover-ms', '0']);
+    const b = await start('node-b');
+    const uri = await a.createVolume('v', '256MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 128m', uri]);
+    const acked = path.join(a.dataDir, 'acked.log');
+    const writer = startAckWriter(uri, acked, 1_000_000, 16);
+    // Slow enough to catch a diff in flight.
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '64MiB');
+    await watchPhases(a, (p) => p.resync?.kind === 'incremental' && p.resync.doneBytes > 0);
+    await a.kill('SIGKILL');
+    await expect(writer).resolves.toMatch(/connection lost/);
+
+    const [committed] = await snapshots(b);
+    expect(committed.name).toMatch(/^establish-/);
+    // Never in sync, but complete at its last commit: promoted without --force, rolled back.
+    const promoted = JSON.parse(await b.ctl('promote', 'v', '-o', 'json')) as {
+      rolledBack: { snapshot: string } | null;
+    };
+    expect(promoted.rolledBack?.snapshot).toBe(committed.name);
+    await a.start();
+    const out = await run('qemu-img', [
+      'compare',
+      '-f',
+      'raw',
+      '-F',
+      'raw',
+      b.uri('v'),
+      a.uri(`v@${committed.name}`),
+    ]);
+    expect(out).toMatch(/Images are identical/);
+  });
+
+  it('refuses to promote a replica that never completed its baseline', async () => {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const uri = await a.createVolume('v', '256MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 128m', uri]);
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '16MiB');
+    await watchPhases(a, (p) => p.resync?.kind === 'baseline' && p.resync.doneBytes >= 16 * MiB);
+    await a.kill('SIGKILL');
+    await expect(b.ctl('promote', 'v')).rejects.toThrow(/never completed its first sync/);
+    // The primary back: the baseline starts over and completes.
+    await a.start();
+    await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
+    await expectIdentical(a, b, 'v');
+  });
+
+  it('resumes a baseline where a cut link left it', async () => {
+    const a = await start('node-a');
+    const replica = await ProxiedReplica.start('node-b');
+    proxies.push(replica);
+    agents.push(replica.agent);
+    const uri = await a.createVolume('v', '256MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 160m', uri]);
+    await a.ctl('replicate', 'v', '--to', replica.address, '--max-resync-rate', '32MiB');
+    for (const [at, failures] of [
+      [48, 1],
+      [96, 2],
+    ]) {
+      await watchPhases(a, (p) => p.resync?.kind === 'baseline' && p.resync.doneBytes >= at * MiB);
+      replica.dropAll();
+      await watchPhases(a, (p) => p.linkFailures >= failures, 10_000);
+    }
+    const done = await waitPeer(a, 'v', replica.asPeer, inSync, 'in sync', 60_000);
+    expect(done.resyncBytesSent).toBeGreaterThanOrEqual(160 * MiB);
+    expect(done.resyncBytesSent).toBeLessThanOrEqual(1.1 * 160 * MiB);
+    await expectIdentical(a, replica.agent, 'v');
+  });
+});
+
+function inSyncPeer(p: PeerJson): boolean {
+  return p.state === 'InSync' && !p.resync;
+}
