@@ -3,7 +3,7 @@
 // machines, so what counts is each Lockstep figure as a ratio to its anchor from this run.
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
-//        [--baseline-only | --large-volumes-only | --snapshots-only]
+//        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -27,6 +27,7 @@ import { waitFor } from '../test/harness/processes';
 import { inSync, waitPeer } from '../test/harness/replication';
 import { largeVolumesReport, largeVolumesRun } from './large-volumes';
 import { snapshotsReport, snapshotsRun } from './snapshots';
+import { establishmentReport, establishmentRun } from './establishment';
 
 const execFileAsync = promisify(execFile);
 
@@ -252,6 +253,8 @@ async function main(): Promise<void> {
       'large-volumes-only': { type: 'boolean', default: false },
       // Only the snapshot section (first writes, create and delete, changed maps) and its anchors.
       'snapshots-only': { type: 'boolean', default: false },
+      // Only establishing a replica under fio (bytes sent, the writes' p99), and the idle baseline.
+      'establishment-only': { type: 'boolean', default: false },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -271,6 +274,12 @@ async function main(): Promise<void> {
   }
   if (values['large-volumes-only']) {
     process.stdout.write(`${largeVolumesReport(await largeVolumesRun())}\n`);
+    return;
+  }
+  if (values['establishment-only']) {
+    process.stdout.write(`${establishmentReport(await establishmentRun())}\n`);
+    for (let round = 1; round <= rounds; round++)
+      process.stdout.write(`${baselineLine(round, await baselineRun(work2()))}\n`);
     return;
   }
   if (values['snapshots-only']) {

@@ -339,7 +339,7 @@ async function fioRand4k(uri: string, seconds: number): Promise<FioResult> {
 }
 
 /** [Unix ms, latency µs] of each write in a fio completion-latency log. */
-function readLatLog(file: string): [number, number][] {
+export function readLatLog(file: string): [number, number][] {
   return readFileSync(file, 'utf8')
     .split('\n')
     .filter((l) => l.trim())
