@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
-import { fioVerify, run, startAckWriter } from '../harness/agent-process';
+import { fioVerify, run } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
 import {
   expectIdentical,
@@ -93,7 +93,8 @@ describe('establishment by snapshots', () => {
     const b = await start('node-b');
     const uri = await a.createVolume('v', '1GiB');
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 512m', uri]);
-    const workload = fioVerify(uri, '1G', ['--io_size=64M']);
+    // 64 MiB at 4 MiB/s: writes through the baseline and the diffs after it.
+    const workload = fioVerify(uri, '1G', ['--io_size=64M', '--rate_iops=1024']);
     await a.ctl('replicate', 'v', '--to', b.grpcAddress);
     const phases = await watchPhases(a, inSyncPeer);
     await workload;
@@ -123,14 +124,23 @@ describe('establishment by snapshots', () => {
     const a = await start('node-a', ['--cutover-bytes', '4KiB', '--cutover-ms', '0']);
     const b = await start('node-b');
     const uri = await a.createVolume('v', '256MiB');
-    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 128m', uri]);
-    const acked = path.join(a.dataDir, 'acked.log');
-    const writer = startAckWriter(uri, acked, 1_000_000, 16);
-    // Slow enough to catch a diff in flight.
-    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '64MiB');
-    await watchPhases(a, (p) => p.resync?.kind === 'incremental' && p.resync.doneBytes > 0);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 32m', uri]);
+    // 2 MiB/s of writes against 8 MiB/s of transfer: each diff is about a second long.
+    const writer = run('fio', [
+      '--name=w',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      '--iodepth=4',
+      '--rate_iops=512',
+      '--time_based',
+      '--runtime=120',
+    ]).catch(() => 'stopped');
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '8MiB');
+    await watchPhases(a, (p) => p.resync?.kind === 'incremental' && p.resync.doneBytes > 0, 60_000);
     await a.kill('SIGKILL');
-    await expect(writer).resolves.toMatch(/connection lost/);
+    expect(await writer).toBe('stopped');
 
     const [committed] = await snapshots(b);
     expect(committed.name).toMatch(/^establish-/);
@@ -152,18 +162,21 @@ describe('establishment by snapshots', () => {
     expect(out).toMatch(/Images are identical/);
   });
 
-  it('refuses to promote a replica that never completed its baseline', async () => {
+  it('refuses to promote a replica that never completed its baseline; a restarted primary resumes it from its saved plan', async () => {
     const a = await start('node-a');
     const b = await start('node-b');
     const uri = await a.createVolume('v', '256MiB');
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 128m', uri]);
     await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '16MiB');
-    await watchPhases(a, (p) => p.resync?.kind === 'baseline' && p.resync.doneBytes >= 16 * MiB);
+    await watchPhases(a, (p) => p.resync?.kind === 'baseline' && p.resync.doneBytes >= 64 * MiB);
     await a.kill('SIGKILL');
     await expect(b.ctl('promote', 'v')).rejects.toThrow(/never completed its first sync/);
-    // The primary back: the baseline starts over and completes.
+    // The primary back: the baseline goes on from the plan it saved (at most a second, 16 MiB,
+    // behind), not from the start (128 MiB).
     await a.start();
-    await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
+    const done = await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
+    expect(agentLog(a)).toMatch(/resuming the round a restart broke off/);
+    expect(done.resyncBytesSent).toBeLessThanOrEqual(96 * MiB);
     await expectIdentical(a, b, 'v');
   });
 
@@ -175,9 +188,10 @@ describe('establishment by snapshots', () => {
     const uri = await a.createVolume('v', '256MiB');
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 160m', uri]);
     await a.ctl('replicate', 'v', '--to', replica.address, '--max-resync-rate', '32MiB');
+    // Progress counts from where each connection took the round up (160, then 112 MiB left).
     for (const [at, failures] of [
       [48, 1],
-      [96, 2],
+      [32, 2],
     ]) {
       await watchPhases(a, (p) => p.resync?.kind === 'baseline' && p.resync.doneBytes >= at * MiB);
       replica.dropAll();

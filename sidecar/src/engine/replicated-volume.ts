@@ -106,6 +106,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   get local(): FileBlockDevice {
     return this.volume.device;
   }
+  get dir(): string {
+    return this.volume.dir;
+  }
   get snapshots(): SnapshotCatalog {
     return this.volume.snapshots;
   }

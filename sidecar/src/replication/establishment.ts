@@ -7,19 +7,25 @@
 // cuts over: live writes stream to the peer, and its bitmap, cleared just before S_k's cut and
 // marked by every write since, is what the ordinary resync copies to make it InSync.
 //
-// A round broken off (the link failed) resumes with what it still owes: its plan is kept
-// here, across reconnects, as long as the replica's last commit is the one it builds on. An
-// agent restarted mid-way starts a diff from that commit, if this copy still holds its
-// snapshot: progress is never lost to a break, at most the round in flight to a restart.
+// A round broken off resumes with what it still owes, as long as the replica's last commit is
+// the one it builds on: its plan is kept here across reconnects, and saved every second (after
+// a FLUSH has made what it counts as sent durable on the replica) for an agent restarted
+// mid-way, which loses at most the last second of a round.
 import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import path from 'node:path';
+import { errorMessage } from '../../../lib/errors';
 import type { SnapshotCatalog, SnapshotInfo } from '../snapshots/snapshot-catalog';
 import { snapshotScanData } from '../snapshots/snapshot-scan';
-import { DirtyBitmap } from '../tracking/dirty-bitmap';
+import { DirtyBitmap, loadDirtyBitmap, saveDirtyBitmap } from '../tracking/dirty-bitmap';
+import { OpKind } from './frames';
 import type { PeerHost } from './peer-host';
 import { resyncDirtyRegions, type ResyncTarget, type ScanSource } from './resync';
 import type { ResyncProgress } from './replication-status';
 
 const BLOCK = 4096;
+const CURSOR_SAVE_MS = 1000;
 /**
  * A round's plan tracks blocks, not the peers' coarser regions, so that a diff of scattered
  * small writes sends those writes; up to 16 Mi entries (2 MiB of bitmap), then coarser.
@@ -116,14 +122,19 @@ export class Establishment {
         ? snapshots.list().find((s) => s.uid === committedUid && s.label === LABEL)
         : undefined;
     }
+    // An agent restarted mid-round: the saved plan, if it is still the round to run.
+    if (!this.round && !fresh) this.round = await this.loadCursor(committedUid);
     await this.dropOthers();
     for (;;) {
       const round = this.round ?? (await this.nextRound(fresh));
       if (stale()) return undefined;
       link.begin(round.incremental ? 'incremental' : 'baseline', round.plan.dirtyBytes());
-      await resyncDirtyRegions(link, this.source(round), stale, { peerIsZero: round.peerIsZero });
+      await this.withCursorSaved(link, round, () =>
+        resyncDirtyRegions(link, this.source(round), stale, { peerIsZero: round.peerIsZero }),
+      );
       if (stale()) return undefined;
       await link.commit(round.snapshot);
+      await rm(this.cursorFile, { force: true });
       const previous = this.base;
       this.base = round.snapshot;
       this.round = undefined;
@@ -179,7 +190,95 @@ export class Establishment {
     this.base = undefined;
     this.round = undefined;
     this.rounds = 0;
+    await rm(this.cursorFile, { force: true });
     await this.dropOthers();
+  }
+
+  private get cursorFile(): string {
+    return path.join(this.host.dir, `${this.prefix}cursor.bin`);
+  }
+
+  /** Runs a round's copy pass, saving its plan every second meanwhile. */
+  private async withCursorSaved(
+    link: EstablishTarget,
+    round: Round,
+    work: () => Promise<void>,
+  ): Promise<void> {
+    let saving: Promise<void> | undefined;
+    const timer = setInterval(() => {
+      saving ??= this.saveCursor(link, round)
+        .catch((err: unknown) =>
+          this.host.log.warn({ err: errorMessage(err) }, 'establishment cursor not saved'),
+        )
+        .finally(() => (saving = undefined));
+    }, CURSOR_SAVE_MS);
+    try {
+      await work();
+    } finally {
+      clearInterval(timer);
+      await saving;
+    }
+  }
+
+  private async saveCursor(link: EstablishTarget, round: Round): Promise<void> {
+    const { host } = this;
+    const plan = round.plan;
+    // The plan as it is now; what it counts as sent is made durable on the replica first.
+    const copy = DirtyBitmap.fromBuffer(host.sizeBytes, plan.regionSize, plan.toBuffer());
+    await link.send(OpKind.FLUSH, 0, 0, undefined, 0, 'spread');
+    if (this.round !== round) return;
+    await saveDirtyBitmap(
+      this.cursorFile,
+      {
+        volumeUuid: host.uuid,
+        peer: this.peer,
+        volumeSize: host.sizeBytes,
+        regionSize: plan.regionSize,
+        round: {
+          snapshotUid: round.snapshot.uid,
+          baseUid: this.base?.uid ?? '',
+          peerIsZero: round.peerIsZero,
+        },
+      },
+      copy,
+    );
+  }
+
+  /** The round a restarted agent was running, if it builds on the replica's last commit. */
+  private async loadCursor(committedUid: string): Promise<Round | undefined> {
+    const { host } = this;
+    let saved;
+    try {
+      saved = await loadDirtyBitmap(this.cursorFile, {
+        volumeUuid: host.uuid,
+        volumeSize: host.sizeBytes,
+        regionSize: planRegionSize(host.sizeBytes),
+      });
+    } catch (err) {
+      // None (the usual case), or damaged: the round starts over.
+      if (existsSync(this.cursorFile))
+        host.log.warn({ err: errorMessage(err) }, 'establishment cursor unusable; starting over');
+      return undefined;
+    }
+    const r = saved.header.round;
+    const snapshot =
+      r && saved.header.peer === this.peer && r.baseUid === committedUid
+        ? host.snapshots.list().find((s) => s.uid === r.snapshotUid && s.label === LABEL)
+        : undefined;
+    if (!r || !snapshot || (r.baseUid !== '' && !this.base)) return undefined;
+    this.rounds++;
+    host.log.info(
+      { snapshot: snapshot.name, leftBytes: saved.bitmap.dirtyBytes() },
+      'establishment: resuming the round a restart broke off',
+    );
+    return {
+      snapshot,
+      plan: saved.bitmap,
+      incremental: r.baseUid !== '',
+      peerIsZero: r.peerIsZero,
+      bytes: saved.bitmap.dirtyBytes(),
+      startedAt: performance.now(),
+    };
   }
 
   private async nextRound(fresh: boolean): Promise<Round> {

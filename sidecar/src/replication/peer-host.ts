@@ -18,6 +18,8 @@ export interface PeerHost extends ResyncSource {
   readonly localNode: string;
   readonly localAddress: string;
   readonly log: Logger;
+  /** The volume's directory: the peers' bitmaps, an establishment's saved plan. */
+  readonly dir: string;
   /** Its snapshots: a resync with no bitmap to trust starts from the newest the peer shares. */
   readonly snapshots: SnapshotCatalog;
   generations(): Generations;

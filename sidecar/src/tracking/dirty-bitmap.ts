@@ -323,6 +323,10 @@ const headerSchema = z.object({
   peer: z.string().min(1),
   volumeSize: z.number().int().positive(),
   regionSize: z.number().int().positive(),
+  /** A round of establishment's plan (replication/establishment.ts): which round it is. */
+  round: z
+    .object({ snapshotUid: z.string().min(1), baseUid: z.string(), peerIsZero: z.boolean() })
+    .optional(),
 });
 
 export type BitmapFileHeader = z.infer<typeof headerSchema>;
