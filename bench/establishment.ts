@@ -5,15 +5,12 @@
 //   - the writes' p99 from the start until InSync against the p99 before it ≤ 2×;
 // and the rounds it took. The idle baseline's speed against nbdcopy is run.ts's baselineRun.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { promisify } from 'node:util';
 import { AgentClient } from '../lib/agent-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
-import { percentile } from '../test/harness/qd1-writer';
-import { readLatLog } from './snapshots';
+import { latencyAround } from './latency-window';
+import { rand4kArgs } from './snapshots';
 
 const execFileAsync = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -36,80 +33,52 @@ export async function establishmentRun(): Promise<EstablishmentResult> {
   const a = await new AgentProcess({ node: 'bench-a' }).start();
   const b = await new AgentProcess({ node: 'bench-b' }).start();
   const client = new AgentClient(a.grpcAddress);
-  const logDir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-establish-'));
   try {
     const uri = await a.createVolume('bench', '1GiB');
     await execFileAsync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 512m', uri]);
-    const latLog = path.join(logDir, 'w');
-    const fio = execFileAsync('fio', [
-      '--name=rand4k-qd16',
-      '--ioengine=nbd',
-      `--uri=${uri}`,
-      '--rw=randwrite',
-      '--bs=4k',
-      '--iodepth=16',
-      '--size=1G',
-      `--rate_iops=${RATE_IOPS}`,
-      '--time_based',
-      '--runtime=300',
-      `--write_lat_log=${latLog}`,
-      '--log_unix_epoch=1',
-      '--output=/dev/null',
-    ]);
-    // Stopped by SIGINT, fio exits non-zero; its latency log is what is read.
-    const ended = fio.then(
-      () => undefined,
-      () => undefined,
-    );
-    await new Promise((r) => setTimeout(r, 4_000));
-    const allocatedBytes = Number((await client.getVolume('bench')).allocatedBytes);
-    const startedEpoch = Date.now();
-    await client.replicate({
-      name: 'bench',
-      targets: [b.grpcAddress],
-      mode: 'sync',
-      regionSize: 64 * 1024,
-      maxResyncBytesPerSecond: 0,
-    });
-    const { endedEpoch, sentBytes } = await waitFor(
-      'the replica in sync',
+    let allocatedBytes = 0;
+    const r = await latencyAround(
+      [...rand4kArgs(uri, 300), `--rate_iops=${RATE_IOPS}`],
+      4_000,
       async () => {
-        const peer = (await client.getVolume('bench')).replication?.peers[0];
-        return peer?.state === 'InSync' && Number(peer.dirtyBytes) === 0
-          ? { endedEpoch: Number(peer.lastInSyncMs), sentBytes: Number(peer.resyncBytesSent) }
-          : undefined;
+        allocatedBytes = Number((await client.getVolume('bench')).allocatedBytes);
+        const startedEpoch = Date.now();
+        await client.replicate({
+          name: 'bench',
+          targets: [b.grpcAddress],
+          mode: 'sync',
+          regionSize: 64 * 1024,
+          maxResyncBytesPerSecond: 0,
+        });
+        const ended = await waitFor(
+          'the replica in sync',
+          async () => {
+            const peer = (await client.getVolume('bench')).replication?.peers[0];
+            return peer?.state === 'InSync' && Number(peer.dirtyBytes) === 0
+              ? { endedEpoch: Number(peer.lastInSyncMs), sentBytes: Number(peer.resyncBytesSent) }
+              : undefined;
+          },
+          300_000,
+          100,
+        );
+        return { ...ended, seconds: (ended.endedEpoch - startedEpoch) / 1000 };
       },
-      300_000,
-      100,
     );
-    await new Promise((r) => setTimeout(r, 1_000));
-    fio.child.kill('SIGINT');
-    await ended;
-    const log = readLatLog(`${latLog}_clat.1.log`);
-    const firstEpoch = log[0]?.[0] ?? startedEpoch;
-    // The first half second is fio connecting and ramping up.
-    const before = log.filter(([t]) => t >= firstEpoch + 500 && t < startedEpoch).map(([, l]) => l);
-    const during = log.filter(([t]) => t >= startedEpoch && t <= endedEpoch).map(([, l]) => l);
-    const agentLog = readdirSync(a.dataDir)
-      .filter((f) => f.startsWith('agent.') && f.endsWith('.log'))
-      .map((f) => readFileSync(path.join(a.dataDir, f), 'utf8'))
-      .join('');
     return {
       allocatedBytes,
-      writtenBytes: during.length * 4096,
-      sentBytes,
-      seconds: (endedEpoch - startedEpoch) / 1000,
-      rounds: (agentLog.match(/establishment: (baseline|diff) committed/g) ?? []).length,
-      p99BeforeUs: percentile(before, 99),
-      p99DuringUs: percentile(during, 99),
-      writesBefore: before.length,
-      writesDuring: during.length,
+      writtenBytes: r.writesDuring * 4096,
+      sentBytes: r.sentBytes,
+      seconds: r.seconds,
+      rounds: (a.logs().match(/establishment: (baseline|diff) committed/g) ?? []).length,
+      p99BeforeUs: r.p99BeforeUs,
+      p99DuringUs: r.p99DuringUs,
+      writesBefore: r.writesBefore,
+      writesDuring: r.writesDuring,
     };
   } finally {
     client.close();
     await a.dispose();
     await b.dispose();
-    rmSync(logDir, { recursive: true, force: true });
   }
 }
 

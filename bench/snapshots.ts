@@ -21,6 +21,7 @@ import { NbdClient } from '../lib/nbd-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
 import { percentile } from '../test/harness/qd1-writer';
+import { latencyAround } from './latency-window';
 
 const execFileAsync = promisify(execFile);
 
@@ -298,7 +299,7 @@ interface FioResult {
  * The reference rand4k-qd16 job of ../shared/bench/fio-nbd.sh (which always runs all four
  * jobs), through fio's nbd engine.
  */
-function rand4kArgs(uri: string, seconds: number): string[] {
+export function rand4kArgs(uri: string, seconds: number): string[] {
   return [
     '--name=rand4k-qd16',
     '--ioengine=nbd',
@@ -336,17 +337,6 @@ async function fioRand4k(uri: string, seconds: number): Promise<FioResult> {
   } finally {
     rmSync(out, { force: true });
   }
-}
-
-/** [Unix ms, latency µs] of each write in a fio completion-latency log. */
-export function readLatLog(file: string): [number, number][] {
-  return readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => l.trim())
-    .map((l) => {
-      const [t, ns] = l.split(',');
-      return [Number(t), Number(ns) / 1000] as [number, number];
-    });
 }
 
 interface MiddleDelete {
@@ -428,9 +418,7 @@ async function manySnapshots(
 
 /**
  * fio writes; after 4 s the middle snapshot is deleted (its blocks are copied into its
- * predecessor in the background), and fio is stopped a second after the reclaim ended. Every
- * write's completion latency is logged with its Unix time, so the p99 of the writes before the
- * delete and of those during the reclaim come from one run.
+ * predecessor in the background), and fio is stopped a second after the reclaim ended.
  */
 async function middleDelete(
   agent: AgentProcess,
@@ -439,47 +427,23 @@ async function middleDelete(
   name: string,
 ): Promise<MiddleDelete> {
   const savedBytes = await savedBytesOf(client, volume, name);
-  const logDir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-latlog-'));
-  try {
-    const latLog = path.join(logDir, 'w');
-    const fio = execFileAsync('fio', [
-      ...rand4kArgs(agent.uri(volume), 120),
-      `--write_lat_log=${latLog}`,
-      '--log_unix_epoch=1',
-      '--output=/dev/null',
-    ]);
-    // Stopped by SIGINT, fio exits non-zero; its latency log is what is read.
-    const ended = fio.then(
-      () => undefined,
-      () => undefined,
-    );
-    await new Promise((r) => setTimeout(r, 4_000));
+  const m = await latencyAround(rand4kArgs(agent.uri(volume), 120), 4_000, async () => {
     const startedEpoch = Date.now();
     const t0 = performance.now();
     await client.deleteSnapshot(volume, name);
     const callMs = performance.now() - t0;
     const reclaimMs = (await reclaimed(agent, volume)) - t0;
-    const endedEpoch = startedEpoch + reclaimMs;
-    await new Promise((r) => setTimeout(r, 1_000));
-    fio.child.kill('SIGINT');
-    await ended;
-    const log = readLatLog(`${latLog}_clat.1.log`);
-    const firstEpoch = log[0]?.[0] ?? startedEpoch;
-    // The first half second is fio connecting and ramping up.
-    const before = log.filter(([t]) => t >= firstEpoch + 500 && t < startedEpoch).map(([, l]) => l);
-    const during = log.filter(([t]) => t >= startedEpoch && t <= endedEpoch).map(([, l]) => l);
-    return {
-      savedBytes,
-      callMs,
-      reclaimMs,
-      p99BeforeUs: percentile(before, 99),
-      p99DuringUs: percentile(during, 99),
-      writesBefore: before.length,
-      writesDuring: during.length,
-    };
-  } finally {
-    rmSync(logDir, { recursive: true, force: true });
-  }
+    return { callMs, reclaimMs, endedEpoch: startedEpoch + reclaimMs };
+  });
+  return {
+    savedBytes,
+    callMs: m.callMs,
+    reclaimMs: m.reclaimMs,
+    p99BeforeUs: m.p99BeforeUs,
+    p99DuringUs: m.p99DuringUs,
+    writesBefore: m.writesBefore,
+    writesDuring: m.writesDuring,
+  };
 }
 
 async function oldestDeletes(

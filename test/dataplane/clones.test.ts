@@ -32,7 +32,7 @@ import { waitFor } from '../harness/processes';
 import {
   ProxiedReplica,
   expectIdentical,
-  expectSameFiles,
+  expectSameImages,
   inSync,
   peerOf,
   waitPeer,
@@ -507,6 +507,6 @@ describe('clones', () => {
     await expectIdentical(a, b, 'c');
     const image = referenceImage(path.join(scratch, 'c.img'), size, [...snapshot, ...own]);
     await compareWith(a.uri('c'), image);
-    await expectSameFiles(path.join(b.dataDir, 'volumes', 'c', 'data.img'), image);
+    await expectSameImages(path.join(b.dataDir, 'volumes', 'c', 'data.img'), image);
   });
 });

@@ -1,7 +1,7 @@
 // When no bitmap can be trusted, a resync starts from the newest snapshot both copies share:
 // they were identical at its cut, so they can differ only where either wrote since, which
 // their snapshot logs record. Real agents, SIGKILLed; the copies compared with qemu-img.
-import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
 import { run } from '../harness/agent-process';
@@ -14,14 +14,6 @@ import {
 } from '../harness/replication';
 
 const MiB = 1024 * 1024;
-
-/** Everything `agent` logged, over all its runs. */
-function agentLog(agent: AgentProcess): string {
-  return readdirSync(agent.dataDir)
-    .filter((f) => f.startsWith('agent.') && f.endsWith('.log'))
-    .map((f) => readFileSync(path.join(agent.dataDir, f), 'utf8'))
-    .join('');
-}
 
 describe('resync from a common snapshot', () => {
   const agents: AgentProcess[] = [];
@@ -71,7 +63,7 @@ describe('resync from a common snapshot', () => {
     await b.start();
     await a.start();
     const caught = await waitPeer(a, 'v', b, inSync, 'in sync again');
-    expect(agentLog(a)).toMatch(/resync from the newest common snapshot/);
+    expect(a.logs()).toMatch(/resync from the newest common snapshot/);
     // 4 MiB changed; a checksum scan would have read the 64 MiB written on both copies.
     expect(caught.resyncBytesSent).toBeGreaterThanOrEqual(4 * MiB);
     expect(caught.resyncBytesSent).toBeLessThanOrEqual(4.4 * MiB);
@@ -94,7 +86,7 @@ describe('resync from a common snapshot', () => {
 
     await b.ctl('resolve', 'v', '--discard-peer', a.grpcAddress);
     const caught = await waitPeer(b, 'v', a, inSync, 'resynced from the survivor');
-    expect(agentLog(b)).toMatch(/resync from the newest common snapshot/);
+    expect(b.logs()).toMatch(/resync from the newest common snapshot/);
     // b's 2 MiB and a's 1 MiB, which b overwrites with what it holds there (s1's data).
     const sent = caught.resyncBytesSent - before;
     expect(sent).toBeGreaterThanOrEqual(3 * MiB);

@@ -2,13 +2,12 @@
 // while the workload writes, a commit after each (from the first on, the replica holds a
 // complete state of the primary), then the cutover to live mirroring and InSync. Real agents,
 // SIGKILLed mid-way; a proxy cuts the link; images compared with qemu-img.
-import { readdirSync, readFileSync } from 'node:fs';
-import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
 import { fioVerify, run } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
 import {
   expectIdentical,
+  expectSameImages,
   inSync,
   ProxiedReplica,
   replicationAgent,
@@ -43,14 +42,6 @@ async function snapshots(agent: AgentProcess): Promise<SnapshotJson[]> {
       snapshots: SnapshotJson[];
     }
   ).snapshots;
-}
-
-/** Everything `agent` logged, over all its runs. */
-function agentLog(agent: AgentProcess): string {
-  return readdirSync(agent.dataDir)
-    .filter((f) => f.startsWith('agent.') && f.endsWith('.log'))
-    .map((f) => readFileSync(path.join(agent.dataDir, f), 'utf8'))
-    .join('');
 }
 
 /** Polls the primary's view of its peer until `until` holds, recording each phase seen. */
@@ -109,7 +100,7 @@ describe('establishment by snapshots', () => {
       phases.filter((p) => p.startsWith('Resyncing')).every((p) => p === 'Resyncing/cutover'),
     ).toBe(true);
     expect(phases.at(-1)).toBe('InSync');
-    const diffs = agentLog(a).match(/establishment: diff committed/g) ?? [];
+    const diffs = a.logs().match(/establishment: diff committed/g) ?? [];
     expect(diffs.length).toBeGreaterThanOrEqual(2);
     // The data and what was written meanwhile (64 MiB), not the holes nor whole regions.
     expect(done.resyncBytesSent).toBeGreaterThanOrEqual(512 * MiB);
@@ -150,16 +141,7 @@ describe('establishment by snapshots', () => {
     };
     expect(promoted.rolledBack?.snapshot).toBe(committed.name);
     await a.start();
-    const out = await run('qemu-img', [
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      b.uri('v'),
-      a.uri(`v@${committed.name}`),
-    ]);
-    expect(out).toMatch(/Images are identical/);
+    await expectSameImages(b.uri('v'), a.uri(`v@${committed.name}`));
   });
 
   it('refuses to promote a replica that never completed its baseline; a restarted primary resumes it from its saved plan', async () => {
@@ -175,7 +157,7 @@ describe('establishment by snapshots', () => {
     // behind), not from the start (128 MiB).
     await a.start();
     const done = await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
-    expect(agentLog(a)).toMatch(/resuming the round a restart broke off/);
+    expect(a.logs()).toMatch(/resuming the round a restart broke off/);
     expect(done.resyncBytesSent).toBeLessThanOrEqual(96 * MiB);
     await expectIdentical(a, b, 'v');
   });
@@ -187,8 +169,9 @@ describe('establishment by snapshots', () => {
     agents.push(replica.agent);
     const uri = await a.createVolume('v', '256MiB');
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 160m', uri]);
-    await a.ctl('replicate', 'v', '--to', replica.address, '--max-resync-rate', '32MiB');
-    // Progress counts from where each connection took the round up (160, then 112 MiB left).
+    await a.ctl('replicate', 'v', '--to', replica.address, '--max-resync-rate', '16MiB');
+    // Progress counts from where each connection took the round up (160, then 112 MiB left):
+    // each cut falls seconds before the end of what is left.
     for (const [at, failures] of [
       [48, 1],
       [32, 2],

@@ -7,7 +7,7 @@ import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
 import { fioVerify, run } from '../harness/agent-process';
 import {
-  expectSameFiles,
+  expectSameImages,
   inSync,
   replicationAgent,
   volumeStatus,
@@ -58,7 +58,7 @@ describe('volumes on files outside the data dir', () => {
     // The data already in the file is what the export serves.
     const read = path.join(dir, 'read.img');
     await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', a.uri('app'), read]);
-    await expectSameFiles(read, source);
+    await expectSameImages(read, source);
     // The operator repeats itself: the same request is the same volume, another file is refused.
     expect((await create(a, 'app', '--data-path', source)).uuid).toBe(v.uuid);
     await expect(create(a, 'app', '--data-path', path.join(dir, 'other.img'))).rejects.toThrow(
@@ -81,7 +81,7 @@ describe('volumes on files outside the data dir', () => {
     await waitPeer(a, 'app', b, inSync, 'baselined');
     await fioVerify(a.uri('app'), '8M');
     await waitPeer(a, 'app', b, inSync, 'in sync');
-    await expectSameFiles(source, replica);
+    await expectSameImages(source, replica);
 
     // A restart finds the adopted file again.
     await a.stop();

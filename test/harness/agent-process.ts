@@ -1,7 +1,7 @@
 // A real `lockstep agent` process for tests: its own data dir, free ports, logs in a file.
 // Restartable on the same data dir, killable with any signal.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -92,6 +92,15 @@ export class AgentProcess {
       50,
     );
     return this;
+  }
+
+  /** Everything it logged, over all its runs. */
+  logs(): string {
+    const dir = this.opts.logDir ?? this.dataDir;
+    return readdirSync(dir)
+      .filter((f) => f.startsWith(`agent.${this.node}.`) && f.endsWith('.log'))
+      .map((f) => readFileSync(path.join(dir, f), 'utf8'))
+      .join('');
   }
 
   /** Runs `lockstep ctl --agent <this> ...args` and returns stdout; rejects with stderr on failure. */

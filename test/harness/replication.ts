@@ -74,10 +74,11 @@ export function dataFile(agent: AgentProcess, name: string): string {
 
 /** qemu-img compare of two copies' files; rejects with the first difference. */
 export function expectIdentical(a: AgentProcess, b: AgentProcess, name: string): Promise<void> {
-  return expectSameFiles(dataFile(a, name), dataFile(b, name));
+  return expectSameImages(dataFile(a, name), dataFile(b, name));
 }
 
-export async function expectSameFiles(a: string, b: string): Promise<void> {
+/** qemu-img compare of two raw images: files, or NBD URIs (a snapshot's export, say). */
+export async function expectSameImages(a: string, b: string): Promise<void> {
   const out = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b]);
   if (!out.includes('Images are identical')) throw new Error(out);
 }

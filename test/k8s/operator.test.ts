@@ -30,7 +30,7 @@ import {
 } from '../harness/cluster';
 import { kubectl } from '../harness/control-plane';
 import { waitFor } from '../harness/processes';
-import { expectSameFiles } from '../harness/replication';
+import { expectSameImages } from '../harness/replication';
 
 const MiB = 1024 * 1024;
 const NS = 'shop';
@@ -335,11 +335,11 @@ describe('operator on a real control plane', () => {
       30_000,
       100,
     );
-    await expectSameFiles(
+    await expectSameImages(
       path.join(disks.data ?? '', 'disk.img'),
       path.join(disks.replica ?? '', 'data', 'disk.img'),
     );
-    await expectSameFiles(
+    await expectSameImages(
       path.join(disks.log ?? '', 'disk.img'),
       path.join(disks.replica ?? '', 'log', 'disk.img'),
     );
@@ -368,7 +368,7 @@ describe('operator on a real control plane', () => {
     await run(a, `${NS}.db.data`);
     await b.start();
     await phase('db-sync', 'InSync', 60_000);
-    await expectSameFiles(
+    await expectSameImages(
       path.join(disks.data ?? '', 'disk.img'),
       path.join(disks.replica ?? '', 'data', 'disk.img'),
     );
@@ -713,7 +713,7 @@ describe('operator on a real control plane', () => {
       'node-a caught up',
       async () => {
         try {
-          await expectSameFiles(
+          await expectSameImages(
             path.join(disks.data ?? '', 'disk.img'),
             path.join(disks.replica ?? '', 'data', 'disk.img'),
           );

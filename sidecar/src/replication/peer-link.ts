@@ -549,11 +549,11 @@ export class PeerLink implements EstablishTarget {
       host.tracking.clearRange(this.address, 0, tracked.regionCount - 1);
       host.tracking.trust(this.address);
       remainder = this.establishment.remainder(base);
+      this.begin('cutover', remainder.tracking.bitmap(this.address).dirtyBytes());
       this.setState('Resyncing');
     } finally {
       release();
     }
-    this.begin('cutover', remainder.tracking.bitmap(this.address).dirtyBytes());
     await resyncDirtyRegions(this, remainder, stale, { peerIsZero: false });
     if (stale()) return;
     // What the peer missed since (a failed op), then the generation: InSync.
