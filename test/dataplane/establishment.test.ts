@@ -2,6 +2,8 @@
 // while the workload writes, a commit after each (from the first on, the replica holds a
 // complete state of the primary), then the cutover to live mirroring and InSync. Real agents,
 // SIGKILLed mid-way; a proxy cuts the link; images compared with qemu-img.
+import { readdirSync, truncateSync } from 'node:fs';
+import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
 import { fioVerify, run } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
@@ -159,6 +161,25 @@ describe('establishment by snapshots', () => {
     const done = await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
     expect(a.logs()).toMatch(/resuming the round a restart broke off/);
     expect(done.resyncBytesSent).toBeLessThanOrEqual(96 * MiB);
+    await expectIdentical(a, b, 'v');
+  });
+
+  it('starts the round over when its saved plan is damaged, and still ends identical', async () => {
+    const a = await start('node-a');
+    const b = await start('node-b');
+    const uri = await a.createVolume('v', '256MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 64m', uri]);
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '16MiB');
+    await watchPhases(a, (p) => p.resync?.kind === 'baseline' && p.resync.doneBytes >= 32 * MiB);
+    await a.kill('SIGKILL');
+    const dir = path.join(a.dataDir, 'volumes', 'v');
+    const [cursor] = readdirSync(dir).filter((f) => /^establish-.*-cursor\.bin$/.test(f));
+    expect(cursor).toBeDefined();
+    truncateSync(path.join(dir, cursor), 40);
+    await a.start();
+    const done = await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
+    expect(a.logs()).toMatch(/establishment cursor unusable; starting over/);
+    expect(done.resyncBytesSent).toBeGreaterThanOrEqual(64 * MiB);
     await expectIdentical(a, b, 'v');
   });
 
