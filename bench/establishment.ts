@@ -8,8 +8,8 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { AgentClient } from '../lib/agent-client';
 import { AgentProcess } from '../test/harness/agent-process';
-import { waitFor } from '../test/harness/processes';
 import { latencyAround } from './latency-window';
+import { replicateToInSync } from './replicate';
 import { rand4kArgs } from './snapshots';
 
 const execFileAsync = promisify(execFile);
@@ -42,26 +42,8 @@ export async function establishmentRun(): Promise<EstablishmentResult> {
       4_000,
       async () => {
         allocatedBytes = Number((await client.getVolume('bench')).allocatedBytes);
-        const startedEpoch = Date.now();
-        await client.replicate({
-          name: 'bench',
-          targets: [b.grpcAddress],
-          mode: 'sync',
-          regionSize: 64 * 1024,
-          maxResyncBytesPerSecond: 0,
-        });
-        const ended = await waitFor(
-          'the replica in sync',
-          async () => {
-            const peer = (await client.getVolume('bench')).replication?.peers[0];
-            return peer?.state === 'InSync' && Number(peer.dirtyBytes) === 0
-              ? { endedEpoch: Number(peer.lastInSyncMs), sentBytes: Number(peer.resyncBytesSent) }
-              : undefined;
-          },
-          300_000,
-          100,
-        );
-        return { ...ended, seconds: (ended.endedEpoch - startedEpoch) / 1000 };
+        const r = await replicateToInSync(client, 'bench', b.grpcAddress, 100);
+        return { endedEpoch: r.inSyncAt, sentBytes: r.sentBytes, seconds: r.seconds };
       },
     );
     return {

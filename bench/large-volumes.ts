@@ -8,8 +8,8 @@
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { AgentClient } from '../lib/agent-client';
+import { replicateToInSync } from './replicate';
 import { AgentProcess } from '../test/harness/agent-process';
-import { waitFor } from '../test/harness/processes';
 import { percentile, Qd1Writer } from '../test/harness/qd1-writer';
 
 const execFileAsync = promisify(execFile);
@@ -31,29 +31,6 @@ export interface LargeVolumes {
 }
 
 /** Replicates `name` to `peer` and waits for InSync; seconds by the agent's own clock. */
-async function replicateToInSync(client: AgentClient, name: string, peer: string): Promise<number> {
-  const startedAt = Date.now();
-  await client.replicate({
-    name,
-    targets: [peer],
-    mode: 'sync',
-    regionSize: 64 * 1024,
-    maxResyncBytesPerSecond: 0,
-  });
-  const inSyncAt = await waitFor(
-    `${name} in sync`,
-    async () => {
-      const p = (await client.getVolume(name)).replication?.peers[0];
-      return p?.state === 'InSync' && Number(p.dirtyBytes) === 0
-        ? Number(p.lastInSyncMs)
-        : undefined;
-    },
-    600_000,
-    50,
-  );
-  return (inSyncAt - startedAt) / 1000;
-}
-
 async function resyncBytesSent(client: AgentClient, name: string): Promise<number> {
   return Number((await client.getVolume(name)).replication?.peers[0]?.resyncBytesSent ?? NaN);
 }
@@ -74,7 +51,7 @@ async function freshRun(): Promise<number> {
   const client = new AgentClient(a.grpcAddress);
   try {
     await client.createVolume('fresh', 8 * 1024 * GiB);
-    return await replicateToInSync(client, 'fresh', b.grpcAddress);
+    return (await replicateToInSync(client, 'fresh', b.grpcAddress, 50)).seconds;
   } finally {
     client.close();
     await a.dispose();
@@ -112,7 +89,7 @@ async function busyRun(): Promise<Omit<LargeVolumes, 'freshInSyncSeconds'>> {
     let eventLoop: number;
     let duringMs: number[];
     try {
-      baselineSeconds = await replicateToInSync(client, 'big', b.grpcAddress);
+      baselineSeconds = (await replicateToInSync(client, 'big', b.grpcAddress, 50)).seconds;
       eventLoop = await eventLoopP99Ms(a);
     } finally {
       duringMs = await during.stop();

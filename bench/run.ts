@@ -28,6 +28,7 @@ import { inSync, waitPeer } from '../test/harness/replication';
 import { largeVolumesReport, largeVolumesRun } from './large-volumes';
 import { snapshotsReport, snapshotsRun } from './snapshots';
 import { establishmentReport, establishmentRun } from './establishment';
+import { replicateToInSync } from './replicate';
 
 const execFileAsync = promisify(execFile);
 
@@ -207,27 +208,8 @@ async function baselineRun(dir: string): Promise<Baseline> {
       // call would add a Node start-up (~0.2 s) and, polling, take CPU from the agents.
       const client = new AgentClient(a.grpcAddress);
       try {
-        const startedAt = Date.now();
-        await client.replicate({
-          name: 'bench',
-          targets: [b.grpcAddress],
-          mode: 'sync',
-          regionSize: 64 * 1024,
-          maxResyncBytesPerSecond: 0,
-        });
-        const lastInSyncMs = await waitFor(
-          'baseline in sync',
-          async () => {
-            const peer = (await client.getVolume('bench')).replication?.peers[0];
-            return peer?.state === 'InSync' && Number(peer.dirtyBytes) === 0
-              ? Number(peer.lastInSyncMs)
-              : undefined;
-          },
-          300_000,
-          // The agent's own timestamp is the measure: looking often would only take CPU.
-          250,
-        );
-        return { lockstepSeconds: (lastInSyncMs - startedAt) / 1000, nbdcopySeconds };
+        const { seconds } = await replicateToInSync(client, 'bench', b.grpcAddress);
+        return { lockstepSeconds: seconds, nbdcopySeconds };
       } finally {
         client.close();
       }
