@@ -89,9 +89,10 @@ export class AgentClient {
     return this.call<VolumeInfo>((o, cb) => this.raw.StopReplication({ name }, o, cb));
   }
 
-  async promote(name: string, force = false): Promise<PromoteInfo> {
+  /** `replicateTo`: a move's switchover (see PromoteRequest.replicate_to). */
+  async promote(name: string, force = false, replicateTo?: string[]): Promise<PromoteInfo> {
     const r = await this.call<PromoteResponse__Output>((o, cb) =>
-      this.raw.Promote({ name, force }, o, cb),
+      this.raw.Promote({ name, force, replicateTo, replacePeers: !!replicateTo }, o, cb),
     );
     if (!r.volume) throw new Error(`the agent promoted ${name} but did not describe the volume`);
     return { ...r, volume: r.volume };
@@ -103,6 +104,17 @@ export class AgentClient {
 
   demote(name: string): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.Demote({ name }, o, cb));
+  }
+
+  /** The switchover of a move: snapshot, then demote if `to` is in sync (see Agent.handover). */
+  handover(
+    volumes: string[],
+    to: string,
+    snapshot: string,
+  ): Promise<{ volumes: VolumeInfo[]; holdMs: number }> {
+    return this.call<{ volumes: VolumeInfo[]; holdMs: number }>((o, cb) =>
+      this.raw.Handover({ volumes, to, snapshot }, o, cb),
+    );
   }
 
   async deleteVolume(name: string, force = false): Promise<void> {

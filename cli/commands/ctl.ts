@@ -2,6 +2,7 @@
 import { Command, Option } from 'commander';
 import { AgentClient, type SnapshotInfo, type VolumeInfo } from '../../lib/agent-client';
 import { formatSize, parseSize } from '../../lib/size';
+import { moveCommand } from './ctl-move';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
 
 function volumeRows(volumes: VolumeInfo[]): string[][] {
@@ -220,6 +221,7 @@ export function ctlCommand(): Command {
     .action(async (name: string, _opts: object, cmd: Command) => {
       printVolume(await withClient(cmd, (c) => c.demote(name)));
     });
+  ctl.addCommand(moveCommand());
   ctl
     .command('resolve <volume>')
     .description('resolve a split brain on the primary: overwrite a peer whose copy diverged')

@@ -29,7 +29,7 @@ import { ConsistencyGroups, type Group } from './snapshots/consistency-groups';
 import { CloneBacking, cloneSourceOf, snapshotNeeded } from './snapshots/clone-backing';
 import { refuseReserved, resyncProtection } from './snapshots/resync-protection';
 import { DEFAULT_CUTOVER, type CutoverPolicy } from './replication/establishment';
-import { snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
+import { handOver, snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
 import { ZERO_GENERATION } from './replication/generations';
 
 export interface AgentOptions {
@@ -98,6 +98,9 @@ export interface CopyVerification {
 /** Writes held at most this long for a cut, unless the caller says otherwise. */
 const DEFAULT_HOLD_TIMEOUT_MS = 1000;
 
+/** The label of the snapshot a move's switchover takes (the replicas' common base). */
+export const MOVE_LABEL = 'move';
+
 /** Snapshots are exported as VOLUME@SNAPSHOT; neither name may contain '@'. */
 const SNAPSHOT_SEPARATOR = '@';
 
@@ -123,6 +126,8 @@ export class Agent implements ExportSource {
   private registration: NodeRegistration | undefined;
   /** Clones still reading from their snapshot, by clone volume. */
   private readonly clones = new Map<string, CloneBacking>();
+  /** Volumes being handed over to a new primary: no new NBD client until they are demoted. */
+  private readonly handingOver = new Set<string>();
   /** Volumes being rolled back: not exported until it is over. */
   private readonly rollingBack = new Map<string, 'running' | 'unfinished'>();
 
@@ -157,6 +162,11 @@ export class Agent implements ExportSource {
 
   get node(): string {
     return this.options.node;
+  }
+
+  /** The address peers reach this agent at. */
+  get address(): string {
+    return this.ctx.address;
   }
 
   static async start(options: AgentOptions): Promise<Agent> {
@@ -283,6 +293,12 @@ export class Agent implements ExportSource {
       throw new LockstepError(
         'LOCKSTEP_ERR_UNAVAILABLE',
         `volume ${name} is being rolled back to a snapshot`,
+      );
+    // A client that connected now would be taken for a writer of the old primary.
+    if (this.handingOver.has(name))
+      throw new LockstepError(
+        'LOCKSTEP_ERR_UNAVAILABLE',
+        `volume ${name} is being handed over to a new primary`,
       );
     const rv = this.engines.get(name);
     if (rv) return rv;
@@ -427,12 +443,14 @@ export class Agent implements ExportSource {
   async promote(
     name: string,
     force: boolean,
+    replicateTo?: string[],
   ): Promise<{ volume: VolumeView; rolledBack?: PromotionRollback }> {
     const rv = this.replicaOf(name);
     const { snapshots } = this.store.ready(name);
     const protection = rv.role === 'secondary' ? resyncProtection(snapshots) : undefined;
+    for (const t of replicateTo ?? []) splitHostPort(t, 'replicate_to');
     if (!protection) {
-      await rv.promote(force);
+      await rv.promote(force, false, replicateTo);
       return { volume: this.volume(name) };
     }
     // The intent first. A crash before the promotion leaves a secondary that nothing wrote to
@@ -441,7 +459,7 @@ export class Agent implements ExportSource {
     await snapshots.beginRollback(protection.name);
     this.rollingBack.set(name, 'running');
     try {
-      await rv.promote(force, true);
+      await rv.promote(force, true, replicateTo);
     } catch (err) {
       this.rollingBack.delete(name);
       await snapshots.endRollback();
@@ -469,6 +487,37 @@ export class Agent implements ExportSource {
   async demote(name: string): Promise<VolumeView> {
     await this.replicaOf(name).demote();
     return this.volume(name);
+  }
+
+  /**
+   * The switchover of a move (lib/group-move.ts): with their writes held, the volumes still
+   * primary here are handed over if `to` holds every acknowledged write — clients cut off (a
+   * held write is sent again to `to`), a snapshot on every in-sync copy (what the other
+   * replicas resync from once `to` is their primary), demoted (engine/snapshot-barrier.ts).
+   */
+  async handover(
+    volumes: string[],
+    to: string,
+    snapshot: string,
+  ): Promise<{ volumes: VolumeView[]; holdMs: number }> {
+    const members = volumes.map((v) => this.replicaOf(v)).filter((rv) => rv.role === 'primary');
+    let holdMs = 0;
+    if (members.length > 0) {
+      for (const rv of members) this.handingOver.add(rv.volumeName);
+      try {
+        const taken = await handOver(members, snapshot, MOVE_LABEL, {
+          to,
+          holdTimeoutMs: DEFAULT_HOLD_TIMEOUT_MS,
+          // Not awaited: the requests those clients have in flight wait for the demotion.
+          cutClients: (rv) => void this.nbd.disconnectExport(rv.volumeName),
+        });
+        holdMs = taken.holdMs;
+      } finally {
+        for (const rv of members) this.handingOver.delete(rv.volumeName);
+      }
+    }
+    this.log.info({ volumes, to, snapshot, holdMs }, 'handed over to the new primary');
+    return { volumes: volumes.map((v) => this.volume(v)), holdMs };
   }
 
   // ---- snapshots -------------------------------------------------------------------------

@@ -170,6 +170,17 @@ export class AgentMetrics {
       },
     });
     new client.Gauge({
+      name: 'lockstep_replication_received_bytes',
+      help: 'Bytes of writes (live and catch-up) a secondary copy took from its primaries since it became one.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, status } of replication())
+          if (status.role === 'secondary') this.set({ volume }, status.receivedBytes);
+      },
+    });
+    new client.Gauge({
       name: 'lockstep_replication_live_sent_bytes',
       help: 'Bytes of live writes sent to each peer since the agent started.',
       labelNames: ['volume', 'peer'],

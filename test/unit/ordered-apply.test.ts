@@ -52,7 +52,11 @@ describe('ordered apply on a secondary', () => {
     listener = await DataListener.listen(
       '127.0.0.1',
       0,
-      () => ({ device: device as unknown as FileBlockDevice, detach: () => undefined }),
+      () => ({
+        device: device as unknown as FileBlockDevice,
+        received: () => undefined,
+        detach: () => undefined,
+      }),
       silentLog,
     );
     const [host, port] = listener.address.split(':');

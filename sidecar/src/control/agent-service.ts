@@ -14,6 +14,7 @@ function info(agent: Agent) {
     version: packageVersion,
     startedAtMs: agent.startedAtMs,
     serving: agent.serving,
+    address: agent.address,
   };
 }
 
@@ -87,10 +88,18 @@ export function agentHandlers(agent: Agent): AgentHandlers {
       ),
     ),
     Promote: unary(async (req) => {
-      const { volume, rolledBack } = await agent.promote(req.name, req.force);
+      const { volume, rolledBack } = await agent.promote(
+        req.name,
+        req.force,
+        req.replacePeers ? req.replicateTo : undefined,
+      );
       return { volume: wire(volume), rolledBack };
     }),
     Demote: unary(async (req) => wire(await agent.demote(req.name))),
+    Handover: unary(async (req) => {
+      const { volumes, holdMs } = await agent.handover(req.volumes, req.to, req.snapshot);
+      return { volumes: volumes.map(wire), holdMs };
+    }),
     DiscardPeer: unary((req) => wire(agent.discardPeer(req.name, req.peer))),
     CreateSnapshot: unary((req) =>
       agent.createSnapshot(req.volume, req.name, req.label, req.retain),

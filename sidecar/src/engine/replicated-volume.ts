@@ -499,8 +499,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     });
   }
 
-  /** `complete`: the copy will be rolled back to a complete state first (its protection). */
-  async promote(force: boolean, complete = false): Promise<void> {
+  /**
+   * `complete`: the copy will be rolled back to a complete state first (its protection).
+   * `replicateTo`: a move's switchover: these peers replace the one this copy followed, as new
+   * peers (no bitmap of theirs exists here), so each resyncs from the newest common snapshot.
+   */
+  async promote(force: boolean, complete = false, replicateTo?: string[]): Promise<void> {
     const p = this.phase;
     if (p.role === 'primary') return;
     if (this.meta.generation.current === ZERO_GENERATION && !force && !complete) {
@@ -516,17 +520,24 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       );
     }
     const repl = this.meta.replication;
+    if (replicateTo && !repl)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        `volume ${this.volumeName} was never replicated to; promote it, then replicate it`,
+      );
     // From now on the old primary (and any other peer) misses our writes until it resyncs.
-    const peers = (repl?.peers ?? []).map((peer) => ({
-      ...peer,
-      bitmapUuid: this.meta.generation.current,
-    }));
+    const peers = replicateTo
+      ? replicateTo.map((address) => ({ address, node: '', bitmapUuid: null }))
+      : (repl?.peers ?? []).map((peer) => ({
+          ...peer,
+          bitmapUuid: this.meta.generation.current,
+        }));
     const generation = advance(this.meta.generation, randomUUID());
     await this.record.save({
       ...this.meta,
       role: 'primary',
       generation,
-      replication: repl ? { ...repl, peers } : null,
+      replication: repl && (peers.length > 0 || !replicateTo) ? { ...repl, peers } : null,
     });
     p.session.end('promoted to primary: it takes no more replicated writes');
     this.phase = { role: 'primary', replicating: undefined, demoting: false };
@@ -544,14 +555,42 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         await this.flush().catch((err: unknown) =>
           this.log.warn({ err: String(err) }, 'flush before demotion failed'),
         );
-        await this.stopPeers('all');
-        await this.record.save({ ...this.meta, role: 'secondary' });
-        this.phase = { role: 'secondary', session: this.newSession() };
+        await this.becomeSecondary();
       });
     } finally {
       if (this.phase.role === 'primary') this.phase = { ...this.phase, demoting: false };
     }
     this.log.info('demoted to secondary');
+  }
+
+  /**
+   * A move's switchover (snapshot-barrier.ts handOver): demoted while the caller holds the
+   * writes, so the ones waiting are refused once released, and none came between.
+   */
+  async demoteHeld(): Promise<void> {
+    if (this.phase.role === 'secondary') return;
+    await this.becomeSecondary();
+    this.log.info('handed over: demoted to secondary');
+  }
+
+  private async becomeSecondary(): Promise<void> {
+    await this.stopPeers('all');
+    await this.record.save({ ...this.meta, role: 'secondary' });
+    this.phase = { role: 'secondary', session: this.newSession() };
+  }
+
+  /** Throws unless `peer` is in sync and streaming, with nothing left to send it. */
+  refuseUnlessCaughtUp(peer: string): void {
+    const link = this.peerLinks().find((l) => l.address === peer);
+    const tracking = this.phase.role === 'primary' ? this.phase.replicating?.tracking : undefined;
+    const dirty = link && tracking ? tracking.bitmap(peer).dirtyBytes() : 0;
+    if (link?.state === 'InSync' && link.streaming && dirty === 0) return;
+    throw new LockstepError(
+      'LOCKSTEP_ERR_NOT_ALLOWED',
+      link
+        ? `${peer} is ${link.state}${dirty > 0 ? ` with ${dirty} bytes to catch up` : ''}, not in sync with volume ${this.volumeName}; it cannot take over yet`
+        : `${peer} is not a peer of volume ${this.volumeName}; replicate to it first`,
+    );
   }
 
   discardPeer(peer: string): void {
@@ -625,6 +664,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       links: p.role === 'primary' ? (p.replicating?.links ?? []) : [],
       tracking: p.role === 'primary' ? p.replicating?.tracking : undefined,
       resyncSnapshot: resyncProtection(this.snapshots)?.name ?? '',
+      receivedBytes: p.role === 'secondary' ? p.session.receivedBytes : 0,
     });
   }
 

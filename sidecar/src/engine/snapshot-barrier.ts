@@ -51,31 +51,11 @@ export async function snapshotAtOnePoint(
   label: string,
   opts: BarrierOptions,
 ): Promise<{ snapshots: MemberSnapshot[]; holdMs: number }> {
-  for (const rv of members) refuseReserved(rv.volumeName, { name }, false);
-  const prepared: Prepared[] = [];
-  try {
-    for (const rv of members) {
-      const uid = randomUUID();
-      // The peers prepare theirs meanwhile; one that could not just takes it whole in the hold.
-      const [log] = await Promise.all([
-        rv.snapshots.prepare(name, label, uid),
-        ...rv
-          .snapshotPeers()
-          .ready.map((link) => link.prepareSnapshot(name, label, uid).catch(() => undefined)),
-      ]);
-      prepared.push({ rv, uid, log });
-    }
-  } catch (err) {
-    for (const p of prepared) await p.rv.snapshots.discard(p.log);
-    throw err;
-  }
+  const prepared = await prepareAll(members, name, label);
   const started = performance.now();
   let snapshots: MemberSnapshot[];
   if (opts.hold) {
-    const releases = await holdAll(members, opts.holdTimeoutMs).catch(async (err: unknown) => {
-      for (const p of prepared) await p.rv.snapshots.discard(p.log);
-      throw err;
-    });
+    const releases = await holdPrepared(prepared, opts.holdTimeoutMs);
     try {
       snapshots = await Promise.all(prepared.map((p) => cutMember(p, name, label)));
     } finally {
@@ -104,6 +84,78 @@ export async function snapshotAtOnePoint(
     }
   }
   return { snapshots, holdMs: performance.now() - started };
+}
+
+/**
+ * The switchover of a move: with every member's writes held, each is flushed and `to` must
+ * hold all of it; then the clients are cut off (the held writes will never be answered here),
+ * each member is cut here and on its in-sync peers — the point the replicas left behind resync
+ * from — and demoted. No write falls between the cuts and the demotions.
+ */
+export async function handOver(
+  members: ReplicatedVolume[],
+  name: string,
+  label: string,
+  opts: { to: string; holdTimeoutMs: number; cutClients: (rv: ReplicatedVolume) => void },
+): Promise<{ snapshots: MemberSnapshot[]; holdMs: number }> {
+  const prepared = await prepareAll(members, name, label);
+  const started = performance.now();
+  const releases = await holdPrepared(prepared, opts.holdTimeoutMs);
+  try {
+    try {
+      for (const rv of members) {
+        await rv.flush();
+        rv.refuseUnlessCaughtUp(opts.to);
+      }
+    } catch (err) {
+      for (const p of prepared) await p.rv.snapshots.discard(p.log);
+      throw err;
+    }
+    for (const rv of members) opts.cutClients(rv);
+    const snapshots = await Promise.all(prepared.map((p) => cutMember(p, name, label)));
+    for (const rv of members) await rv.demoteHeld();
+    return { snapshots, holdMs: performance.now() - started };
+  } finally {
+    for (const release of releases) release();
+  }
+}
+
+/** Each member's log, prepared (durable) here and on its in-sync peers before any hold. */
+async function prepareAll(
+  members: ReplicatedVolume[],
+  name: string,
+  label: string,
+): Promise<Prepared[]> {
+  for (const rv of members) refuseReserved(rv.volumeName, { name }, false);
+  const prepared: Prepared[] = [];
+  try {
+    for (const rv of members) {
+      const uid = randomUUID();
+      // The peers prepare theirs meanwhile; one that could not just takes it whole in the hold.
+      const [log] = await Promise.all([
+        rv.snapshots.prepare(name, label, uid),
+        ...rv
+          .snapshotPeers()
+          .ready.map((link) => link.prepareSnapshot(name, label, uid).catch(() => undefined)),
+      ]);
+      prepared.push({ rv, uid, log });
+    }
+  } catch (err) {
+    for (const p of prepared) await p.rv.snapshots.discard(p.log);
+    throw err;
+  }
+  return prepared;
+}
+
+/** Holds the members' writes; if they do not drain in time, the prepared logs are discarded. */
+function holdPrepared(prepared: Prepared[], timeoutMs: number): Promise<(() => void)[]> {
+  return holdAll(
+    prepared.map((p) => p.rv),
+    timeoutMs,
+  ).catch(async (err: unknown) => {
+    for (const p of prepared) await p.rv.snapshots.discard(p.log);
+    throw err;
+  });
 }
 
 /** Holds every member's writes; on timeout releases those already held and throws. */

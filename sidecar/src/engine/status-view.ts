@@ -14,6 +14,7 @@ export interface StatusSource {
   tracking: VolumeTracking | undefined;
   /** The snapshot protecting this copy while a resync catches it up; empty if none does. */
   resyncSnapshot: string;
+  receivedBytes: number;
 }
 
 function resyncOf(link: PeerLink): PeerStatus['resync'] {
@@ -39,6 +40,8 @@ export function replicationStatus(s: StatusSource): ReplicationStatus {
     generation: s.meta.generation.current,
     primaryConnected: s.primaryConnected,
     resyncSnapshot: s.resyncSnapshot,
+    receivedBytes: s.receivedBytes,
+    peerAddresses: (s.meta.replication?.peers ?? []).map((p) => p.address),
     peers: s.links.map((l) => ({
       address: l.address,
       node: l.node,

@@ -30,6 +30,8 @@ import {
 /** What a lane is bound to once its hello is accepted: the copy it writes. */
 export interface LaneBinding {
   readonly device: FileBlockDevice;
+  /** Counts a write's payload, taken from the primary. */
+  received(bytes: number): void;
   /** The lane closed; the session forgets it. */
   detach(): void;
 }
@@ -131,7 +133,7 @@ export class ReplicaLane {
     phase.filled += n;
     if (phase.filled === phase.payload.length) {
       this.phase = { kind: 'op-header', bound: phase.bound };
-      this.applyWrite(phase.bound.device, phase.seq, phase.offset, phase.payload, phase);
+      this.applyWrite(phase.bound, phase.seq, phase.offset, phase.payload, phase);
     }
   }
 
@@ -219,7 +221,7 @@ export class ReplicaLane {
         const payload =
           (h.bulk ? device.tryAlignedBuffer(h.offset, h.length) : undefined) ??
           this.pool.acquire(h.length);
-        if (h.length === 0) return this.applyWrite(device, h.seq, h.offset, payload, h);
+        if (h.length === 0) return this.applyWrite(bound, h.seq, h.offset, payload, h);
         this.phase = {
           kind: 'write-payload',
           bound,
@@ -256,12 +258,14 @@ export class ReplicaLane {
   }
 
   private applyWrite(
-    device: FileBlockDevice,
+    bound: LaneBinding,
     seq: number,
     offset: number,
     payload: Buffer,
     { fua, bulk, ordered }: { fua: boolean; bulk: boolean; ordered: boolean },
   ): void {
+    const device = bound.device;
+    bound.received(payload.length);
     this.inFlightBytes += payload.length;
     if (this.inFlightBytes > MAX_INFLIGHT_BYTES && !this.paused) {
       this.paused = true;

@@ -61,5 +61,9 @@ export interface ReplicationStatus {
    * ends; promoting the copy meanwhile rolls it back to it. Empty when none.
    */
   resyncSnapshot: string;
+  /** Secondary: bytes of writes (live and catch-up) taken from primaries since it became one. */
+  receivedBytes: number;
+  /** The peers it replicates to while primary, as configured (a demoted copy keeps the list). */
+  peerAddresses: string[];
   peers: PeerStatus[];
 }

@@ -39,6 +39,8 @@ export class SecondarySession {
   /** The primary said it steps down cleanly (demotion): this copy may be promoted. */
   private primaryLeft = false;
   private readonly lanes = new Map<number, ReplicaLane>();
+  /** Write payload bytes its primaries sent (see ReplicationStatus.receivedBytes). */
+  receivedBytes = 0;
 
   constructor(private readonly copy: SecondaryCopy) {}
 
@@ -101,6 +103,7 @@ export class SecondarySession {
     this.lanes.set(index, lane);
     return {
       device: this.copy.local,
+      received: (bytes) => (this.receivedBytes += bytes),
       detach: () => {
         if (this.lanes.get(index) === lane) this.lanes.delete(index);
       },

@@ -1,0 +1,175 @@
+// Moving a consistency group's primary to a third agent while clients write: the new copy is
+// established by snapshots, the primary is handed over, and the existing replica is re-pointed
+// and resynced from the switchover's common snapshot — it receives the writes made during the
+// move and nothing more (no second baseline). Real agents and `lockstep ctl move`; the clients
+// are libnbd writers that follow the primary and report every write that fails.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { AgentClient } from '../../lib/agent-client';
+import type { AgentProcess } from '../harness/agent-process';
+import { repoRoot, run, systemPython, verifyAckedWrites } from '../harness/agent-process';
+import { startProcess, waitFor, type ManagedProcess } from '../harness/processes';
+import {
+  expectIdentical,
+  inSync,
+  replicationAgent,
+  volumeStatus,
+  waitPeer,
+} from '../harness/replication';
+
+const followWriter = path.join(repoRoot, 'test', 'harness', 'follow_writer.py');
+const VOLUMES = ['v1', 'v2'];
+
+interface WriterSummary {
+  acked: number;
+  failed: number;
+  reconnects: number;
+  resent: number;
+  errors: string[];
+}
+
+function ackedCount(log: string): number {
+  try {
+    return readFileSync(log, 'utf8').split('\n').filter(Boolean).length;
+  } catch {
+    return 0;
+  }
+}
+
+/** Write bytes the copy took from primaries; asked in-process, to be read within a millisecond. */
+async function receivedBytes(agent: AgentProcess): Promise<number> {
+  const client = new AgentClient(agent.grpcAddress);
+  try {
+    const volumes = await Promise.all(VOLUMES.map((v) => client.getVolume(v)));
+    return volumes.reduce((n, v) => n + Number(v.replication?.receivedBytes ?? 0), 0);
+  } finally {
+    client.close();
+  }
+}
+
+describe('moving a consistency group', () => {
+  const agents: AgentProcess[] = [];
+  const writers: ManagedProcess[] = [];
+  let dir = '';
+  const start = async (node: string) => {
+    const a = replicationAgent(node);
+    agents.push(a);
+    return a.start();
+  };
+  beforeEach(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-move-'));
+  });
+  afterEach(async () => {
+    for (const w of writers.splice(0)) await w.kill('SIGKILL');
+    for (const a of agents.splice(0)) await a.dispose();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** A primary on `a` replicating v1 and v2 (group g, 4 KiB regions) in sync to `b`. */
+  async function replicatedGroup(a: AgentProcess, b: AgentProcess): Promise<void> {
+    for (const v of VOLUMES) {
+      await a.createVolume(v, '512MiB');
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 0 64m', a.uri(v)]);
+      await a.ctl('replicate', v, '--to', b.grpcAddress, '--region-size', '4KiB');
+    }
+    await a.ctl('group', 'create', 'g', ...VOLUMES);
+    for (const v of VOLUMES) await waitPeer(a, v, b, inSync, 'in sync');
+  }
+
+  it('moves a two-volume group to a third agent under load: no write fails, the replica gets only the writes made meanwhile', async () => {
+    const [a, b, c] = [await start('a'), await start('b'), await start('c')];
+    await replicatedGroup(a, b);
+
+    const stop = path.join(dir, 'stop');
+    const logs = VOLUMES.map((v) => path.join(dir, `${v}.acked`));
+    for (const [i, v] of VOLUMES.entries()) {
+      writers.push(
+        startProcess(
+          `writer-${v}`,
+          systemPython,
+          [followWriter, `${a.uri(v)},${c.uri(v)}`, logs[i], stop, '8'],
+          path.join(dir, `${v}.writer.log`),
+        ),
+      );
+    }
+    await waitFor(
+      'the writers to be writing',
+      () => Promise.resolve(logs.every((l) => ackedCount(l) >= 300) || undefined),
+      30_000,
+    );
+
+    const received0 = await receivedBytes(b);
+    const acked0 = logs.map(ackedCount);
+    const out = await a.ctl('move', '--group', 'g', '--to', c.grpcAddress);
+    writeFileSync(stop, '');
+    const summaries = await Promise.all(
+      writers.map(async (w) => {
+        const exit = await w.exited;
+        if (exit !== 0) throw new Error(`${w.name} exited with ${exit}:\n${w.log()}`);
+        return JSON.parse(w.log().trim().split('\n').at(-1)!) as WriterSummary;
+      }),
+    );
+    const written = logs.reduce((n, l, i) => n + (ackedCount(l) - acked0[i]) * 4096, 0);
+
+    expect(out).toMatch(/^establishing: /m);
+    expect(out).toMatch(/^switched over: .* is primary \(writes held [\d.]+ ms\)$/m);
+    expect(out).toContain(
+      `moved: ${c.grpcAddress} is primary of v1, v2; in sync: ${b.grpcAddress}`,
+    );
+    for (const s of summaries) {
+      expect(s).toMatchObject({ failed: 0, errors: [] });
+      // Each client was cut off once, at the switchover, and carried on at the new primary.
+      expect(s.reconnects).toBe(1);
+    }
+
+    for (const v of VOLUMES) {
+      const moved = await volumeStatus(c, v);
+      expect(moved.role).toBe('primary');
+      expect(moved.replication?.peers.map((p) => p.address)).toEqual([b.grpcAddress]);
+      expect((await volumeStatus(a, v)).role).toBe('secondary');
+      await waitPeer(c, v, b, inSync, 'in sync after the writers stopped');
+    }
+    // The existing replica was resynced from the switchover's snapshot, not baselined again.
+    expect(
+      c.logs().match(/"snapshot":"move-\d+".*resync from the newest common snapshot/g),
+    ).toHaveLength(2);
+    const received = (await receivedBytes(b)) - received0;
+    expect(written).toBeGreaterThan(0);
+    // Up to a queue depth of writes each may have reached it just before the first reading.
+    expect(received).toBeGreaterThanOrEqual(written - 2 * 8 * 4096);
+    expect(received).toBeLessThanOrEqual(1.1 * written);
+
+    for (const [i, v] of VOLUMES.entries()) {
+      await expectIdentical(c, b, v);
+      expect(await verifyAckedWrites(c.uri(v), logs[i])).toBe(ackedCount(logs[i]));
+    }
+    // The group moved with its volumes, and the switchover's snapshots are gone everywhere.
+    expect(await c.ctl('group', 'list')).toMatch(/^g\s+v1,v2$/m);
+    expect(await a.ctl('group', 'list')).not.toMatch(/^g\s/m);
+    for (const agent of [a, b, c])
+      expect(await agent.ctl('snapshot', 'list')).not.toContain('move-');
+  });
+
+  it('refuses to promote a copy that was not handed over, and finishes a move run again', async () => {
+    const [a, b, c] = [await start('a'), await start('b'), await start('c')];
+    await replicatedGroup(a, b);
+    // Run against the replica, the move would promote c out of nowhere: refused.
+    await expect(b.ctl('move', 'v1', '--to', c.grpcAddress)).rejects.toThrow(
+      /has no copy; this is not a move in progress/,
+    );
+    expect((await volumeStatus(b, 'v1')).role).toBe('secondary');
+
+    await a.ctl('move', '--group', 'g', '--to', c.grpcAddress, '-o', 'json');
+    // Done is done: running it again changes nothing and says so.
+    const again = JSON.parse(
+      await a.ctl('move', '--group', 'g', '--to', c.grpcAddress, '-o', 'json'),
+    ) as { phase: string; switchedOver?: unknown };
+    expect(again.phase).toBe('Done');
+    expect(again.switchedOver).toBeUndefined();
+    for (const v of VOLUMES) {
+      await expectIdentical(a, c, v);
+      await expectIdentical(b, c, v);
+    }
+  });
+});
