@@ -3,7 +3,8 @@
 // machines, so what counts is each Lockstep figure as a ratio to its anchor from this run.
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
-//        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only]
+//        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
+//         --move-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -28,6 +29,7 @@ import { inSync, waitPeer } from '../test/harness/replication';
 import { largeVolumesReport, largeVolumesRun } from './large-volumes';
 import { snapshotsReport, snapshotsRun } from './snapshots';
 import { establishmentReport, establishmentRun } from './establishment';
+import { moveReport, moveRun } from './move';
 import { replicateToInSync } from './replicate';
 
 const execFileAsync = promisify(execFile);
@@ -237,6 +239,8 @@ async function main(): Promise<void> {
       'snapshots-only': { type: 'boolean', default: false },
       // Only establishing a replica under fio (bytes sent, the writes' p99), and the idle baseline.
       'establishment-only': { type: 'boolean', default: false },
+      // Only moving a group's primary to a third agent under load (bytes to the replica left).
+      'move-only': { type: 'boolean', default: false },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -262,6 +266,11 @@ async function main(): Promise<void> {
     process.stdout.write(`${establishmentReport(await establishmentRun())}\n`);
     for (let round = 1; round <= rounds; round++)
       process.stdout.write(`${baselineLine(round, await baselineRun(work2()))}\n`);
+    return;
+  }
+  if (values['move-only']) {
+    for (const regionSize of [64 * 1024, 4096])
+      process.stdout.write(`${moveReport(await moveRun(regionSize))}\n`);
     return;
   }
   if (values['snapshots-only']) {
@@ -325,6 +334,8 @@ async function main(): Promise<void> {
   );
   const large = await largeVolumesRun();
   const snapshots = await snapshotsRun(bench);
+  const establishment = await establishmentRun();
+  const moves = [await moveRun(64 * 1024), await moveRun(4096)];
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -368,6 +379,10 @@ async function main(): Promise<void> {
       largeVolumesReport(large),
       '',
       snapshotsReport(snapshots),
+      '',
+      establishmentReport(establishment),
+      '',
+      ...moves.map(moveReport),
       '',
       'Raw lines:',
       '```',

@@ -451,7 +451,7 @@ function printVolume(v: VolumeInfo): void {
     return;
   }
   printTable(
-    ['PEER', 'NODE', 'STATE', 'DIRTY', 'RESYNCED', 'PROGRESS', 'REASON'],
+    ['PEER', 'NODE', 'STATE', 'DIRTY', 'RESYNCED', 'PROGRESS', 'CONSISTENT AT', 'REASON'],
     r.peers.map((p) => [
       p.address,
       p.node || '-',
@@ -461,6 +461,10 @@ function printVolume(v: VolumeInfo): void {
       p.resync
         ? `${p.resync.kind} ${Math.floor((100 * p.resync.doneBytes) / Math.max(1, p.resync.totalBytes))}%` +
           (p.resync.etaSeconds >= 0 ? ` eta ${p.resync.etaSeconds}s` : '')
+        : '-',
+      // Not in sync: the peer's last consistent state, which promoting it would roll back to.
+      p.consistentSnapshot
+        ? `${new Date(Number(p.consistentSnapshotAtMs)).toISOString()} (${p.consistentSnapshot})`
         : '-',
       p.reason,
     ]),

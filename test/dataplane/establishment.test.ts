@@ -20,6 +20,7 @@ const MiB = 1024 * 1024;
 
 interface PeerJson {
   state: string;
+  consistentSnapshot: string;
   linkFailures: number;
   resyncBytesSent: number;
   resync?: { kind: string; doneBytes: number; totalBytes: number };
@@ -132,6 +133,8 @@ describe('establishment by snapshots', () => {
     ]).catch(() => 'stopped');
     await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '8MiB');
     await watchPhases(a, (p) => p.resync?.kind === 'incremental' && p.resync.doneBytes > 0, 60_000);
+    // From the first commit on the replica has a complete state, and the primary names it.
+    expect((await peer(a)).consistentSnapshot).toMatch(/^establish-/);
     await a.kill('SIGKILL');
     expect(await writer).toBe('stopped');
 

@@ -20,7 +20,13 @@ interface StatusJson {
   role: string;
   replication?: {
     resyncSnapshot: string;
-    peers: { address: string; state: string; resync?: { doneBytes: number } }[];
+    peers: {
+      address: string;
+      state: string;
+      resync?: { doneBytes: number };
+      consistentSnapshot: string;
+      consistentSnapshotAtMs: number;
+    }[];
   };
 }
 
@@ -89,6 +95,14 @@ describe('resync protection', () => {
     expect((await status(b)).replication?.resyncSnapshot).toBe('before-resync');
     const [protection] = await snapshots(b);
     expect(protection.name).toBe('before-resync');
+    // The primary names it too, with its time: what promoting the replica now would give.
+    expect((await status(a)).replication?.peers[0]).toMatchObject({
+      consistentSnapshot: 'before-resync',
+      consistentSnapshotAtMs: protection.createdAtMs,
+    });
+    expect(await a.ctl('status', 'v')).toContain(
+      `${new Date(protection.createdAtMs).toISOString()} (before-resync)`,
+    );
     return { a, b, acked, protection };
   }
 

@@ -54,6 +54,7 @@ interface RelationshipJson {
     baseline?: { doneBytes: number; totalBytes: number; etaSeconds: number };
     lastInSyncTime?: string;
     observedGeneration?: number;
+    move?: { fromNode: string; toNode: string; phase: string; totalBytes: number };
     conditions?: Condition[];
   };
 }
@@ -145,6 +146,7 @@ const WRITES = new Set(['create', 'update', 'patch', 'delete', 'deletecollection
 describe('operator on a real control plane', () => {
   let root: string;
   let operatorKc: string;
+  let agentKc: string;
   let a: AgentProcess;
   let b: AgentProcess;
   const operators: OperatorProcess[] = [];
@@ -154,7 +156,7 @@ describe('operator on a real control plane', () => {
     root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-cluster-'));
     installLockstep();
     operatorKc = serviceAccountKubeconfig(root, 'lockstep-operator');
-    const agentKc = serviceAccountKubeconfig(root, 'lockstep-agent');
+    agentKc = serviceAccountKubeconfig(root, 'lockstep-agent');
     a = await clusterAgent('k8s-node-a', agentKc).start();
     b = await clusterAgent('k8s-node-b', agentKc).start();
     kubectl(adminKubeconfig(), ['create', 'namespace', NS]);
@@ -162,6 +164,7 @@ describe('operator on a real control plane', () => {
       ['data', 'k8s-node-a', '64Mi'],
       ['log', 'k8s-node-a', '32Mi'],
       ['data2', 'k8s-node-a', '64Mi'],
+      ['moved', 'k8s-node-a', '32Mi'],
       ['replica', 'k8s-node-b', '256Mi'],
     ];
     for (const [name, node, size] of volumes) {
@@ -172,7 +175,8 @@ describe('operator on a real control plane', () => {
     // The workload's data is already there: the volume is adopted, not created.
     patterned(path.join(disks.data ?? '', 'disk.img'), 64 * MiB, 24 * MiB, 1);
     patterned(path.join(disks.data2 ?? '', 'disk.img'), 64 * MiB, 40 * MiB, 2);
-    await waitBound(NS, ['data', 'log', 'data2', 'replica']);
+    patterned(path.join(disks.moved ?? '', 'disk.img'), 32 * MiB, 24 * MiB, 3);
+    await waitBound(NS, ['data', 'log', 'data2', 'moved', 'replica']);
     const first = await new OperatorProcess('operator-1', operatorKc).start();
     operators.push(first);
     await first.leading();
@@ -777,6 +781,79 @@ describe('operator on a real control plane', () => {
     expect(readFileSync(kept).equals(before)).toBe(true);
     expect(eventsOf('db-sync').map((e) => e.reason)).toContain('TornDown');
   });
+
+  it('moves the primary to a third node when spec.source.node changes, progress in status', async () => {
+    const c = await clusterAgent('k8s-node-c', agentKc).start();
+    try {
+      apply({
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'ConsistencyGroup',
+        metadata: { name: 'mv', namespace: NS },
+        spec: { volumes: [{ name: 'data', pvc: 'moved' }] },
+      });
+      const rel = {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'SyncRelationship',
+        metadata: { name: 'mv-sync', namespace: NS },
+        spec: {
+          consistencyGroup: 'mv',
+          source: { node: 'k8s-node-a' },
+          targets: [{ node: 'k8s-node-b' }],
+          // Slow enough to watch the move's establishment.
+          resync: { maxBytesPerSecond: 8 * MiB },
+        },
+      };
+      apply(rel);
+      await phase('mv-sync', 'InSync', 60_000);
+      const volume = `${NS}.mv.data`;
+      await fioVerify(a.uri(volume), '4M');
+      apply({ ...rel, spec: { ...rel.spec, source: { node: 'k8s-node-c' } } });
+
+      const seen = new Set<string>();
+      let establishing: RelationshipJson['status'] | undefined;
+      const moved = await waitFor(
+        'mv-sync moved to node-c and in sync',
+        () => {
+          const s = relationship('mv-sync').status;
+          if (s?.move) seen.add(`${s.move.phase}/${s.primaryNode}`);
+          if (s?.move?.phase === 'Establishing' && s.move.totalBytes > 0) establishing = s;
+          return Promise.resolve(
+            s?.primaryNode === 'k8s-node-c' && s.phase === 'InSync' && !s.move ? s : undefined,
+          );
+        },
+        90_000,
+        100,
+      );
+      // Established while node-a stayed primary, then the targets were re-pointed.
+      expect(seen.has('Establishing/k8s-node-a')).toBe(true);
+      expect(establishing?.move).toMatchObject({ fromNode: 'k8s-node-a', toNode: 'k8s-node-c' });
+      expect(establishing?.phase).toBe('Baselining');
+      expect(moved.dirtyBytes).toBe(0);
+      expect(eventsOf('mv-sync').map((e) => e.reason)).toEqual(
+        expect.arrayContaining(['Moving', 'SwitchedPrimary', 'Moved']),
+      );
+      const role = async (agent: AgentProcess) =>
+        (JSON.parse(await agent.ctl('status', volume, '-o', 'json')) as { role: string }).role;
+      expect(await role(c)).toBe('primary');
+      expect(await role(b)).toBe('secondary');
+      // node-a's copy (the PVC's file) is released, not deleted.
+      const onA = JSON.parse(await a.ctl('volume', 'list', '-o', 'json')) as {
+        volumes: Array<{ name: string }>;
+      };
+      expect(onA.volumes.map((v) => v.name)).not.toContain(volume);
+      expect(existsSync(path.join(disks.moved ?? '', 'disk.img'))).toBe(true);
+      // The workload writes on node-c now; node-b follows.
+      await fioVerify(c.uri(volume), '4M');
+      await phase('mv-sync', 'InSync');
+      await expectSameImages(c.uri(volume), b.uri(volume));
+      kubectl(adminKubeconfig(), ['delete', 'lsr', 'mv-sync', '-n', NS, '--timeout=30s']);
+      expect(kubectl(adminKubeconfig(), ['get', 'lsr', '-n', NS, '-o', 'name'])).not.toContain(
+        'mv-sync',
+      );
+    } finally {
+      await c.dispose();
+    }
+  }, 180_000);
 });
 
 /** The snapshots of a volume, as the agent lists them. */

@@ -224,4 +224,45 @@ describe('relationship status from the agents’ view', () => {
       ['SplitBrain', 'False'],
     ]);
   });
+
+  it('names each replica’s last consistent snapshot while it catches up, in a field and the Resyncing condition', () => {
+    const resyncing = volume('Resyncing', 8192, {
+      kind: 'snapshot',
+      doneBytes: 0,
+      totalBytes: 8192,
+      etaSeconds: -1,
+    });
+    Object.assign(resyncing.replication?.peers[0] ?? {}, {
+      consistentSnapshot: 'before-resync',
+      consistentSnapshotAtMs: 1_700_000_000_000,
+    });
+    const s = summarize(rel, plan, { volumes: [resyncing] });
+    const time = new Date(1_700_000_000_000).toISOString();
+    expect(s.lastConsistentSnapshots).toEqual([
+      { node: 'b', volume: 'v', snapshot: 'before-resync', time },
+    ]);
+    expect(s.conditions?.find((c) => c.type === 'Resyncing')?.message).toBe(
+      `1 replica volume(s) catching up; b v is protected by snapshot before-resync (${time})`,
+    );
+    expect(summarize(rel, plan, { volumes: [volume('InSync')] }).lastConsistentSnapshots).toBe(
+      undefined,
+    );
+  });
+
+  it('reports a move under way: the node answering as primary, and the move’s phase', () => {
+    const move = {
+      fromNode: 'old',
+      toNode: 'a',
+      phase: 'Establishing' as const,
+      startTime: new Date(0).toISOString(),
+      doneBytes: 1,
+      totalBytes: 2,
+      etaSeconds: 1,
+    };
+    const s = summarize(rel, plan, { volumes: [volume('InSync')], primaryNode: 'old', move });
+    expect(s).toMatchObject({ primaryNode: 'old', move });
+    expect(s.conditions?.find((c) => c.type === 'Ready')?.message).toBe(
+      'replicating 1 volume(s) from old to a, b',
+    );
+  });
 });

@@ -15,6 +15,15 @@ import {
 } from '../../operator/src/resolve/relationship-plan';
 
 const NOW = new Date('2026-01-01T00:00:00Z');
+const moveStatus = {
+  fromNode: 'a',
+  toNode: 'c',
+  phase: 'Establishing' as const,
+  startTime: '2026-01-01T00:00:00Z',
+  doneBytes: 0,
+  totalBytes: 0,
+  etaSeconds: -1,
+};
 const MiB = 2 ** 20;
 
 function pvc(name: string, phase = 'Bound'): V1PersistentVolumeClaim {
@@ -89,10 +98,12 @@ function world() {
     nodes: new Map([
       ['a', node('a')],
       ['b', node('b')],
+      ['c', node('c')],
     ]),
     leases: new Map([
       ['a', lease(new Date(NOW.getTime() - 5_000))],
       ['b', lease(new Date(NOW.getTime() - 5_000))],
+      ['c', lease(new Date(NOW.getTime() - 5_000))],
     ]),
     pvcs: new Map([
       ['data', pvc('data')],
@@ -171,6 +182,31 @@ describe('planning a relationship', () => {
     );
     expect(plan.primary).toBe(plan.targets[0]);
     expect(plan.volumes.map((v) => v.targetPaths.size)).toEqual([0, 0]);
+  });
+
+  it('plans a move when the source node changed: the node last primary until it hands over, the copies in the new node’s data dir', () => {
+    const { sources } = world();
+    const moved = relationship('db-sync', { source: { node: 'c' } });
+    // A relationship that never ran cannot start on a node its PVCs are not on.
+    expect(blockedReason(() => planRelationship(moved, sources, NOW))).toBe('VolumeNotOnSource');
+
+    moved.status = { primaryNode: 'a' };
+    const plan = planRelationship(moved, sources, NOW);
+    expect(plan.source).toEqual({ node: 'c', endpoint: 'c:7400' });
+    expect(plan.moveFrom).toEqual({ node: 'a', endpoint: 'a:7400' });
+    expect(plan.volumes.map((v) => v.dataPath)).toEqual(['', '']);
+    // Under way, the move's own record names the node it started from.
+    moved.status = { primaryNode: 'a', move: { ...moveStatus, fromNode: 'a' } };
+    expect(planRelationship(moved, sources, NOW).moveFrom?.node).toBe('a');
+    // Done: the new source is the primary; no move, its copies still in its data dir.
+    moved.status = { primaryNode: 'c' };
+    const after = planRelationship(moved, sources, NOW);
+    expect(after.moveFrom).toBeUndefined();
+    expect(after.volumes.map((v) => v.dataPath)).toEqual(['', '']);
+    // Switching the primary to a target is not a move.
+    const switched = relationship('db-sync', { primary: 'b' });
+    switched.status = { primaryNode: 'b' };
+    expect(planRelationship(switched, sources, NOW).moveFrom).toBeUndefined();
   });
 
   it.each<

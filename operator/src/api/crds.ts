@@ -146,7 +146,10 @@ const syncRelationship: Kind = {
         },
       ),
       source: obj(
-        'The node whose PVCs hold the original copies.',
+        'The node that serves the primary copies: at first the node of the group’s PVCs. ' +
+          'Changing it moves the primary while the workload runs: a copy is established on the ' +
+          'new node by snapshots (kept in its agent’s data dir), the primary is handed over, and ' +
+          'the targets resync from the switchover’s snapshot (see status.move).',
         { node: str('Node name.', { minLength: 1 }) },
         { required: ['node'] },
       ),
@@ -205,7 +208,6 @@ const syncRelationship: Kind = {
           'self.consistencyGroup == oldSelf.consistencyGroup',
           'consistencyGroup is immutable; create a new relationship',
         ),
-        rule('self.source == oldSelf.source', 'source is immutable; create a new relationship'),
         rule(
           "self.primary == 'source' || self.targets.exists(t, has(t.node) && t.node == self.primary)",
           'primary must be "source" or the node of one of the targets',
@@ -237,6 +239,29 @@ const syncRelationship: Kind = {
       etaSeconds: int('Estimated seconds left; -1 unknown.'),
     }),
     lastInSyncTime: str('When every replica was last in sync.', { format: 'date-time' }),
+    lastConsistentSnapshots: arr(
+      'Replica volumes not in sync, each with the snapshot of its last consistent state (taken ' +
+        'before a resync began overwriting it, or the last committed round of its ' +
+        'establishment): promoting that replica rolls it back there.',
+      obj('One replica volume.', {
+        node: str('The replica’s node.'),
+        volume: str('The group’s volume.'),
+        snapshot: str('The snapshot on the replica.'),
+        time: str('When it was taken.', { format: 'date-time' }),
+      }),
+    ),
+    move: obj('A move of the primary to a new source node, while it is under way.', {
+      fromNode: str('The node that was primary when the move began.'),
+      toNode: str('The new source node.'),
+      phase: str(
+        'Establishing (a copy on the new node, by snapshots, while writes go on) or Repointing ' +
+          '(the new primary resyncs the targets from the switchover’s snapshot).',
+      ),
+      startTime: str('When the move began.', { format: 'date-time' }),
+      doneBytes: int('Bytes copied in this phase.'),
+      totalBytes: int('Bytes to copy in this phase.'),
+      etaSeconds: int('Estimated seconds left in this phase; -1 unknown.'),
+    }),
     conditions,
   }),
   printerColumns: [

@@ -51,7 +51,26 @@ export interface SyncRelationshipStatus {
   dirtyBytes?: number;
   baseline?: { doneBytes: number; totalBytes: number; etaSeconds: number };
   lastInSyncTime?: string;
+  lastConsistentSnapshots?: ConsistentSnapshot[];
+  move?: MoveStatus;
   conditions?: Condition[];
+}
+
+export interface ConsistentSnapshot {
+  node: string;
+  volume: string;
+  snapshot: string;
+  time: string;
+}
+
+export interface MoveStatus {
+  fromNode: string;
+  toNode: string;
+  phase: 'Establishing' | 'Repointing';
+  startTime: string;
+  doneBytes: number;
+  totalBytes: number;
+  etaSeconds: number;
 }
 
 export interface SnapshotSchedule {

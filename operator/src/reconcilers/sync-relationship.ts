@@ -18,7 +18,14 @@ import type { AgentPool } from '../agents/agent-pool';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import { Blocked } from '../resolve/blocked';
 import type { Lookup } from '../resolve/group-volumes';
-import { agentVolumeName, planRelationship, type Plan } from '../resolve/relationship-plan';
+import {
+  agentVolumeName,
+  planRelationship,
+  type Plan,
+  type Side,
+} from '../resolve/relationship-plan';
+import { agentGroupName } from '../resolve/snapshot-source';
+import { stepMove } from '../../../lib/group-move';
 import { sameJson } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
 import { blockedStatus, phaseEvent, summarize, type Observed } from '../status/relationship-status';
@@ -80,6 +87,10 @@ export class SyncRelationshipReconciler {
   /** The primary's view of each volume after apply, or why the primary could not be reached. */
   private async observe(rel: SyncRelationship, plan: Plan): Promise<Observed> {
     try {
+      if (plan.moveFrom) {
+        const moving = await this.move(rel, plan, plan.moveFrom);
+        if (moving) return moving;
+      }
       return { volumes: await this.apply(rel, plan) };
     } catch (err) {
       if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
@@ -148,6 +159,77 @@ export class SyncRelationshipReconciler {
       out.push(vol);
     }
     return out;
+  }
+
+  /**
+   * The source node changed: the next step of moving the primary there (lib/group-move.ts),
+   * and the primary's view while it is under way; undefined once it is done, the old
+   * primary's copies released (or deleted, with deleteDataOnRemoval).
+   */
+  private async move(rel: SyncRelationship, plan: Plan, from: Side): Promise<Observed | undefined> {
+    const ns = rel.metadata.namespace ?? '';
+    const fromAgent = this.deps.agents.get(from.endpoint);
+    const to = plan.source;
+    const volumes = plan.volumes.map((v) => v.agentName);
+    const previous = rel.status?.move;
+    const startTime = previous?.toNode === to.node ? previous.startTime : new Date().toISOString();
+    if (!previous)
+      await this.deps.events.record(
+        rel,
+        'Normal',
+        'Moving',
+        `moving the primary from ${from.node} to ${to.node}: establishing copies there`,
+      );
+    const p = await stepMove({
+      volumes,
+      group: agentGroupName(ns, rel.spec.consistencyGroup),
+      from: fromAgent,
+      fromAddress: from.endpoint,
+      to: this.deps.agents.get(to.endpoint),
+      toAddress: to.endpoint,
+      keepSource: false,
+    });
+    if (p.switchedOver)
+      await this.deps.events.record(
+        rel,
+        'Normal',
+        'SwitchedPrimary',
+        `node ${to.node} is now primary (writes held ${p.switchedOver.holdMs.toFixed(1)} ms); ` +
+          `the targets resync from the switchover's snapshot`,
+      );
+    if (p.phase === 'Done') {
+      for (const name of volumes) {
+        const v = await fromAgent.getVolume(name);
+        if (rel.spec.deleteDataOnRemoval) await fromAgent.deleteVolume(name, true);
+        else if (v.dataPath) await fromAgent.releaseVolume(name, true);
+      }
+      this.deps.log.info(
+        { relationship: rel.metadata.name, from: from.node, to: to.node },
+        'moved the primary',
+      );
+      await this.deps.events.record(
+        rel,
+        'Normal',
+        'Moved',
+        `the primary moved from ${from.node} to ${to.node}; ${from.node}'s copies were ` +
+          (rel.spec.deleteDataOnRemoval ? 'deleted' : 'released (files kept)'),
+      );
+      return undefined;
+    }
+    const primary = p.phase === 'Establishing' ? fromAgent : this.deps.agents.get(to.endpoint);
+    return {
+      volumes: await Promise.all(volumes.map((v) => primary.getVolume(v))),
+      primaryNode: p.phase === 'Establishing' ? from.node : to.node,
+      move: {
+        fromNode: from.node,
+        toNode: to.node,
+        phase: p.phase,
+        startTime,
+        doneBytes: p.doneBytes,
+        totalBytes: p.totalBytes,
+        etaSeconds: p.etaSeconds,
+      },
+    };
   }
 
   /**

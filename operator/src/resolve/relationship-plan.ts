@@ -29,6 +29,11 @@ export interface Plan {
   targets: Side[];
   /** The side that serves writes (spec.primary); the others are its secondaries. */
   primary: Side;
+  /**
+   * The node still primary while the source moves to another node (spec.source.node changed):
+   * it stays primary until the new node's copies are established and it hands over.
+   */
+  moveFrom?: Side;
   volumes: VolumePlan[];
 }
 
@@ -73,6 +78,14 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
   }
   const source = side(from, spec.source.node, now);
   const targets = spec.targets.map((t) => side(from, t.node ?? '', now));
+  // The primary last seen, when it is on none of the sides now: the source node was changed.
+  const was = rel.status?.move?.fromNode ?? rel.status?.primaryNode;
+  const moveFrom =
+    spec.primary === 'source' &&
+    was &&
+    ![spec.source.node, ...targets.map((t) => t.node)].includes(was)
+      ? side(from, was, now)
+      : undefined;
   const members = groupVolumes(group, from.lookup);
   if (members.length === 0) {
     throw new Blocked('NoVolumes', `ConsistencyGroup ${group.metadata.name} selects no PVCs`);
@@ -80,7 +93,10 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
   const volumes = members.map((v): VolumePlan => {
     const where = locate(ns, v.pvc, from.lookup);
     if (!where.ok) throw new Blocked(where.reason, where.message);
-    if (where.node !== undefined && where.node !== spec.source.node) {
+    // A source node that is not the PVC's was moved to (or is being): its copy lives in its
+    // agent's data dir. For a relationship that never ran, that is a mistake.
+    const onSource = where.node === undefined || where.node === spec.source.node;
+    if (!onSource && !rel.status?.primaryNode) {
       throw new Blocked(
         'VolumeNotOnSource',
         `PVC ${v.pvc} lives on node ${where.node}, not on the source node ${spec.source.node}`,
@@ -104,7 +120,7 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
       name: v.name,
       pvc: v.pvc,
       agentName: agentVolumeName(ns, group.metadata.name, v.name),
-      dataPath: `${where.path}/${v.file}`,
+      dataPath: onSource ? `${where.path}/${v.file}` : '',
       sizeBytes: Math.floor(where.capacityBytes / 4096) * 4096,
       targetPaths,
     };
@@ -116,7 +132,7 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
       `primary ${spec.primary} is neither "source" nor a target node`,
     );
   }
-  return { source, targets, primary, volumes };
+  return { source, targets, primary, moveFrom, volumes };
 }
 
 /** A node as a side of the relationship: its agent must be registered and ready. */

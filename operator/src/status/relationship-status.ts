@@ -2,7 +2,12 @@
 // progression, the Ready/InSync/Degraded/Resyncing/SplitBrain conditions, dirty bytes and
 // baseline progress; and the Event a change of phase deserves. Pure: the reconciler writes.
 import type { VolumeInfo } from '../../../lib/agent-client';
-import type { RelationshipPhase, SyncRelationship, SyncRelationshipStatus } from '../api/types';
+import type {
+  MoveStatus,
+  RelationshipPhase,
+  SyncRelationship,
+  SyncRelationshipStatus,
+} from '../api/types';
 import type { Blocked } from '../resolve/blocked';
 import type { Plan } from '../resolve/relationship-plan';
 import { mergeConditions, type DesiredCondition } from './conditions';
@@ -12,6 +17,9 @@ import type { EventType } from './event-recorder';
 export interface Observed {
   volumes: VolumeInfo[];
   unreachable?: string;
+  /** The node that answered as primary, when it is not the plan's (a move under way). */
+  primaryNode?: string;
+  move?: MoveStatus;
 }
 
 const SPLIT: ReadonlySet<string> = new Set(['SplitBrain', 'PeerIsPrimary', 'PeerIsNewer']);
@@ -51,6 +59,7 @@ export function summarize(
 ): SyncRelationshipStatus {
   const gen = rel.metadata.generation ?? 0;
   const now = new Date();
+  const primaryNode = observed.primaryNode ?? plan.primary.node;
   const nodeOf = new Map([plan.source, ...plan.targets].map((t) => [t.endpoint, t.node]));
   const peers = observed.volumes.flatMap((v) =>
     (v.replication?.peers ?? []).map((p) => ({ volume: v.name, ...p })),
@@ -87,6 +96,15 @@ export function summarize(
   else if (down.length) [phase, progression] = ['Degraded', 'WaitingForPeers'];
   else [phase, progression] = ['Baselining', 'CreatingReplicas'];
 
+  // Replicas not in sync, and the consistent state each would be promoted to meanwhile.
+  const consistent = peers
+    .filter((p) => p.consistentSnapshot)
+    .map((p) => ({
+      node: nodeOf.get(p.address) ?? p.address,
+      volume: plan.volumes.find((v) => v.agentName === p.volume)?.name ?? p.volume,
+      snapshot: p.consistentSnapshot,
+      time: new Date(Number(p.consistentSnapshotAtMs)).toISOString(),
+    }));
   const cond = (type: string, on: boolean, reason: string, message: string): DesiredCondition => ({
     type,
     status: on ? 'True' : 'False',
@@ -100,11 +118,11 @@ export function summarize(
           'Ready',
           true,
           'Replicating',
-          `replicating ${plan.volumes.length} volume(s) from ${plan.primary.node} to ${[
+          `replicating ${plan.volumes.length} volume(s) from ${primaryNode} to ${[
             plan.source,
             ...plan.targets,
           ]
-            .filter((t) => t !== plan.primary)
+            .filter((t) => t.node !== primaryNode)
             .map((t) => t.node)
             .join(', ')}`,
         ),
@@ -131,7 +149,12 @@ export function summarize(
       phase === 'Baselining' || phase === 'Resyncing',
       baselining.length ? 'Baseline' : resyncing.length ? 'Resync' : 'Idle',
       baselining.length || resyncing.length
-        ? `${baselining.length + resyncing.length} replica volume(s) catching up`
+        ? `${baselining.length + resyncing.length} replica volume(s) catching up` +
+            consistent
+              .map(
+                (c) => `; ${c.node} ${c.volume} is protected by snapshot ${c.snapshot} (${c.time})`,
+              )
+              .join('')
         : 'nothing to copy',
     ),
     cond(
@@ -147,10 +170,12 @@ export function summarize(
     observedGeneration: gen,
     phase,
     progression,
-    primaryNode: plan.primary.node,
+    primaryNode,
     dirtyBytes: peers.reduce((n, p) => n + Number(p.dirtyBytes), 0),
     conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
   };
+  if (consistent.length) status.lastConsistentSnapshots = consistent;
+  if (observed.move) status.move = observed.move;
   if (base.length) {
     const eta = base.map((p) => Number(p.resync?.etaSeconds ?? -1));
     status.baseline = {

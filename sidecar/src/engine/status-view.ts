@@ -52,6 +52,8 @@ export function replicationStatus(s: StatusSource): ReplicationStatus {
       liveBytesSent: l.liveBytesSent,
       resync: resyncOf(l),
       lastInSyncAt: l.lastInSyncAt,
+      consistentSnapshot: l.consistent?.name ?? '',
+      consistentSnapshotAtMs: l.consistent?.createdAtMs ?? 0,
       linkFailures: l.failures,
     })),
   };

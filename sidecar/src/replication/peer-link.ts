@@ -88,6 +88,11 @@ export class PeerLink implements EstablishTarget {
   liveBytesSent = 0;
   resync: ResyncProgress | undefined;
   lastInSyncAt = 0;
+  /**
+   * The peer's last consistent state while it is not in sync (what promoting it would roll
+   * back to): its snapshot from before a resync, or the establishment round it last committed.
+   */
+  consistent: { name: string; createdAtMs: number } | undefined;
   /** Times the link failed, over the link's life. */
   failures = 0;
   /** Set by an operator to resolve a split brain in our favour: the next connect overwrites the peer. */
@@ -306,7 +311,10 @@ export class PeerLink implements EstablishTarget {
     if (state === this.state) return;
     const from = this.state;
     this.state = state;
-    if (state === 'InSync') this.lastInSyncAt = Date.now();
+    if (state === 'InSync') {
+      this.lastInSyncAt = Date.now();
+      this.consistent = undefined;
+    }
     this.host.onPeerState(this, from, state);
   }
 
@@ -463,6 +471,9 @@ export class PeerLink implements EstablishTarget {
       );
       if (stale()) return;
       this.node = hello.node;
+      this.consistent = hello.consistentSnapshot
+        ? { name: hello.consistentSnapshot, createdAtMs: Number(hello.consistentSnapshotAtMs) }
+        : undefined;
       const remote: Generations = {
         current: hello.generation?.current ?? '',
         history: hello.generation?.history ?? [],
@@ -579,6 +590,7 @@ export class PeerLink implements EstablishTarget {
         cb,
       ),
     );
+    this.consistent = { name: snapshot.name, createdAtMs: snapshot.createdAtMs };
   }
 
   /**

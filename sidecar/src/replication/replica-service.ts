@@ -145,6 +145,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         regionSize: req.regionSize,
         generation: req.generation?.current ?? '',
       });
+      const protection = resyncProtection(rv.snapshots);
       return {
         node: host.node,
         role: rv.role,
@@ -156,9 +157,9 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         session,
         dataAddress: host.dataAddress,
         committedUid:
-          rv.generation.current === ZERO_GENERATION
-            ? (resyncProtection(rv.snapshots)?.uid ?? '')
-            : '',
+          rv.generation.current === ZERO_GENERATION ? (protection?.uid ?? '') : '',
+        consistentSnapshot: protection?.name ?? '',
+        consistentSnapshotAtMs: protection?.createdAtMs ?? 0,
       };
     }),
     RegionChecksums: unary(async (req) => {

@@ -44,6 +44,9 @@ export interface PeerStatus {
   liveBytesSent: number;
   resync?: { kind: string; doneBytes: number; totalBytes: number; etaSeconds: number };
   lastInSyncAt: number;
+  /** The peer's last consistent snapshot while it is not in sync (see PeerLink.consistent). */
+  consistentSnapshot: string;
+  consistentSnapshotAtMs: number;
   /** Times the link failed since the agent started: once per connection attempt at most. */
   linkFailures: number;
 }
