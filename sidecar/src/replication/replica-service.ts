@@ -156,8 +156,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         fresh: !rv.local.allocation.mayHoldData(0, rv.sizeBytes),
         session,
         dataAddress: host.dataAddress,
-        committedUid:
-          rv.generation.current === ZERO_GENERATION ? (protection?.uid ?? '') : '',
+        committedUid: rv.generation.current === ZERO_GENERATION ? (protection?.uid ?? '') : '',
         consistentSnapshot: protection?.name ?? '',
         consistentSnapshotAtMs: protection?.createdAtMs ?? 0,
       };
