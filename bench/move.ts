@@ -4,15 +4,21 @@
 // baselined again), how long the move took and how long writes were held at the switchover.
 // The clients are the tests' libnbd writers that follow the primary (a write in flight at the
 // switchover is sent again to the new primary), as fast as they go at queue depth 8.
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { AgentClient } from '../lib/agent-client';
 import { stepMove, type MoveSpec } from '../lib/group-move';
-import { AgentProcess, repoRoot, systemPython } from '../test/harness/agent-process';
-import { startProcess, waitFor, type ManagedProcess } from '../test/harness/processes';
+import { AgentProcess } from '../test/harness/agent-process';
+import {
+  ackedCount,
+  followWriterSummary,
+  receivedBytes,
+  startFollowWriter,
+} from '../test/harness/follow-writer';
+import { waitFor, type ManagedProcess } from '../test/harness/processes';
 
 const execFileAsync = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -26,19 +32,6 @@ export interface MoveResult {
   holdMs: number;
 }
 
-function acked(log: string): number {
-  try {
-    return readFileSync(log, 'utf8').split('\n').filter(Boolean).length;
-  } catch {
-    return 0;
-  }
-}
-
-async function received(client: AgentClient): Promise<number> {
-  const vols = await Promise.all(VOLUMES.map((v) => client.getVolume(v)));
-  return vols.reduce((n, v) => n + Number(v.replication?.receivedBytes ?? 0), 0);
-}
-
 export async function moveRun(regionSize = 64 * 1024): Promise<MoveResult> {
   const agents = ['bench-a', 'bench-b', 'bench-c'].map((node) => new AgentProcess({ node }));
   const dir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-move-'));
@@ -46,8 +39,8 @@ export async function moveRun(regionSize = 64 * 1024): Promise<MoveResult> {
   const clients: AgentClient[] = [];
   try {
     const [a, b, c] = await Promise.all(agents.map((x) => x.start()));
-    const [ca, cb, cc] = [a, b, c].map((x) => new AgentClient(x.grpcAddress, 30_000));
-    clients.push(ca, cb, cc);
+    const [ca, cc] = [a, c].map((x) => new AgentClient(x.grpcAddress, 30_000));
+    clients.push(ca, cc);
     for (const v of VOLUMES) {
       const uri = await a.createVolume(v, '1GiB');
       await execFileAsync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 512m', uri]);
@@ -73,20 +66,7 @@ export async function moveRun(regionSize = 64 * 1024): Promise<MoveResult> {
     const stop = path.join(dir, 'stop');
     const logs = VOLUMES.map((v) => path.join(dir, `${v}.acked`));
     for (const [i, v] of VOLUMES.entries()) {
-      writers.push(
-        startProcess(
-          `writer-${v}`,
-          systemPython,
-          [
-            path.join(repoRoot, 'test', 'harness', 'follow_writer.py'),
-            `${a.uri(v)},${c.uri(v)}`,
-            logs[i],
-            stop,
-            '8',
-          ],
-          path.join(dir, `${v}.writer.log`),
-        ),
-      );
+      writers.push(startFollowWriter(`writer-${v}`, [a.uri(v), c.uri(v)], logs[i], stop));
     }
     await new Promise((r) => setTimeout(r, 3_000));
 
@@ -99,8 +79,8 @@ export async function moveRun(regionSize = 64 * 1024): Promise<MoveResult> {
       toAddress: c.grpcAddress,
       keepSource: false,
     };
-    const received0 = await received(cb);
-    const acked0 = logs.map(acked);
+    const received0 = await receivedBytes(b.grpcAddress, VOLUMES);
+    const acked0 = logs.map(ackedCount);
     const started = performance.now();
     let holdMs = 0;
     for (;;) {
@@ -111,14 +91,11 @@ export async function moveRun(regionSize = 64 * 1024): Promise<MoveResult> {
     }
     const seconds = (performance.now() - started) / 1000;
     writeFileSync(stop, '');
-    for (const w of writers) {
-      const code = await w.exited;
-      if (code !== 0) throw new Error(`${w.name} exited with ${code}:\n${w.log()}`);
-    }
+    for (const w of writers) await followWriterSummary(w);
     return {
       regionSize,
-      writtenBytes: logs.reduce((n, l, i) => n + (acked(l) - acked0[i]) * 4096, 0),
-      receivedBytes: (await received(cb)) - received0,
+      writtenBytes: logs.reduce((n, l, i) => n + (ackedCount(l) - acked0[i]) * 4096, 0),
+      receivedBytes: (await receivedBytes(b.grpcAddress, VOLUMES)) - received0,
       seconds,
       holdMs,
     };

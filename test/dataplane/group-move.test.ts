@@ -3,13 +3,18 @@
 // and resynced from the switchover's common snapshot — it receives the writes made during the
 // move and nothing more (no second baseline). Real agents and `lockstep ctl move`; the clients
 // are libnbd writers that follow the primary and report every write that fails.
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
-import { repoRoot, run, systemPython, verifyAckedWrites } from '../harness/agent-process';
-import { startProcess, waitFor, type ManagedProcess } from '../harness/processes';
+import { run, verifyAckedWrites } from '../harness/agent-process';
+import {
+  ackedCount,
+  followWriterSummary,
+  receivedBytes,
+  startFollowWriter,
+} from '../harness/follow-writer';
+import { waitFor, type ManagedProcess } from '../harness/processes';
 import {
   expectIdentical,
   inSync,
@@ -18,35 +23,7 @@ import {
   waitPeer,
 } from '../harness/replication';
 
-const followWriter = path.join(repoRoot, 'test', 'harness', 'follow_writer.py');
 const VOLUMES = ['v1', 'v2'];
-
-interface WriterSummary {
-  acked: number;
-  failed: number;
-  reconnects: number;
-  resent: number;
-  errors: string[];
-}
-
-function ackedCount(log: string): number {
-  try {
-    return readFileSync(log, 'utf8').split('\n').filter(Boolean).length;
-  } catch {
-    return 0;
-  }
-}
-
-/** Write bytes the copy took from primaries; asked in-process, to be read within a millisecond. */
-async function receivedBytes(agent: AgentProcess): Promise<number> {
-  const client = new AgentClient(agent.grpcAddress);
-  try {
-    const volumes = await Promise.all(VOLUMES.map((v) => client.getVolume(v)));
-    return volumes.reduce((n, v) => n + Number(v.replication?.receivedBytes ?? 0), 0);
-  } finally {
-    client.close();
-  }
-}
 
 describe('moving a consistency group', () => {
   const agents: AgentProcess[] = [];
@@ -67,11 +44,15 @@ describe('moving a consistency group', () => {
   });
 
   /** A primary on `a` replicating v1 and v2 (group g, 4 KiB regions) in sync to `b`. */
-  async function replicatedGroup(a: AgentProcess, b: AgentProcess): Promise<void> {
+  async function replicatedGroup(
+    a: AgentProcess,
+    b: AgentProcess,
+    ...replicateArgs: string[]
+  ): Promise<void> {
     for (const v of VOLUMES) {
       await a.createVolume(v, '512MiB');
       await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 0 64m', a.uri(v)]);
-      await a.ctl('replicate', v, '--to', b.grpcAddress, '--region-size', '4KiB');
+      await a.ctl('replicate', v, '--to', b.grpcAddress, '--region-size', '4KiB', ...replicateArgs);
     }
     await a.ctl('group', 'create', 'g', ...VOLUMES);
     for (const v of VOLUMES) await waitPeer(a, v, b, inSync, 'in sync');
@@ -84,14 +65,7 @@ describe('moving a consistency group', () => {
     const stop = path.join(dir, 'stop');
     const logs = VOLUMES.map((v) => path.join(dir, `${v}.acked`));
     for (const [i, v] of VOLUMES.entries()) {
-      writers.push(
-        startProcess(
-          `writer-${v}`,
-          systemPython,
-          [followWriter, `${a.uri(v)},${c.uri(v)}`, logs[i], stop, '8'],
-          path.join(dir, `${v}.writer.log`),
-        ),
-      );
+      writers.push(startFollowWriter(`writer-${v}`, [a.uri(v), c.uri(v)], logs[i], stop));
     }
     await waitFor(
       'the writers to be writing',
@@ -99,17 +73,11 @@ describe('moving a consistency group', () => {
       30_000,
     );
 
-    const received0 = await receivedBytes(b);
+    const received0 = await receivedBytes(b.grpcAddress, VOLUMES);
     const acked0 = logs.map(ackedCount);
     const out = await a.ctl('move', '--group', 'g', '--to', c.grpcAddress);
     writeFileSync(stop, '');
-    const summaries = await Promise.all(
-      writers.map(async (w) => {
-        const exit = await w.exited;
-        if (exit !== 0) throw new Error(`${w.name} exited with ${exit}:\n${w.log()}`);
-        return JSON.parse(w.log().trim().split('\n').at(-1)!) as WriterSummary;
-      }),
-    );
+    const summaries = await Promise.all(writers.map(followWriterSummary));
     const written = logs.reduce((n, l, i) => n + (ackedCount(l) - acked0[i]) * 4096, 0);
 
     expect(out).toMatch(/^establishing: /m);
@@ -134,7 +102,7 @@ describe('moving a consistency group', () => {
     expect(
       c.logs().match(/"snapshot":"move-\d+".*resync from the newest common snapshot/g),
     ).toHaveLength(2);
-    const received = (await receivedBytes(b)) - received0;
+    const received = (await receivedBytes(b.grpcAddress, VOLUMES)) - received0;
     expect(written).toBeGreaterThan(0);
     // Up to a queue depth of writes each may have reached it just before the first reading.
     expect(received).toBeGreaterThanOrEqual(written - 2 * 8 * 4096);
@@ -149,6 +117,32 @@ describe('moving a consistency group', () => {
     expect(await a.ctl('group', 'list')).not.toMatch(/^g\s/m);
     for (const agent of [a, b, c])
       expect(await agent.ctl('snapshot', 'list')).not.toContain('move-');
+  });
+
+  it('finishes a move whose old primary was SIGKILLed mid-establishment, run again after its restart', async () => {
+    const [a, b, c] = [await start('a'), await start('b'), await start('c')];
+    // The new copy is established at the relationship's resync rate: seconds per volume.
+    await replicatedGroup(a, b, '--max-resync-rate', '16MiB');
+    const moving = a.ctl('move', '--group', 'g', '--to', c.grpcAddress);
+    await waitPeer(
+      a,
+      'v1',
+      c,
+      (p) => (p as { resync?: { doneBytes: number } }).resync?.doneBytes !== undefined,
+      'being established',
+    );
+    await a.kill('SIGKILL');
+    await expect(moving).rejects.toThrow(/unavailable|UNAVAILABLE|connect/i);
+    await a.start();
+    const out = await a.ctl('move', '--group', 'g', '--to', c.grpcAddress);
+    expect(out).toContain(
+      `moved: ${c.grpcAddress} is primary of v1, v2; in sync: ${b.grpcAddress}`,
+    );
+    for (const v of VOLUMES) {
+      expect((await volumeStatus(a, v)).role).toBe('secondary');
+      await expectIdentical(c, b, v);
+      await expectIdentical(a, c, v);
+    }
   });
 
   it('refuses to promote a copy that was not handed over, and finishes a move run again', async () => {
