@@ -502,6 +502,7 @@ export class Agent implements ExportSource {
   ): Promise<{ volumes: VolumeView[]; holdMs: number }> {
     const members = volumes.map((v) => this.replicaOf(v)).filter((rv) => rv.role === 'primary');
     let holdMs = 0;
+    let stepsMs = {};
     if (members.length > 0) {
       for (const rv of members) this.handingOver.add(rv.volumeName);
       try {
@@ -512,11 +513,12 @@ export class Agent implements ExportSource {
           cutClients: (rv) => void this.nbd.disconnectExport(rv.volumeName),
         });
         holdMs = taken.holdMs;
+        stepsMs = taken.stepsMs;
       } finally {
         for (const rv of members) this.handingOver.delete(rv.volumeName);
       }
     }
-    this.log.info({ volumes, to, snapshot, holdMs }, 'handed over to the new primary');
+    this.log.info({ volumes, to, snapshot, holdMs, stepsMs }, 'handed over to the new primary');
     return { volumes: volumes.map((v) => this.volume(v)), holdMs };
   }
 

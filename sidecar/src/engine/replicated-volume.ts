@@ -65,6 +65,9 @@ type Phase =
   | { role: 'primary'; replicating: Replicating | undefined; demoting: boolean }
   | { role: 'secondary'; session: SecondarySession };
 
+/** How long a move's new primary holds its first writes for its replicas to start streaming. */
+const PEERS_STREAMING_WAIT_MS = 2_000;
+
 export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   readonly log: Logger;
   private readonly record: MetaWriter;
@@ -416,13 +419,17 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   private async stopPeers(announceTo: 'all' | readonly string[]): Promise<void> {
     const p = this.phase;
     if (p.role !== 'primary' || !p.replicating) return;
-    const { links, tracking } = p.replicating;
-    this.phase = { ...p, replicating: undefined };
+    const replicating = p.replicating;
+    const { links, tracking } = replicating;
     const told = links.filter(
       (l) => l.streaming && (announceTo === 'all' || announceTo.includes(l.address)),
     );
     await Promise.allSettled(told.map((l) => l.announceLeaving()));
     for (const l of links) l.stop();
+    // Only now: a link that fails while the others are told still finds its tracking.
+    const now = this.phase;
+    if (now.role === 'primary' && now.replicating === replicating)
+      this.phase = { ...now, replicating: undefined };
     await tracking.close();
   }
 
@@ -533,16 +540,31 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
           bitmapUuid: this.meta.generation.current,
         }));
     const generation = advance(this.meta.generation, randomUUID());
-    await this.record.save({
-      ...this.meta,
-      role: 'primary',
-      generation,
-      replication: repl && (peers.length > 0 || !replicateTo) ? { ...repl, peers } : null,
-    });
-    p.session.end('promoted to primary: it takes no more replicated writes');
-    this.phase = { role: 'primary', replicating: undefined, demoting: false };
-    this.log.info({ force, generation: generation.current }, 'promoted to primary');
-    await this.startPeers();
+    // A move's new primary takes its first writes once its replicas stream (or a moment has
+    // passed): none is acknowledged by it alone, and none has to be resynced.
+    const release = replicateTo ? await this.holdWrites() : undefined;
+    try {
+      await this.record.save({
+        ...this.meta,
+        role: 'primary',
+        generation,
+        replication: repl && (peers.length > 0 || !replicateTo) ? { ...repl, peers } : null,
+      });
+      p.session.end('promoted to primary: it takes no more replicated writes');
+      this.phase = { role: 'primary', replicating: undefined, demoting: false };
+      this.log.info({ force, generation: generation.current }, 'promoted to primary');
+      await this.startPeers();
+      if (release) await this.peersStreaming(PEERS_STREAMING_WAIT_MS);
+    } finally {
+      release?.();
+    }
+  }
+
+  /** Resolves once every peer link streams, or after `ms`, whichever comes first. */
+  private async peersStreaming(ms: number): Promise<void> {
+    const deadline = performance.now() + ms;
+    while (!this.peerLinks().every((l) => l.streaming) && performance.now() < deadline)
+      await new Promise((resolve) => setTimeout(resolve, 5));
   }
 
   async demote(): Promise<void> {

@@ -87,34 +87,44 @@ export async function snapshotAtOnePoint(
 }
 
 /**
- * The switchover of a move: with every member's writes held, each is flushed and `to` must
- * hold all of it; then the clients are cut off (the held writes will never be answered here),
- * each member is cut here and on its in-sync peers — the point the replicas left behind resync
- * from — and demoted. No write falls between the cuts and the demotions.
+ * The switchover of a move: with every member's writes held (the ones in flight answered by
+ * every copy), `to` must be in sync with each; then the clients are cut off (the held writes
+ * will never be answered here), each member is cut here and on its in-sync peers — the point
+ * the replicas left behind resync from — and demoted. No write falls between the cuts and the
+ * demotions.
  */
 export async function handOver(
   members: ReplicatedVolume[],
   name: string,
   label: string,
   opts: { to: string; holdTimeoutMs: number; cutClients: (rv: ReplicatedVolume) => void },
-): Promise<{ snapshots: MemberSnapshot[]; holdMs: number }> {
+): Promise<{ snapshots: MemberSnapshot[]; holdMs: number; stepsMs: Record<string, number> }> {
   const prepared = await prepareAll(members, name, label);
   const started = performance.now();
+  const stepsMs: Record<string, number> = {};
+  let at = started;
+  const step = (name: string) => {
+    const now = performance.now();
+    stepsMs[name] = now - at;
+    at = now;
+  };
   const releases = await holdPrepared(prepared, opts.holdTimeoutMs);
   try {
+    step('drain');
+    // No flush: `to` holds every acknowledged write as any in-sync copy does, and those a
+    // client flushed are durable there already (a FLUSH is answered once every copy synced).
     try {
-      for (const rv of members) {
-        await rv.flush();
-        rv.refuseUnlessCaughtUp(opts.to);
-      }
+      for (const rv of members) rv.refuseUnlessCaughtUp(opts.to);
     } catch (err) {
       for (const p of prepared) await p.rv.snapshots.discard(p.log);
       throw err;
     }
     for (const rv of members) opts.cutClients(rv);
     const snapshots = await Promise.all(prepared.map((p) => cutMember(p, name, label)));
+    step('cut');
     for (const rv of members) await rv.demoteHeld();
-    return { snapshots, holdMs: performance.now() - started };
+    step('demote');
+    return { snapshots, holdMs: performance.now() - started, stepsMs };
   } finally {
     for (const release of releases) release();
   }
