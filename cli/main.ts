@@ -5,6 +5,7 @@ import { packageVersion } from '../lib/package-root';
 import { agentCommand } from './commands/agent';
 import { ctlCommand } from './commands/ctl';
 import { demoCommand } from './commands/demo';
+import { mediatorCommand } from './commands/mediator';
 import { operatorCommand } from './commands/operator';
 
 export function buildProgram(): Command {
@@ -15,6 +16,7 @@ export function buildProgram(): Command {
     .addCommand(agentCommand())
     .addCommand(ctlCommand())
     .addCommand(operatorCommand())
+    .addCommand(mediatorCommand())
     .addCommand(demoCommand());
 }
 

@@ -6,6 +6,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { packageRoot } from '../lib/package-root';
 import type { ProtoGrpcType as AgentProto } from './gen/agent';
 import type { ProtoGrpcType as ReplicationProto } from './gen/replication';
+import type { ProtoGrpcType as MediatorProto } from './gen/mediator';
 
 const protoRoot = path.join(packageRoot, 'proto');
 
@@ -36,6 +37,14 @@ export function replicationProto(): ReplicationProto['lockstep']['v1'] {
   return replication;
 }
 
+let mediator: MediatorProto['lockstep']['v1'] | undefined;
+
+export function mediatorProto(): MediatorProto['lockstep']['v1'] {
+  mediator ??= load<MediatorProto>('lockstep/v1/mediator.proto').lockstep.v1;
+  return mediator;
+}
+
 export type { AgentClient } from './gen/lockstep/v1/Agent';
+export type { MediatorClient, MediatorHandlers } from './gen/lockstep/v1/Mediator';
 export type { ReplicationClient, ReplicationHandlers } from './gen/lockstep/v1/Replication';
 export type { AgentHandlers } from './gen/lockstep/v1/Agent';

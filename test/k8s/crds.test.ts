@@ -121,7 +121,7 @@ describe('lockstep.dev CRDs', () => {
     expect(rejection(relationship('bad', spec))).toMatch(message);
   });
 
-  it('accept a valid relationship, default its fields, and keep the group and source immutable', () => {
+  it('accept a valid relationship, default its fields, keep the group immutable and let the source move', () => {
     apply(relationship('good', {}));
     const got = JSON.parse(kubectl(kubeconfig, ['get', 'lsr', 'good', '-o', 'json'])) as {
       spec: Record<string, unknown>;
@@ -130,10 +130,12 @@ describe('lockstep.dev CRDs', () => {
     expect(rejection(relationship('good', { consistencyGroup: 'other' }))).toMatch(
       /consistencyGroup is immutable/,
     );
-    expect(rejection(relationship('good', { source: { node: 'node-c' } }))).toMatch(
-      /source is immutable/,
+    // A move of the primary (source → another node) and a switchover (primary → a target node)
+    // are allowed changes.
+    apply(relationship('good', { source: { node: 'node-c' } }));
+    expect(kubectl(kubeconfig, ['get', 'lsr', 'good', '-o', 'jsonpath={.spec.source.node}'])).toBe(
+      'node-c',
     );
-    // A switchover (primary → a target node) is an allowed change.
     apply(relationship('good', { primary: 'node-b' }));
     const table = kubectl(kubeconfig, ['get', 'lsr']);
     expect(table.split('\n')[0]).toMatch(/^NAME\s+PHASE\s+MODE\s+PRIMARY\s+DIRTY\s+AGE$/);

@@ -21,7 +21,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import { writeFileAtomic, fsyncDir } from '../store/atomic-file';
+import { writeFileAtomic, fsyncDir } from '../../../lib/atomic-file';
 import type { SnapshotCatalog } from './snapshot-catalog';
 import { BLOCK, SavedLog } from './saved-log';
 

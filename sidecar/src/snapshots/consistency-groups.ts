@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { LockstepError } from '../../../lib/errors';
-import { writeFileAtomic } from '../store/atomic-file';
+import { writeFileAtomic } from '../../../lib/atomic-file';
 import { validateVolumeName } from '../store/volume-store';
 
 const GroupsFile = z.object({

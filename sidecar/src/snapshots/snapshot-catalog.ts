@@ -21,7 +21,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import { fsyncDir, writeFileAtomic } from '../store/atomic-file';
+import { fsyncDir, writeFileAtomic } from '../../../lib/atomic-file';
 import type { AllocationMap } from '../store/allocation-map';
 import { CopyBeforeWrite, type RawReader } from './copy-before-write';
 import { BLOCK, SavedLog, ioError, type SavedBlock } from './saved-log';

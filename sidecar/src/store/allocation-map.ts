@@ -12,7 +12,7 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
-import { writeFileAtomic } from './atomic-file';
+import { writeFileAtomic } from '../../../lib/atomic-file';
 
 export const EXTENT_BYTES = 64 * 1024;
 const MAGIC = 'lockstep-allocation-map-v1';

@@ -5,7 +5,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import { z } from 'zod';
 import { LockstepError, errorMessage } from '../../../lib/errors';
-import { writeFileAtomic } from './atomic-file';
+import { writeFileAtomic } from '../../../lib/atomic-file';
 
 export const METADATA_FORMAT = 1;
 

@@ -8,7 +8,7 @@ import { LockstepError, errorMessage, isLockstepError } from '../../../lib/error
 import type { Logger } from '../../../lib/logger';
 import { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import { ChangedContexts } from '../snapshots/changed-contexts';
-import { fsyncDir } from './atomic-file';
+import { fsyncDir } from '../../../lib/atomic-file';
 import { AllocationMap } from './allocation-map';
 import { FileBlockDevice } from './file-device';
 import {

@@ -9,7 +9,7 @@
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import { LockstepError, errorMessage } from '../../../lib/errors';
-import { writeFileAtomic } from '../store/atomic-file';
+import { writeFileAtomic } from '../../../lib/atomic-file';
 
 export const DEFAULT_EXTENT_SIZE = 4 * 1024 * 1024;
 export const DEFAULT_CAPACITY = 1024;

@@ -7,7 +7,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import { z } from 'zod';
 import { LockstepError, errorMessage } from '../../../lib/errors';
-import { writeFileAtomic } from '../store/atomic-file';
+import { writeFileAtomic } from '../../../lib/atomic-file';
 
 export const DEFAULT_REGION_SIZE = 64 * 1024;
 

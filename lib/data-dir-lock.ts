@@ -1,9 +1,9 @@
-// One agent per data directory. Node has no flock(2), so the lock is a pid file created with
+// One process (an agent, a mediator) per data directory. Node has no flock(2), so the lock is a pid file created with
 // O_EXCL; a file left by a dead process (SIGKILL, power loss) is recognised as stale and taken
 // over, one naming a live lockstep process is refused.
 import { readFileSync, promises as fs } from 'node:fs';
 import path from 'node:path';
-import { LockstepError } from '../../../lib/errors';
+import { LockstepError } from './errors';
 
 function lockstepProcessAlive(pid: number): boolean {
   if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid) return false;
@@ -23,8 +23,8 @@ export interface DataDirLock {
   release(): Promise<void>;
 }
 
-export async function lockDataDir(dataDir: string): Promise<DataDirLock> {
-  const file = path.join(dataDir, 'agent.pid');
+export async function lockDataDir(dataDir: string, owner = 'agent'): Promise<DataDirLock> {
+  const file = path.join(dataDir, `${owner}.pid`);
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       const handle = await fs.open(file, 'wx', 0o644);
@@ -46,6 +46,6 @@ export async function lockDataDir(dataDir: string): Promise<DataDirLock> {
   }
   throw new LockstepError(
     'LOCKSTEP_ERR_DATA_DIR_LOCKED',
-    `could not lock ${file}: another agent is starting`,
+    `could not lock ${file}: another ${owner} is starting`,
   );
 }

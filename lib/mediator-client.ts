@@ -1,0 +1,68 @@
+// A promise-based client of a mediator (mediator/src/mediator.ts), with a deadline on every
+// call and errors turned back into LockstepErrors. Used by agents, the operator and ctl.
+import * as grpc from '@grpc/grpc-js';
+import { mediatorProto, type MediatorClient as RawMediatorClient } from '../proto';
+import type { MediatorRecord__Output } from '../proto/gen/lockstep/v1/MediatorRecord';
+import type { CompareAndSwapResponse__Output } from '../proto/gen/lockstep/v1/CompareAndSwapResponse';
+import { fromServiceError } from './grpc-errors';
+
+export type MediatorRecord = MediatorRecord__Output;
+export interface SwapAnswer {
+  granted: boolean;
+  /** The new record if granted, else the one that stands. */
+  record: MediatorRecord;
+}
+
+type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
+
+export class MediatorClient {
+  private readonly raw: RawMediatorClient;
+
+  constructor(
+    readonly target: string,
+    private readonly timeoutMs = 5_000,
+  ) {
+    this.raw = new (mediatorProto().Mediator)(target, grpc.credentials.createInsecure(), {
+      'grpc.keepalive_time_ms': 10_000,
+      'grpc.keepalive_timeout_ms': 5_000,
+    });
+  }
+
+  private call<Res>(
+    invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
+  ): Promise<Res> {
+    return new Promise((resolve, reject) => {
+      invoke({ deadline: Date.now() + this.timeoutMs }, (err, res) =>
+        err ? reject(fromServiceError(err, this.target)) : resolve(res!),
+      );
+    });
+  }
+
+  record(group: string): Promise<MediatorRecord> {
+    return this.call<MediatorRecord>((o, cb) => this.raw.GetRecord({ group }, o, cb));
+  }
+
+  async records(): Promise<MediatorRecord[]> {
+    return (
+      await this.call<{ records: MediatorRecord[] }>((o, cb) => this.raw.ListRecords({}, o, cb))
+    ).records;
+  }
+
+  /** Epoch `expectedEpoch + 1` for `primary`, if the group is still at `expectedEpoch`. */
+  async compareAndSwap(
+    group: string,
+    expectedEpoch: number,
+    primary: string,
+    inSync: string[],
+  ): Promise<SwapAnswer> {
+    const r = await this.call<CompareAndSwapResponse__Output>((o, cb) =>
+      this.raw.CompareAndSwap({ group, expectedEpoch, primary, inSync }, o, cb),
+    );
+    if (!r.record) throw new Error(`the mediator at ${this.target} answered without a record`);
+    return { granted: r.granted, record: r.record };
+  }
+
+  close(): void {
+    this.raw.close();
+  }
+}
