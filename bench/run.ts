@@ -4,7 +4,7 @@
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
 //        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
-//         --move-only]
+//         --move-only | --mediator-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -30,6 +30,7 @@ import { largeVolumesReport, largeVolumesRun } from './large-volumes';
 import { snapshotsReport, snapshotsRun } from './snapshots';
 import { establishmentReport, establishmentRun } from './establishment';
 import { moveReport, moveRun } from './move';
+import { mediatorReport, mediatorRun } from './mediator';
 import { replicateToInSync } from './replicate';
 
 const execFileAsync = promisify(execFile);
@@ -241,6 +242,8 @@ async function main(): Promise<void> {
       'establishment-only': { type: 'boolean', default: false },
       // Only moving a group's primary to a third agent under load (bytes to the replica left).
       'move-only': { type: 'boolean', default: false },
+      // Only the mediator's compare-and-swap latency with 10,000 groups.
+      'mediator-only': { type: 'boolean', default: false },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -271,6 +274,10 @@ async function main(): Promise<void> {
   if (values['move-only']) {
     for (const regionSize of [64 * 1024, 4096])
       process.stdout.write(`${moveReport(await moveRun(regionSize))}\n`);
+    return;
+  }
+  if (values['mediator-only']) {
+    process.stdout.write(`${mediatorReport(await mediatorRun())}\n`);
     return;
   }
   if (values['snapshots-only']) {
@@ -336,6 +343,7 @@ async function main(): Promise<void> {
   const snapshots = await snapshotsRun(bench);
   const establishment = await establishmentRun();
   const moves = [await moveRun(64 * 1024), await moveRun(4096)];
+  const mediator = await mediatorRun();
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -383,6 +391,8 @@ async function main(): Promise<void> {
       establishmentReport(establishment),
       '',
       ...moves.map(moveReport),
+      '',
+      mediatorReport(mediator),
       '',
       'Raw lines:',
       '```',
