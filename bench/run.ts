@@ -277,7 +277,8 @@ async function main(): Promise<void> {
     return;
   }
   if (values['mediator-only']) {
-    process.stdout.write(`${mediatorReport(await mediatorRun())}\n`);
+    for (const clients of [8, 64])
+      process.stdout.write(`${mediatorReport(await mediatorRun(clients))}\n`);
     return;
   }
   if (values['snapshots-only']) {
@@ -343,7 +344,7 @@ async function main(): Promise<void> {
   const snapshots = await snapshotsRun(bench);
   const establishment = await establishmentRun();
   const moves = [await moveRun(64 * 1024), await moveRun(4096)];
-  const mediator = await mediatorRun();
+  const mediator = [await mediatorRun(8), await mediatorRun(64)];
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -392,7 +393,7 @@ async function main(): Promise<void> {
       '',
       ...moves.map(moveReport),
       '',
-      mediatorReport(mediator),
+      ...mediator.map(mediatorReport),
       '',
       'Raw lines:',
       '```',
