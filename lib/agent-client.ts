@@ -2,7 +2,7 @@
 // turned back into LockstepErrors. Used by `lockstep ctl` and the operator.
 import * as grpc from '@grpc/grpc-js';
 import { agentProto, type AgentClient as RawAgentClient } from '../proto';
-import { fromServiceError } from './grpc-errors';
+import { CLIENT_CHANNEL_OPTIONS, unaryCall, type Callback } from './grpc-errors';
 import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoResponse';
 import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
 import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
@@ -21,8 +21,6 @@ export type GroupInfo = Group__Output;
 export type GroupSnapshotInfo = GroupSnapshot__Output;
 export type Verification = VerifySnapshotResponse__Output;
 
-type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
-
 export class AgentClient {
   private readonly raw: RawAgentClient;
 
@@ -30,21 +28,18 @@ export class AgentClient {
     readonly target: string,
     private readonly timeoutMs = 10_000,
   ) {
-    this.raw = new (agentProto().Agent)(target, grpc.credentials.createInsecure(), {
-      'grpc.keepalive_time_ms': 10_000,
-      'grpc.keepalive_timeout_ms': 5_000,
-    });
+    this.raw = new (agentProto().Agent)(
+      target,
+      grpc.credentials.createInsecure(),
+      CLIENT_CHANNEL_OPTIONS,
+    );
   }
 
   private call<Res>(
     invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
     timeoutMs = this.timeoutMs,
   ): Promise<Res> {
-    return new Promise((resolve, reject) => {
-      invoke({ deadline: Date.now() + timeoutMs }, (err, res) =>
-        err ? reject(fromServiceError(err, this.target)) : resolve(res!),
-      );
-    });
+    return unaryCall({ target: this.target, kind: 'agent', flag: '--agent' }, timeoutMs, invoke);
   }
 
   info(): Promise<AgentInfo> {

@@ -31,7 +31,36 @@ export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
   return { code: grpc.status.INTERNAL, details: errorMessage(err), metadata };
 }
 
-export function fromServiceError(err: unknown, target: string): Error {
+/** Which server a client calls, for the message when it cannot be reached. */
+export interface ServerRef {
+  target: string;
+  /** e.g. 'agent', and the flag that names its address, e.g. '--agent'. */
+  kind: string;
+  flag: string;
+}
+
+export type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
+
+/** Keepalive for the control clients: a server that went away is noticed within 15 s. */
+export const CLIENT_CHANNEL_OPTIONS = {
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+};
+
+/** A unary call with a deadline; a failure comes back as the LockstepError the server raised. */
+export function unaryCall<Res>(
+  server: ServerRef,
+  timeoutMs: number,
+  invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
+): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    invoke({ deadline: Date.now() + timeoutMs }, (err, res) =>
+      err ? reject(fromServiceError(err, server)) : resolve(res!),
+    );
+  });
+}
+
+function fromServiceError(err: unknown, server: ServerRef): Error {
   const se = err as Partial<grpc.ServiceError>;
   if (typeof se.code !== 'number') return err instanceof Error ? err : new Error(String(err));
   const code = se.metadata?.get(CODE_KEY)[0];
@@ -41,7 +70,7 @@ export function fromServiceError(err: unknown, target: string): Error {
   if (se.code === grpc.status.UNAVAILABLE || se.code === grpc.status.DEADLINE_EXCEEDED) {
     return new LockstepError(
       'LOCKSTEP_ERR_UNAVAILABLE',
-      `cannot reach the agent at ${target} (${se.details ?? 'unavailable'}); is it running and is --agent right?`,
+      `cannot reach the ${server.kind} at ${server.target} (${se.details ?? 'unavailable'}); is it running and is ${server.flag} right?`,
     );
   }
   return new Error(se.details ?? errorMessage(err));

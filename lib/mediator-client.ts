@@ -4,7 +4,7 @@ import * as grpc from '@grpc/grpc-js';
 import { mediatorProto, type MediatorClient as RawMediatorClient } from '../proto';
 import type { MediatorRecord__Output } from '../proto/gen/lockstep/v1/MediatorRecord';
 import type { CompareAndSwapResponse__Output } from '../proto/gen/lockstep/v1/CompareAndSwapResponse';
-import { fromServiceError } from './grpc-errors';
+import { CLIENT_CHANNEL_OPTIONS, unaryCall, type Callback } from './grpc-errors';
 
 export type MediatorRecord = MediatorRecord__Output;
 export interface SwapAnswer {
@@ -13,8 +13,6 @@ export interface SwapAnswer {
   record: MediatorRecord;
 }
 
-type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
-
 export class MediatorClient {
   private readonly raw: RawMediatorClient;
 
@@ -22,20 +20,21 @@ export class MediatorClient {
     readonly target: string,
     private readonly timeoutMs = 5_000,
   ) {
-    this.raw = new (mediatorProto().Mediator)(target, grpc.credentials.createInsecure(), {
-      'grpc.keepalive_time_ms': 10_000,
-      'grpc.keepalive_timeout_ms': 5_000,
-    });
+    this.raw = new (mediatorProto().Mediator)(
+      target,
+      grpc.credentials.createInsecure(),
+      CLIENT_CHANNEL_OPTIONS,
+    );
   }
 
   private call<Res>(
     invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
   ): Promise<Res> {
-    return new Promise((resolve, reject) => {
-      invoke({ deadline: Date.now() + this.timeoutMs }, (err, res) =>
-        err ? reject(fromServiceError(err, this.target)) : resolve(res!),
-      );
-    });
+    return unaryCall(
+      { target: this.target, kind: 'mediator', flag: 'the mediator address' },
+      this.timeoutMs,
+      invoke,
+    );
   }
 
   record(group: string): Promise<MediatorRecord> {
