@@ -69,17 +69,21 @@ async function drive(spec: MoveSpec, intervalMs: number, tell: boolean): Promise
   const say = (line: string) => tell && process.stdout.write(line + '\n');
   let last = '';
   let lastAt = 0;
+  // Reported at the end too (-o json): the step that switched over is rarely the last one.
+  let switchedOver: MoveProgress['switchedOver'];
   for (;;) {
     const p = await stepMove(spec);
-    if (p.switchedOver)
+    if (p.switchedOver) {
+      switchedOver = p.switchedOver;
       say(
         `switched over: ${spec.toAddress} is primary (writes held ${p.switchedOver.holdMs.toFixed(1)} ms)`,
       );
+    }
     if (p.phase === 'Done') {
       say(
         `moved: ${spec.toAddress} is primary of ${spec.volumes.join(', ')}; ${replicas(p.links)}`,
       );
-      return p;
+      return { ...p, switchedOver };
     }
     const line = describe(p);
     // A line when something changed, else one every 10 s to show it is alive.

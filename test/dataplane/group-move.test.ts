@@ -145,7 +145,7 @@ describe('moving a consistency group', () => {
     }
   });
 
-  it('refuses to promote a copy that was not handed over, and finishes a move run again', async () => {
+  it('refuses to promote a copy that was not handed over; with --keep-source the old primary stays a replica', async () => {
     const [a, b, c] = [await start('a'), await start('b'), await start('c')];
     await replicatedGroup(a, b);
     // Run against the replica, the move would promote c out of nowhere: refused.
@@ -154,14 +154,25 @@ describe('moving a consistency group', () => {
     );
     expect((await volumeStatus(b, 'v1')).role).toBe('secondary');
 
-    await a.ctl('move', '--group', 'g', '--to', c.grpcAddress, '-o', 'json');
+    const moved = JSON.parse(
+      await a.ctl('move', '--group', 'g', '--to', c.grpcAddress, '--keep-source', '-o', 'json'),
+    ) as { phase: string; switchedOver?: { holdMs: number }; links: { peer: string }[] };
+    expect(moved.phase).toBe('Done');
+    expect(moved.switchedOver?.holdMs).toBeGreaterThan(0);
+    expect(moved.links.map((l) => l.peer).sort()).toEqual(
+      [a.grpcAddress, b.grpcAddress, a.grpcAddress, b.grpcAddress].sort(),
+    );
     // Done is done: running it again changes nothing and says so.
     const again = JSON.parse(
-      await a.ctl('move', '--group', 'g', '--to', c.grpcAddress, '-o', 'json'),
+      await a.ctl('move', '--group', 'g', '--to', c.grpcAddress, '--keep-source', '-o', 'json'),
     ) as { phase: string; switchedOver?: unknown };
     expect(again.phase).toBe('Done');
     expect(again.switchedOver).toBeUndefined();
+    // Both former copies follow the new primary: written there, they get it.
     for (const v of VOLUMES) {
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7e 1m 2m', c.uri(v)]);
+      await waitPeer(c, v, a, inSync, 'the old primary in sync');
+      await waitPeer(c, v, b, inSync, 'the replica in sync');
       await expectIdentical(a, c, v);
       await expectIdentical(b, c, v);
     }
