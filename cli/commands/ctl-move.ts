@@ -29,7 +29,7 @@ export function moveCommand(): Command {
     .option('--interval <seconds>', 'how often progress is read', '1')
     .addOption(outputOption())
     .action(async (volume: string | undefined, opts: MoveOptions, cmd: Command) => {
-      if (!volume === !opts.group) cmd.error('error: name a volume or --group, not both');
+      if (!volume === !opts.group) cmd.error('error: name one volume, or a group with --group');
       const globals = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
       const timeoutMs = Number(globals.timeout) * 1000;
       const from = new AgentClient(globals.agent, timeoutMs);
