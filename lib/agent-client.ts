@@ -76,6 +76,13 @@ export class AgentClient {
     regionSize: number;
     maxResyncBytesPerSecond: number;
     replaceTargets?: boolean;
+    mediator?: {
+      address: string;
+      group?: string;
+      failover?: string;
+      graceMs?: number;
+      suspendLimitMs?: number;
+    };
   }): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.Replicate(req, o, cb));
   }

@@ -20,6 +20,8 @@ export type ErrorCode =
   | 'LOCKSTEP_ERR_NO_SPACE'
   | 'LOCKSTEP_ERR_IO'
   | 'LOCKSTEP_ERR_NOT_ALLOWED'
+  /** A request carried an epoch older than the copy's: its sender was replaced (fenced). */
+  | 'LOCKSTEP_ERR_STALE_EPOCH'
   | 'LOCKSTEP_ERR_UNAVAILABLE';
 
 export class LockstepError extends Error {

@@ -18,6 +18,7 @@ const statusOf: Partial<Record<ErrorCode, grpc.status>> = {
   LOCKSTEP_ERR_GROUP_EXISTS: grpc.status.ALREADY_EXISTS,
   LOCKSTEP_ERR_READ_ONLY: grpc.status.FAILED_PRECONDITION,
   LOCKSTEP_ERR_NOT_ALLOWED: grpc.status.FAILED_PRECONDITION,
+  LOCKSTEP_ERR_STALE_EPOCH: grpc.status.FAILED_PRECONDITION,
   LOCKSTEP_ERR_NO_SPACE: grpc.status.RESOURCE_EXHAUSTED,
   LOCKSTEP_ERR_UNAVAILABLE: grpc.status.UNAVAILABLE,
 };
@@ -60,13 +61,20 @@ export function unaryCall<Res>(
   });
 }
 
+/** The LockstepError a gRPC failure carries, if the server raised one. */
+export function carriedError(err: unknown): LockstepError | undefined {
+  const se = err as Partial<grpc.ServiceError>;
+  const code = se.metadata?.get(CODE_KEY)[0];
+  if (typeof code === 'string' && code.startsWith('LOCKSTEP_ERR_'))
+    return new LockstepError(code as ErrorCode, se.details ?? errorMessage(err));
+  return undefined;
+}
+
 function fromServiceError(err: unknown, server: ServerRef): Error {
   const se = err as Partial<grpc.ServiceError>;
   if (typeof se.code !== 'number') return err instanceof Error ? err : new Error(String(err));
-  const code = se.metadata?.get(CODE_KEY)[0];
-  if (typeof code === 'string' && code.startsWith('LOCKSTEP_ERR_')) {
-    return new LockstepError(code as ErrorCode, se.details ?? errorMessage(err));
-  }
+  const carried = carriedError(err);
+  if (carried) return carried;
   if (se.code === grpc.status.UNAVAILABLE || se.code === grpc.status.DEADLINE_EXCEEDED) {
     return new LockstepError(
       'LOCKSTEP_ERR_UNAVAILABLE',

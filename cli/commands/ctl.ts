@@ -2,7 +2,9 @@
 import { Command, Option } from 'commander';
 import { AgentClient, type SnapshotInfo, type VolumeInfo } from '../../lib/agent-client';
 import { formatSize, parseSize } from '../../lib/size';
+import { parseDuration } from '../../lib/duration';
 import { moveCommand } from './ctl-move';
+import { epochCommand, failoverCommand } from './ctl-failover';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
 
 function volumeRows(volumes: VolumeInfo[]): string[][] {
@@ -162,6 +164,26 @@ export function ctlCommand(): Command {
     .option('--region-size <size>', 'dirty-tracking granularity', '64KiB')
     .option('--max-resync-rate <size>', 'resync bandwidth per second (0: unlimited)', '0')
     .option('--replace', 'replicate to exactly these targets, dropping peers not listed', false)
+    .option(
+      '--mediator <host:port>',
+      'a mediator (`lockstep mediator`) in a third failure domain: split brain protection and failover',
+    )
+    .option('--group <name>', "the mediator's record for this volume (default: its UUID)")
+    .addOption(
+      new Option('--failover <policy>', 'with a mediator: a replica takes over by itself, or waits')
+        .choices(['automatic', 'manual'])
+        .default('automatic'),
+    )
+    .option(
+      '--grace <duration>',
+      'how long a replica waits without a primary before it takes over',
+      '5s',
+    )
+    .option(
+      '--suspend-limit <duration>',
+      'how long a primary that lost a peer holds writes for the mediator before failing them',
+      '30s',
+    )
     .addOption(outputOption())
     .action(
       async (
@@ -172,10 +194,22 @@ export function ctlCommand(): Command {
           regionSize: string;
           maxResyncRate: string;
           replace: boolean;
+          mediator?: string;
+          group?: string;
+          failover: string;
+          grace: string;
+          suspendLimit: string;
           output: OutputFormat;
         },
         cmd: Command,
       ) => {
+        const mediator = opts.mediator && {
+          address: opts.mediator,
+          group: opts.group ?? '',
+          failover: opts.failover,
+          graceMs: parseDuration(opts.grace, '--grace'),
+          suspendLimitMs: parseDuration(opts.suspendLimit, '--suspend-limit'),
+        };
         const v = await withClient(cmd, (c) =>
           c.replicate({
             name,
@@ -184,6 +218,7 @@ export function ctlCommand(): Command {
             regionSize: parseSize(opts.regionSize, '--region-size'),
             maxResyncBytesPerSecond: parseSize(opts.maxResyncRate, '--max-resync-rate'),
             replaceTargets: opts.replace,
+            ...(mediator ? { mediator } : {}),
           }),
         );
         if (opts.output === 'json') return printJson(v);
@@ -222,6 +257,8 @@ export function ctlCommand(): Command {
       printVolume(await withClient(cmd, (c) => c.demote(name)));
     });
   ctl.addCommand(moveCommand());
+  ctl.addCommand(failoverCommand());
+  ctl.addCommand(epochCommand());
   ctl
     .command('resolve <volume>')
     .description('resolve a split brain on the primary: overwrite a peer whose copy diverged')
@@ -441,6 +478,18 @@ function printVolume(v: VolumeInfo): void {
   process.stdout.write(
     `mode:     ${r.mode}, ${formatSize(r.regionSize)} regions, generation ${r.generation}\n`,
   );
+  const pr = r.protection;
+  if (pr) {
+    process.stdout.write(
+      (pr.mediator
+        ? `mediator: ${pr.mediator} (group ${pr.group}, failover ${pr.failover})\n`
+        : 'mediator: none: split brain protection is off\n') +
+        `epoch:    ${pr.epoch}, ${pr.acceptsWrites ? 'accepts writes' : 'does not accept writes'} (${pr.state})` +
+        (pr.inSync.length > 0 ? `, in sync: ${pr.inSync.join(', ')}` : '') +
+        '\n' +
+        (pr.detail ? `          ${pr.detail}\n` : ''),
+    );
+  }
   if (v.role === 'secondary') {
     process.stdout.write(`primary:  ${r.primaryConnected ? 'connected' : 'not connected'}\n`);
     if (r.resyncSnapshot)

@@ -31,6 +31,8 @@ import { refuseReserved, resyncProtection } from './snapshots/resync-protection'
 import { DEFAULT_CUTOVER, type CutoverPolicy } from './replication/establishment';
 import { handOver, snapshotAtOnePoint, type SnapshotCopy } from './engine/snapshot-barrier';
 import { ZERO_GENERATION } from './replication/generations';
+import { mediatorSettings } from './replication/mediator-settings';
+import type { MediatorSettings__Output } from '../../proto/gen/lockstep/v1/MediatorSettings';
 
 export interface AgentOptions {
   node: string;
@@ -157,6 +159,9 @@ export class Agent implements ExportSource {
       log: this.log.child({ subsystem: 'replication' }),
       ackTimeoutMs: options.peerTimeoutMs ?? 5_000,
       cutover: options.cutover ?? DEFAULT_CUTOVER,
+      takeOver: async (volume, epoch) => {
+        await this.promote(volume, true, undefined, epoch);
+      },
     };
   }
 
@@ -409,6 +414,7 @@ export class Agent implements ExportSource {
     regionSize: number,
     maxResyncBytesPerSecond: number,
     replaceTargets = false,
+    mediator?: MediatorSettings__Output | null,
   ): Promise<VolumeView> {
     if (targets.length === 0)
       throw new LockstepError(
@@ -416,15 +422,26 @@ export class Agent implements ExportSource {
         'replicate needs at least one --to HOST:PORT',
       );
     for (const t of targets) splitHostPort(t, '--to');
-    await this.replicaOf(name).configure(
+    const rv = this.replicaOf(name);
+    const mediatorConfig = mediatorSettings(mediator, rv.uuid);
+    await rv.configure(
       targets,
       mode,
       regionSize,
       maxResyncBytesPerSecond,
       replaceTargets,
+      mediatorConfig,
     );
     this.log.info(
-      { volume: name, targets, mode, regionSize, maxResyncBytesPerSecond, replaceTargets },
+      {
+        volume: name,
+        targets,
+        mode,
+        regionSize,
+        maxResyncBytesPerSecond,
+        replaceTargets,
+        mediator: mediatorConfig,
+      },
       'replication configured',
     );
     return this.volume(name);
@@ -444,13 +461,15 @@ export class Agent implements ExportSource {
     name: string,
     force: boolean,
     replicateTo?: string[],
+    /** The epoch an automatic failover was granted (otherwise the promotion asks for one). */
+    grantedEpoch?: number,
   ): Promise<{ volume: VolumeView; rolledBack?: PromotionRollback }> {
     const rv = this.replicaOf(name);
     const { snapshots } = this.store.ready(name);
     const protection = rv.role === 'secondary' ? resyncProtection(snapshots) : undefined;
     for (const t of replicateTo ?? []) splitHostPort(t, 'replicate_to');
     if (!protection) {
-      await rv.promote(force, false, replicateTo);
+      await rv.promote(force, false, replicateTo, grantedEpoch);
       return { volume: this.volume(name) };
     }
     // The intent first. A crash before the promotion leaves a secondary that nothing wrote to
@@ -459,7 +478,7 @@ export class Agent implements ExportSource {
     await snapshots.beginRollback(protection.name);
     this.rollingBack.set(name, 'running');
     try {
-      await rv.promote(force, true, replicateTo);
+      await rv.promote(force, true, replicateTo, grantedEpoch);
     } catch (err) {
       this.rollingBack.delete(name);
       await snapshots.endRollback();

@@ -22,6 +22,7 @@ import { run } from '../harness/agent-process';
 import { freePort, waitFor } from '../harness/processes';
 import {
   dataFile,
+  metaFile,
   expectIdentical,
   inSync,
   replicationAgent,
@@ -83,9 +84,16 @@ class RawLane {
   }
 }
 
-function op(kind: OpKind, seq: number, offset: number, length: number, data?: Buffer): Buffer {
+function op(
+  kind: OpKind,
+  seq: number,
+  offset: number,
+  length: number,
+  data?: Buffer,
+  epoch = 0,
+): Buffer {
   const h = Buffer.alloc(OP_HEADER_BYTES);
-  writeOpHeader(h, 0, kind, 0, length, seq, offset);
+  writeOpHeader(h, 0, kind, 0, length, seq, offset, epoch);
   return data ? Buffer.concat([h, data]) : h;
 }
 
@@ -130,12 +138,17 @@ describe('replication data lanes, facing bad input', () => {
 
   /** Handshakes as a primary of volume `w` (created on first contact). */
   const uuid = randomUUID();
-  function handshake(primaryAddress = '127.0.0.1:1'): Promise<HandshakeResponse__Output> {
+  function handshake(
+    primaryAddress = '127.0.0.1:1',
+    volume = 'w',
+    epoch = 0,
+  ): Promise<HandshakeResponse__Output> {
     return new Promise((resolve, reject) =>
       rpc.Handshake(
         {
-          volume: 'w',
+          volume,
           uuid,
+          epoch,
           sizeBytes: 16 * MiB,
           regionSize: 65536,
           createIfMissing: true,
@@ -156,9 +169,9 @@ describe('replication data lanes, facing bad input', () => {
     return l;
   }
 
-  async function acceptedLane(token: string, index = 0): Promise<RawLane> {
+  async function acceptedLane(token: string, index = 0, volume = 'w', epoch = 0): Promise<RawLane> {
     const l = await lane();
-    l.socket.write(encodeHello({ lane: index, keepaliveMs: 1000, token, volume: 'w' }));
+    l.socket.write(encodeHello({ lane: index, keepaliveMs: 1000, token, epoch, volume }));
     expect(await l.reply()).toEqual({ status: 0, message: '' });
     l.received = l.received.subarray(REPLY_BYTES);
     return l;
@@ -201,7 +214,13 @@ describe('replication data lanes, facing bad input', () => {
   });
 
   it('refuses an unsupported version and an out-of-range name length', async () => {
-    const hello = encodeHello({ lane: 0, keepaliveMs: 1000, token: '0'.repeat(32), volume: 'w' });
+    const hello = encodeHello({
+      lane: 0,
+      keepaliveMs: 1000,
+      token: '0'.repeat(32),
+      epoch: 0,
+      volume: 'w',
+    });
     const v9 = Buffer.from(hello);
     v9.writeUInt16BE(9, 4);
     const l1 = await lane();
@@ -226,7 +245,7 @@ describe('replication data lanes, facing bad input', () => {
     ];
     for (const [volume, token, why] of tries) {
       const l = await lane();
-      l.socket.write(encodeHello({ lane: 0, keepaliveMs: 1000, token, volume }));
+      l.socket.write(encodeHello({ lane: 0, keepaliveMs: 1000, token, epoch: 0, volume }));
       const r = await l.reply();
       expect(r.status).not.toBe(0);
       expect(r.message).toMatch(why);
@@ -235,11 +254,61 @@ describe('replication data lanes, facing bad input', () => {
     await acceptedLane(second.session, 0);
     const dup = await lane();
     dup.socket.write(
-      encodeHello({ lane: 0, keepaliveMs: 1000, token: second.session, volume: 'w' }),
+      encodeHello({ lane: 0, keepaliveMs: 1000, token: second.session, epoch: 0, volume: 'w' }),
     );
     expect((await dup.reply()).message).toMatch(/lane 0 .* already connected/);
     // A second primary may not take over a session whose lanes are alive.
     await expect(handshake('127.0.0.1:2')).rejects.toThrow(/second primary/);
+  });
+
+  it('refuses a handshake, a hello and an op from an older epoch, and says so (fencing tokens)', async () => {
+    const current = await handshake('127.0.0.1:3', 'x', 5);
+    expect(current.epoch).toBe(5);
+    // A primary from before epoch 5 (replaced while it was cut off) is refused at the door.
+    await expect(handshake('127.0.0.1:4', 'x', 4)).rejects.toThrow(
+      /has seen epoch 5; 127\.0\.0\.1:4 writes in epoch 4: it was replaced/,
+    );
+    const stale = await lane();
+    stale.socket.write(
+      encodeHello({ lane: 1, keepaliveMs: 1000, token: current.session, epoch: 4, volume: 'x' }),
+    );
+    expect((await stale.reply()).message).toMatch(/epoch 4 is older than this copy's 5/);
+    // An op that carries an older epoch is not applied: ESTALE, and the lane closes.
+    const l = await acceptedLane(current.session, 0, 'x', 5);
+    const data = Buffer.alloc(4096, 0x5a);
+    l.socket.write(
+      Buffer.concat([
+        op(OpKind.WRITE, 1, 0, 4096, data, 5),
+        op(OpKind.WRITE, 2, 8192, 4096, data, 4),
+      ]),
+    );
+    const acks = await l.read(2 * ACK_BYTES);
+    expect(acks.length).toBe(2 * ACK_BYTES);
+    // Acks come as ops finish: the refusal before the write it followed.
+    const errnoBySeq = new Map(
+      [0, ACK_BYTES].map((at) => [acks.readUInt32BE(at + 12), acks.readUInt32BE(at + 4)]),
+    );
+    expect(errnoBySeq).toEqual(
+      new Map([
+        [1, 0],
+        [2, 116],
+      ]),
+    );
+    expect(await l.waitClosed()).toBe(true);
+    await logShows(/op from an older epoch refused/);
+    const fd = openSync(dataFile(b, 'x'), 'r');
+    try {
+      const got = Buffer.alloc(12288);
+      readSync(fd, got, 0, got.length, 0);
+      expect(got.subarray(0, 4096).equals(data)).toBe(true);
+      expect(got.subarray(8192).equals(Buffer.alloc(4096))).toBe(true);
+    } finally {
+      closeSync(fd);
+    }
+    // The epoch is durable: the copy's metadata says 5.
+    expect((JSON.parse(readFileSync(metaFile(b, 'x'), 'utf8')) as { epoch?: number }).epoch).toBe(
+      5,
+    );
   });
 
   it('closes a lane that announces an oversized write, having applied and acknowledged what came before', async () => {
@@ -291,7 +360,9 @@ describe('replication data lanes, facing bad input', () => {
   it('drops a lane that goes silent past its keepalive, freeing the volume for another primary', async () => {
     const { session } = await handshake();
     const l = await lane();
-    l.socket.write(encodeHello({ lane: 0, keepaliveMs: 100, token: session, volume: 'w' }));
+    l.socket.write(
+      encodeHello({ lane: 0, keepaliveMs: 100, token: session, epoch: 0, volume: 'w' }),
+    );
     expect((await l.reply()).status).toBe(0);
     await expect(handshake('127.0.0.1:2')).rejects.toThrow(/second primary/);
     // Silent for longer than the 2 s floor on the idle limit: a partitioned primary.

@@ -72,6 +72,10 @@ export function dataFile(agent: AgentProcess, name: string): string {
   return path.join(agent.dataDir, 'volumes', name, 'data.img');
 }
 
+export function metaFile(agent: AgentProcess, name: string): string {
+  return path.join(agent.dataDir, 'volumes', name, 'meta.json');
+}
+
 /** qemu-img compare of two copies' files; rejects with the first difference. */
 export function expectIdentical(a: AgentProcess, b: AgentProcess, name: string): Promise<void> {
   return expectSameImages(dataFile(a, name), dataFile(b, name));

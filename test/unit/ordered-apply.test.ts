@@ -54,6 +54,7 @@ describe('ordered apply on a secondary', () => {
       0,
       () => ({
         device: device as unknown as FileBlockDevice,
+        epoch: 0,
         received: () => undefined,
         detach: () => undefined,
       }),
@@ -63,7 +64,7 @@ describe('ordered apply on a secondary', () => {
     client = net.connect({ host, port: Number(port) });
     received = Buffer.alloc(0);
     client.on('data', (c: Buffer) => (received = Buffer.concat([received, c])));
-    client.write(encodeHello({ lane: 0, keepaliveMs: 1000, token, volume: 'v' }));
+    client.write(encodeHello({ lane: 0, keepaliveMs: 1000, token, epoch: 0, volume: 'v' }));
     while (received.length < REPLY_BYTES) await tick();
     expect(received.readUInt16BE(6)).toBe(0); // accepted
     received = Buffer.alloc(0);
@@ -75,7 +76,7 @@ describe('ordered apply on a secondary', () => {
 
   function sendWrite(seq: number, offset: number, length: number, flags: number): void {
     const h = Buffer.alloc(OP_HEADER_BYTES);
-    writeOpHeader(h, 0, OpKind.WRITE, flags, length, seq, offset);
+    writeOpHeader(h, 0, OpKind.WRITE, flags, length, seq, offset, 0);
     client.write(Buffer.concat([h, Buffer.alloc(length, seq)]));
   }
 

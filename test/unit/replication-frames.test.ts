@@ -25,8 +25,8 @@ const token = '0123456789abcdef0123456789abcdef';
 describe('replication frames', () => {
   it('round-trips op headers, 64-bit fields included, into a reused object', () => {
     const buf = Buffer.alloc(OP_HEADER_BYTES * 2);
-    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.FUA, 4096, 2 ** 33 + 5, 2 ** 40);
-    writeOpHeader(buf, OP_HEADER_BYTES, OpKind.FLUSH, 0, 0, 7, 0);
+    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.FUA, 4096, 2 ** 33 + 5, 2 ** 40, 2 ** 35 + 3);
+    writeOpHeader(buf, OP_HEADER_BYTES, OpKind.FLUSH, 0, 0, 7, 0, 9);
     const h = new OpHeader();
     expect({ ...h.parse(buf, 0) }).toEqual({
       kind: OpKind.WRITE,
@@ -36,11 +36,12 @@ describe('replication frames', () => {
       length: 4096,
       seq: 2 ** 33 + 5,
       offset: 2 ** 40,
+      epoch: 2 ** 35 + 3,
     });
     expect(h.parse(buf, OP_HEADER_BYTES)).toBe(h);
-    expect(h).toMatchObject({ kind: OpKind.FLUSH, fua: false, bulk: false, seq: 7 });
+    expect(h).toMatchObject({ kind: OpKind.FLUSH, fua: false, bulk: false, seq: 7, epoch: 9 });
     // Flag bits a later version may add are ignored, not refused.
-    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.BULK | OpFlag.ORDERED | 0x80, 65536, 8, 0);
+    writeOpHeader(buf, 0, OpKind.WRITE, OpFlag.BULK | OpFlag.ORDERED | 0x80, 65536, 8, 0, 0);
     expect(h.parse(buf, 0)).toMatchObject({
       kind: OpKind.WRITE,
       fua: false,
@@ -52,13 +53,13 @@ describe('replication frames', () => {
   it('rejects unknown kinds, oversized writes and unsafe 64-bit values', () => {
     const buf = Buffer.alloc(OP_HEADER_BYTES);
     const h = new OpHeader();
-    writeOpHeader(buf, 0, OpKind.WRITE, 0, MAX_WRITE_BYTES + 1, 1, 0);
+    writeOpHeader(buf, 0, OpKind.WRITE, 0, MAX_WRITE_BYTES + 1, 1, 0, 0);
     expect(() => h.parse(buf, 0)).toThrow(/exceeds the .*-byte cap/);
-    writeOpHeader(buf, 0, OpKind.ZERO, 0, 0xffffffff, 1, 0);
+    writeOpHeader(buf, 0, OpKind.ZERO, 0, 0xffffffff, 1, 0, 0);
     expect(h.parse(buf, 0).length).toBe(0xffffffff); // a zero range has no payload to cap
     buf[0] = 9;
     expect(() => h.parse(buf, 0)).toThrow(/unknown op kind 9/);
-    writeOpHeader(buf, 0, OpKind.PING, 0, 0, 1, 0);
+    writeOpHeader(buf, 0, OpKind.PING, 0, 0, 1, 0, 0);
     buf.writeUInt32BE(0xffffffff, 8);
     expect(() => h.parse(buf, 0)).toThrow(FrameError);
   });
@@ -73,7 +74,7 @@ describe('replication frames', () => {
   });
 
   it('round-trips a hello and checks magic, version, name and lane', () => {
-    const hello = { lane: 3, keepaliveMs: 500, token, volume: 'vol-1' };
+    const hello = { lane: 3, keepaliveMs: 500, token, epoch: 2 ** 40 + 7, volume: 'vol-1' };
     const raw = encodeHello(hello);
     expect(raw.length).toBe(HELLO_BYTES + 5);
     expect(helloNameLength(raw)).toBe(5);
@@ -82,8 +83,10 @@ describe('replication frames', () => {
     bad.writeUInt32BE(0x47455420, 0); // "GET "
     expect(() => helloNameLength(bad)).toThrow(/bad hello magic/);
     const v2 = Buffer.from(raw);
-    v2.writeUInt16BE(2, 4);
-    expect(() => helloNameLength(v2)).toThrow(/unsupported protocol version 2/);
+    v2.writeUInt16BE(1, 4);
+    expect(() => helloNameLength(v2)).toThrow(
+      /unsupported protocol version 1 \(this agent speaks 2/,
+    );
     const lane = Buffer.from(raw);
     lane.writeUInt16BE(999, 6);
     expect(() => decodeHello(lane)).toThrow(/lane 999 out of range/);

@@ -105,6 +105,7 @@ function setup(mode: ReplicationMode, outcomes: Outcome[]) {
     local,
     peers: legs,
     policy: policyFor(mode),
+    authority: { admit: () => undefined, missed: () => undefined },
     regionSize: REGION,
     batch: new SendBatch(),
     activity: {

@@ -84,6 +84,7 @@ export function agentHandlers(agent: Agent): AgentHandlers {
           req.regionSize || DEFAULT_REGION_SIZE,
           req.maxResyncBytesPerSecond,
           req.replaceTargets,
+          req.mediator,
         ),
       ),
     ),

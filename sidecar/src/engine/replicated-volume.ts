@@ -13,7 +13,7 @@
 import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { LockstepError } from '../../../lib/errors';
+import { LockstepError, isLockstepError } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { advance, ZERO_GENERATION, type Generations } from '../replication/generations';
 import { dropEstablishment, type CutoverPolicy } from '../replication/establishment';
@@ -21,7 +21,12 @@ import { PeerLink } from '../replication/peer-link';
 import type { PeerHost } from '../replication/peer-host';
 import type { LaneBinding, ReplicaLane } from '../replication/replica-lane';
 import type { ReplicaVolume } from '../replication/replica-service';
-import type { PeerState, ReplicationStatus } from '../replication/replication-status';
+import {
+  STREAMING_STATES,
+  type PeerState,
+  type ProtectionStatus,
+  type ReplicationStatus,
+} from '../replication/replication-status';
 import { SecondarySession, type PrimaryHello } from '../replication/secondary-session';
 import { SendBatch } from '../replication/send-batch';
 import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
@@ -30,6 +35,7 @@ import { resyncProtection } from '../snapshots/resync-protection';
 import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import { MetaWriter, type ReadyVolume } from '../store/meta-writer';
 import type {
+  MediatorConfig,
   ReplicationConfig,
   ReplicationMode,
   Role,
@@ -39,9 +45,40 @@ import type { VolumeStore } from '../store/volume-store';
 import { DEFAULT_REGION_SIZE, DirtyBitmap } from '../tracking/dirty-bitmap';
 import { regionsHeldAlone } from '../tracking/former-primary';
 import { VolumeTracking, bitmapFile } from '../tracking/volume-tracking';
+import { EpochAuthority, type Standing } from './epoch-authority';
+import { FailoverWatch, claimEpoch, type WatchState } from './failover';
 import { policyFor } from './mode-policy';
 import { Splitter } from './splitter';
 import { replicationStatus } from './status-view';
+
+function standingDetail(s: Standing, unreachable: string): string {
+  switch (s.kind) {
+    case 'unprotected':
+      return 'no mediator: split brain protection is off (a lost primary needs promote --force)';
+    case 'confirming':
+      return `reading the mediator's record before acknowledging writes${unreachable ? `: ${unreachable}` : ''}`;
+    case 'holding':
+      return '';
+    case 'seeking':
+      return `writes a lost peer missed wait for a new epoch since ${new Date(s.since).toISOString()}: ${s.why}`;
+    case 'fenced':
+      return s.reason;
+  }
+}
+
+function watchDetail(w: WatchState, graceMs: number): string {
+  switch (w.kind) {
+    case 'primary-present':
+      return '';
+    case 'waiting':
+      return `no primary since ${new Date(w.since).toISOString()}; takes over after ${graceMs} ms (primary was ${w.record.primary}, epoch ${w.record.epoch})`;
+    case 'not-eligible':
+    case 'mediator-unreachable':
+      return w.why;
+    case 'took-over':
+      return `promoted in epoch ${w.epoch}`;
+  }
+}
 
 export interface ReplicationContext {
   node: string;
@@ -51,6 +88,8 @@ export interface ReplicationContext {
   log: Logger;
   ackTimeoutMs: number;
   cutover: CutoverPolicy;
+  /** Promotes a volume in an epoch its automatic failover was granted (the agent's promote). */
+  takeOver(volume: string, epoch: number): Promise<void>;
 }
 
 /** A primary's peers and what exists only while it has them. */
@@ -58,6 +97,8 @@ interface Replicating {
   tracking: VolumeTracking;
   links: PeerLink[];
   splitter: Splitter;
+  /** Its standing at the mediator (split brain protection). */
+  authority: EpochAuthority;
 }
 
 /** What this copy is now. */
@@ -80,6 +121,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   /** Writes sent straight to the local copy (no peers) and not finished. */
   private directWrites = 0;
   private directIdle: (() => void)[] = [];
+  /** A secondary's automatic failover, while its relationship has one. */
+  private watch: { config: string; watch: FailoverWatch } | undefined;
+  /** Why this copy stopped being a primary on its own (fenced), for status. */
+  fencedReason = '';
+  /** Settles when the last fencing's demotion has. */
+  private fencing: Promise<void> = Promise.resolve();
   private readonly directDone = () => {
     if (--this.directWrites === 0) for (const wake of this.directIdle.splice(0)) wake();
   };
@@ -99,6 +146,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   /** Starts replicating to the configured peers if this copy is a primary that has any. */
   async resume(): Promise<void> {
     if (this.phase.role === 'primary') await this.startPeers();
+    else this.syncWatch();
   }
 
   // ---- identity ------------------------------------------------------------------------------
@@ -147,6 +195,17 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   }
   get localAddress(): string {
     return this.ctx.address;
+  }
+  /** The newest epoch this copy has seen; a primary's is the one its writes carry. */
+  get epoch(): number {
+    return this.meta.epoch ?? 0;
+  }
+  get mediator(): MediatorConfig | undefined {
+    return this.meta.replication?.mediator;
+  }
+  /** This copy's name in the mediator's records: as its primary dials it, or its own address. */
+  identity(): string {
+    return this.meta.replication?.self ?? this.ctx.address;
   }
   /** Only a primary takes writes; a secondary's export serves reads. */
   get readOnly(): boolean {
@@ -323,15 +382,128 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   }
 
   async onPeerCaughtUp(link: PeerLink): Promise<void> {
+    const own = this.replicating();
     const repl = this.meta.replication!;
     const peers = repl.peers.map((p) =>
       p.address === link.address ? { ...p, node: link.node, bitmapUuid: null } : p,
     );
     await this.record.save({ ...this.meta, replication: { ...repl, peers } });
+    // In sync only once the mediator counts it so: from then on, a write it misses waits.
+    await own.authority.include(link.address);
   }
 
   onPeerState(link: PeerLink, from: PeerState, to: PeerState): void {
     this.log.info({ peer: link.address, from, to, reason: link.reason || undefined }, 'peer state');
+    const p = this.phase;
+    if (p.role === 'primary' && !STREAMING_STATES.has(to) && p.replicating?.links.includes(link))
+      p.replicating.authority.lost(link.address);
+  }
+
+  /** A peer has seen a newer epoch than ours (ESTALE, or a refused handshake): we were replaced. */
+  replaced(reason: string): void {
+    const p = this.phase;
+    if (p.role !== 'primary') return;
+    if (p.replicating) p.replicating.authority.fence(reason);
+    else this.fence(reason);
+  }
+
+  // ---- epochs --------------------------------------------------------------------------------
+
+  /** Keeps the newest epoch seen, durably, before anything acts on it. */
+  private async saveEpoch(epoch: number): Promise<void> {
+    if (epoch <= this.epoch) return;
+    await this.record.save({ ...this.meta, epoch });
+  }
+
+  /**
+   * Another copy holds a newer epoch: stop being a primary. Writes waiting or arriving fail
+   * (the authority refuses them); the peers are not told we step down, since we do not: we
+   * were replaced.
+   */
+  private fence(reason: string): void {
+    const p = this.phase;
+    if (p.role !== 'primary' || this.fencedReason) return;
+    this.fencedReason = reason;
+    this.phase = { ...p, demoting: true };
+    this.fencing = this.transit(async () => {
+      await this.stopPeers([]);
+      await this.record.save({ ...this.meta, role: 'secondary' });
+      this.phase = { role: 'secondary', session: this.newSession() };
+      this.syncWatch();
+    })
+      .then(() => this.log.warn({ reason }, 'fenced: demoted to secondary'))
+      .catch((err: unknown) => this.log.error({ err: String(err) }, 'fencing failed'));
+  }
+
+  /** Where this copy stands with the mediator: a primary's authority, a secondary's watch. */
+  private protection(): ProtectionStatus {
+    const p = this.phase;
+    const m = this.meta.replication?.mediator;
+    const base = {
+      mediator: m?.address ?? '',
+      group: m?.group ?? '',
+      failover: m?.failover ?? '',
+      epoch: this.epoch,
+      inSync: [] as string[],
+    };
+    if (p.role === 'primary') {
+      const authority = p.replicating?.authority;
+      const standing: Standing = authority?.standing ?? { kind: 'unprotected' };
+      return {
+        ...base,
+        inSync: authority?.inSync ?? [],
+        acceptsWrites:
+          !this.readOnly && (standing.kind === 'holding' || standing.kind === 'unprotected'),
+        state: standing.kind,
+        detail: standingDetail(standing, authority?.unreachable ?? ''),
+      };
+    }
+    if (this.fencedReason)
+      return { ...base, acceptsWrites: false, state: 'fenced', detail: this.fencedReason };
+    if (!m) return { ...base, acceptsWrites: false, state: 'unprotected', detail: '' };
+    if (m.failover === 'manual')
+      return {
+        ...base,
+        acceptsWrites: false,
+        state: 'manual',
+        detail:
+          'failover is manual: `lockstep ctl failover` promotes this copy through the mediator',
+      };
+    const w: WatchState = this.watch?.watch.state ?? { kind: 'primary-present' };
+    return { ...base, acceptsWrites: false, state: w.kind, detail: watchDetail(w, m.graceMs) };
+  }
+
+  /** Runs the automatic failover watch exactly while this secondary's relationship asks for it. */
+  private syncWatch(): void {
+    const mediator = this.meta.replication?.mediator;
+    const wanted =
+      this.phase.role === 'secondary' && mediator?.failover === 'automatic'
+        ? JSON.stringify(mediator)
+        : undefined;
+    if (this.watch?.config === wanted) return;
+    this.watch?.watch.stop();
+    this.watch = undefined;
+    if (!wanted || !mediator) return;
+    const watch = new FailoverWatch(
+      {
+        log: this.log,
+        identity: () => this.identity(),
+        primaryPresent: () => {
+          const now = this.phase;
+          return (
+            now.role !== 'secondary' || now.session.primaryActive || now.session.primaryLeftCleanly
+          );
+        },
+        takeOver: (epoch, reason) =>
+          this.ctx.takeOver(this.volumeName, epoch).then(
+            () => this.log.warn({ epoch, reason }, 'promoted by automatic failover'),
+            (err: unknown) =>
+              this.log.error({ err: String(err), epoch }, 'automatic failover could not promote'),
+          ),
+      },
+      mediator,
+    );
+    this.watch = { config: wanted, watch };
   }
 
   private replicating(): Replicating {
@@ -393,13 +565,27 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
           cutover: this.ctx.cutover,
         }),
     );
+    const authority = new EpochAuthority(
+      {
+        log: this.log,
+        volumeName: this.volumeName,
+        identity: () => this.identity(),
+        epoch: () => this.epoch,
+        saveEpoch: (epoch) => this.saveEpoch(epoch),
+        fence: (reason) => this.fence(reason),
+      },
+      repl.mediator,
+      repl.mode === 'strict-sync',
+    );
     const replicating: Replicating = {
       tracking,
       links,
+      authority,
       splitter: new Splitter({
         local: this.local,
         peers: links,
         policy: policyFor(repl.mode),
+        authority,
         regionSize: repl.regionSize,
         batch: this.batch,
         activity: tracking.activityLog,
@@ -408,10 +594,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       }),
     };
     if (this.phase.role !== 'primary') {
+      authority.stop();
       await tracking.close();
       return;
     }
     this.phase = { ...this.phase, replicating };
+    authority.start();
     for (const l of links) l.start();
   }
 
@@ -425,6 +613,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       (l) => l.streaming && (announceTo === 'all' || announceTo.includes(l.address)),
     );
     await Promise.allSettled(told.map((l) => l.announceLeaving()));
+    replicating.authority.stop();
     for (const l of links) l.stop();
     // Only now: a link that fails while the others are told still finds its tracking.
     const now = this.phase;
@@ -445,6 +634,8 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     regionSize: number,
     maxResyncBytesPerSecond: number,
     replace = false,
+    /** Keeps the one configured when undefined; stopReplication drops it. */
+    mediator?: MediatorConfig,
   ): Promise<void> {
     if (this.phase.role !== 'primary') {
       throw new LockstepError(
@@ -473,8 +664,18 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       if (!peers.some((p) => p.address === t))
         peers.push({ address: t, node: '', bitmapUuid: null });
     }
+    const keptMediator = mediator ?? current?.mediator;
     await this.reconfigure(
-      peers.length > 0 ? { mode, regionSize, maxResyncBytesPerSecond, peers } : null,
+      peers.length > 0
+        ? {
+            mode,
+            regionSize,
+            maxResyncBytesPerSecond,
+            peers,
+            ...(keptMediator ? { mediator: keptMediator } : {}),
+            ...(current?.self ? { self: current.self } : {}),
+          }
+        : null,
       dropped.map((p) => p.address),
     );
   }
@@ -511,7 +712,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
    * `replicateTo`: a move's switchover: these peers replace the one this copy followed, as new
    * peers (no bitmap of theirs exists here), so each resyncs from the newest common snapshot.
    */
-  async promote(force: boolean, complete = false, replicateTo?: string[]): Promise<void> {
+  async promote(
+    force: boolean,
+    complete = false,
+    replicateTo?: string[],
+    grantedEpoch?: number,
+  ): Promise<void> {
     const p = this.phase;
     if (p.role === 'primary') return;
     if (this.meta.generation.current === ZERO_GENERATION && !force && !complete) {
@@ -526,12 +732,41 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         `a primary is replicating volume ${this.volumeName} to this copy; demote it first, or use --force if it is gone`,
       );
     }
-    const repl = this.meta.replication;
-    if (replicateTo && !repl)
+    if (replicateTo && !this.meta.replication)
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
         `volume ${this.volumeName} was never replicated to; promote it, then replicate it`,
       );
+    await this.promoteIn(grantedEpoch ?? (await this.nextEpoch(force)), force, replicateTo);
+  }
+
+  /**
+   * The epoch a promotion starts: with a mediator, the one it grants (only to a copy it counts
+   * as in sync, unless forced); without, the next after ours. A forced promotion whose mediator
+   * cannot be reached goes ahead without it: split brain protection is off from then on, and
+   * the log and status say so.
+   */
+  private async nextEpoch(force: boolean): Promise<number> {
+    const repl = this.meta.replication;
+    if (!repl?.mediator) return this.epoch + 1;
+    try {
+      return await claimEpoch(repl.mediator, this.identity(), force);
+    } catch (err) {
+      if (!force || !isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
+      this.log.error(
+        { mediator: repl.mediator.address, err: String(err) },
+        'forced promotion without the mediator: split brain protection is off for this volume',
+      );
+      await this.record.save({ ...this.meta, replication: { ...repl, mediator: undefined } });
+      return this.epoch + 1;
+    }
+  }
+
+  /** Becomes the primary in `epoch` (granted, or ours + 1 without a mediator). */
+  private async promoteIn(epoch: number, force: boolean, replicateTo?: string[]): Promise<void> {
+    const p = this.phase;
+    if (p.role === 'primary') return;
+    const repl = this.meta.replication;
     // From now on the old primary (and any other peer) misses our writes until it resyncs.
     const peers = replicateTo
       ? replicateTo.map((address) => ({ address, node: '', bitmapUuid: null }))
@@ -547,12 +782,18 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       await this.record.save({
         ...this.meta,
         role: 'primary',
+        epoch: Math.max(epoch, this.epoch),
         generation,
         replication: repl && (peers.length > 0 || !replicateTo) ? { ...repl, peers } : null,
       });
       p.session.end('promoted to primary: it takes no more replicated writes');
       this.phase = { role: 'primary', replicating: undefined, demoting: false };
-      this.log.info({ force, generation: generation.current }, 'promoted to primary');
+      this.fencedReason = '';
+      this.syncWatch();
+      this.log.info(
+        { force, epoch: this.epoch, generation: generation.current },
+        force ? 'promoted to primary (forced)' : 'promoted to primary',
+      );
       await this.startPeers();
       if (release) await this.peersStreaming(PEERS_STREAMING_WAIT_MS);
     } finally {
@@ -599,6 +840,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     await this.stopPeers('all');
     await this.record.save({ ...this.meta, role: 'secondary' });
     this.phase = { role: 'secondary', session: this.newSession() };
+    this.syncWatch();
   }
 
   /** Throws unless `peer` is in sync and streaming, with nothing left to send it. */
@@ -643,7 +885,10 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
 
   /** Answers a primary's handshake: a session if this copy is a secondary, and its view. */
   async acceptPrimary(primary: PrimaryHello): Promise<{ differs: Buffer; session: string }> {
-    if (this.phase.role === 'secondary') await this.phase.session.accept(primary);
+    if (this.phase.role === 'secondary') {
+      await this.phase.session.accept(primary);
+      this.syncWatch();
+    }
     const differs = await regionsHeldAlone(
       { dir: this.volume.dir, volumeUuid: this.uuid, volumeSize: this.sizeBytes },
       primary.regionSize,
@@ -652,15 +897,22 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   }
 
   /** The primary says this copy now holds everything up to `gen`. */
-  adoptGeneration(gen: Generations): Promise<void> {
-    return this.session('is a primary here').adoptGeneration(gen);
+  adoptGeneration(gen: Generations, epoch: number): Promise<void> {
+    return this.session('is a primary here').adoptGeneration(gen, epoch);
+  }
+
+  /** A primary with a newer epoch reached this one: resolves once this copy is a secondary. */
+  async stepDown(reason: string): Promise<void> {
+    this.replaced(reason);
+    await this.fencing;
   }
 
   /** Binds a data lane that presented `token` as lane `index`; throws why not. */
-  attachLane(token: string, index: number, lane: ReplicaLane): LaneBinding {
+  attachLane(token: string, index: number, epoch: number, lane: ReplicaLane): LaneBinding {
     return this.session('is a primary here; it takes no replicated writes').attach(
       token,
       index,
+      epoch,
       lane,
     );
   }
@@ -687,11 +939,14 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       tracking: p.role === 'primary' ? p.replicating?.tracking : undefined,
       resyncSnapshot: resyncProtection(this.snapshots)?.name ?? '',
       receivedBytes: p.role === 'secondary' ? p.session.receivedBytes : 0,
+      protection: this.protection(),
     });
   }
 
   /** Agent shutdown: writes drained, bitmaps saved, activity log marked clean. */
   async close(): Promise<void> {
+    this.watch?.watch.stop();
+    this.watch = undefined;
     if (this.phase.role === 'secondary') this.phase.session.end('volume closing');
     await this.drainWrites();
     await this.stopPeers([]);

@@ -7,11 +7,13 @@
 //    copy in the order they arrived.
 // 2. A cold extent is logged durably first: a primary that dies with the write in flight must
 //    resync that region to every peer.
-// 3. The mode policy (mode-policy.ts) may refuse the write (strict-sync with a peer down).
+// 3. The mode policy (mode-policy.ts) may refuse the write (strict-sync with a peer down), and
+//    so may the mediator's fencing (a copy that was replaced, or suspended too long).
 // 4. Every streaming peer's op is sent in this turn's batch, and the local write starts right
 //    after that batch is on the wire (SendBatch), so the round trip overlaps the local write.
 //    A peer that cannot take the op misses it: its bitmap is marked, and the policy says what
-//    that does to the write. A leg never throws synchronously: a miss is the leg's outcome.
+//    that does to the write; with a mediator, a peer counted as in sync must first be dropped
+//    from its record. A leg never throws synchronously: a miss is the leg's outcome.
 // 5. The policy's completion rule says when the client is answered: once every copy has the
 //    write, or (async, within its backlog) once the local copy has it.
 import { errorMessage } from '../../../lib/errors';
@@ -38,10 +40,19 @@ export interface ActiveRegions {
   release(offset: number, length: number): void;
 }
 
+/** The primary's standing at the mediator as the write path uses it (epoch-authority.ts). */
+export interface Fencing {
+  /** Undefined if a write may start; else the error it fails with (fenced, suspended). */
+  admit(): Error | undefined;
+  /** Undefined if a write `peer` missed may be answered; else when it may (or its EIO). */
+  missed(peer: string): Promise<void> | undefined;
+}
+
 export interface SplitterParts {
   local: BlockDevice;
   peers: readonly PeerLeg[];
   policy: ModePolicy;
+  authority: Fencing;
   regionSize: number;
   batch: SendBatch;
   activity: ActiveRegions;
@@ -167,7 +178,7 @@ export class Splitter implements BlockDevice {
     try {
       const logged = activity.ensure(offset, length);
       if (logged) await logged;
-      const refusal = policy.admit(this.parts.peers);
+      const refusal = policy.admit(this.parts.peers) ?? this.parts.authority.admit();
       if (refusal) throw refusal;
     } catch (err) {
       unlock();
@@ -249,10 +260,15 @@ export class Splitter implements BlockDevice {
     return this.flushMissed(peer, err);
   }
 
+  /**
+   * The mode's rule first (strict-sync fails the write); then, with a mediator, the write is
+   * answered only once the peer no longer counts as in sync (epoch-authority.ts).
+   */
   private flushMissed(peer: PeerLeg, err?: unknown): Promise<void> {
     this.failFor(peer, err);
     const refusal = this.parts.policy.missed(peer);
-    return refusal ? Promise.reject(refusal) : Promise.resolve();
+    if (refusal) return Promise.reject(refusal);
+    return this.parts.authority.missed(peer.address) ?? Promise.resolve();
   }
 
   /**

@@ -1,7 +1,11 @@
 // A volume's replication status as the control API and metrics show it, read off the engine's
 // current state: per peer its link's state and progress, and what its bitmap says is missing.
 import type { PeerLink } from '../replication/peer-link';
-import type { PeerStatus, ReplicationStatus } from '../replication/replication-status';
+import type {
+  PeerStatus,
+  ProtectionStatus,
+  ReplicationStatus,
+} from '../replication/replication-status';
 import type { VolumeMetadata } from '../store/volume-metadata';
 import type { VolumeTracking } from '../tracking/volume-tracking';
 
@@ -15,6 +19,7 @@ export interface StatusSource {
   /** The snapshot protecting this copy while a resync catches it up; empty if none does. */
   resyncSnapshot: string;
   receivedBytes: number;
+  protection: ProtectionStatus;
 }
 
 function resyncOf(link: PeerLink): PeerStatus['resync'] {
@@ -42,6 +47,7 @@ export function replicationStatus(s: StatusSource): ReplicationStatus {
     resyncSnapshot: s.resyncSnapshot,
     receivedBytes: s.receivedBytes,
     peerAddresses: (s.meta.replication?.peers ?? []).map((p) => p.address),
+    protection: s.protection,
     peers: s.links.map((l) => ({
       address: l.address,
       node: l.node,

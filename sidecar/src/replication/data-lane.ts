@@ -123,6 +123,7 @@ export class DataLane {
     length: number,
     seq: number,
     offset: number,
+    epoch: number,
     data?: Buffer,
   ): void {
     const inline = data !== undefined && data.length <= INLINE_MAX;
@@ -133,7 +134,7 @@ export class DataLane {
       this.arena = Buffer.allocUnsafe(Math.max(ARENA_BYTES, need));
       this.arenaUsed = this.runStart = 0;
     }
-    writeOpHeader(this.arena, this.arenaUsed, kind, flags, length, seq, offset);
+    writeOpHeader(this.arena, this.arenaUsed, kind, flags, length, seq, offset, epoch);
     this.arenaUsed += OP_HEADER_BYTES;
     if (inline) {
       data.copy(this.arena, this.arenaUsed);

@@ -1,22 +1,22 @@
 // "Every op received before this FLUSH has finished", without a promise per op: ops are
-// counted per epoch, a FLUSH closes the current epoch and waits until it and every earlier one
+// counted per span, a FLUSH closes the current span and waits until it and every earlier one
 // have drained. Ops finish out of order, so a single counter could not tell older from newer.
 
 export class FlushBarrier {
-  /** Ops still running, per epoch; counts[0] is epoch `base`. */
+  /** Ops still running, per span; counts[0] is span `base`. */
   private readonly counts: number[] = [0];
   private base = 0;
-  /** waiters[i] wakes when every epoch up to `base + i` has drained. */
+  /** waiters[i] wakes when every span up to `base + i` has drained. */
   private readonly waiters: ((() => void) | undefined)[] = [];
 
-  /** An op starts; pass the returned epoch to `end`. */
+  /** An op starts; pass the returned span to `end`. */
   begin(): number {
     this.counts[this.counts.length - 1]++;
     return this.base + this.counts.length - 1;
   }
 
-  end(epoch: number): void {
-    this.counts[epoch - this.base]--;
+  end(span: number): void {
+    this.counts[span - this.base]--;
     this.drain();
   }
 

@@ -12,6 +12,7 @@
 //   u16 nameLength   1 .. MAX_NAME_BYTES
 //   u16 reserved     0
 //   16 bytes token   the session from Handshake (one-time: a new handshake replaces it)
+//   u64 epoch        the primary's epoch, the one its Handshake named (see below)
 //   name             the volume, UTF-8
 //
 // secondary → primary, the answer to HELLO (REPLY_BYTES + message):
@@ -32,10 +33,17 @@
 //   u32 length   WRITE: payload bytes that follow (≤ MAX_WRITE_BYTES); ZERO: bytes to zero
 //   u64 seq      per-link sequence number, echoed by the ack
 //   u64 offset   byte offset in the volume
+//   u64 epoch    the primary's epoch when it sent the op
 //   [length payload bytes, WRITE only]
 //
 // and secondary → primary, ack records (ACK_BYTES):
-//   u8  kind 0x81, u8 reserved, u16 reserved, u32 errno (0 done, 5 EIO, 28 ENOSPC), u64 seq
+//   u8  kind 0x81, u8 reserved, u16 reserved, u32 errno, u64 seq
+//   errno: 0 done, 5 EIO, 28 ENOSPC, 116 ESTALE (the op's epoch is older than the copy's)
+//
+// Epochs are fencing tokens (Kleppmann): the mediator grants each one once, and a copy that has
+// seen epoch e refuses a hello or an op from an older one, so a primary that was replaced while
+// it was cut off or paused cannot have a late write applied, however its clock ran. ESTALE
+// tells it that it was replaced: it fences itself (engine/epoch-authority.ts).
 //
 // Ops in flight never overlap (the primary's region locks guarantee it), so the secondary may
 // apply them concurrently, except ORDERED ones (async mode, where a write is acknowledged
@@ -58,15 +66,15 @@ export const OpKind = { WRITE: 1, ZERO: 2, FLUSH: 3, PING: 4 } as const;
 export type OpKind = (typeof OpKind)[keyof typeof OpKind];
 export const OpFlag = { FUA: 1, BULK: 2, ORDERED: 4 } as const;
 /** The errnos an ack carries: Linux's numbers, so logs read as usual. */
-export const AckErrno = { EIO: 5, ENOSPC: 28 } as const;
-export const OP_HEADER_BYTES = 24;
+export const AckErrno = { EIO: 5, ENOSPC: 28, ESTALE: 116 } as const;
+export const OP_HEADER_BYTES = 32;
 export const ACK_BYTES = 16;
 const ACK_KIND = 0x81;
 
 export const HELLO_MAGIC = 0x4c4b5244; // "LKRD"
 export const REPLY_MAGIC = 0x4c4b5241; // "LKRA"
-export const PROTOCOL_VERSION = 1;
-export const HELLO_BYTES = 32;
+export const PROTOCOL_VERSION = 2;
+export const HELLO_BYTES = 40;
 export const REPLY_BYTES = 12;
 export const TOKEN_BYTES = 16;
 export const MAX_NAME_BYTES = 255;
@@ -97,6 +105,7 @@ export function writeOpHeader(
   length: number,
   seq: number,
   offset: number,
+  epoch: number,
 ): void {
   buf[at] = kind;
   buf[at + 1] = flags;
@@ -104,6 +113,7 @@ export function writeOpHeader(
   buf.writeUInt32BE(length, at + 4);
   writeU64(buf, seq, at + 8);
   writeU64(buf, offset, at + 16);
+  writeU64(buf, epoch, at + 24);
 }
 
 /** One op header, parsed into a reused object (the receive path allocates nothing per op). */
@@ -115,6 +125,7 @@ export class OpHeader {
   length = 0;
   seq = 0;
   offset = 0;
+  epoch = 0;
 
   /** Parses `buf[at, at + OP_HEADER_BYTES)`; throws FrameError if malformed. */
   parse(buf: Buffer, at: number): this {
@@ -127,6 +138,7 @@ export class OpHeader {
     this.length = buf.readUInt32BE(at + 4);
     this.seq = readU64(buf, at + 8);
     this.offset = readU64(buf, at + 16);
+    this.epoch = readU64(buf, at + 24);
     if (this.kind === OpKind.WRITE && this.length > MAX_WRITE_BYTES)
       throw new FrameError(`write of ${this.length} bytes exceeds the ${MAX_WRITE_BYTES}-byte cap`);
     return this;
@@ -156,6 +168,8 @@ export interface Hello {
   keepaliveMs: number;
   /** Hex, as the session string Handshake returned. */
   token: string;
+  /** The primary's epoch (0 where no epoch was ever granted). */
+  epoch: number;
   volume: string;
 }
 
@@ -175,6 +189,7 @@ export function encodeHello(h: Hello): Buffer {
   out.writeUInt32BE(h.keepaliveMs, 8);
   out.writeUInt16BE(name.length, 12);
   Buffer.from(h.token, 'hex').copy(out, 16);
+  writeU64(out, h.epoch, 32);
   name.copy(out, HELLO_BYTES);
   return out;
 }
@@ -186,7 +201,9 @@ export function helloNameLength(buf: Buffer): number {
     throw new FrameError(`bad hello magic 0x${magic.toString(16)} (not a Lockstep primary?)`);
   const version = buf.readUInt16BE(4);
   if (version !== PROTOCOL_VERSION)
-    throw new FrameError(`unsupported protocol version ${version} (this agent speaks 1)`);
+    throw new FrameError(
+      `unsupported protocol version ${version} (this agent speaks ${PROTOCOL_VERSION}: upgrade the older agent)`,
+    );
   const nameLength = buf.readUInt16BE(12);
   if (nameLength === 0 || nameLength > MAX_NAME_BYTES)
     throw new FrameError(`bad volume name length ${nameLength}`);
@@ -201,6 +218,7 @@ export function decodeHello(buf: Buffer): Hello {
     lane,
     keepaliveMs: buf.readUInt32BE(8),
     token: buf.toString('hex', 16, 16 + TOKEN_BYTES),
+    epoch: readU64(buf, 32),
     volume: buf.toString('utf8', HELLO_BYTES, HELLO_BYTES + buf.readUInt16BE(12)),
   };
 }

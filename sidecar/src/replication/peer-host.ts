@@ -4,7 +4,7 @@
 // nothing here knows the engine.
 import type { Logger } from '../../../lib/logger';
 import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
-import type { ReplicationMode } from '../store/volume-metadata';
+import type { MediatorConfig, ReplicationMode } from '../store/volume-metadata';
 import type { Generations } from './generations';
 import type { PeerLink } from './peer-link';
 import type { PeerState } from './replication-status';
@@ -17,6 +17,10 @@ export interface PeerHost extends ResyncSource {
   readonly mode: ReplicationMode;
   readonly localNode: string;
   readonly localAddress: string;
+  /** The epoch every handshake, hello and op carries (the fencing token). */
+  readonly epoch: number;
+  /** The relationship's mediator, told to the peer in the handshake; undefined without one. */
+  readonly mediator: MediatorConfig | undefined;
   readonly log: Logger;
   /** The volume's directory: the peers' bitmaps, an establishment's saved plan. */
   readonly dir: string;
@@ -29,4 +33,6 @@ export interface PeerHost extends ResyncSource {
   /** The peer holds everything up to our current generation. */
   onPeerCaughtUp(link: PeerLink): Promise<void>;
   onPeerState(link: PeerLink, from: PeerState, to: PeerState): void;
+  /** A peer has seen a newer epoch: this copy was replaced and must stop being a primary. */
+  replaced(reason: string): void;
 }

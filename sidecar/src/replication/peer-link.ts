@@ -4,6 +4,7 @@
 // (baseline, bitmap or checksum resync).
 import * as grpc from '@grpc/grpc-js';
 import { LockstepError, errorMessage } from '../../../lib/errors';
+import { carriedError } from '../../../lib/grpc-errors';
 import type { Logger } from '../../../lib/logger';
 import { replicationProto, type ReplicationClient } from '../../../proto';
 import type { ChangedSinceCommonResponse__Output } from '../../../proto/gen/lockstep/v1/ChangedSinceCommonResponse';
@@ -211,7 +212,7 @@ export class PeerLink implements EstablishTarget {
     data?: Buffer,
   ): Promise<void> {
     const seq = this.nextSeq++;
-    lane.append(kind, flags, length, seq, offset, data);
+    lane.append(kind, flags, length, seq, offset, this.host.epoch, data);
     this.opts.batch.send(this.flushLanes);
     return new Promise((resolve, reject) =>
       this.pending.set(seq, { resolve, reject, sentAt: performance.now() }),
@@ -223,7 +224,11 @@ export class PeerLink implements EstablishTarget {
     if (!p) return;
     this.pending.delete(seq);
     if (errno === 0) p.resolve();
-    else if (errno === AckErrno.ENOSPC)
+    else if (errno === AckErrno.ESTALE) {
+      const why = `peer ${this.address} has seen a newer epoch than ${this.host.epoch} (ESTALE): this copy was replaced`;
+      p.reject(new LockstepError('LOCKSTEP_ERR_IO', why));
+      this.host.replaced(why);
+    } else if (errno === AckErrno.ENOSPC)
       p.reject(
         new LockstepError(
           'LOCKSTEP_ERR_NO_SPACE',
@@ -267,6 +272,8 @@ export class PeerLink implements EstablishTarget {
     this.teardown(reason);
     if (wasStreaming || this.state === 'Connecting') {
       this.log.warn({ reason, retryInMs: this.retryMs }, 'peer link failed');
+    } else {
+      this.log.debug({ reason, retryInMs: this.retryMs }, 'peer link failed again');
     }
     this.reason = reason;
     this.setState(
@@ -326,9 +333,16 @@ export class PeerLink implements EstablishTarget {
     ) => unknown,
   ): Promise<Res> {
     return new Promise((resolve, reject) =>
-      invoke({ deadline: Date.now() + RPC_DEADLINE_MS }, (err, res) =>
-        err ? reject(new PeerUnavailable(this.address, err.details || err.message)) : resolve(res!),
-      ),
+      invoke({ deadline: Date.now() + RPC_DEADLINE_MS }, (err, res) => {
+        if (!err) return resolve(res!);
+        const carried = carriedError(err);
+        if (carried?.code === 'LOCKSTEP_ERR_STALE_EPOCH') {
+          // The peer knows a newer primary: this one must stop, not retry.
+          this.host.replaced(carried.message);
+          return reject(carried);
+        }
+        reject(new PeerUnavailable(this.address, err.details || err.message));
+      }),
     );
   }
 
@@ -464,6 +478,9 @@ export class PeerLink implements EstablishTarget {
             primaryAddress: host.localAddress,
             generation: gen,
             mode: host.mode,
+            epoch: host.epoch,
+            peerAddress: this.address,
+            mediator: host.mediator ?? null,
           },
           o,
           cb,
@@ -667,6 +684,7 @@ export class PeerLink implements EstablishTarget {
             lane,
             keepaliveMs: this.keepaliveMs,
             token: hello.session,
+            epoch: this.host.epoch,
             volume: this.host.volumeName,
           },
           owner,
@@ -704,6 +722,7 @@ export class PeerLink implements EstablishTarget {
         {
           volume: this.host.volumeName,
           generation: this.host.generations(),
+          epoch: this.host.epoch,
         },
         o,
         cb,

@@ -30,6 +30,8 @@ import {
 /** What a lane is bound to once its hello is accepted: the copy it writes. */
 export interface LaneBinding {
   readonly device: FileBlockDevice;
+  /** The newest epoch the copy has seen: an op from an older one is refused (ESTALE). */
+  readonly epoch: number;
   /** Counts a write's payload, taken from the primary. */
   received(bytes: number): void;
   /** The lane closed; the session forgets it. */
@@ -214,6 +216,7 @@ export class ReplicaLane {
   // ---- ops -----------------------------------------------------------------------------------
 
   private onOp(bound: LaneBinding, h: OpHeader): void {
+    if (h.epoch < bound.epoch) return this.staleOp(h, bound.epoch);
     const device = bound.device;
     switch (h.kind) {
       case OpKind.WRITE: {
@@ -296,27 +299,27 @@ export class ReplicaLane {
     payload?: Buffer,
     device?: FileBlockDevice,
   ): void {
-    const epoch = this.barrier.begin();
+    const span = this.barrier.begin();
     work.then(
-      () => this.done(seq, epoch, bytes, 0, payload, device),
+      () => this.done(seq, span, bytes, 0, payload, device),
       (err: unknown) => {
         this.log.warn({ seq, err: errorMessage(err) }, 'replicated op failed');
         const noSpace = err instanceof LockstepError && err.code === 'LOCKSTEP_ERR_NO_SPACE';
-        this.done(seq, epoch, bytes, noSpace ? AckErrno.ENOSPC : AckErrno.EIO, payload, device);
+        this.done(seq, span, bytes, noSpace ? AckErrno.ENOSPC : AckErrno.EIO, payload, device);
       },
     );
   }
 
   private done(
     seq: number,
-    epoch: number,
+    span: number,
     bytes: number,
     errno: number,
     payload?: Buffer,
     device?: FileBlockDevice,
   ): void {
     if (payload) this.releasePayload(payload, device);
-    this.barrier.end(epoch);
+    this.barrier.end(span);
     this.inFlightBytes -= bytes;
     if (this.paused && this.inFlightBytes <= MAX_INFLIGHT_BYTES / 2) {
       this.paused = false;
@@ -375,6 +378,23 @@ export class ReplicaLane {
     if (this.phase.kind === 'hello' || this.phase.kind === 'hello-name')
       return this.refuse(`bad hello: ${reason}`);
     this.log.warn({ reason }, 'malformed replication stream: closing the data lane');
+    this.closeAfterAcks();
+  }
+
+  /**
+   * An op from a primary that an epoch since has replaced (it was cut off, or paused): not
+   * applied; its ESTALE ack tells the primary to fence itself, and the lane closes.
+   */
+  private staleOp(h: OpHeader, epoch: number): void {
+    this.log.warn(
+      { seq: h.seq, opEpoch: h.epoch, copyEpoch: epoch },
+      'op from an older epoch refused: its primary was replaced',
+    );
+    this.ack(h.seq, AckErrno.ESTALE);
+    this.closeAfterAcks();
+  }
+
+  private closeAfterAcks(): void {
     // Ignore the rest, but let the ops already received finish and their acks leave first, so
     // the primary only re-sends what this lane never applied.
     this.enterClosed();

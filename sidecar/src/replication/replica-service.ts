@@ -21,6 +21,7 @@ import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import type { Hello } from './frames';
 import { ZERO_GENERATION, type Generations } from './generations';
 import type { LaneBinding, ReplicaLane } from './replica-lane';
+import { mediatorSettings } from './mediator-settings';
 import { CHECKSUM_SPAN, listRegionDigests } from './resync';
 import type { PrimaryHello } from './secondary-session';
 
@@ -30,15 +31,19 @@ export interface ReplicaVolume {
   readonly sizeBytes: number;
   readonly role: Role;
   readonly generation: Generations;
+  /** The newest epoch this copy has seen. */
+  readonly epoch: number;
   /** The local copy, read by checksum scans. */
   readonly local: FileBlockDevice;
   /** The copy's snapshots: replicated ones are taken and dropped at the primary's request. */
   readonly snapshots: SnapshotCatalog;
   /** A session for the primary's data lanes (empty if this copy is a primary), and its view. */
   acceptPrimary(primary: PrimaryHello): Promise<{ differs: Buffer; session: string }>;
-  adoptGeneration(gen: Generations): Promise<void>;
+  adoptGeneration(gen: Generations, epoch: number): Promise<void>;
+  /** A primary with a newer epoch reached this one: it stops being a primary. */
+  stepDown(reason: string): Promise<void>;
   primaryLeaving(): void;
-  attachLane(token: string, index: number, lane: ReplicaLane): LaneBinding;
+  attachLane(token: string, index: number, epoch: number, lane: ReplicaLane): LaneBinding;
 }
 
 export interface ReplicaHost {
@@ -138,12 +143,27 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
           `volume ${req.volume} on node ${host.node} is ${rv.sizeBytes} bytes, the primary's ${req.sizeBytes}`,
         );
       }
+      if (req.epoch < rv.epoch) {
+        throw new LockstepError(
+          'LOCKSTEP_ERR_STALE_EPOCH',
+          `volume ${req.volume} on node ${host.node} has seen epoch ${rv.epoch}; ` +
+            `${req.primaryAddress} writes in epoch ${req.epoch}: it was replaced and must not write`,
+        );
+      }
+      if (rv.role === 'primary' && req.epoch > rv.epoch) {
+        await rv.stepDown(
+          `${req.primaryAddress} is primary in epoch ${req.epoch}, newer than this copy's ${rv.epoch}`,
+        );
+      }
       const { differs, session } = await rv.acceptPrimary({
         address: req.primaryAddress,
         node: req.primaryNode,
         mode,
         regionSize: req.regionSize,
         generation: req.generation?.current ?? '',
+        epoch: req.epoch,
+        self: req.peerAddress,
+        mediator: mediatorSettings(req.mediator, req.uuid),
       });
       const protection = resyncProtection(rv.snapshots);
       return {
@@ -159,6 +179,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         committedUid: rv.generation.current === ZERO_GENERATION ? (protection?.uid ?? '') : '',
         consistentSnapshot: protection?.name ?? '',
         consistentSnapshotAtMs: protection?.createdAtMs ?? 0,
+        epoch: rv.epoch,
       };
     }),
     RegionChecksums: unary(async (req) => {
@@ -175,10 +196,13 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
     }),
     SetGeneration: unary(async (req) => {
       const rv = needVolume(host, req.volume);
-      await rv.adoptGeneration({
-        current: req.generation?.current ?? '',
-        history: req.generation?.history ?? [],
-      });
+      await rv.adoptGeneration(
+        {
+          current: req.generation?.current ?? '',
+          history: req.generation?.history ?? [],
+        },
+        req.epoch,
+      );
       return {};
     }),
     PrimaryLeaving: unary((req) => {
@@ -275,5 +299,5 @@ export function attachLane(host: ReplicaHost, hello: Hello, lane: ReplicaLane): 
       `volume ${JSON.stringify(hello.volume)} does not exist on node ${host.node} (handshake first)`,
     );
   }
-  return rv.attachLane(hello.token, hello.lane, lane);
+  return rv.attachLane(hello.token, hello.lane, hello.epoch, lane);
 }

@@ -51,6 +51,19 @@ export interface PeerStatus {
   linkFailures: number;
 }
 
+/** Where a copy stands with the mediator (see SplitBrainProtection in agent.proto). */
+export interface ProtectionStatus {
+  /** Empty: split brain protection is off. */
+  mediator: string;
+  group: string;
+  failover: string;
+  epoch: number;
+  acceptsWrites: boolean;
+  state: string;
+  detail: string;
+  inSync: string[];
+}
+
 export interface ReplicationStatus {
   role: Role;
   mode: ReplicationMode | '';
@@ -69,4 +82,5 @@ export interface ReplicationStatus {
   /** The peers it replicates to while primary, as configured (a demoted copy keeps the list). */
   peerAddresses: string[];
   peers: PeerStatus[];
+  protection: ProtectionStatus;
 }

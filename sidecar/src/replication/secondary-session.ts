@@ -9,7 +9,7 @@ import { protectBeforeResync, releaseProtection } from '../snapshots/resync-prot
 import type { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import type { FileBlockDevice } from '../store/file-device';
 import type { MetaWriter } from '../store/meta-writer';
-import type { ReplicationMode } from '../store/volume-metadata';
+import type { MediatorConfig, ReplicationMode } from '../store/volume-metadata';
 import { forgetPrimaryTracking } from '../tracking/former-primary';
 import { TOKEN_BYTES } from './frames';
 import type { Generations } from './generations';
@@ -22,6 +22,12 @@ export interface PrimaryHello {
   regionSize: number;
   /** The primary's current generation. */
   generation: string;
+  /** The primary's epoch. */
+  epoch: number;
+  /** The address the primary dialled: this copy's name in the mediator's records. */
+  self: string;
+  /** The relationship's mediator; undefined without one. */
+  mediator: MediatorConfig | undefined;
 }
 
 export interface SecondaryCopy {
@@ -54,6 +60,11 @@ export class SecondarySession {
     return this.lanes.size > 0 && !this.primaryLeft;
   }
 
+  /** The last primary said it steps down (a planned switchover, not a loss). */
+  get primaryLeftCleanly(): boolean {
+    return this.primaryLeft;
+  }
+
   /** Opens a session for `primary` (replacing any earlier one); refuses a second primary. */
   async accept(primary: PrimaryHello): Promise<void> {
     const name = this.copy.name;
@@ -66,14 +77,27 @@ export class SecondarySession {
     const meta = this.copy.meta.meta;
     const repl = meta.replication;
     const known = repl?.peers.length === 1 && repl.peers[0].address === primary.address;
-    if (!known || repl.mode !== primary.mode || repl.regionSize !== primary.regionSize) {
+    const sameMediator = JSON.stringify(repl?.mediator) === JSON.stringify(primary.mediator);
+    if (
+      !known ||
+      repl.mode !== primary.mode ||
+      repl.regionSize !== primary.regionSize ||
+      repl.self !== primary.self ||
+      !sameMediator ||
+      primary.epoch > (meta.epoch ?? 0)
+    ) {
+      // The epoch is durable before this primary's first write can land: after a restart this
+      // copy still refuses the primaries it replaced.
       await this.copy.meta.save({
         ...meta,
+        epoch: Math.max(primary.epoch, meta.epoch ?? 0),
         replication: {
           mode: primary.mode,
           regionSize: primary.regionSize,
           maxResyncBytesPerSecond: repl?.maxResyncBytesPerSecond ?? 0,
           peers: [{ address: primary.address, node: primary.node, bitmapUuid: null }],
+          ...(primary.mediator ? { mediator: primary.mediator } : {}),
+          ...(primary.self ? { self: primary.self } : {}),
         },
       });
     }
@@ -85,9 +109,16 @@ export class SecondarySession {
     this.primaryLeft = false;
   }
 
-  /** Binds a data lane that presented `token` as lane `index`; throws why not. */
-  attach(token: string, index: number, lane: ReplicaLane): LaneBinding {
+  /** Binds a data lane that presented `token` and `epoch` as lane `index`; throws why not. */
+  attach(token: string, index: number, epoch: number, lane: ReplicaLane): LaneBinding {
     const name = this.copy.name;
+    const seen = this.copy.meta.meta.epoch ?? 0;
+    if (epoch < seen) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_STALE_EPOCH',
+        `the primary's epoch ${epoch} is older than this copy's ${seen} (volume ${name}): it was replaced`,
+      );
+    }
     if (!this.token || token !== this.token) {
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
@@ -101,8 +132,12 @@ export class SecondarySession {
       );
     }
     this.lanes.set(index, lane);
+    const meta = this.copy.meta;
     return {
       device: this.copy.local,
+      get epoch() {
+        return meta.meta.epoch ?? 0;
+      },
       received: (bytes) => (this.receivedBytes += bytes),
       detach: () => {
         if (this.lanes.get(index) === lane) this.lanes.delete(index);
@@ -114,8 +149,8 @@ export class SecondarySession {
     this.primaryLeft = true;
   }
 
-  /** The primary says this copy now holds everything up to `gen`. */
-  async adoptGeneration(gen: Generations): Promise<void> {
+  /** The primary says this copy now holds everything up to `gen`, in its `epoch`. */
+  async adoptGeneration(gen: Generations, epoch: number): Promise<void> {
     // The data this generation vouches for must be on disk before the claim is: otherwise a
     // power loss could leave a copy that says it is in sync and is not (it would never resync).
     await this.copy.local.flush();
@@ -125,6 +160,7 @@ export class SecondarySession {
     const meta = this.copy.meta.meta;
     await this.copy.meta.save({
       ...meta,
+      epoch: Math.max(epoch, meta.epoch ?? 0),
       generation: { current: gen.current, history: gen.history },
     });
     await forgetPrimaryTracking(this.copy.dir);

@@ -24,6 +24,22 @@ const peerConfig = z.object({
 });
 export type PeerConfig = z.infer<typeof peerConfig>;
 
+export const FAILOVER_POLICIES = ['automatic', 'manual'] as const;
+export type FailoverPolicy = (typeof FAILOVER_POLICIES)[number];
+
+const mediatorConfig = z.object({
+  /** HOST:PORT of the mediator (`lockstep mediator`). */
+  address: z.string().min(1),
+  /** The mediator's record for this volume (a lone volume is a group of one). */
+  group: z.string().min(1),
+  failover: z.enum(FAILOVER_POLICIES),
+  /** How long a replica waits, with the mediator reachable, before it asks to take over. */
+  graceMs: z.number().int().nonnegative(),
+  /** How long a primary holds writes it cannot get a grant for before failing them (EIO). */
+  suspendLimitMs: z.number().int().nonnegative(),
+});
+export type MediatorConfig = z.infer<typeof mediatorConfig>;
+
 const replicationConfig = z.object({
   mode: z.enum(REPLICATION_MODES),
   regionSize: z.number().int().positive(),
@@ -31,6 +47,10 @@ const replicationConfig = z.object({
   maxResyncBytesPerSecond: z.number().int().nonnegative(),
   /** A primary's secondaries; a secondary's primary (whom it replicates to if promoted). */
   peers: z.array(peerConfig),
+  /** Split brain protection: epochs granted by a mediator; absent, it is off. */
+  mediator: mediatorConfig.optional(),
+  /** A secondary's name as its primary dials it: its identity in the mediator's records. */
+  self: z.string().optional(),
 });
 export type ReplicationConfig = z.infer<typeof replicationConfig>;
 
@@ -47,6 +67,11 @@ const metadataBody = z.object({
    */
   dataPath: z.string().startsWith('/').optional(),
   role: z.enum(['primary', 'secondary']),
+  /**
+   * The newest epoch (fencing token) this copy has seen; a primary's is the one it writes in.
+   * Absent means 0: never granted one.
+   */
+  epoch: z.number().int().nonnegative().optional(),
   replication: replicationConfig.nullable(),
   /** DRBD-style generation identifiers: replication decides resync direction from them. */
   generation: z.object({

@@ -1,0 +1,87 @@
+// `lockstep ctl failover` and `lockstep ctl epoch`: a failover asked for by hand, through the
+// same compare-and-swap at the mediator that an automatic one makes (engine/failover.ts), and
+// the epoch and who holds it, as the mediator records it and as this copy has seen it.
+import { Command } from 'commander';
+import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
+import { LockstepError } from '../../lib/errors';
+import { MediatorClient } from '../../lib/mediator-client';
+import { outputOption, printJson, type OutputFormat } from '../output';
+
+function clientOf(cmd: Command): AgentClient {
+  const globals = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
+  return new AgentClient(globals.agent, Number(globals.timeout) * 1000);
+}
+
+function mediatorOf(v: VolumeInfo): { address: string; group: string } {
+  const p = v.replication?.protection;
+  if (!p?.mediator)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_NOT_ALLOWED',
+      `volume ${v.name} has no mediator (split brain protection is off): use promote, with --force if its primary is gone`,
+    );
+  return { address: p.mediator, group: p.group };
+}
+
+export function failoverCommand(): Command {
+  return new Command('failover')
+    .argument('<volume>', 'the copy to make primary (run against its agent)')
+    .description(
+      'make this replica the primary through the mediator: granted only if the mediator counts it ' +
+        'as in sync, so nothing acknowledged is lost; the old primary is fenced by the new epoch',
+    )
+    .addOption(outputOption())
+    .action(async (volume: string, opts: { output: OutputFormat }, cmd: Command) => {
+      const agent = clientOf(cmd);
+      try {
+        mediatorOf(await agent.getVolume(volume));
+        const promoted = await agent.promote(volume, false);
+        if (opts.output === 'json') return printJson(promoted);
+        const p = promoted.volume.replication?.protection;
+        process.stdout.write(
+          `volume ${volume} is primary in epoch ${p?.epoch ?? '?'}; connect the workload to ${promoted.volume.exportUri}\n`,
+        );
+      } finally {
+        agent.close();
+      }
+    });
+}
+
+export function epochCommand(): Command {
+  return new Command('epoch')
+    .argument('<volume>', 'the volume (run against any agent holding a copy)')
+    .description('show the epoch: who holds it at the mediator, and what this copy has seen')
+    .addOption(outputOption())
+    .action(async (volume: string, opts: { output: OutputFormat }, cmd: Command) => {
+      const agent = clientOf(cmd);
+      let mediator: MediatorClient | undefined;
+      try {
+        const v = await agent.getVolume(volume);
+        const m = mediatorOf(v);
+        mediator = new MediatorClient(m.address);
+        const record = await mediator.record(m.group);
+        const p = v.replication!.protection!;
+        const copy = {
+          role: v.role,
+          epoch: p.epoch,
+          acceptsWrites: p.acceptsWrites,
+          state: p.state,
+          detail: p.detail,
+        };
+        if (opts.output === 'json') return printJson({ mediator: m.address, record, copy });
+        process.stdout.write(
+          `mediator:  ${m.address}, group ${record.group || m.group}\n` +
+            `epoch:     ${record.epoch}` +
+            (record.epoch > 0
+              ? `, granted ${new Date(Number(record.grantedAtMs)).toISOString()}\n` +
+                `primary:   ${record.primary}\n` +
+                `in sync:   ${record.inSync.join(', ')}\n`
+              : ' (never granted)\n') +
+            `this copy: ${v.role}, epoch ${p.epoch}, ${p.acceptsWrites ? 'accepts writes' : 'does not accept writes'} (${p.state})\n` +
+            (p.detail ? `           ${p.detail}\n` : ''),
+        );
+      } finally {
+        mediator?.close();
+        agent.close();
+      }
+    });
+}
