@@ -4,7 +4,7 @@
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
 //        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
-//         --move-only | --mediator-only]
+//         --move-only | --mediator-only | --failover-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -31,6 +31,7 @@ import { snapshotsReport, snapshotsRun } from './snapshots';
 import { establishmentReport, establishmentRun } from './establishment';
 import { moveReport, moveRun } from './move';
 import { mediatorReport, mediatorRun } from './mediator';
+import { failoverReport, failoverRun } from './failover';
 import { replicateToInSync } from './replicate';
 
 const execFileAsync = promisify(execFile);
@@ -244,6 +245,9 @@ async function main(): Promise<void> {
       'move-only': { type: 'boolean', default: false },
       // Only the mediator's compare-and-swap latency with 10,000 groups.
       'mediator-only': { type: 'boolean', default: false },
+      // Only failover through a mediator: unplanned failover time, the stall a replica's death
+      // causes (--rounds of each; default 10).
+      'failover-only': { type: 'boolean', default: false },
       'shared-bench': {
         type: 'string',
         default: path.resolve(__dirname, '..', '..', '..', 'shared', 'bench'),
@@ -279,6 +283,11 @@ async function main(): Promise<void> {
   if (values['mediator-only']) {
     for (const clients of [8, 64])
       process.stdout.write(`${mediatorReport(await mediatorRun(clients))}\n`);
+    return;
+  }
+  if (values['failover-only']) {
+    const n = values.rounds === '1' ? 10 : rounds;
+    process.stdout.write(`${failoverReport(await failoverRun(n))}\n`);
     return;
   }
   if (values['snapshots-only']) {
@@ -345,6 +354,7 @@ async function main(): Promise<void> {
   const establishment = await establishmentRun();
   const moves = [await moveRun(64 * 1024), await moveRun(4096)];
   const mediator = [await mediatorRun(8), await mediatorRun(64)];
+  const failover = await failoverRun(10);
 
   const pairs = [
     ['lockstep-local', 'qemu-local'],
@@ -394,6 +404,8 @@ async function main(): Promise<void> {
       ...moves.map(moveReport),
       '',
       ...mediator.map(mediatorReport),
+      '',
+      failoverReport(failover),
       '',
       'Raw lines:',
       '```',

@@ -1,7 +1,8 @@
-// `lockstep demo`: the whole loop on one machine, no Kubernetes. Two agents on loopback, a
-// replicated volume, a writer that records every write the primary acknowledged, a SIGKILL of
-// the primary mid-stream, promotion of the replica, and a check that every acknowledged write
-// is there. Exits 0 only if none is missing.
+// `lockstep demo`: the whole loop on one machine, no Kubernetes. Two agents and a mediator on
+// loopback, a replicated volume, a writer that records every write the primary acknowledged, a
+// SIGKILL of the primary mid-stream, the replica taking over by itself through the mediator, a
+// check that every acknowledged write is there, and the old primary coming back as a replica
+// that resyncs only what changed. Exits 0 only if no acknowledged write is missing.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
@@ -10,6 +11,7 @@ import path from 'node:path';
 import { Command } from 'commander';
 import { AgentClient } from '../../lib/agent-client';
 import { errorMessage } from '../../lib/errors';
+import { MediatorClient } from '../../lib/mediator-client';
 import { NbdClient } from '../../lib/nbd-client';
 import { packageRoot } from '../../lib/package-root';
 import { formatSize, parseSize } from '../../lib/size';
@@ -47,9 +49,40 @@ interface DemoAgent {
   client: AgentClient;
 }
 
-async function startAgent(node: string, root: string): Promise<DemoAgent> {
-  const dir = path.join(root, node);
+async function startMediator(root: string): Promise<{ address: string; child: ChildProcess }> {
   const address = `127.0.0.1:${await freePort()}`;
+  const child = spawn(
+    process.execPath,
+    [
+      path.join(packageRoot, 'bin', 'lockstep.js'),
+      'mediator',
+      '--data-dir',
+      path.join(root, 'mediator'),
+      '--listen',
+      address,
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  const client = new MediatorClient(address, 1000);
+  try {
+    for (let i = 0; ; i++) {
+      try {
+        await client.records();
+        return { address, child };
+      } catch (err) {
+        if (i > 100 || child.exitCode !== null)
+          throw new Error(`the mediator did not start: ${errorMessage(err)}`);
+        await sleep(100);
+      }
+    }
+  } finally {
+    client.close();
+  }
+}
+
+async function startAgent(node: string, root: string, port?: number): Promise<DemoAgent> {
+  const dir = path.join(root, node);
+  const address = `127.0.0.1:${port ?? (await freePort())}`;
   const child = spawn(
     process.execPath,
     [
@@ -80,12 +113,30 @@ async function startAgent(node: string, root: string): Promise<DemoAgent> {
   }
 }
 
-async function waitInSync(primary: DemoAgent, volume: string): Promise<void> {
+/** Waits until the primary's replica is in sync, for the mediator too; its resync bytes. */
+async function waitInSync(primary: DemoAgent, volume: string): Promise<number> {
   for (let i = 0; ; i++) {
     const v = await primary.client.getVolume(volume);
     const p = v.replication?.peers[0];
-    if (p?.state === 'InSync') return;
+    const counted = (v.replication?.protection?.inSync.length ?? 0) > 0;
+    if (p?.state === 'InSync' && counted) return Number(p.resyncBytesSent);
     if (i > 600) throw new Error(`replica not in sync after 60 s (state ${p?.state ?? 'none'})`);
+    await sleep(100);
+  }
+}
+
+const GRACE_MS = 3_000;
+
+/** Waits until the copy accepts writes as primary; its epoch. */
+async function waitTakeOver(agent: DemoAgent, volume: string): Promise<number> {
+  for (let i = 0; ; i++) {
+    const v = await agent.client.getVolume(volume);
+    const p = v.replication?.protection;
+    if (v.role === 'primary' && p?.acceptsWrites) return Number(p.epoch);
+    if (i > 300)
+      throw new Error(
+        `node-b did not take over within 30 s (${p?.state ?? '?'}: ${p?.detail ?? ''})`,
+      );
     await sleep(100);
   }
 }
@@ -93,7 +144,7 @@ async function waitInSync(primary: DemoAgent, volume: string): Promise<void> {
 export function demoCommand(): Command {
   return new Command('demo')
     .description(
-      'replicate a volume between two local agents, kill the primary, fail over, check every acknowledged write',
+      'replicate a volume between two local agents with a mediator, kill the primary, watch the replica take over, check every acknowledged write',
     )
     .option('--size <size>', 'volume size', '256MiB')
     .option('--seconds <n>', 'how long to write before killing the primary', '3')
@@ -102,16 +153,20 @@ export function demoCommand(): Command {
       const size = parseSize(opts.size, '--size');
       const root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-demo-'));
       const agents: DemoAgent[] = [];
+      const children: ChildProcess[] = [];
       try {
-        say(`1. starting two agents on loopback (data under ${root})`);
+        say(`1. starting two agents and a mediator on loopback (data under ${root})`);
+        const mediator = await startMediator(root);
+        children.push(mediator.child);
         const a = await startAgent('node-a', root);
         agents.push(a);
         const b = await startAgent('node-b', root);
         agents.push(b);
-        say(`   node-a at ${a.address}, node-b at ${b.address}`);
+        say(`   node-a at ${a.address}, node-b at ${b.address}, mediator at ${mediator.address}`);
 
         say(
-          `2. creating volume "demo" (${formatSize(size)}) on node-a, replicating synchronously to node-b`,
+          `2. creating volume "demo" (${formatSize(size)}) on node-a, replicating synchronously to node-b, ` +
+            `automatic failover through the mediator after ${GRACE_MS / 1000} s without a primary`,
         );
         await a.client.createVolume('demo', size);
         await a.client.replicate({
@@ -120,9 +175,11 @@ export function demoCommand(): Command {
           mode: 'sync',
           regionSize: 65536,
           maxResyncBytesPerSecond: 0,
+          mediator: { address: mediator.address, failover: 'automatic', graceMs: GRACE_MS },
         });
         await waitInSync(a, 'demo');
-        say('   replica in sync');
+        const before = (await a.client.getVolume('demo')).replication?.protection;
+        say(`   replica in sync; node-a is primary in epoch ${before?.epoch ?? 0}`);
 
         say(
           `3. writing unique 4 KiB blocks through NBD on node-a for ${opts.seconds} s, 16 in flight, recording each acknowledgement`,
@@ -162,9 +219,9 @@ export function demoCommand(): Command {
         );
 
         const t0 = Date.now();
-        say('5. promoting node-b (the primary is gone, so --force)');
-        await b.client.promote('demo', true);
-        say(`   node-b is primary after ${Date.now() - t0} ms`);
+        say('5. node-b takes over by itself: the mediator grants it the next epoch (no command)');
+        const epoch = await waitTakeOver(b, 'demo');
+        say(`   node-b is primary in epoch ${epoch}, ${Date.now() - t0} ms after the kill`);
 
         say('6. reading every acknowledged block back from node-b');
         const reader = await NbdClient.connect(
@@ -177,6 +234,15 @@ export function demoCommand(): Command {
         }
         await reader.close();
         await writer.close().catch(() => undefined);
+
+        say('7. restarting node-a: it sees the newer epoch, steps down and resyncs what changed');
+        agents.splice(agents.indexOf(a), 1);
+        a.client.close();
+        const back = await startAgent('node-a', root, Number(a.address.split(':')[1]));
+        agents.push(back);
+        const resynced = await waitInSync(b, 'demo');
+        const role = (await back.client.getVolume('demo')).role;
+        say(`   node-a is a ${role} of node-b again, ${formatSize(resynced)} resynced`);
         say('');
         say(
           `summary: ${acked.length} acknowledged writes, ${acked.length - missing} found on the replica, ${missing} missing`,
@@ -192,6 +258,7 @@ export function demoCommand(): Command {
           ag.client.close();
           ag.child.kill('SIGKILL');
         }
+        for (const c of children) c.kill('SIGKILL');
         if (opts.keep) say(`data kept in ${root}`);
         else rmSync(root, { recursive: true, force: true });
       }

@@ -162,6 +162,7 @@ export class Agent implements ExportSource {
       takeOver: async (volume, epoch) => {
         await this.promote(volume, true, undefined, epoch);
       },
+      fenced: (volume) => void this.nbd.disconnectExport(volume),
     };
   }
 

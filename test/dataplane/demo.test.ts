@@ -20,5 +20,10 @@ describe('lockstep demo', () => {
     expect(Number(m![1])).toBeGreaterThan(1000);
     expect(m![2]).toBe(m![1]);
     expect(stdout).toContain('RPO = 0');
+    // No command promoted node-b: the mediator granted it the next epoch.
+    const took = /node-b is primary in epoch (\d+), (\d+) ms after the kill/.exec(stdout);
+    expect(took).not.toBeNull();
+    expect(Number(took![1])).toBeGreaterThanOrEqual(3);
+    expect(stdout).toMatch(/node-a is a secondary of node-b again/);
   });
 });

@@ -10,6 +10,7 @@ import { MediatorClient, type MediatorRecord } from '../../lib/mediator-client';
 import type { AgentProcess } from '../harness/agent-process';
 import { run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { ackedCount } from '../harness/follow-writer';
+import { soakFailover } from '../harness/failover-soak';
 import { MediatorProcess } from '../harness/mediator-process';
 import { waitFor } from '../harness/processes';
 import {
@@ -274,4 +275,44 @@ describe('failover through a mediator', () => {
     expect(await verifyAckedWrites(b.agent.uri('v'), log)).toBeGreaterThan(0);
     expect((await record('v')).primary).toBe(b.address);
   });
+
+  it('grants the failover exactly once when the mediator is SIGKILLed and restarted in the middle of it', async () => {
+    const { a, b } = await pair();
+    const before = await record('v');
+    await a.kill('SIGKILL');
+    // B has lost its primary and counts its grace; the mediator dies under it and comes back.
+    await new Promise((r) => setTimeout(r, 1000));
+    await mediator.proc.kill('SIGKILL');
+    await new Promise((r) => setTimeout(r, 1500));
+    expect((await protection(b.agent, 'v')).role).toBe('secondary');
+    await mediator.start();
+    await waitFor(
+      'B to be promoted',
+      async () => ((await protection(b.agent, 'v')).role === 'primary' ? true : undefined),
+      20_000,
+      100,
+    );
+    const after = await record('v');
+    expect(after).toMatchObject({ epoch: before.epoch + 1, primary: b.address });
+    // A restarted mediator recovered the grant from disk: the same epoch, once.
+    await mediator.proc.kill('SIGKILL');
+    await mediator.start();
+    expect(await record('v')).toMatchObject({ epoch: before.epoch + 1, primary: b.address });
+    expect((await protection(b.agent, 'v')).epoch).toBe(before.epoch + 1);
+  });
+
+  it('loses no acknowledged write and never has two primaries over 20 rounds of kills, pauses and cuts', async () => {
+    const r = await soakFailover(20);
+    expect(r.rounds).toHaveLength(20);
+    expect(
+      r.rounds.filter((x) => x.kind === 'kill-primary' || x.kind === 'pause-primary').length,
+    ).toBeGreaterThanOrEqual(8);
+    expect(r.writer.acked).toBeGreaterThan(1000);
+    expect(r.ackedVerified).toBe(r.writer.acked);
+    expect(r.dualPrimaries).toBe(0);
+    expect(r.recordAnomalies).toEqual([]);
+    // Epochs only went up, one or more per failover.
+    const epochs = r.rounds.map((x) => x.epoch);
+    expect([...epochs].sort((x, y) => x - y)).toEqual(epochs);
+  }, 900_000);
 });

@@ -21,6 +21,9 @@ export function startFollowWriter(
   ackedLog: string,
   stop: string,
   depth = 8,
+  /** Within the first `span` 4 KiB slots (0: the whole volume), written over and over if `cycle`. */
+  span = 0,
+  cycle = false,
 ): ManagedProcess {
   return startProcess(
     name,
@@ -31,6 +34,8 @@ export function startFollowWriter(
       ackedLog,
       stop,
       String(depth),
+      String(span),
+      ...(cycle ? ['cycle'] : []),
     ],
     `${ackedLog}.writer.log`,
   );

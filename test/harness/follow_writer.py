@@ -3,9 +3,12 @@
 When the connection ends it reconnects to whichever of URIS accepts writes (the others are
 read-only secondaries) and sends again every write that was in flight, never acknowledged. A
 write the server answers with an error is a failure: reported, and the exit status is 1.
-Runs until STOP exists (then flushes) or every slot is written; prints one JSON line.
+Runs until STOP exists (then flushes) or every slot is written; prints one JSON line. With
+CYCLE, every slot written, it starts over on the same slots (a slot always holds its one
+pattern, so a slot written again still reads back as acknowledged): a long run stays within
+SPAN slots.
 
-usage: follow_writer.py URIS LOG STOP [DEPTH [SPAN]]   (URIS: comma-separated)
+usage: follow_writer.py URIS LOG STOP [DEPTH [SPAN [CYCLE]]]   (URIS: comma-separated)
 """
 import errno
 import json
@@ -42,7 +45,7 @@ def writable(uris):
         time.sleep(0.05)
 
 
-def main(uris, log_path, stop_path, depth, span):
+def main(uris, log_path, stop_path, depth, span, cycle):
     h = writable(uris)
     slots = list(range(min(span, h.get_size() // SLOT) if span else h.get_size() // SLOT))
     random.shuffle(slots)
@@ -70,6 +73,8 @@ def main(uris, log_path, stop_path, depth, span):
 
             try:
                 while not lost and not os.path.exists(stop_path) and (todo or inflight):
+                    if cycle and not todo:
+                        todo = slots[::-1]
                     while todo and len(inflight) < depth and not os.path.exists(stop_path):
                         slot = todo.pop()
                         inflight.add(slot)
@@ -101,4 +106,5 @@ if __name__ == "__main__":
         sys.argv[3],
         int(sys.argv[4]) if len(sys.argv) > 4 else 16,
         int(sys.argv[5]) if len(sys.argv) > 5 else 0,
+        len(sys.argv) > 6 and sys.argv[6] == "cycle",
     )

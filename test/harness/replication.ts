@@ -98,18 +98,30 @@ export class ProxiedReplica {
     readonly data: TcpProxy,
   ) {}
 
-  static async start(node: string, extraArgs: string[] = []): Promise<ProxiedReplica> {
+  /**
+   * `advertiseProxy`: the agent names itself by the proxy's address too, so that whichever of
+   * the two is primary, the other reaches it through the proxy (and the mediator knows it by
+   * one name); otherwise only the way to it is proxied.
+   */
+  static async start(
+    node: string,
+    extraArgs: string[] = [],
+    advertiseProxy = false,
+  ): Promise<ProxiedReplica> {
     const dataPort = await freePort();
     const data = await TcpProxy.start(`127.0.0.1:${dataPort}`);
+    const grpcAddress = `127.0.0.1:${await freePort()}`;
+    const control = await TcpProxy.start(grpcAddress);
     const agent = replicationAgent(node, [
       '--data-listen',
       `127.0.0.1:${dataPort}`,
       '--data-advertise',
       data.address,
+      ...(advertiseProxy ? ['--advertise', control.address] : []),
       ...extraArgs,
     ]);
+    agent.grpcAddress = grpcAddress;
     await agent.start();
-    const control = await TcpProxy.start(agent.grpcAddress);
     return new ProxiedReplica(agent, control, data);
   }
 

@@ -43,6 +43,8 @@ export interface AuthorityHost {
   saveEpoch(epoch: number): Promise<void>;
   /** Another copy holds the group: stop being a primary. */
   fence(reason: string): void;
+  /** A granted epoch no longer counts these peers: what they miss from now on diverges. */
+  peersDropped(peers: string[]): void;
 }
 
 interface Waiter {
@@ -225,7 +227,9 @@ export class EpochAuthority {
       if (answer.granted) {
         await this.host.saveEpoch(answer.record.epoch);
         this.recordEpoch = answer.record.epoch;
+        const dropped = [...this.recorded].filter((p) => !inSync.includes(p));
         this.recorded = new Set(inSync.filter((c) => c !== self));
+        if (dropped.length > 0) this.host.peersDropped(dropped);
         this.claim = false;
         this.host.log.info({ epoch: answer.record.epoch, inSync }, 'mediator granted a new epoch');
       } else if (!(await this.adopt(answer.record, self))) {
@@ -266,8 +270,10 @@ export class EpochAuthority {
     if (this.fencedBy !== undefined || this.stopped) return;
     this.fencedBy = reason;
     this.host.log.error({ reason }, 'fenced: this copy stops acknowledging writes');
-    this.settle();
+    // The host cuts its clients first: writes waiting here are then lost with the connection
+    // (a client sends them again to the new primary) rather than failed with EIO.
     this.host.fence(reason);
+    this.settle();
   }
 
   /** Wakes the waiters the current record answers. */

@@ -44,7 +44,7 @@ import type {
 import type { VolumeStore } from '../store/volume-store';
 import { DEFAULT_REGION_SIZE, DirtyBitmap } from '../tracking/dirty-bitmap';
 import { regionsHeldAlone } from '../tracking/former-primary';
-import { VolumeTracking, bitmapFile } from '../tracking/volume-tracking';
+import { VolumeTracking, bitmapFile, startTracking } from '../tracking/volume-tracking';
 import { EpochAuthority, type Standing } from './epoch-authority';
 import { FailoverWatch, claimEpoch, type WatchState } from './failover';
 import { policyFor } from './mode-policy';
@@ -90,6 +90,8 @@ export interface ReplicationContext {
   cutover: CutoverPolicy;
   /** Promotes a volume in an epoch its automatic failover was granted (the agent's promote). */
   takeOver(volume: string, epoch: number): Promise<void>;
+  /** A volume's copy was fenced: its clients are cut, to reconnect to the new primary. */
+  fenced(volume: string): void;
 }
 
 /** A primary's peers and what exists only while it has them. */
@@ -425,6 +427,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     if (p.role !== 'primary' || this.fencedReason) return;
     this.fencedReason = reason;
     this.phase = { ...p, demoting: true };
+    this.ctx.fenced(this.volumeName);
     this.fencing = this.transit(async () => {
       await this.stopPeers([]);
       await this.record.save({ ...this.meta, role: 'secondary' });
@@ -522,25 +525,40 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   /**
    * A peer missed [offset, +length): its bitmap records it and, the first time, DRBD's rule
    * applies: remember the generation it still has (its bitmap UUID) and move this copy to a new
-   * one, so copies that diverge can be told apart.
+   * one, so copies that diverge can be told apart. With a mediator the new generation waits for
+   * the new epoch that drops the peer (peersDropped): until then no write it missed is
+   * acknowledged, and a primary fenced meanwhile keeps the generation its successor knows.
    */
   private peerMissed(own: Replicating, peer: string, offset: number, length: number): void {
-    const { tracking, links } = own;
-    tracking.markDirty(peer, offset, length);
-    links.find((l) => l.address === peer)?.missedWrites();
+    own.tracking.markDirty(peer, offset, length);
+    own.links.find((l) => l.address === peer)?.missedWrites();
+    if (!this.meta.replication?.mediator) this.newGenerationWithout(own, [peer]);
+  }
+
+  /** The mediator granted an epoch without these peers: from now on they fall behind. */
+  private peersDropped(own: Replicating, peers: string[]): void {
+    this.newGenerationWithout(own, peers);
+  }
+
+  private newGenerationWithout(own: Replicating, dropped: string[]): void {
     const repl = this.meta.replication!;
-    const cfg = repl.peers.find((p) => p.address === peer);
-    if (!cfg || cfg.bitmapUuid !== null) return;
+    const fresh = dropped.filter(
+      (peer) => repl.peers.find((p) => p.address === peer)?.bitmapUuid === null,
+    );
+    if (fresh.length === 0) return;
     const generation = advance(this.meta.generation, randomUUID());
     const peers = repl.peers.map((p) =>
-      p.address === peer ? { ...p, bitmapUuid: this.meta.generation.current } : p,
+      fresh.includes(p.address) ? { ...p, bitmapUuid: this.meta.generation.current } : p,
     );
     void this.record
       .save({ ...this.meta, generation, replication: { ...repl, peers } })
       .catch(() => undefined);
-    this.log.info({ peer, generation: generation.current }, 'peer missed writes: new generation');
-    for (const l of links) {
-      if (l.address !== peer && l.state === 'InSync')
+    this.log.info(
+      { peers: fresh, generation: generation.current },
+      'peers fell behind: new generation',
+    );
+    for (const l of own.links) {
+      if (!fresh.includes(l.address) && l.state === 'InSync')
         void l.pushGeneration().catch(() => undefined);
     }
   }
@@ -573,6 +591,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         epoch: () => this.epoch,
         saveEpoch: (epoch) => this.saveEpoch(epoch),
         fence: (reason) => this.fence(reason),
+        peersDropped: (peers) => this.peersDropped(replicating, peers),
       },
       repl.mediator,
       repl.mode === 'strict-sync',
@@ -775,6 +794,16 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
           bitmapUuid: this.meta.generation.current,
         }));
     const generation = advance(this.meta.generation, randomUUID());
+    if (!replicateTo && repl)
+      await startTracking(
+        {
+          dir: this.volume.dir,
+          volumeUuid: this.uuid,
+          volumeSize: this.sizeBytes,
+          regionSize: repl.regionSize,
+        },
+        peers.map((p) => p.address),
+      );
     // A move's new primary takes its first writes once its replicas stream (or a moment has
     // passed): none is acknowledged by it alone, and none has to be resynced.
     const release = replicateTo ? await this.holdWrites() : undefined;

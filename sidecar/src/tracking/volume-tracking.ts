@@ -38,6 +38,32 @@ export function bitmapFile(dir: string, peer: string): string {
   return path.join(dir, `bitmap-${peer.replace(/[^A-Za-z0-9.-]/g, '_')}.bin`);
 }
 
+/**
+ * A copy being promoted starts tracking its peers now, with nothing missed yet: an empty bitmap
+ * each, on disk before the promotion is, so the first resync of the old primary sends what was
+ * written since (and what the old primary says it held alone), not a checksum scan of it all.
+ * A bitmap already there (a former primary's, still valid) is kept.
+ */
+export async function startTracking(
+  copy: Pick<TrackingOptions, 'dir' | 'volumeUuid' | 'volumeSize' | 'regionSize'>,
+  peers: string[],
+): Promise<void> {
+  const { dir, volumeUuid, volumeSize, regionSize } = copy;
+  for (const peer of peers) {
+    const file = bitmapFile(dir, peer);
+    const kept = await loadDirtyBitmap(file, { volumeUuid, volumeSize, regionSize }).then(
+      () => true,
+      () => false,
+    );
+    if (!kept)
+      await saveDirtyBitmap(
+        file,
+        { volumeUuid, peer, volumeSize, regionSize },
+        new DirtyBitmap(volumeSize, regionSize),
+      );
+  }
+}
+
 export class VolumeTracking {
   private readonly bitmaps = new Map<string, PeerBitmap>();
   private timer: NodeJS.Timeout | undefined;

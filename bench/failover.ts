@@ -1,0 +1,120 @@
+// Failover through a mediator, with the default settings (peer timeout 5 s, grace 5 s), two
+// agents and a mediator on this machine, a 4 KiB writer at queue depth 1 on the primary:
+//   - unplanned failover: the primary SIGKILLed → the replica promoted by itself and its
+//     export acknowledging a write (target p50 ≤ 8 s, p99 ≤ 15 s; NetApp suspends I/O 20-50 s,
+//     DRBD's default timeout is 6 s);
+//   - the write stall when the replica is SIGKILLed: the slowest write around the kill, which
+//     waits for the mediator to grant the primary an epoch without the replica (target
+//     p99 ≤ 4 s).
+// Each round uses a new pair of agents and its own group at one mediator.
+import { MediatorClient } from '../lib/mediator-client';
+import { NbdClient } from '../lib/nbd-client';
+import { AgentProcess } from '../test/harness/agent-process';
+import { MediatorProcess } from '../test/harness/mediator-process';
+import { waitFor } from '../test/harness/processes';
+import { percentile, Qd1Writer } from '../test/harness/qd1-writer';
+import { inSync, volumeStatus, waitPeer } from '../test/harness/replication';
+
+export interface FailoverResult {
+  rounds: number;
+  failoverMs: number[];
+  stallMs: number[];
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function pair(m: MediatorProcess, group: string) {
+  const a = await new AgentProcess({ node: 'bench-a' }).start();
+  const b = await new AgentProcess({ node: 'bench-b' }).start();
+  await a.createVolume('v', '64MiB');
+  await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--mediator', m.address, '--group', group);
+  await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
+  const client = new MediatorClient(m.address);
+  try {
+    await waitFor(
+      'the replica counted in sync',
+      async () => ((await client.record(group)).inSync.includes(b.grpcAddress) ? true : undefined),
+      30_000,
+      50,
+    );
+  } finally {
+    client.close();
+  }
+  return { a, b };
+}
+
+/** Primary SIGKILLed → the replica's export acknowledges a write, in ms. */
+async function failoverOnce(m: MediatorProcess, group: string): Promise<number> {
+  const { a, b } = await pair(m, group);
+  try {
+    const writer = await Qd1Writer.start(a.nbdSocket, 'v', 16 << 20);
+    await sleep(500);
+    const killedAt = performance.now();
+    await a.kill('SIGKILL');
+    await writer.stop().catch(() => undefined);
+    await waitFor(
+      'the replica to take over',
+      async () => {
+        const v = (await volumeStatus(b, 'v')) as unknown as {
+          replication: { protection: { acceptsWrites: boolean } };
+        };
+        return v.replication.protection.acceptsWrites || undefined;
+      },
+      60_000,
+      20,
+    );
+    const client = await NbdClient.connect({ socketPath: b.nbdSocket }, 'v', { timeoutMs: 60_000 });
+    try {
+      await client.write(0, Buffer.alloc(4096, 1));
+    } finally {
+      await client.close();
+    }
+    return performance.now() - killedAt;
+  } finally {
+    await a.dispose();
+    await b.dispose();
+  }
+}
+
+/** Replica SIGKILLed under a qd1 writer → the slowest write from the kill on, in ms. */
+async function stallOnce(m: MediatorProcess, group: string): Promise<number> {
+  const { a, b } = await pair(m, group);
+  try {
+    const writer = await Qd1Writer.start(a.nbdSocket, 'v', 16 << 20);
+    await sleep(500);
+    const from = writer.count;
+    await b.kill('SIGKILL');
+    await sleep(3_000);
+    const latencies = await writer.stop();
+    return Math.max(...latencies.slice(from));
+  } finally {
+    await a.dispose();
+    await b.dispose();
+  }
+}
+
+export async function failoverRun(rounds: number): Promise<FailoverResult> {
+  const m = await new MediatorProcess().start();
+  try {
+    const failoverMs: number[] = [];
+    const stallMs: number[] = [];
+    for (let i = 0; i < rounds; i++) {
+      failoverMs.push(await failoverOnce(m, `bench-failover-${i}`));
+      stallMs.push(await stallOnce(m, `bench-stall-${i}`));
+      process.stderr.write(
+        `failover round ${i + 1}/${rounds}: failover ${failoverMs[i].toFixed(0)} ms, stall ${stallMs[i].toFixed(0)} ms\n`,
+      );
+    }
+    return { rounds, failoverMs, stallMs };
+  } finally {
+    await m.dispose();
+  }
+}
+
+export function failoverReport(r: FailoverResult): string {
+  const s = (xs: number[], p: number) => (percentile(xs, p) / 1000).toFixed(2);
+  return (
+    `failover rounds=${r.rounds} unplanned_p50_s=${s(r.failoverMs, 50)} unplanned_p99_s=${s(r.failoverMs, 99)} ` +
+    `replica_death_stall_p50_s=${s(r.stallMs, 50)} replica_death_stall_p99_s=${s(r.stallMs, 99)}`
+  );
+}
