@@ -5,7 +5,8 @@
 //     DRBD's default timeout is 6 s);
 //   - the write stall when the replica is SIGKILLed: the slowest write around the kill, which
 //     waits for the mediator to grant the primary an epoch without the replica (target
-//     p99 ≤ 4 s).
+//     p99 ≤ 4 s); and when it goes silent instead (its proxy drops everything: a partition or
+//     a power loss, no FIN), where the peer timeout comes first.
 // Each round uses a new pair of agents and its own group at one mediator.
 import { MediatorClient } from '../lib/mediator-client';
 import { NbdClient } from '../lib/nbd-client';
@@ -13,27 +14,30 @@ import { AgentProcess } from '../test/harness/agent-process';
 import { MediatorProcess } from '../test/harness/mediator-process';
 import { waitFor } from '../test/harness/processes';
 import { percentile, Qd1Writer } from '../test/harness/qd1-writer';
-import { inSync, volumeStatus, waitPeer } from '../test/harness/replication';
+import { inSync, ProxiedReplica, volumeStatus, waitPeer } from '../test/harness/replication';
 
 export interface FailoverResult {
   rounds: number;
   failoverMs: number[];
   stallMs: number[];
+  /** The replica gone silent (a partition, a power loss): no FIN, only the peer timeout. */
+  silentStallMs: number[];
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function pair(m: MediatorProcess, group: string) {
+async function pair(m: MediatorProcess, group: string, proxied?: ProxiedReplica) {
   const a = await new AgentProcess({ node: 'bench-a' }).start();
-  const b = await new AgentProcess({ node: 'bench-b' }).start();
+  const b = proxied?.agent ?? (await new AgentProcess({ node: 'bench-b' }).start());
+  const bAddress = proxied?.address ?? b.grpcAddress;
   await a.createVolume('v', '64MiB');
-  await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--mediator', m.address, '--group', group);
-  await waitPeer(a, 'v', b, inSync, 'in sync', 60_000);
+  await a.ctl('replicate', 'v', '--to', bAddress, '--mediator', m.address, '--group', group);
+  await waitPeer(a, 'v', proxied?.asPeer ?? b, inSync, 'in sync', 60_000);
   const client = new MediatorClient(m.address);
   try {
     await waitFor(
       'the replica counted in sync',
-      async () => ((await client.record(group)).inSync.includes(b.grpcAddress) ? true : undefined),
+      async () => ((await client.record(group)).inSync.includes(bAddress) ? true : undefined),
       30_000,
       50,
     );
@@ -93,19 +97,41 @@ async function stallOnce(m: MediatorProcess, group: string): Promise<number> {
   }
 }
 
+/** Replica cut off silently (its proxy drops everything) under a qd1 writer: the slowest write. */
+async function silentStallOnce(m: MediatorProcess, group: string): Promise<number> {
+  const link = await ProxiedReplica.start('bench-b');
+  const { a, b } = await pair(m, group, link);
+  try {
+    const writer = await Qd1Writer.start(a.nbdSocket, 'v', 16 << 20);
+    await sleep(500);
+    const from = writer.count;
+    link.setMode('blackhole');
+    await sleep(8_000);
+    const latencies = await writer.stop();
+    return Math.max(...latencies.slice(from));
+  } finally {
+    await link.close();
+    await a.dispose();
+    await b.dispose();
+  }
+}
+
 export async function failoverRun(rounds: number): Promise<FailoverResult> {
   const m = await new MediatorProcess().start();
   try {
     const failoverMs: number[] = [];
     const stallMs: number[] = [];
+    const silentStallMs: number[] = [];
     for (let i = 0; i < rounds; i++) {
       failoverMs.push(await failoverOnce(m, `bench-failover-${i}`));
       stallMs.push(await stallOnce(m, `bench-stall-${i}`));
+      silentStallMs.push(await silentStallOnce(m, `bench-silent-${i}`));
       process.stderr.write(
-        `failover round ${i + 1}/${rounds}: failover ${failoverMs[i].toFixed(0)} ms, stall ${stallMs[i].toFixed(0)} ms\n`,
+        `failover round ${i + 1}/${rounds}: failover ${failoverMs[i].toFixed(0)} ms, ` +
+          `stall ${stallMs[i].toFixed(0)} ms, silent stall ${silentStallMs[i].toFixed(0)} ms\n`,
       );
     }
-    return { rounds, failoverMs, stallMs };
+    return { rounds, failoverMs, stallMs, silentStallMs };
   } finally {
     await m.dispose();
   }
@@ -115,6 +141,7 @@ export function failoverReport(r: FailoverResult): string {
   const s = (xs: number[], p: number) => (percentile(xs, p) / 1000).toFixed(2);
   return (
     `failover rounds=${r.rounds} unplanned_p50_s=${s(r.failoverMs, 50)} unplanned_p99_s=${s(r.failoverMs, 99)} ` +
-    `replica_death_stall_p50_s=${s(r.stallMs, 50)} replica_death_stall_p99_s=${s(r.stallMs, 99)}`
+    `replica_death_stall_p50_s=${s(r.stallMs, 50)} replica_death_stall_p99_s=${s(r.stallMs, 99)} ` +
+    `replica_silent_stall_p50_s=${s(r.silentStallMs, 50)} replica_silent_stall_p99_s=${s(r.silentStallMs, 99)}`
   );
 }

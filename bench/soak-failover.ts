@@ -14,13 +14,14 @@ async function main(): Promise<void> {
   const times = failovers.map((x) => x.ms).sort((x, y) => x - y);
   process.stdout.write(
     `soak rounds=${r.rounds.length} failovers=${failovers.length} ` +
-      `acked=${r.writer.acked} verified=${r.ackedVerified} failed_writes=${r.writer.failed} ` +
-      `lost_acked=${r.writer.acked - r.ackedVerified} dual_primaries=${r.dualPrimaries} ` +
+      `acked_writes=${r.writer.acked} acked_slots=${r.ackedSlots} verified_slots=${r.ackedVerified} ` +
+      `failed_writes=${r.writer.failed} lost_acked=${r.ackedSlots - r.ackedVerified} ` +
+      `dual_primaries=${r.dualPrimaries} ` +
       `record_anomalies=${r.recordAnomalies.length} final_epoch=${r.rounds.at(-1)?.epoch ?? 0} ` +
       `round_median_ms=${times[Math.floor(times.length / 2)] ?? 0}\n`,
   );
   for (const a of r.recordAnomalies) process.stdout.write(`anomaly: ${a}\n`);
-  if (r.ackedVerified !== r.writer.acked || r.dualPrimaries > 0 || r.recordAnomalies.length > 0)
+  if (r.ackedVerified !== r.ackedSlots || r.dualPrimaries > 0 || r.recordAnomalies.length > 0)
     process.exitCode = 1;
 }
 

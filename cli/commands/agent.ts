@@ -2,7 +2,7 @@
 import { Command, Option } from 'commander';
 import { createLogger } from '../../lib/logger';
 import { errorMessage, isLockstepError } from '../../lib/errors';
-import { Agent } from '../../sidecar/src/agent';
+import { Agent, DEFAULT_PEER_TIMEOUT_MS } from '../../sidecar/src/agent';
 import { DEFAULT_CUTOVER } from '../../sidecar/src/replication/establishment';
 import { byteSize, nonNegativeInteger, positiveInteger } from '../arguments';
 import type * as KubeModule from '../../lib/kube';
@@ -32,9 +32,9 @@ export function agentCommand(): Command {
     )
     .option(
       '--peer-timeout <ms>',
-      'fail a peer link when a replicated write is unacknowledged this long',
+      'fail a peer link when a replicated write is unacknowledged this long (a silent peer stalls writes this long)',
       positiveInteger,
-      5000,
+      DEFAULT_PEER_TIMEOUT_MS,
     )
     .option(
       '--cutover-bytes <size>',

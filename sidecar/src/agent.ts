@@ -99,6 +99,12 @@ export interface CopyVerification {
 
 /** Writes held at most this long for a cut, unless the caller says otherwise. */
 const DEFAULT_HOLD_TIMEOUT_MS = 1000;
+/**
+ * A peer that acknowledges nothing this long is lost. It bounds the stall a silent peer (a
+ * partition, a power loss) causes before the mediator is asked (target: p99 ≤ 4 s), and stays
+ * well above a loaded peer's slowest flush (~1.3 s measured).
+ */
+export const DEFAULT_PEER_TIMEOUT_MS = 3_000;
 
 /** The label of the snapshot a move's switchover takes (the replicas' common base). */
 export const MOVE_LABEL = 'move';
@@ -157,7 +163,7 @@ export class Agent implements ExportSource {
       address: '',
       store,
       log: this.log.child({ subsystem: 'replication' }),
-      ackTimeoutMs: options.peerTimeoutMs ?? 5_000,
+      ackTimeoutMs: options.peerTimeoutMs ?? DEFAULT_PEER_TIMEOUT_MS,
       cutover: options.cutover ?? DEFAULT_CUTOVER,
       takeOver: async (volume, epoch) => {
         await this.promote(volume, true, undefined, epoch);

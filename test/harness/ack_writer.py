@@ -80,7 +80,8 @@ def verify(uri, log_path):
     h = nbd.NBD()
     h.connect_uri(uri)
     with open(log_path) as f:
-        slots = [int(line) for line in f if line.strip()]
+        # A slot written again (a cycling writer) is checked once; in order, reads are cheaper.
+        slots = sorted({int(line) for line in f if line.strip()})
     bad = [s for s in slots if h.pread(SLOT, s * SLOT) != pattern(s)]
     print("checked=%d bad=%d" % (len(slots), len(bad)))
     sys.exit(1 if bad else 0)

@@ -194,9 +194,9 @@ export function startAckWriter(
   return run(systemPython, args, { timeoutMs: 300_000 });
 }
 
-/** Checks every acknowledged slot in `logFile`; resolves with how many were checked. */
+/** Checks every acknowledged slot in `logFile`; resolves with how many distinct slots were checked. */
 export async function verifyAckedWrites(uri: string, logFile: string): Promise<number> {
-  const out = await run(systemPython, [ackWriter, 'verify', uri, logFile]);
+  const out = await run(systemPython, [ackWriter, 'verify', uri, logFile], { timeoutMs: 600_000 });
   const m = /checked=(\d+) bad=0/.exec(out);
   if (!m) throw new Error(`acknowledged writes missing: ${out}`);
   return Number(m[1]);

@@ -5,7 +5,7 @@
 // are watched for two primaries in one epoch; at the end every acknowledged write is read back
 // from the primary and the copies compare identical. Used by the failover test (20 rounds) and
 // by `npm run soak:failover -- --rounds N`.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentClient } from '../../lib/agent-client';
@@ -23,6 +23,9 @@ const KINDS: RoundKind[] = ['kill-primary', 'cut-link', 'pause-primary', 'kill-r
 export interface SoakResult {
   rounds: { kind: RoundKind; primaryAfter: string; epoch: number; ms: number }[];
   writer: FollowWriterSummary;
+  /** Distinct slots the writer saw acknowledged (it writes its slots over and over). */
+  ackedSlots: number;
+  /** Of those, the ones read back intact from the final primary. */
   ackedVerified: number;
   /** Times two copies were seen accepting writes in the same epoch. */
   dualPrimaries: number;
@@ -191,11 +194,13 @@ export async function soakFailover(
     await settled();
     watching = false;
     await watcher;
+    const ackedSlots = new Set(readFileSync(ackedLog, 'utf8').split('\n').filter(Boolean)).size;
     const ackedVerified = await verifyAckedWrites(primary.agent.uri('v'), ackedLog);
     await expectIdentical(primary.agent, replica.agent, 'v');
     return {
       rounds: done,
       writer: summary,
+      ackedSlots,
       ackedVerified,
       dualPrimaries,
       recordAnomalies: anomalies,

@@ -24,6 +24,8 @@ export class Qd1Writer {
         this.latenciesMs.push(performance.now() - t0);
       }
     })();
+    // A server killed under it ends the loop with an error: `stop` reports it, not the process.
+    this.loop.catch(() => undefined);
   }
 
   /** Starts writing within the first `spanBytes` of the export. */

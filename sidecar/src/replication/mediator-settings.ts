@@ -10,9 +10,9 @@ import {
 } from '../store/volume-metadata';
 
 /**
- * A replica takes over after this long without a primary. Longer than a primary needs to notice
- * the same loss (its ack deadline, 5 s by default, less the replica's own detection, ~2-4 s):
- * the primary asks first, so a link cut keeps it.
+ * A replica takes over after this long without a primary. With the replica's own detection
+ * (its lanes idle for 4 keepalives, ~4 s) it asks well after the primary notices the same loss
+ * (its peer timeout, 3 s by default) and asks at once: so a link cut keeps the primary.
  */
 export const DEFAULT_GRACE_MS = 5_000;
 /** A primary that lost a peer holds writes this long for the mediator before failing them. */
