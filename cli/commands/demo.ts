@@ -242,7 +242,10 @@ export function demoCommand(): Command {
         agents.push(back);
         const resynced = await waitInSync(b, 'demo');
         const role = (await back.client.getVolume('demo')).role;
-        say(`   node-a is a ${role} of node-b again, ${formatSize(resynced)} resynced`);
+        say(
+          `   node-a is a ${role} of node-b again, ${formatSize(resynced)} resynced ` +
+            '(the regions node-a was writing when it died, and what node-b wrote since)',
+        );
         say('');
         say(
           `summary: ${acked.length} acknowledged writes, ${acked.length - missing} found on the replica, ${missing} missing`,
