@@ -194,7 +194,12 @@ export async function soakFailover(
     await settled();
     watching = false;
     await watcher;
-    const ackedSlots = new Set(readFileSync(ackedLog, 'utf8').split('\n').filter(Boolean)).size;
+    const ackedSlots = new Set(
+      readFileSync(ackedLog, 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((line) => line.split(' ')[0]),
+    ).size;
     const ackedVerified = await verifyAckedWrites(primary.agent.uri('v'), ackedLog);
     await expectIdentical(primary.agent, replica.agent, 'v');
     return {

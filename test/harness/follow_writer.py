@@ -4,9 +4,9 @@ When the connection ends it reconnects to whichever of URIS accepts writes (the 
 read-only secondaries) and sends again every write that was in flight, never acknowledged. A
 write the server answers with an error is a failure: reported, and the exit status is 1.
 Runs until STOP exists (then flushes) or every slot is written; prints one JSON line. With
-CYCLE, every slot written, it starts over on the same slots (a slot always holds its one
-pattern, so a slot written again still reads back as acknowledged): a long run stays within
-SPAN slots.
+CYCLE, every slot written, it starts over on the same slots with the next cycle number in the
+pattern, and logs "SLOT CYCLE": a long run stays within SPAN slots, and a lost acknowledged
+write still shows (the slot reads back an older cycle than one acknowledged; ack_writer's verify).
 
 usage: follow_writer.py URIS LOG STOP [DEPTH [SPAN [CYCLE]]]   (URIS: comma-separated)
 """
@@ -19,7 +19,7 @@ import time
 
 import nbd
 
-from ack_writer import SLOT, pattern
+from ack_writer import SLOT, cycle_pattern, pattern
 
 # A write lost with its connection (libnbd's own errors; a server never sends them), or one the
 # server refused because it is going away (ESHUTDOWN): both go again, to the current primary.
@@ -50,6 +50,7 @@ def main(uris, log_path, stop_path, depth, span, cycle):
     slots = list(range(min(span, h.get_size() // SLOT) if span else h.get_size() // SLOT))
     random.shuffle(slots)
     todo = slots[::-1]  # popped from the end
+    turn = 0  # the cycle (CYCLE mode): every slot is written once per cycle
     stats = {"acked": 0, "failed": 0, "reconnects": 0, "resent": 0}
     errors = []
     with open(log_path, "w", buffering=1) as log:
@@ -57,11 +58,11 @@ def main(uris, log_path, stop_path, depth, span, cycle):
             inflight = set()
             lost = []
 
-            def done(slot):
+            def done(slot, turn):
                 def cb(err):
                     inflight.discard(slot)
                     if err.value == 0:
-                        log.write("%d\n" % slot)
+                        log.write("%d %d\n" % (slot, turn) if cycle else "%d\n" % slot)
                         stats["acked"] += 1
                     elif err.value in CONNECTION_LOST:
                         lost.append(slot)
@@ -75,10 +76,12 @@ def main(uris, log_path, stop_path, depth, span, cycle):
                 while not lost and not os.path.exists(stop_path) and (todo or inflight):
                     if cycle and not todo:
                         todo = slots[::-1]
+                        turn += 1
                     while todo and len(inflight) < depth and not os.path.exists(stop_path):
                         slot = todo.pop()
                         inflight.add(slot)
-                        h.aio_pwrite(pattern(slot), slot * SLOT, completion=done(slot))
+                        data = cycle_pattern(slot, turn) if cycle else pattern(slot)
+                        h.aio_pwrite(data, slot * SLOT, completion=done(slot, turn))
                     h.poll(-1)
                 if not lost:
                     while inflight:
