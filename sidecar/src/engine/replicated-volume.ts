@@ -926,8 +926,10 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   }
 
   /** The primary says this copy now holds everything up to `gen`. */
-  adoptGeneration(gen: Generations, epoch: number): Promise<void> {
-    return this.session('is a primary here').adoptGeneration(gen, epoch);
+  async adoptGeneration(gen: Generations, epoch: number): Promise<void> {
+    await this.session('is a primary here').adoptGeneration(gen, epoch);
+    // Caught up with the primary that replaced it: a replica like any other from now on.
+    this.fencedReason = '';
   }
 
   /** A primary with a newer epoch reached this one: resolves once this copy is a secondary. */

@@ -99,8 +99,8 @@ export class PeerLink implements EstablishTarget {
   /** Set by an operator to resolve a split brain in our favour: the next connect overwrites the peer. */
   discardPeerData = false;
 
-  private readonly channel: grpc.Channel;
-  private readonly rpc: ReplicationClient;
+  private channel!: grpc.Channel;
+  private rpc!: ReplicationClient;
   private lanes: DataLane[] = [];
   /** The lane this turn of the event loop appends to. */
   private current = 0;
@@ -130,14 +130,7 @@ export class PeerLink implements EstablishTarget {
   ) {
     this.log = host.log.child({ peer: address });
     this.establishment = new Establishment(host, address, opts.cutover);
-    this.channel = new grpc.Channel(
-      address,
-      grpc.credentials.createInsecure(),
-      CONTROL_CHANNEL_OPTIONS,
-    );
-    this.rpc = new (replicationProto().Replication)(address, grpc.credentials.createInsecure(), {
-      channelOverride: this.channel,
-    });
+    this.openChannel();
     // Idle lanes are pinged well within the ack deadline, so a silent peer fails the link in time.
     this.keepaliveMs = Math.max(50, Math.min(1_000, Math.floor(opts.ackTimeoutMs / 3)));
     this.sweeper = setInterval(() => this.sweep(), Math.min(250, opts.ackTimeoutMs / 4));
@@ -146,6 +139,30 @@ export class PeerLink implements EstablishTarget {
 
   start(): void {
     void this.connect();
+  }
+
+  private openChannel(): void {
+    this.channel = new grpc.Channel(
+      this.address,
+      grpc.credentials.createInsecure(),
+      CONTROL_CHANNEL_OPTIONS,
+    );
+    this.rpc = new (replicationProto().Replication)(
+      this.address,
+      grpc.credentials.createInsecure(),
+      { channelOverride: this.channel },
+    );
+  }
+
+  /**
+   * A connection attempt made during a partition can hang in its HTTP/2 handshake long after
+   * the partition heals (grpc-js keeps waiting on it: "Waiting for LB pick"); a failed
+   * handshake therefore starts the next attempt on a new channel.
+   */
+  private renewChannel(): void {
+    this.rpc.close();
+    this.channel.close();
+    this.openChannel();
   }
 
   /** Live writes go to the peer (it is connected, catching up or in sync). */
@@ -270,6 +287,7 @@ export class PeerLink implements EstablishTarget {
     this.failures++;
     const wasStreaming = this.lanes.length > 0;
     this.teardown(reason);
+    if (!wasStreaming) this.renewChannel();
     if (wasStreaming || this.state === 'Connecting') {
       this.log.warn({ reason, retryInMs: this.retryMs }, 'peer link failed');
     } else {
