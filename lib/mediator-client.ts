@@ -20,11 +20,13 @@ export class MediatorClient {
     readonly target: string,
     private readonly timeoutMs = 5_000,
   ) {
-    this.raw = new (mediatorProto().Mediator)(
-      target,
-      grpc.credentials.createInsecure(),
-      CLIENT_CHANNEL_OPTIONS,
-    );
+    this.raw = new (mediatorProto().Mediator)(target, grpc.credentials.createInsecure(), {
+      ...CLIENT_CHANNEL_OPTIONS,
+      // A primary suspended on the mediator, or a replica counting its grace, must see it the
+      // moment it is back, not after grpc's default backoff (up to 2 minutes).
+      'grpc.initial_reconnect_backoff_ms': 200,
+      'grpc.max_reconnect_backoff_ms': 1_000,
+    });
   }
 
   private call<Res>(
