@@ -276,6 +276,23 @@ describe('failover through a mediator', () => {
     expect((await record('v')).primary).toBe(b.address);
   });
 
+  it('answers bad mediator settings with a clear error and changes nothing', async () => {
+    const a = replicationAgent('node-a');
+    agents.push(a);
+    await a.start();
+    await a.createVolume('v', '16MiB');
+    const to = ['replicate', 'v', '--to', '127.0.0.1:9'];
+    await expect(a.ctl(...to, '--mediator', 'no-port-here')).rejects.toThrow(/--mediator/);
+    await expect(a.ctl(...to, '--mediator', mediator.address, '--grace', 'soon')).rejects.toThrow(
+      /invalid --grace "soon"/,
+    );
+    await expect(
+      a.ctl(...to, '--mediator', mediator.address, '--failover', 'maybe'),
+    ).rejects.toThrow(/maybe/);
+    const v = (await volumeStatus(a, 'v')) as unknown as { replication?: unknown };
+    expect(v.replication ?? null).toBeNull();
+  });
+
   it('grants the failover exactly once when the mediator is SIGKILLed and restarted in the middle of it', async () => {
     const { a, b } = await pair();
     const before = await record('v');
