@@ -80,17 +80,26 @@ async function failoverOnce(m: MediatorProcess, group: string): Promise<number> 
   }
 }
 
+/** A qd1 writer on the primary; `fault` half a second in; the slowest write from it on, in ms. */
+async function slowestWriteAround(
+  primary: AgentProcess,
+  fault: () => unknown,
+  afterMs: number,
+): Promise<number> {
+  const writer = await Qd1Writer.start(primary.nbdSocket, 'v', 16 << 20);
+  await sleep(500);
+  const from = writer.count;
+  await fault();
+  await sleep(afterMs);
+  const latencies = await writer.stop();
+  return Math.max(...latencies.slice(from));
+}
+
 /** Replica SIGKILLed under a qd1 writer → the slowest write from the kill on, in ms. */
 async function stallOnce(m: MediatorProcess, group: string): Promise<number> {
   const { a, b } = await pair(m, group);
   try {
-    const writer = await Qd1Writer.start(a.nbdSocket, 'v', 16 << 20);
-    await sleep(500);
-    const from = writer.count;
-    await b.kill('SIGKILL');
-    await sleep(3_000);
-    const latencies = await writer.stop();
-    return Math.max(...latencies.slice(from));
+    return await slowestWriteAround(a, () => b.kill('SIGKILL'), 3_000);
   } finally {
     await a.dispose();
     await b.dispose();
@@ -102,13 +111,7 @@ async function silentStallOnce(m: MediatorProcess, group: string): Promise<numbe
   const link = await ProxiedReplica.start('bench-b');
   const { a, b } = await pair(m, group, link);
   try {
-    const writer = await Qd1Writer.start(a.nbdSocket, 'v', 16 << 20);
-    await sleep(500);
-    const from = writer.count;
-    link.setMode('blackhole');
-    await sleep(8_000);
-    const latencies = await writer.stop();
-    return Math.max(...latencies.slice(from));
+    return await slowestWriteAround(a, () => link.setMode('blackhole'), 8_000);
   } finally {
     await link.close();
     await a.dispose();
