@@ -3,7 +3,7 @@
 // the epoch and who holds it, as the mediator records it and as this copy has seen it.
 import { Command } from 'commander';
 import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
-import { LockstepError } from '../../lib/errors';
+import { LockstepError, errorMessage } from '../../lib/errors';
 import { MediatorClient } from '../../lib/mediator-client';
 import { outputOption, printJson, type OutputFormat } from '../output';
 
@@ -22,28 +22,73 @@ function mediatorOf(v: VolumeInfo): { address: string; group: string } {
   return { address: p.mediator, group: p.group };
 }
 
+/** The volumes `ctl failover` promotes: the one named, or every volume of `--group`. */
+async function failoverVolumes(
+  agent: AgentClient,
+  volume: string | undefined,
+  group: string | undefined,
+): Promise<string[]> {
+  if (!volume === !group)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      'name a volume or a consistency group (--group), not both',
+    );
+  if (volume) return [volume];
+  const g = (await agent.listGroups()).find((x) => x.name === group);
+  if (!g)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_GROUP_NOT_FOUND',
+      `this agent has no consistency group ${group}`,
+    );
+  return g.volumes;
+}
+
 export function failoverCommand(): Command {
   return new Command('failover')
-    .argument('<volume>', 'the copy to make primary (run against its agent)')
+    .argument('[volume]', 'the copy to make primary (run against its agent)')
+    .option('--group <name>', 'every volume of this consistency group on the agent')
     .description(
       'make this replica the primary through the mediator: granted only if the mediator counts it ' +
         'as in sync, so nothing acknowledged is lost; the old primary is fenced by the new epoch',
     )
     .addOption(outputOption())
-    .action(async (volume: string, opts: { output: OutputFormat }, cmd: Command) => {
-      const agent = clientOf(cmd);
-      try {
-        mediatorOf(await agent.getVolume(volume));
-        const promoted = await agent.promote(volume, false);
-        if (opts.output === 'json') return printJson(promoted);
-        const p = promoted.volume.replication?.protection;
-        process.stdout.write(
-          `volume ${volume} is primary in epoch ${p?.epoch ?? '?'}; connect the workload to ${promoted.volume.exportUri}\n`,
-        );
-      } finally {
-        agent.close();
-      }
-    });
+    .action(
+      async (
+        volume: string | undefined,
+        opts: { output: OutputFormat; group?: string },
+        cmd: Command,
+      ) => {
+        const agent = clientOf(cmd);
+        try {
+          const names = await failoverVolumes(agent, volume, opts.group);
+          // Every volume is checked before any is promoted: a group is not split by a typo.
+          for (const name of names) mediatorOf(await agent.getVolume(name));
+          const promoted = [];
+          for (const name of names) {
+            try {
+              promoted.push(await agent.promote(name, false));
+            } catch (err) {
+              if (promoted.length === 0) throw err;
+              throw new LockstepError(
+                'LOCKSTEP_ERR_NOT_ALLOWED',
+                `${promoted.map((p) => p.volume.name).join(', ')} became primary here, but ${name} was refused ` +
+                  `(${errorMessage(err)}): the group's primaries are now on different agents; ` +
+                  'promote the others where this one is primary, or this one with --force',
+              );
+            }
+          }
+          if (opts.output === 'json') return printJson(volume ? promoted[0] : promoted);
+          for (const p of promoted) {
+            const pr = p.volume.replication?.protection;
+            process.stdout.write(
+              `volume ${p.volume.name} is primary in epoch ${pr?.epoch ?? '?'}; connect the workload to ${p.volume.exportUri}\n`,
+            );
+          }
+        } finally {
+          agent.close();
+        }
+      },
+    );
 }
 
 export function epochCommand(): Command {

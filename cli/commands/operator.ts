@@ -25,8 +25,16 @@ export function operatorCommand(): Command {
       positiveInteger,
       1000,
     )
+    .option(
+      '--monitor-shards <n>',
+      'with --leader-elect: the relationships are monitored for a lost primary in this many ' +
+        'shards, spread over the replicas through Leases',
+      positiveInteger,
+      4,
+    )
     .action(
       async (opts: {
+        monitorShards: number;
         kubeconfig?: string;
         namespace: string;
         metricsListen?: string;
@@ -48,6 +56,7 @@ export function operatorCommand(): Command {
             metricsListen: opts.metricsListen,
             leaderElect: opts.leaderElect,
             agentPollMs: opts.agentPoll,
+            monitorShards: opts.monitorShards,
             log,
           });
         } catch (err) {

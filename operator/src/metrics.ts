@@ -23,6 +23,12 @@ export class ControllerMetrics {
   private readonly duration: client.Histogram;
   private readonly restarts: client.Counter;
   private readonly events: client.Counter;
+  /** Failovers this replica's monitor started, by relationship (namespace/name) and outcome. */
+  readonly failovers: client.Counter;
+  /** How long each monitored relationship's primary has been lost (0: it is not). */
+  readonly primaryLost: client.Gauge;
+  /** Monitoring shards this replica holds. */
+  readonly shardsHeld: client.Gauge;
   /** Read at scrape time, so the gauge is exact without touching the queue's hot path. */
   private readonly queueLengths = new Map<string, () => number>();
 
@@ -63,6 +69,23 @@ export class ControllerMetrics {
       name: 'lockstep_operator_informer_events_total',
       help: 'Changes delivered by informers to their handlers, by resource and kind.',
       labelNames: ['resource', 'kind'],
+      registers,
+    });
+    this.failovers = new client.Counter({
+      name: 'lockstep_operator_failovers_total',
+      help: 'Failovers started by this replica, by relationship and kind (failover, adopted).',
+      labelNames: ['relationship', 'kind'],
+      registers,
+    });
+    this.primaryLost = new client.Gauge({
+      name: 'lockstep_operator_primary_lost_seconds',
+      help: 'How long a monitored relationship’s primary has been lost, as its replicas see it.',
+      labelNames: ['relationship'],
+      registers,
+    });
+    this.shardsHeld = new client.Gauge({
+      name: 'lockstep_operator_monitor_shards',
+      help: 'Monitoring shards this operator replica holds.',
       registers,
     });
   }

@@ -16,7 +16,9 @@ import type {
 import { AgentPool } from './agents/agent-pool';
 import { AgentWatcher } from './agents/agent-watcher';
 import { SupervisedInformer } from './informers/supervised-informer';
+import { FailoverMonitor } from './failover/failover-monitor';
 import { LeaderElector } from './leader/lease-election';
+import { ShardLeases } from './leader/shard-leases';
 import { ControllerMetrics } from './metrics';
 import { ConsistencyGroupReconciler } from './reconcilers/consistency-group';
 import { LockstepNodeReconciler } from './reconcilers/lockstep-node';
@@ -40,6 +42,8 @@ export interface OperatorOptions {
   log: Logger;
   /** How often each agent's status is polled. */
   agentPollMs?: number;
+  /** With leaderElect: shards of relationships the replicas' failover monitors share. */
+  monitorShards?: number;
 }
 
 const LEADER_LEASE = 'lockstep-operator';
@@ -57,6 +61,8 @@ export class Operator {
   private readonly objects: k8s.CustomObjectsApi;
   private readonly core: k8s.CoreV1Api;
   private readonly pool = new AgentPool();
+  /** Short deadlines for the failover monitor's probes. */
+  private readonly probes = new AgentPool(2_000);
   private readonly queues = {
     relationships: new WorkQueue(),
     groups: new WorkQueue(),
@@ -68,6 +74,8 @@ export class Operator {
   private loops: Promise<void>[] = [];
   private watcher: AgentWatcher | undefined;
   private elector: LeaderElector | undefined;
+  private shards: ShardLeases | undefined;
+  private monitor: FailoverMonitor | undefined;
   private metricsServer: { close(): Promise<void> } | undefined;
 
   readonly relationships: SupervisedInformer<SyncRelationship>;
@@ -221,6 +229,40 @@ export class Operator {
       this.metricsAddress = served.address;
     }
     await Promise.all(this.informers.map((i) => i.start()));
+    const events = new EventRecorder(options.kc, this.identity, log);
+    // Every replica monitors its shards, leader or not: a failover must not wait for an
+    // election.
+    if (options.leaderElect) {
+      this.shards = new ShardLeases({
+        kc: options.kc,
+        namespace: options.namespace,
+        identity: this.identity,
+        shards: options.monitorShards ?? 4,
+        log: log.child({ subsystem: 'monitor-shards' }),
+      });
+      this.shards.start();
+    }
+    const shards = this.shards;
+    this.monitor = new FailoverMonitor({
+      relationships: this.relationships,
+      groups: this.groups,
+      nodes: this.nodes,
+      lookup: this.lookup,
+      agents: this.pool,
+      probes: this.probes,
+      objects: this.objects,
+      events,
+      shards: {
+        owns: (key) => {
+          if (!shards) return true;
+          this.metrics.shardsHeld.set(shards.shards.length);
+          return shards.owns(key);
+        },
+      },
+      metrics: this.metrics,
+      log: log.child({ subsystem: 'failover-monitor' }),
+    });
+    this.monitor.start();
     if (options.leaderElect) {
       this.elector = new LeaderElector({
         kc: options.kc,
@@ -243,7 +285,6 @@ export class Operator {
       if (r.spec.snapshotSchedules?.length) this.queues.schedules.add(keyOf(r));
     }
 
-    const events = new EventRecorder(options.kc, this.identity, log);
     const rel = new SyncRelationshipReconciler({
       relationships: this.relationships,
       groups: this.groups,
@@ -324,12 +365,15 @@ export class Operator {
   }
 
   async stop(): Promise<void> {
+    this.monitor?.stop();
+    await this.shards?.stop();
     this.watcher?.stop();
     for (const q of Object.values(this.queues)) q.shutDown();
     await Promise.all(this.loops);
     await this.elector?.release();
     await Promise.all(this.informers.map((i) => i.stop()));
     this.pool.close();
+    this.probes.close();
     await this.metricsServer?.close();
     this.log.info('operator stopped');
   }

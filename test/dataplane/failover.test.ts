@@ -24,6 +24,7 @@ import {
 
 interface Protection {
   mediator: string;
+  group: string;
   epoch: number;
   acceptsWrites: boolean;
   state: string;
@@ -274,6 +275,69 @@ describe('failover through a mediator', () => {
     await writer;
     expect(await verifyAckedWrites(b.agent.uri('v'), log)).toBeGreaterThan(0);
     expect((await record('v')).primary).toBe(b.address);
+  });
+
+  it('fails a consistency group over by hand with ctl failover --group, each volume through the mediator', async () => {
+    seen.length = 0;
+    const a = replicationAgent('node-a');
+    agents.push(a);
+    await a.start();
+    const b = replicationAgent('node-b');
+    agents.push(b);
+    await b.start();
+    for (const v of ['g1', 'g2']) {
+      await a.createVolume(v, '16MiB');
+      await a.ctl(
+        'replicate',
+        v,
+        '--to',
+        b.grpcAddress,
+        '--mediator',
+        mediator.address,
+        '--failover',
+        'manual',
+      );
+      await waitPeer(a, v, b, inSync, 'in sync');
+    }
+    await a.ctl('group', 'create', 'db', 'g1', 'g2');
+    await b.ctl('group', 'create', 'db', 'g1', 'g2');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x31 0 1m', a.uri('g1')]);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x32 0 1m', a.uri('g2')]);
+    // Each volume has its own record (its group defaults to the volume's UUID).
+    const groups: string[] = await Promise.all(
+      ['g1', 'g2'].map(async (v) => (await protection(a, v)).group),
+    );
+    await waitFor(
+      'the mediator to count B in sync for both volumes',
+      async () => {
+        const rs = await Promise.all(groups.map((g) => client.record(g)));
+        return rs.every((r) => r.inSync.includes(b.grpcAddress)) || undefined;
+      },
+      10_000,
+    );
+    // While A streams to it, B may not take over: A would be cut off with writes in flight.
+    await expect(b.ctl('failover', '--group', 'db')).rejects.toThrow(/primary|replicat/i);
+    await expect(b.ctl('failover', 'g1', '--group', 'db')).rejects.toThrow(/not both/);
+    await expect(b.ctl('failover', '--group', 'nope')).rejects.toThrow(/no consistency group nope/);
+
+    await a.kill('SIGKILL');
+    // Manual: B only reports that it has lost its primary.
+    await waitFor(
+      'B to report its primary lost',
+      async () => (await protection(b, 'g1')).state === 'manual' || undefined,
+      10_000,
+    );
+    expect((await protection(b, 'g1')).role).toBe('secondary');
+    const before = await Promise.all(groups.map((g) => client.record(g)));
+    const out = await b.ctl('failover', '--group', 'db');
+    expect(out).toContain('volume g1 is primary in epoch');
+    expect(out).toContain('volume g2 is primary in epoch');
+    for (const [i, g] of groups.entries()) {
+      const r = await client.record(g);
+      expect(r).toMatchObject({ epoch: before[i].epoch + 1, primary: b.grpcAddress });
+    }
+    await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x31 0 1m', b.uri('g1')]);
+    await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x32 0 1m', b.uri('g2')]);
   });
 
   it('answers bad mediator settings with a clear error and changes nothing', async () => {

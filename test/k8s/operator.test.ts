@@ -12,7 +12,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
-import { fioVerify } from '../harness/agent-process';
+import { fioVerify, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
+import { ackedCount } from '../harness/follow-writer';
+import { MediatorProcess } from '../harness/mediator-process';
+import { shardOf } from '../../operator/src/leader/shard-leases';
 import {
   NAMESPACE,
   OperatorProcess,
@@ -45,7 +48,8 @@ interface Condition {
   observedGeneration: number;
 }
 interface RelationshipJson {
-  metadata: { finalizers?: string[]; generation: number };
+  metadata: { finalizers?: string[]; generation: number; annotations?: Record<string, string> };
+  spec: { primary: string };
   status?: {
     phase?: string;
     progression?: string;
@@ -55,6 +59,19 @@ interface RelationshipJson {
     lastInSyncTime?: string;
     observedGeneration?: number;
     move?: { fromNode: string; toNode: string; phase: string; totalBytes: number };
+    failover?: {
+      mediator: string;
+      epoch: number;
+      exports: Array<{ volume: string; uri: string }>;
+      lastFailover?: {
+        fromNode: string;
+        toNode: string;
+        epoch: number;
+        startTime: string;
+        durationSeconds?: number;
+        reason: string;
+      };
+    };
     conditions?: Condition[];
   };
 }
@@ -165,6 +182,8 @@ describe('operator on a real control plane', () => {
       ['log', 'k8s-node-a', '32Mi'],
       ['data2', 'k8s-node-a', '64Mi'],
       ['moved', 'k8s-node-a', '32Mi'],
+      ['fo1', 'k8s-node-a', '32Mi'],
+      ['fo2', 'k8s-node-a', '32Mi'],
       ['replica', 'k8s-node-b', '256Mi'],
     ];
     for (const [name, node, size] of volumes) {
@@ -176,7 +195,7 @@ describe('operator on a real control plane', () => {
     patterned(path.join(disks.data ?? '', 'disk.img'), 64 * MiB, 24 * MiB, 1);
     patterned(path.join(disks.data2 ?? '', 'disk.img'), 64 * MiB, 40 * MiB, 2);
     patterned(path.join(disks.moved ?? '', 'disk.img'), 32 * MiB, 24 * MiB, 3);
-    await waitBound(NS, ['data', 'log', 'data2', 'moved', 'replica']);
+    await waitBound(NS, ['data', 'log', 'data2', 'moved', 'fo1', 'fo2', 'replica']);
     const first = await new OperatorProcess('operator-1', operatorKc).start();
     operators.push(first);
     await first.leading();
@@ -596,7 +615,7 @@ describe('operator on a real control plane', () => {
     await phase('db-sync', 'InSync', 60_000);
   });
 
-  it('makes no API writes at rest for 60 s (agents only renew their leases)', async () => {
+  it('makes no API writes at rest for 60 s (agents and operators only renew their leases)', async () => {
     await phase('db-sync', 'InSync');
     await new Promise((r) => setTimeout(r, 3_000));
     const from = auditSize();
@@ -607,9 +626,19 @@ describe('operator on a real control plane', () => {
     const leaderRenewals = byOperator.filter(
       (e) => e.objectRef?.resource === 'leases' && e.objectRef.name === 'lockstep-operator',
     );
+    // The failover monitors' shard and member Leases, renewed in place.
+    const monitorRenewals = byOperator.filter(
+      (e) =>
+        e.objectRef?.resource === 'leases' &&
+        e.verb === 'update' &&
+        e.objectRef.name?.startsWith('lockstep-monitor-'),
+    );
     // Counting works: the leader's own lease renewals are there, and nothing else is.
     expect(leaderRenewals.length).toBeGreaterThan(0);
-    expect(byOperator.filter((e) => !leaderRenewals.includes(e))).toEqual([]);
+    expect(monitorRenewals.length).toBeGreaterThan(0);
+    expect(
+      byOperator.filter((e) => !leaderRenewals.includes(e) && !monitorRenewals.includes(e)),
+    ).toEqual([]);
     const byAgents = writes.filter((e) => e.user.username === AGENT_USER);
     expect(byAgents.length).toBeGreaterThan(0);
     expect(byAgents.filter((e) => e.objectRef?.resource !== 'leases')).toEqual([]);
@@ -854,6 +883,225 @@ describe('operator on a real control plane', () => {
       await c.dispose();
     }
   }, 180_000);
+
+  describe('failover through a mediator', () => {
+    let mediator: MediatorProcess;
+    const role = async (agent: AgentProcess, volume: string) =>
+      (JSON.parse(await agent.ctl('status', volume, '-o', 'json')) as { role: string }).role;
+    const failedOver = (name: string, toNode: string, timeoutMs: number) =>
+      waitFor(
+        `${name} failed over to ${toNode}`,
+        () => {
+          const r = relationship(name);
+          const f = r.status?.failover?.lastFailover;
+          return Promise.resolve(
+            r.spec.primary !== 'source' &&
+              f?.toNode === toNode &&
+              f.durationSeconds !== undefined &&
+              r.status?.primaryNode === toNode
+              ? r
+              : undefined,
+          );
+        },
+        timeoutMs,
+        100,
+      );
+
+    beforeAll(async () => {
+      mediator = await new MediatorProcess().start();
+    });
+    afterAll(async () => {
+      await mediator?.dispose();
+    });
+
+    function failoverRelationship(name: string, pvc: string) {
+      apply({
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'ConsistencyGroup',
+        metadata: { name, namespace: NS },
+        spec: { volumes: [{ name: 'data', pvc }] },
+      });
+      apply({
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'SyncRelationship',
+        metadata: { name: `${name}-sync`, namespace: NS },
+        spec: {
+          consistencyGroup: name,
+          source: { node: 'k8s-node-a' },
+          targets: [{ node: 'k8s-node-b' }],
+          failover: { policy: 'Automatic', mediator: mediator.address, grace: '2s' },
+        },
+      });
+    }
+
+    it('refuses Automatic failover without a mediator', () => {
+      expect(() =>
+        apply({
+          apiVersion: 'lockstep.dev/v1alpha1',
+          kind: 'SyncRelationship',
+          metadata: { name: 'no-mediator', namespace: NS },
+          spec: {
+            consistencyGroup: 'none',
+            source: { node: 'k8s-node-a' },
+            targets: [{ node: 'k8s-node-b' }],
+            failover: { policy: 'Automatic' },
+          },
+        }),
+      ).toThrow(/failover.policy Automatic needs failover.mediator/);
+    });
+
+    it('fails over when the primary’s agent is SIGKILLed: the replica is granted the next epoch, spec.primary and status name it, nothing acknowledged is lost; the old primary rejoins as a replica', async () => {
+      failoverRelationship('fo1', 'fo1');
+      const volume = `${NS}.fo1.data`;
+      const ready = await waitFor(
+        'fo1-sync in sync with a mediator epoch',
+        () => {
+          const r = relationship('fo1-sync');
+          return Promise.resolve(
+            r.status?.phase === 'InSync' && (r.status.failover?.epoch ?? 0) >= 1 ? r : undefined,
+          );
+        },
+        60_000,
+        100,
+      );
+      expect(ready.status?.failover).toMatchObject({
+        mediator: mediator.address,
+        exports: [{ volume: 'data', uri: a.uri(volume) }],
+      });
+      const epoch = ready.status?.failover?.epoch ?? 0;
+
+      const log = path.join(root, 'fo1-acked.log');
+      const writer = startAckWriter(a.uri(volume), log, 1_000_000, 8, 2048);
+      await waitFor(
+        'writes acknowledged',
+        () => Promise.resolve(ackedCount(log) >= 300 || undefined),
+        30_000,
+        20,
+      );
+      const killedAt = Date.now();
+      await a.kill('SIGKILL');
+      await writer.catch(() => undefined);
+
+      const done = await failedOver('fo1-sync', 'k8s-node-b', 30_000);
+      expect(Date.now() - killedAt).toBeLessThan(15_000);
+      expect(done.spec.primary).toBe('k8s-node-b');
+      expect(done.status?.failover?.lastFailover).toMatchObject({
+        fromNode: 'k8s-node-a',
+        toNode: 'k8s-node-b',
+        epoch: epoch + 1,
+      });
+      expect(done.status?.failover?.exports).toEqual([{ volume: 'data', uri: b.uri(volume) }]);
+      expect(await role(b, volume)).toBe('primary');
+      expect(await verifyAckedWrites(b.uri(volume), log)).toBeGreaterThan(0);
+      const reasons = eventsOf('fo1-sync').map((e) => e.reason);
+      expect(reasons.filter((r) => r === 'FailingOver')).toHaveLength(1);
+      expect(reasons.filter((r) => r === 'FailedOver')).toHaveLength(1);
+      const metrics = await operators[1]?.scrape();
+      expect(metrics).toMatch(/lockstep_operator_monitor_shards \d/);
+
+      // node-a comes back: its copy was replaced, it follows node-b; nobody switches back.
+      await b.ctl('status', volume);
+      await fioVerify(b.uri(volume), '2M');
+      await a.start();
+      const rejoined = await waitFor(
+        'fo1-sync in sync again with node-b primary',
+        () => {
+          const r = relationship('fo1-sync');
+          return Promise.resolve(
+            r.status?.phase === 'InSync' && r.status.primaryNode === 'k8s-node-b' ? r : undefined,
+          );
+        },
+        60_000,
+        100,
+      );
+      // node-b's catch-up of node-a is recorded at the mediator in a further epoch.
+      expect(rejoined.status?.failover?.epoch).toBeGreaterThanOrEqual(epoch + 1);
+      const record = JSON.parse(await b.ctl('epoch', volume, '-o', 'json')) as {
+        record: { primary: string; inSync: string[] };
+      };
+      expect(record.record.primary).toBe(b.grpcAddress);
+      expect(await role(a, volume)).toBe('secondary');
+      expect(await role(b, volume)).toBe('primary');
+      await expectSameImages(a.uri(volume), b.uri(volume));
+    }, 150_000);
+
+    it('completes a failover once when the operator monitoring it is SIGKILLed in the middle', async () => {
+      const third = await new OperatorProcess('operator-3', operatorKc).start();
+      operators.push(third);
+      failoverRelationship('fo2', 'fo2');
+      const volume = `${NS}.fo2.data`;
+      const ready = await waitFor(
+        'fo2-sync in sync with a mediator epoch',
+        () => {
+          const r = relationship('fo2-sync');
+          return Promise.resolve(
+            r.status?.phase === 'InSync' && (r.status.failover?.epoch ?? 0) >= 1 ? r : undefined,
+          );
+        },
+        60_000,
+        100,
+      );
+      const epoch = ready.status?.failover?.epoch ?? 0;
+      // Which replica holds the relationship's shard: the shards are spread over both.
+      const lease = `lockstep-monitor-shard-${shardOf(`${NS}/fo2-sync`, 4)}`;
+      const holders = await waitFor(
+        'the shards spread over the two live operators',
+        () => {
+          const leases = getJson<{
+            items: Array<{ metadata: { name: string }; spec: { holderIdentity?: string } }>;
+          }>('leases', '-n', NAMESPACE, '-l', 'lockstep.dev/monitor=shard');
+          const by = new Map(
+            leases.items.map((l) => [l.metadata.name, l.spec.holderIdentity ?? '']),
+          );
+          const live = operators.filter(
+            (o) => o.proc.child.exitCode === null && o.proc.child.signalCode === null,
+          );
+          const spread = live.every((o) =>
+            [...by.values()].some((h) => o.proc.log().includes(h) && h),
+          );
+          return Promise.resolve(spread && by.get(lease) ? { by, live } : undefined);
+        },
+        60_000,
+        200,
+      );
+      const holder = holders.by.get(lease) ?? '';
+      const monitoring = holders.live.find((o) => o.proc.log().includes(holder));
+      const other = holders.live.find((o) => o !== monitoring);
+      expect(monitoring).toBeDefined();
+      expect(other).toBeDefined();
+
+      const log = path.join(root, 'fo2-acked.log');
+      const writer = startAckWriter(a.uri(volume), log, 1_000_000, 8, 2048);
+      await waitFor(
+        'writes acknowledged',
+        () => Promise.resolve(ackedCount(log) >= 300 || undefined),
+        30_000,
+        20,
+      );
+      // The primary is lost and, before its grace period is out, so is the operator that
+      // watches it: the other replica takes the shard over and finishes the failover.
+      await a.kill('SIGKILL');
+      await writer.catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 1_000));
+      await monitoring?.proc.kill('SIGKILL');
+
+      const done = await failedOver('fo2-sync', 'k8s-node-b', 60_000);
+      expect(done.status?.failover?.lastFailover?.epoch).toBe(epoch + 1);
+      expect(await role(b, volume)).toBe('primary');
+      expect(await verifyAckedWrites(b.uri(volume), log)).toBeGreaterThan(0);
+      // Exactly once: one intent, one grant.
+      const reasons = eventsOf('fo2-sync').map((e) => e.reason);
+      expect(reasons.filter((r) => r === 'FailingOver')).toHaveLength(1);
+      const record = JSON.parse(await b.ctl('epoch', volume, '-o', 'json')) as {
+        record: { epoch: number; primary: string };
+      };
+      expect(record.record).toMatchObject({ epoch: epoch + 1, primary: b.grpcAddress });
+      expect(other?.proc.log()).toContain('"msg":"fail-over"');
+      await a.start();
+      await phase('fo2-sync', 'InSync', 60_000);
+      expect(await role(a, volume)).toBe('secondary');
+    }, 180_000);
+  });
 });
 
 /** The snapshots of a volume, as the agent lists them. */

@@ -115,8 +115,8 @@ describe('locating a PVC', () => {
 
 describe('relationship status from the agents’ view', () => {
   const rel = syncRelationship({ generation: 3 });
-  const a = { node: 'a', endpoint: 'a:1' };
-  const b = { node: 'b', endpoint: 'b:1' };
+  const a = { node: 'a', endpoint: 'a:1', ready: true };
+  const b = { node: 'b', endpoint: 'b:1', ready: true };
   const plan: Plan = {
     source: a,
     targets: [b],

@@ -145,8 +145,8 @@ describe('planning a relationship', () => {
   it('resolves the sides, each volume’s file on the source and its replica on the target PVC', () => {
     const { sources } = world();
     const plan = planRelationship(relationship('db-sync'), sources, NOW);
-    const a = { node: 'a', endpoint: 'a:7400' };
-    const b = { node: 'b', endpoint: 'b:7400' };
+    const a = { node: 'a', endpoint: 'a:7400', ready: true };
+    const b = { node: 'b', endpoint: 'b:7400', ready: true };
     expect(plan).toEqual({
       source: a,
       targets: [b],
@@ -192,8 +192,8 @@ describe('planning a relationship', () => {
 
     moved.status = { primaryNode: 'a' };
     const plan = planRelationship(moved, sources, NOW);
-    expect(plan.source).toEqual({ node: 'c', endpoint: 'c:7400' });
-    expect(plan.moveFrom).toEqual({ node: 'a', endpoint: 'a:7400' });
+    expect(plan.source).toEqual({ node: 'c', endpoint: 'c:7400', ready: true });
+    expect(plan.moveFrom).toEqual({ node: 'a', endpoint: 'a:7400', ready: true });
     expect(plan.volumes.map((v) => v.dataPath)).toEqual(['', '']);
     // Under way, the move's own record names the node it started from.
     moved.status = { primaryNode: 'a', move: { ...moveStatus, fromNode: 'a' } };
@@ -229,7 +229,7 @@ describe('planning a relationship', () => {
     ],
     ['AgentNotRegistered', (s) => s.nodes.delete('b'), {}],
     ['AgentNotReady', (s) => s.leases.set('a', lease(new Date(NOW.getTime() - 60_000))), {}],
-    ['AgentNotReady', (s) => s.leases.delete('b'), {}], // never heartbeated
+    ['AgentNotReady', (s) => s.leases.delete('b'), { primary: 'b' }], // never heartbeated
     ['NoVolumes', (s) => (s.group.spec.volumes = []), {}],
     ['PVCNotBound', (s) => s.pvcs.set('log', pvc('log', 'Pending')), {}],
     ['VolumeNotOnSource', (s) => s.pvs.set('pv-log', localPv('log', 'b', '32Mi')), {}],
@@ -242,6 +242,20 @@ describe('planning a relationship', () => {
     expect(blockedReason(() => planRelationship(relationship('db-sync', spec), sources, NOW))).toBe(
       reason,
     );
+  });
+
+  it('plans around a lost replica or a lost source that is no longer primary, marked not ready', () => {
+    const { state, sources } = world();
+    state.leases.delete('b');
+    const plan = planRelationship(relationship('db-sync'), sources, NOW);
+    expect(plan.targets.map((t) => [t.node, t.ready])).toEqual([['b', false]]);
+    expect(plan.primary).toMatchObject({ node: 'a', ready: true });
+
+    state.leases.set('b', lease(NOW));
+    state.leases.set('a', lease(new Date(NOW.getTime() - 60_000)));
+    const failedOver = planRelationship(relationship('db-sync', { primary: 'b' }), sources, NOW);
+    expect(failedOver.source).toMatchObject({ node: 'a', ready: false });
+    expect(failedOver.primary).toMatchObject({ node: 'b', ready: true });
   });
 
   it('gives the group to the oldest live relationship, by name on a tie, whatever the timestamps’ form', () => {

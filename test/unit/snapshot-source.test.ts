@@ -98,10 +98,10 @@ describe('resolving a replicated snapshot’s source', () => {
       group: 'db',
       agentGroup: 'ns.db',
       relationship: 'db-sync',
-      primary: { node: 'a', endpoint: 'a:7400' },
+      primary: { node: 'a', endpoint: 'a:7400', ready: true },
       sides: [
-        { node: 'a', endpoint: 'a:7400' },
-        { node: 'b', endpoint: 'b:7400' },
+        { node: 'a', endpoint: 'a:7400', ready: true },
+        { node: 'b', endpoint: 'b:7400', ready: true },
       ],
       volumes: [
         { name: 'data', pvc: 'db-data', agentName: 'ns.db.data', sizeBytes: 64 * MiB },

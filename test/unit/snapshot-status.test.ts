@@ -20,8 +20,8 @@ const UID = '0b7c6f0e-1d2a-4c3b-9e8f-a1b2c3d4e5f6';
 const ID = `rs-${UID}`;
 const MiB = 2 ** 20;
 
-const a = { node: 'a', endpoint: 'a:7400' };
-const b = { node: 'b', endpoint: 'b:7400' };
+const a = { node: 'a', endpoint: 'a:7400', ready: true };
+const b = { node: 'b', endpoint: 'b:7400', ready: true };
 
 const source: SnapshotSource = {
   group: 'db',

@@ -11,6 +11,8 @@ const DNS_LABEL = '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$';
 /** A snapshot label, as the agents accept it (the same rule as their snapshot names). */
 const SNAPSHOT_LABEL = '^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$';
 const HOST_PORT = '^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$';
+/** Durations as lib/duration.ts reads them: 500ms, 5s, 1m30s. */
+const DURATION = '^([0-9]+(ms|s|m|h))+$';
 
 interface Kind {
   kind: string;
@@ -168,12 +170,32 @@ const syncRelationship: Kind = {
           default: 65536,
         }),
       }),
-      failover: obj('What happens when the primary is lost.', {
-        policy: str('Manual: an operator switches. Automatic: the mediator decides.', {
-          enum: ['Manual', 'Automatic'],
-          default: 'Manual',
-        }),
-      }),
+      failover: obj(
+        'Split brain protection and what happens when the primary is lost. With a mediator, ' +
+          'a primary that loses a replica continues only once the mediator grants it a new ' +
+          'epoch, and every copy refuses writes of older epochs.',
+        {
+          policy: str(
+            'Manual: the operator reports a lost primary and waits (set spec.primary, or ' +
+              '`lockstep ctl failover`). Automatic: once the primary has been lost for the grace ' +
+              'period, the operator asks the mediator to make an in-sync replica primary and ' +
+              'writes it to spec.primary.',
+            { enum: ['Manual', 'Automatic'], default: 'Manual' },
+          ),
+          mediator: str('HOST:PORT of a `lockstep mediator` in a third failure domain.', {
+            pattern: HOST_PORT,
+          }),
+          grace: str('How long the primary must be lost before a failover (e.g. 5s).', {
+            pattern: DURATION,
+            default: '5s',
+          }),
+          suspendLimit: str(
+            'How long a primary that lost a replica and cannot reach the mediator holds writes ' +
+              'before failing them (e.g. 30s).',
+            { pattern: DURATION, default: '30s' },
+          ),
+        },
+      ),
       deleteDataOnRemoval: bool(
         'Delete replica files when the relationship is deleted (default: keep them).',
       ),
@@ -220,6 +242,10 @@ const syncRelationship: Kind = {
           'self.targets.all(t, !has(t.node) || t.node != self.source.node)',
           'a target cannot be the source node',
         ),
+        rule(
+          "!has(self.failover) || self.failover.policy != 'Automatic' || has(self.failover.mediator)",
+          'failover.policy Automatic needs failover.mediator: without one a lost primary cannot be told from a cut link',
+        ),
       ],
     },
   ),
@@ -250,6 +276,24 @@ const syncRelationship: Kind = {
         time: str('When it was taken.', { format: 'date-time' }),
       }),
     ),
+    failover: obj('Split brain protection: the epoch, and the last failover.', {
+      mediator: str('The mediator; empty: split brain protection is off.'),
+      epoch: int('The epoch the primary writes in (every promotion starts a new one).'),
+      exports: arr(
+        'Where the workload must connect: each volume’s NBD export on the primary. After a ' +
+          'failover, restart the workload against them.',
+        obj('One volume’s export.', { volume: str('The group’s volume.'), uri: str('NBD URI.') }),
+      ),
+      primaryLostSeconds: int('While the primary is lost: for how long, as its replicas see it.'),
+      lastFailover: obj('The last failover the operator made.', {
+        fromNode: str('The primary that was lost.'),
+        toNode: str('The replica made primary.'),
+        epoch: int('The epoch the mediator granted it.'),
+        startTime: str('When the operator asked the mediator.', { format: 'date-time' }),
+        durationSeconds: num('From the request to the new primary accepting writes.'),
+        reason: str('Why: what the operator saw.'),
+      }),
+    }),
     move: obj('A move of the primary to a new source node, while it is under way.', {
       fromNode: str('The node that was primary when the move began.'),
       toNode: str('The new source node.'),

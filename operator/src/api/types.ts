@@ -40,6 +40,33 @@ export interface Target {
   pvc?: string;
 }
 
+export interface FailoverSpec {
+  policy?: 'Manual' | 'Automatic';
+  mediator?: string;
+  grace?: string;
+  suspendLimit?: string;
+}
+
+export interface LastFailover {
+  fromNode: string;
+  toNode: string;
+  epoch: number;
+  startTime: string;
+  durationSeconds?: number;
+  reason: string;
+}
+
+/** The annotation the failover monitor writes with spec.primary: a LastFailover, as JSON. */
+export const FAILOVER_ANNOTATION = 'lockstep.dev/failover';
+
+export interface FailoverStatus {
+  mediator: string;
+  epoch: number;
+  exports: { volume: string; uri: string }[];
+  primaryLostSeconds?: number;
+  lastFailover?: LastFailover;
+}
+
 export type RelationshipPhase =
   'Pending' | 'Baselining' | 'InSync' | 'Resyncing' | 'Degraded' | 'SplitBrain' | 'Failed';
 
@@ -53,6 +80,7 @@ export interface SyncRelationshipStatus {
   lastInSyncTime?: string;
   lastConsistentSnapshots?: ConsistentSnapshot[];
   move?: MoveStatus;
+  failover?: FailoverStatus;
   conditions?: Condition[];
 }
 
@@ -88,7 +116,7 @@ export type SyncRelationship = Resource<
     targets: Target[];
     primary: string;
     resync?: { maxBytesPerSecond?: number; regionSize?: number };
-    failover?: { policy?: 'Manual' | 'Automatic' };
+    failover?: FailoverSpec;
     deleteDataOnRemoval?: boolean;
     snapshotSchedules?: SnapshotSchedule[];
   },

@@ -266,7 +266,7 @@ export class LeaderElector {
   }
 }
 
-function describe(err: unknown): string {
+export function describe(err: unknown): string {
   // An ApiException's message carries the whole response, headers included; the status and
   // the apiserver's own message are what a reader needs.
   if (err instanceof ApiException) {

@@ -28,7 +28,15 @@ import { agentGroupName } from '../resolve/snapshot-source';
 import { stepMove } from '../../../lib/group-move';
 import { sameJson } from '../status/conditions';
 import type { EventRecorder } from '../status/event-recorder';
-import { blockedStatus, phaseEvent, summarize, type Observed } from '../status/relationship-status';
+import {
+  blockedStatus,
+  failoverEvent,
+  phaseEvent,
+  summarize,
+  type Observed,
+} from '../status/relationship-status';
+import { graceOf } from '../failover/failover-monitor';
+import { parseDuration } from '../../../lib/duration';
 import { withFinalizer } from '../status/finalizer';
 import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
@@ -104,32 +112,43 @@ export class SyncRelationshipReconciler {
     const mode = AGENT_MODE[rel.spec.mode];
     const regionSize = rel.spec.resync?.regionSize ?? DEFAULT_REGION_SIZE;
     const rate = rel.spec.resync?.maxBytesPerSecond ?? 0;
+    const mediator = mediatorOf(rel);
     const out: VolumeInfo[] = [];
     for (const v of plan.volumes) {
-      let vol = await getOrCreate(source, v.agentName, () =>
-        source.createVolume(v.agentName, v.sizeBytes, { dataPath: v.dataPath }),
+      // The source's copy is the origin (the PVC's file, adopted). While a lost source is not
+      // the primary (after a failover), the primary's copy stands in for it.
+      const onSource = await this.onSide(plan, plan.source, () =>
+        getOrCreate(source, v.agentName, () =>
+          source.createVolume(v.agentName, v.sizeBytes, { dataPath: v.dataPath }),
+        ),
       );
-      if (vol.dataPath !== v.dataPath) {
+      const origin =
+        onSource ?? (await this.deps.agents.get(plan.primary.endpoint).getVolume(v.agentName));
+      if (onSource && onSource.dataPath !== v.dataPath) {
         throw new Blocked(
           'VolumeConflict',
-          `agent ${plan.source.node} already has a volume ${v.agentName} on ${vol.dataPath || 'its data dir'}, not ${v.dataPath}`,
+          `agent ${plan.source.node} already has a volume ${v.agentName} on ${origin.dataPath || 'its data dir'}, not ${v.dataPath}`,
         );
       }
       for (const t of plan.targets) {
         const path = v.targetPaths.get(t.node);
         if (!path) continue;
         const agent = this.deps.agents.get(t.endpoint);
-        await getOrCreate(agent, v.agentName, () =>
-          agent.createVolume(v.agentName, vol.sizeBytes, {
-            dataPath: path,
-            secondaryOfUuid: vol.uuid,
-          }),
+        await this.onSide(plan, t, () =>
+          getOrCreate(agent, v.agentName, () =>
+            agent.createVolume(v.agentName, origin.sizeBytes, {
+              dataPath: path,
+              secondaryOfUuid: origin.uuid,
+            }),
+          ),
         );
       }
+      let vol = origin;
       if (plan.primary !== plan.source || vol.role !== 'primary') {
         vol = await this.switchPrimary(rel, plan, v.agentName);
       }
       const primary = this.deps.agents.get(plan.primary.endpoint);
+      // Lost sides stay peers: the primary tracks what they miss.
       const want = [plan.source, ...plan.targets]
         .filter((s) => s !== plan.primary)
         .map((s) => s.endpoint)
@@ -141,7 +160,8 @@ export class SyncRelationshipReconciler {
         r.mode !== mode ||
         r.regionSize !== regionSize ||
         !sameJson(have, want) ||
-        r.maxResyncBytesPerSecond !== rate
+        r.maxResyncBytesPerSecond !== rate ||
+        !sameProtection(r.protection, mediator)
       ) {
         vol = await primary.replicate({
           name: v.agentName,
@@ -150,6 +170,7 @@ export class SyncRelationshipReconciler {
           regionSize,
           maxResyncBytesPerSecond: rate,
           replaceTargets: true,
+          ...(mediator ? { mediator } : {}),
         });
         this.deps.log.info(
           { relationship: rel.metadata.name, volume: v.agentName, targets: want, mode },
@@ -159,6 +180,22 @@ export class SyncRelationshipReconciler {
       out.push(vol);
     }
     return out;
+  }
+
+  /**
+   * `step` on a side's agent; undefined if the side is lost and not the primary (its heartbeat
+   * lapsed or it does not answer): the primary tracks what it misses, and it is set up again
+   * when it is back.
+   */
+  private async onSide<T>(plan: Plan, side: Side, step: () => Promise<T>): Promise<T | undefined> {
+    if (side === plan.primary) return step();
+    if (!side.ready) return undefined;
+    try {
+      return await step();
+    } catch (err) {
+      if (isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) return undefined;
+      throw err;
+    }
   }
 
   /**
@@ -337,9 +374,53 @@ export class SyncRelationshipReconciler {
   /** Writes the status if it changed, with an Event when the phase moved. */
   private async writeStatus(rel: SyncRelationship, status: SyncRelationshipStatus): Promise<void> {
     const event = phaseEvent(rel.status, status);
-    if (!(await writeStatusIfChanged(this.deps.objects, PLURAL, rel, status)) || !event) return;
-    await this.deps.events.record(rel, event.type, event.reason, event.message);
+    const failedOver = failoverEvent(rel.status, status);
+    if (!(await writeStatusIfChanged(this.deps.objects, PLURAL, rel, status))) return;
+    if (failedOver) {
+      this.deps.log.warn({ relationship: rel.metadata.name }, failedOver);
+      await this.deps.events.record(rel, 'Warning', 'FailedOver', failedOver);
+    }
+    if (event) await this.deps.events.record(rel, event.type, event.reason, event.message);
   }
+}
+
+interface AgentMediator {
+  address: string;
+  failover: string;
+  graceMs: number;
+  suspendLimitMs: number;
+}
+
+/**
+ * The agents' mediator settings for the relationship. Their own failover is manual: in a
+ * cluster the operator's monitor decides when a primary is lost (failover/failover-monitor.ts).
+ */
+function mediatorOf(rel: SyncRelationship): AgentMediator | undefined {
+  const f = rel.spec.failover;
+  if (!f?.mediator) return undefined;
+  return {
+    address: f.mediator,
+    failover: 'manual',
+    graceMs: graceOf(rel),
+    suspendLimitMs: parseDuration(f.suspendLimit ?? '30s', 'failover.suspendLimit'),
+  };
+}
+
+/** A volume's protection already is what the relationship asks (a mediator is never removed). */
+function sameProtection(
+  p:
+    | { mediator: string; failover: string; graceMs: number; suspendLimitMs: number }
+    | null
+    | undefined,
+  want: AgentMediator | undefined,
+): boolean {
+  if (!want) return true;
+  return (
+    p?.mediator === want.address &&
+    p.failover === want.failover &&
+    Number(p.graceMs) === want.graceMs &&
+    Number(p.suspendLimitMs) === want.suspendLimitMs
+  );
 }
 
 async function getOrCreate(

@@ -11,6 +11,11 @@ import { groupVolumes, locate, type Lookup } from './group-volumes';
 export interface Side {
   node: string;
   endpoint: string;
+  /**
+   * Its agent's heartbeat is fresh. Only the primary must be ready: a lost replica is tracked
+   * by the primary, and a lost source that is no longer primary (after a failover) waits.
+   */
+  ready: boolean;
 }
 
 export interface VolumePlan {
@@ -132,22 +137,23 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
       `primary ${spec.primary} is neither "source" nor a target node`,
     );
   }
+  for (const s of [primary, ...(moveFrom ? [moveFrom] : [])]) {
+    if (!s.ready)
+      throw new Blocked(
+        'AgentNotReady',
+        `the Lockstep agent of node ${s.node} is not ready (its heartbeat lapsed)`,
+      );
+  }
   return { source, targets, primary, moveFrom, volumes };
 }
 
-/** A node as a side of the relationship: its agent must be registered and ready. */
+/** A node as a side of the relationship: its agent must be registered. */
 function side(from: PlanSources, node: string, now: Date): Side {
   const n = from.nodes.get(node);
   if (!n) {
     throw new Blocked('AgentNotRegistered', `no Lockstep agent is registered for node ${node}`);
   }
-  if (!agentReady(from.leaseOf(node), now)) {
-    throw new Blocked(
-      'AgentNotReady',
-      `the Lockstep agent of node ${node} is not ready (its heartbeat lapsed)`,
-    );
-  }
-  return { node, endpoint: n.spec.endpoint };
+  return { node, endpoint: n.spec.endpoint, ready: agentReady(from.leaseOf(node), now) };
 }
 
 /** The oldest relationship that names the group owns it; others are refused. */

@@ -2,11 +2,14 @@
 // progression, the Ready/InSync/Degraded/Resyncing/SplitBrain conditions, dirty bytes and
 // baseline progress; and the Event a change of phase deserves. Pure: the reconciler writes.
 import type { VolumeInfo } from '../../../lib/agent-client';
-import type {
-  MoveStatus,
-  RelationshipPhase,
-  SyncRelationship,
-  SyncRelationshipStatus,
+import {
+  FAILOVER_ANNOTATION,
+  type FailoverStatus,
+  type LastFailover,
+  type MoveStatus,
+  type RelationshipPhase,
+  type SyncRelationship,
+  type SyncRelationshipStatus,
 } from '../api/types';
 import type { Blocked } from '../resolve/blocked';
 import type { Plan } from '../resolve/relationship-plan';
@@ -175,6 +178,8 @@ export function summarize(
     conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
   };
   if (consistent.length) status.lastConsistentSnapshots = consistent;
+  const failover = failoverStatus(rel, plan, observed, primaryNode, now);
+  if (failover) status.failover = failover;
   if (observed.move) status.move = observed.move;
   if (base.length) {
     const eta = base.map((p) => Number(p.resync?.etaSeconds ?? -1));
@@ -189,6 +194,75 @@ export function summarize(
     lastInSync > 0 ? new Date(lastInSync).toISOString() : rel.status?.lastInSyncTime;
   if (!status.lastInSyncTime) delete status.lastInSyncTime;
   return status;
+}
+
+/**
+ * The epoch the primary writes in, where the workload connects, and the last failover the
+ * monitor started: its duration is set once the new primary accepts writes on every volume.
+ */
+function failoverStatus(
+  rel: SyncRelationship,
+  plan: Plan,
+  observed: Observed,
+  primaryNode: string,
+  now: Date,
+): FailoverStatus | undefined {
+  if (observed.unreachable || observed.volumes.length === 0) return rel.status?.failover;
+  const protections = observed.volumes.map((v) => v.replication?.protection);
+  const status: FailoverStatus = {
+    mediator: rel.spec.failover?.mediator ?? '',
+    epoch: Math.max(...protections.map((p) => Number(p?.epoch ?? 0))),
+    exports: observed.volumes.map((v) => ({
+      volume: plan.volumes.find((p) => p.agentName === v.name)?.name ?? v.name,
+      uri: v.exportUri,
+    })),
+  };
+  const last = lastFailover(rel);
+  if (last && last.toNode === primaryNode) {
+    const before = rel.status?.failover?.lastFailover;
+    const done =
+      before?.startTime === last.startTime && before.durationSeconds !== undefined
+        ? before
+        : protections.every((p) => p?.acceptsWrites)
+          ? {
+              ...last,
+              epoch: status.epoch,
+              durationSeconds: (now.getTime() - Date.parse(last.startTime)) / 1000,
+            }
+          : { ...last, epoch: status.epoch };
+    status.lastFailover = done;
+  } else if (rel.status?.failover?.lastFailover) {
+    status.lastFailover = rel.status.failover.lastFailover;
+  }
+  return status;
+}
+
+/** The failover the monitor recorded with spec.primary, if it left one that parses. */
+function lastFailover(rel: SyncRelationship): LastFailover | undefined {
+  const text = rel.metadata.annotations?.[FAILOVER_ANNOTATION];
+  if (!text) return undefined;
+  try {
+    const f = JSON.parse(text) as LastFailover;
+    return typeof f.toNode === 'string' && typeof f.startTime === 'string' ? f : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The Event a failover deserves once it completed (its duration was first recorded). */
+export function failoverEvent(
+  previous: SyncRelationshipStatus | undefined,
+  next: SyncRelationshipStatus,
+): string | undefined {
+  const f = next.failover?.lastFailover;
+  const before = previous?.failover?.lastFailover;
+  if (!f || f.durationSeconds === undefined) return undefined;
+  if (before?.startTime === f.startTime && before.durationSeconds !== undefined) return undefined;
+  return (
+    `${f.toNode} is primary in epoch ${f.epoch} (was ${f.fromNode}), accepting writes ` +
+    `${f.durationSeconds.toFixed(1)} s after the failover began: ${f.reason}. ` +
+    `Restart the workload against ${next.failover?.exports.map((e) => e.uri).join(', ')}`
+  );
 }
 
 /**

@@ -155,7 +155,11 @@ export function verifiedStatus(
     const copies = v.copies.map((c): SnapshotCopyStatus => {
       // The primary's copy is what the others are compared with.
       if (c.node === source.primary.node) return withoutVerification(c);
-      const side = source.sides.find((x) => x.node === c.node) ?? { node: c.node, endpoint: '' };
+      const side = source.sides.find((x) => x.node === c.node) ?? {
+        node: c.node,
+        endpoint: '',
+        ready: false,
+      };
       const cv = r?.copies.find((x) => matches(x, side));
       const state: CopyVerificationState = (cv?.state as CopyVerificationState) ?? 'Missing';
       const regions = cv?.differingOffsets.length ?? 0;

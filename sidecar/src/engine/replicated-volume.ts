@@ -448,6 +448,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       failover: m?.failover ?? '',
       epoch: this.epoch,
       inSync: [] as string[],
+      primaryAbsentMs: p.role === 'secondary' ? p.session.primaryAbsentMs() : 0,
+      graceMs: m?.graceMs ?? 0,
+      suspendLimitMs: m?.suspendLimitMs ?? 0,
     };
     if (p.role === 'primary') {
       const authority = p.replicating?.authority;

@@ -62,6 +62,10 @@ export interface ProtectionStatus {
   state: string;
   detail: string;
   inSync: string[];
+  /** A secondary: ms without a streaming primary (0 while one streams). */
+  primaryAbsentMs: number;
+  graceMs: number;
+  suspendLimitMs: number;
 }
 
 export interface ReplicationStatus {

@@ -47,6 +47,11 @@ export class SecondarySession {
   private readonly lanes = new Map<number, ReplicaLane>();
   /** Write payload bytes its primaries sent (see ReplicationStatus.receivedBytes). */
   receivedBytes = 0;
+  /**
+   * Since when (ms since the Unix epoch) no primary has streamed to this copy; 0 while one
+   * does. A new session starts absent: a copy that restarted has no primary until one dials.
+   */
+  private absentSince = Date.now();
 
   constructor(private readonly copy: SecondaryCopy) {}
 
@@ -63,6 +68,20 @@ export class SecondarySession {
   /** The last primary said it steps down (a planned switchover, not a loss). */
   get primaryLeftCleanly(): boolean {
     return this.primaryLeft;
+  }
+
+  /**
+   * How long no primary has streamed to this copy, in ms (0 while one does or after it said it
+   * steps down): what a monitor elsewhere judges a lost primary by, read from state.
+   */
+  primaryAbsentMs(now = Date.now()): number {
+    if (this.primaryActive || this.primaryLeft) return 0;
+    return now - this.absentSince;
+  }
+
+  private laneCountChanged(): void {
+    if (this.lanes.size > 0) this.absentSince = 0;
+    else if (this.absentSince === 0) this.absentSince = Date.now();
   }
 
   /** Opens a session for `primary` (replacing any earlier one); refuses a second primary. */
@@ -107,6 +126,8 @@ export class SecondarySession {
     this.token = randomBytes(TOKEN_BYTES).toString('hex');
     this.primary = primary.address;
     this.primaryLeft = false;
+    // The handshake is a sign of life; its lanes follow.
+    this.absentSince = Date.now();
   }
 
   /** Binds a data lane that presented `token` and `epoch` as lane `index`; throws why not. */
@@ -132,6 +153,7 @@ export class SecondarySession {
       );
     }
     this.lanes.set(index, lane);
+    this.laneCountChanged();
     const meta = this.copy.meta;
     return {
       device: this.copy.local,
@@ -140,7 +162,9 @@ export class SecondarySession {
       },
       received: (bytes) => (this.receivedBytes += bytes),
       detach: () => {
-        if (this.lanes.get(index) === lane) this.lanes.delete(index);
+        if (this.lanes.get(index) !== lane) return;
+        this.lanes.delete(index);
+        this.laneCountChanged();
       },
     };
   }
@@ -172,6 +196,7 @@ export class SecondarySession {
     this.primary = '';
     const lanes = [...this.lanes.values()];
     this.lanes.clear();
+    this.laneCountChanged();
     for (const lane of lanes) lane.close(reason);
   }
 }
