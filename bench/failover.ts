@@ -6,10 +6,15 @@
 //   - the write stall when the replica is SIGKILLed: the slowest write around the kill, which
 //     waits for the mediator to grant the primary an epoch without the replica (target
 //     p99 ≤ 4 s); and when it goes silent instead (its proxy drops everything: a partition or
-//     a power loss, no FIN), where the peer timeout comes first.
+//     a power loss, no FIN), where the peer timeout comes first;
+//   - a planned switchover under a writer (demote the primary, promote the replica through the
+//     mediator, as the operator does when spec.primary changes): the longest a 4 KiB qd1 writer
+//     that follows the primary waits, from its last acknowledged write on the old primary to
+//     its first on the new one, and the writes that failed with an I/O error on the way
+//     (target p99 ≤ 1 s, zero errors).
 // Each round uses a new pair of agents and its own group at one mediator.
 import { MediatorClient } from '../lib/mediator-client';
-import { NbdClient } from '../lib/nbd-client';
+import { NbdClient, NbdRequestError } from '../lib/nbd-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { MediatorProcess } from '../test/harness/mediator-process';
 import { waitFor } from '../test/harness/processes';
@@ -22,6 +27,9 @@ export interface FailoverResult {
   stallMs: number[];
   /** The replica gone silent (a partition, a power loss): no FIN, only the peer timeout. */
   silentStallMs: number[];
+  /** A planned switchover: the follower's longest wait, and writes failed with an error. */
+  switchoverMs: number[];
+  switchoverErrors: number;
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -119,22 +127,102 @@ async function silentStallOnce(m: MediatorProcess, group: string): Promise<numbe
   }
 }
 
+/** ESHUTDOWN: the server is going away (a demoted primary), the write goes to the next one. */
+const ESHUTDOWN = 108;
+
+/**
+ * A qd1 writer that follows the primary: a write lost with its connection, or refused with
+ * ESHUTDOWN, is sent again to whichever export takes writes; any other error is counted.
+ */
+class FollowingWriter {
+  errors = 0;
+  /** The longest time from one acknowledged write to the next, in ms. */
+  longestGapMs = 0;
+  private stopping = false;
+  private readonly loop: Promise<void>;
+
+  constructor(private readonly sockets: string[]) {
+    this.loop = this.run();
+  }
+
+  private async writable(): Promise<NbdClient> {
+    for (;;) {
+      for (const socketPath of this.sockets) {
+        const c = await NbdClient.connect({ socketPath }, 'v', { timeoutMs: 10_000 }).catch(
+          () => undefined,
+        );
+        if (c && !c.readOnly) return c;
+        await c?.close();
+      }
+      await sleep(5);
+    }
+  }
+
+  private async run(): Promise<void> {
+    const data = Buffer.alloc(4096, 7);
+    let client = await this.writable();
+    let last = performance.now();
+    while (!this.stopping) {
+      const offset = Math.floor(Math.random() * 4096) * 4096;
+      try {
+        await client.write(offset, data);
+        const now = performance.now();
+        this.longestGapMs = Math.max(this.longestGapMs, now - last);
+        last = now;
+      } catch (err) {
+        if (err instanceof NbdRequestError && err.errno !== ESHUTDOWN) this.errors++;
+        await client.close().catch(() => undefined);
+        client = await this.writable();
+      }
+    }
+    await client.close();
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    await this.loop;
+  }
+}
+
+/** A planned switchover from A to B under a following writer: its longest wait, its errors. */
+async function switchoverOnce(m: MediatorProcess, group: string) {
+  const { a, b } = await pair(m, group);
+  try {
+    const writer = new FollowingWriter([a.nbdSocket, b.nbdSocket]);
+    await sleep(500);
+    await a.ctl('demote', 'v');
+    await b.ctl('promote', 'v');
+    await sleep(1_000);
+    await writer.stop();
+    return { stallMs: writer.longestGapMs, errors: writer.errors };
+  } finally {
+    await a.dispose();
+    await b.dispose();
+  }
+}
+
 export async function failoverRun(rounds: number): Promise<FailoverResult> {
   const m = await new MediatorProcess().start();
   try {
     const failoverMs: number[] = [];
     const stallMs: number[] = [];
     const silentStallMs: number[] = [];
+    const switchoverMs: number[] = [];
+    let switchoverErrors = 0;
     for (let i = 0; i < rounds; i++) {
+      const sw = await switchoverOnce(m, `bench-switchover-${i}`);
+      switchoverMs.push(sw.stallMs);
+      switchoverErrors += sw.errors;
       failoverMs.push(await failoverOnce(m, `bench-failover-${i}`));
       stallMs.push(await stallOnce(m, `bench-stall-${i}`));
       silentStallMs.push(await silentStallOnce(m, `bench-silent-${i}`));
       process.stderr.write(
         `failover round ${i + 1}/${rounds}: failover ${failoverMs[i].toFixed(0)} ms, ` +
-          `stall ${stallMs[i].toFixed(0)} ms, silent stall ${silentStallMs[i].toFixed(0)} ms\n`,
+          `stall ${stallMs[i].toFixed(0)} ms, silent stall ${silentStallMs[i].toFixed(0)} ms, ` +
+          `switchover ${sw.stallMs.toFixed(0)} ms (${sw.errors} errors)\n`,
       );
     }
-    return { rounds, failoverMs, stallMs, silentStallMs };
+    return { rounds, failoverMs, stallMs, silentStallMs, switchoverMs, switchoverErrors };
   } finally {
     await m.dispose();
   }
@@ -145,6 +233,8 @@ export function failoverReport(r: FailoverResult): string {
   return (
     `failover rounds=${r.rounds} unplanned_p50_s=${s(r.failoverMs, 50)} unplanned_p99_s=${s(r.failoverMs, 99)} ` +
     `replica_death_stall_p50_s=${s(r.stallMs, 50)} replica_death_stall_p99_s=${s(r.stallMs, 99)} ` +
-    `replica_silent_stall_p50_s=${s(r.silentStallMs, 50)} replica_silent_stall_p99_s=${s(r.silentStallMs, 99)}`
+    `replica_silent_stall_p50_s=${s(r.silentStallMs, 50)} replica_silent_stall_p99_s=${s(r.silentStallMs, 99)} ` +
+    `switchover_stall_p50_s=${s(r.switchoverMs, 50)} switchover_stall_p99_s=${s(r.switchoverMs, 99)} ` +
+    `switchover_errors=${r.switchoverErrors}`
   );
 }

@@ -168,7 +168,7 @@ export class Agent implements ExportSource {
       takeOver: async (volume, epoch) => {
         await this.promote(volume, true, undefined, epoch);
       },
-      fenced: (volume) => void this.nbd.disconnectExport(volume),
+      primaryGone: (volume) => void this.nbd.disconnectExport(volume),
     };
   }
 

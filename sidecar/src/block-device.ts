@@ -50,6 +50,11 @@ export const AllocationFlag = { HOLE: 1, ZERO: 2 } as const;
 export interface BlockDevice {
   readonly size: number;
   readonly readOnly: boolean;
+  /**
+   * A primary stepping down: its writes are refused with ESHUTDOWN (send it to the next
+   * primary) rather than EPERM (this export never takes writes).
+   */
+  readonly leaving?: boolean;
   /** Fills `target` with the bytes at `offset`. */
   read(offset: number, target: Buffer): Promise<void>;
   /** Writes `data` at `offset`; with `fua` it is durable when the promise resolves. */

@@ -5,6 +5,7 @@ import { closeSync, existsSync, openSync, readFileSync, writeSync } from 'node:f
 import path from 'node:path';
 import type { AgentProcess } from '../harness/agent-process';
 import { fioVerify, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
+import { ackedCount, followWriterSummary, startFollowWriter } from '../harness/follow-writer';
 import { waitFor } from '../harness/processes';
 import {
   dataFile,
@@ -66,6 +67,42 @@ describe('synchronous replication', () => {
       run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', b.uri('v')]),
     ).rejects.toThrow();
     await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read 0 64k', b.uri('v')]);
+  });
+
+  it('sends a client that follows the primary to the new one at a planned switchover, without an I/O error', async () => {
+    const [a, b] = await pair();
+    const log = path.join(a.dataDir, 'follow-acked.log');
+    const stop = path.join(a.dataDir, 'follow-stop');
+    const writer = startFollowWriter(
+      'follower',
+      [a.uri('v'), b.uri('v')],
+      log,
+      stop,
+      8,
+      2048,
+      true,
+    );
+    await ackedLines(log, 300);
+    await a.ctl('demote', 'v');
+    await b.ctl('promote', 'v');
+    const before = ackedCount(log);
+    await waitFor(
+      'writes acknowledged by B',
+      () => Promise.resolve(ackedCount(log) > before + 300 || undefined),
+      30_000,
+      20,
+    );
+    closeSync(openSync(stop, 'w'));
+    const summary = await followWriterSummary(writer);
+    // Writes that reached A while it stepped down were refused with ESHUTDOWN and sent again;
+    // then A cut its clients, and the writer found B.
+    expect(summary).toMatchObject({ failed: 0, errors: [] });
+    expect(summary.reconnects).toBeGreaterThanOrEqual(1);
+    expect(await verifyAckedWrites(b.uri('v'), log)).toBeGreaterThan(0);
+    // A new client of A finds a read-only export: its writes are refused for good (EPERM).
+    await expect(
+      run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', a.uri('v')]),
+    ).rejects.toThrow(/Operation not permitted|read-only|Permission/i);
   });
 
   it('keeps writing when the replica is SIGKILLed, then resyncs only the dirty regions', async () => {

@@ -914,6 +914,22 @@ describe('operator on a real control plane', () => {
       await mediator?.dispose();
     });
 
+    /** The mediator's record of a volume once it counts node-b in sync (asked through b). */
+    const recordWithB = (volume: string) =>
+      waitFor(
+        'the mediator to count node-b in sync',
+        async () => {
+          const r = (
+            JSON.parse(await b.ctl('epoch', volume, '-o', 'json')) as {
+              record: { epoch: number; primary: string; inSync: string[] };
+            }
+          ).record;
+          return r.primary === a.grpcAddress && r.inSync.includes(b.grpcAddress) ? r : undefined;
+        },
+        30_000,
+        200,
+      );
+
     function failoverRelationship(name: string, pvc: string) {
       apply({
         apiVersion: 'lockstep.dev/v1alpha1',
@@ -968,7 +984,7 @@ describe('operator on a real control plane', () => {
         mediator: mediator.address,
         exports: [{ volume: 'data', uri: a.uri(volume) }],
       });
-      const epoch = ready.status?.failover?.epoch ?? 0;
+      const { epoch } = await recordWithB(volume);
 
       const log = path.join(root, 'fo1-acked.log');
       const writer = startAckWriter(a.uri(volume), log, 1_000_000, 8, 2048);
@@ -1041,7 +1057,8 @@ describe('operator on a real control plane', () => {
         60_000,
         100,
       );
-      const epoch = ready.status?.failover?.epoch ?? 0;
+      expect(ready.status?.failover?.mediator).toBe(mediator.address);
+      const { epoch } = await recordWithB(volume);
       // Which replica holds the relationship's shard: the shards are spread over both.
       const lease = `lockstep-monitor-shard-${shardOf(`${NS}/fo2-sync`, 4)}`;
       const holders = await waitFor(

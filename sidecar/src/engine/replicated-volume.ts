@@ -90,8 +90,11 @@ export interface ReplicationContext {
   cutover: CutoverPolicy;
   /** Promotes a volume in an epoch its automatic failover was granted (the agent's promote). */
   takeOver(volume: string, epoch: number): Promise<void>;
-  /** A volume's copy was fenced: its clients are cut, to reconnect to the new primary. */
-  fenced(volume: string): void;
+  /**
+   * A volume's copy stopped being the primary (fenced, or demoted): its NBD clients are cut,
+   * to reconnect to the new primary.
+   */
+  primaryGone(volume: string): void;
 }
 
 /** A primary's peers and what exists only while it has them. */
@@ -213,6 +216,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   get readOnly(): boolean {
     const p = this.phase;
     return this.meta.readOnly || p.role !== 'primary' || p.demoting;
+  }
+
+  /** Stepping down: a write belongs on the next primary, not refused for good. */
+  get leaving(): boolean {
+    const p = this.phase;
+    return p.role === 'primary' && p.demoting;
   }
 
   // ---- BlockDevice ---------------------------------------------------------------------------
@@ -427,7 +436,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     if (p.role !== 'primary' || this.fencedReason) return;
     this.fencedReason = reason;
     this.phase = { ...p, demoting: true };
-    this.ctx.fenced(this.volumeName);
+    this.ctx.primaryGone(this.volumeName);
     this.fencing = this.transit(async () => {
       await this.stopPeers([]);
       await this.record.save({ ...this.meta, role: 'secondary' });
@@ -855,6 +864,8 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     } finally {
       if (this.phase.role === 'primary') this.phase = { ...this.phase, demoting: false };
     }
+    // Its clients reconnect, and find the primary that follows (a planned switchover).
+    this.ctx.primaryGone(this.volumeName);
     this.log.info('demoted to secondary');
   }
 

@@ -642,7 +642,7 @@ export class NbdConnection {
     const { flags, offset, length } = req;
     const device = exp.device;
     if (flags & ~allowedFlags) return NbdErrno.EINVAL;
-    if (writing && device.readOnly) return NbdErrno.EPERM;
+    if (writing && device.readOnly) return device.leaving ? NbdErrno.ESHUTDOWN : NbdErrno.EPERM;
     if (length === 0) return NbdErrno.EINVAL;
     if (offset < 0 || offset + length > device.size) {
       return writing ? NbdErrno.ENOSPC : NbdErrno.EINVAL;
