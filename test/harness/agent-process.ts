@@ -8,6 +8,7 @@ import { promisify } from 'node:util';
 import { AgentClient } from '../../lib/agent-client';
 import { packageRoot } from '../../lib/package-root';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
+import type { NetNamespace } from './netns';
 import { productNode } from './product-runtime';
 
 const execFileAsync = promisify(execFile);
@@ -22,6 +23,10 @@ export interface AgentProcessOptions {
   nbdTcp?: boolean;
   metrics?: boolean;
   extraArgs?: string[];
+  /** The address it listens on (default 127.0.0.1). */
+  host?: string;
+  /** Runs it inside this network namespace (then `host` is its address there). */
+  netns?: NetNamespace;
 }
 
 export class AgentProcess {
@@ -50,7 +55,7 @@ export class AgentProcess {
 
   async start(): Promise<this> {
     const port = this.grpcAddress ? Number(this.grpcAddress.split(':')[1]) : await freePort();
-    this.grpcAddress = `127.0.0.1:${port}`;
+    this.grpcAddress = `${this.opts.host ?? '127.0.0.1'}:${port}`;
     const args = [
       lockstepBin,
       'agent',
@@ -70,10 +75,13 @@ export class AgentProcess {
       args.push('--metrics-listen', `127.0.0.1:${this.metricsPort}`);
     }
     args.push(...(this.opts.extraArgs ?? []));
+    const [command, argv] = this.opts.netns
+      ? this.opts.netns.wrap(productNode(), args)
+      : [productNode(), args];
     this.proc = startProcess(
       `agent-${this.node}`,
-      productNode(),
-      args,
+      command,
+      argv,
       path.join(this.opts.logDir ?? this.dataDir, `agent.${this.node}.${++this.starts}.log`),
     );
     await waitFor(

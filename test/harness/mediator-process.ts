@@ -18,14 +18,18 @@ export class MediatorProcess {
   private readonly ownsDir: boolean;
 
   /** Without a data dir it makes its own (and removes it when disposed). */
-  constructor(readonly dataDir = '') {
+  constructor(
+    readonly dataDir = '',
+    /** The address it listens on. */
+    private readonly host = '127.0.0.1',
+  ) {
     this.ownsDir = !dataDir;
     this.dataDir ||= mkdtempSync(path.join(os.tmpdir(), 'lockstep-mediator-'));
   }
 
   /** Starts it and waits until it answers. */
   async start(): Promise<this> {
-    this.address ||= `127.0.0.1:${await freePort()}`;
+    this.address ||= `${this.host}:${await freePort()}`;
     this.proc = this.spawn();
     await waitFor(
       'the mediator to answer',

@@ -23,7 +23,13 @@ export interface VolumeJson {
   name: string;
   role: string;
   readOnly: boolean;
-  replication?: { mode: string; generation: string; primaryConnected: boolean; peers: PeerJson[] };
+  replication?: {
+    mode: string;
+    generation: string;
+    primaryConnected: boolean;
+    peers: PeerJson[];
+    protection?: { mediator: string; group: string; epoch: number; state: string };
+  };
 }
 
 /** Agents with a short peer timeout, so failures are noticed within a test's patience. */

@@ -1104,6 +1104,11 @@ describe('operator on a real control plane', () => {
 
       const done = await failedOver('fo2-sync', 'k8s-node-b', 60_000);
       expect(done.status?.failover?.lastFailover?.epoch).toBe(epoch + 1);
+      // One replica acted, once.
+      const acted = operators.map(
+        (o) => o.proc.log().split('\n').filter((l) => l.includes('"msg":"fail-over"')).length,
+      );
+      expect(acted.reduce((x, y) => x + y, 0)).toBe(1);
       expect(await role(b, volume)).toBe('primary');
       expect(await verifyAckedWrites(b.uri(volume), log)).toBeGreaterThan(0);
       // Exactly once: one intent, one grant.

@@ -128,6 +128,8 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   private directIdle: (() => void)[] = [];
   /** A secondary's automatic failover, while its relationship has one. */
   private watch: { config: string; watch: FailoverWatch } | undefined;
+  /** A promotion under way: later callers wait for it instead of making their own. */
+  private promoting: Promise<void> | undefined;
   /** Why this copy stopped being a primary on its own (fenced), for status. */
   fencedReason = '';
   /** Settles when the last fencing's demotion has. */
@@ -749,6 +751,10 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     replicateTo?: string[],
     grantedEpoch?: number,
   ): Promise<void> {
+    // Two callers at once (the operator's monitor and its reconciler, say) make one promotion:
+    // the second would otherwise ask the mediator for yet another epoch and start yet another
+    // generation.
+    while (this.promoting) await this.promoting.catch(() => undefined);
     const p = this.phase;
     if (p.role === 'primary') return;
     if (this.meta.generation.current === ZERO_GENERATION && !force && !complete) {
@@ -768,7 +774,13 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         'LOCKSTEP_ERR_NOT_ALLOWED',
         `volume ${this.volumeName} was never replicated to; promote it, then replicate it`,
       );
-    await this.promoteIn(grantedEpoch ?? (await this.nextEpoch(force)), force, replicateTo);
+    this.promoting = (async () =>
+      this.promoteIn(grantedEpoch ?? (await this.nextEpoch(force)), force, replicateTo))();
+    try {
+      await this.promoting;
+    } finally {
+      this.promoting = undefined;
+    }
   }
 
   /**
