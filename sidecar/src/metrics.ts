@@ -181,6 +181,30 @@ export class AgentMetrics {
       },
     });
     new client.Gauge({
+      name: 'lockstep_replication_epoch',
+      help: 'The newest epoch each copy has seen (a primary: the one it writes in).',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, status } of replication())
+          this.set({ volume }, status.protection.epoch);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_replication_accepts_writes',
+      help:
+        '1 while this copy may acknowledge writes (a primary in good standing at the mediator); ' +
+        'more than one copy of a volume at 1 is a split brain.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, status } of replication())
+          this.set({ volume }, status.protection.acceptsWrites ? 1 : 0);
+      },
+    });
+    new client.Gauge({
       name: 'lockstep_replication_live_sent_bytes',
       help: 'Bytes of live writes sent to each peer since the agent started.',
       labelNames: ['volume', 'peer'],

@@ -40,6 +40,7 @@ describe('a primary cut off from its replica and the mediator', () => {
       node: 'node-b',
       host: ns.hostIp,
       extraArgs: timeout,
+      metrics: true,
     }).start();
     agents.push(b);
     const a = await new AgentProcess({
@@ -96,6 +97,21 @@ describe('a primary cut off from its replica and the mediator', () => {
       );
       const granted = await client.record(group);
       expect(granted).toMatchObject({ epoch: before.epoch + 1, primary: b.grpcAddress });
+      // What an alert on two copies accepting writes reads.
+      const metrics = await waitFor(
+        'B to report that it accepts writes',
+        async () => {
+          const text = await (await fetch(`http://127.0.0.1:${b.metricsPort}/metrics`)).text();
+          return /lockstep_replication_accepts_writes\{volume="v"[^}]*\} 1/.test(text)
+            ? text
+            : undefined;
+        },
+        10_000,
+        100,
+      );
+      expect(Number(/lockstep_replication_epoch\{volume="v"[^}]*\} (\d+)/.exec(metrics)?.[1])).toBe(
+        granted.epoch,
+      );
       // Everything A acknowledged is on B: it acknowledged nothing B had not taken.
       expect(await verifyAckedWrites(b.uri('v'), logA)).toBeGreaterThanOrEqual(300);
       const logB = path.join(dir, 'acked-on-b.log');

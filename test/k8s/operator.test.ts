@@ -1106,7 +1106,12 @@ describe('operator on a real control plane', () => {
       expect(done.status?.failover?.lastFailover?.epoch).toBe(epoch + 1);
       // One replica acted, once.
       const acted = operators.map(
-        (o) => o.proc.log().split('\n').filter((l) => l.includes('"msg":"fail-over"')).length,
+        (o) =>
+          o.proc
+            .log()
+            .split('\n')
+            .filter((l) => l.includes('"msg":"fail-over"') && l.includes(`"${NS}/fo2-sync"`))
+            .length,
       );
       expect(acted.reduce((x, y) => x + y, 0)).toBe(1);
       expect(await role(b, volume)).toBe('primary');
@@ -1118,7 +1123,7 @@ describe('operator on a real control plane', () => {
         record: { epoch: number; primary: string };
       };
       expect(record.record).toMatchObject({ epoch: epoch + 1, primary: b.grpcAddress });
-      expect(other?.proc.log()).toContain('"msg":"fail-over"');
+      expect(other?.proc.log()).toMatch(/"relationship":"shop\/fo2-sync".*"msg":"fail-over"/);
       await a.start();
       await phase('fo2-sync', 'InSync', 60_000);
       expect(await role(a, volume)).toBe('secondary');
