@@ -136,7 +136,8 @@ export class OperatorProcess {
 
   async dispose(): Promise<void> {
     await this.proc?.kill('SIGKILL');
-    rmSync(this.dir, { recursive: true, force: true });
+    // KEEP_AGENT_DIRS=1 keeps its logs too.
+    if (!process.env.KEEP_AGENT_DIRS) rmSync(this.dir, { recursive: true, force: true });
   }
 }
 

@@ -258,6 +258,24 @@ describe('planning a relationship', () => {
     expect(failedOver.primary).toMatchObject({ node: 'b', ready: true });
   });
 
+  it('says what happens next when the primary is lost, by failover policy', () => {
+    const { state, sources } = world();
+    state.leases.set('a', lease(new Date(NOW.getTime() - 60_000)));
+    const message = (failover?: object) => {
+      try {
+        planRelationship(relationship('db-sync', failover ? { failover } : {}), sources, NOW);
+      } catch (err) {
+        return (err as Error).message;
+      }
+      throw new Error('the plan was not blocked');
+    };
+    expect(message()).toMatch(/without a mediator .* promote --force/);
+    expect(message({ policy: 'Manual', mediator: 'm:7450' })).toMatch(/Manual: set spec.primary/);
+    expect(message({ policy: 'Automatic', mediator: 'm:7450' })).toMatch(
+      /failover monitor promotes an in-sync target/,
+    );
+  });
+
   it('gives the group to the oldest live relationship, by name on a tie, whatever the timestamps’ form', () => {
     const { state, sources } = world();
     const deleting = relationship('aaa-sync');

@@ -141,10 +141,21 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
     if (!s.ready)
       throw new Blocked(
         'AgentNotReady',
-        `the Lockstep agent of node ${s.node} is not ready (its heartbeat lapsed)`,
+        `the Lockstep agent of node ${s.node} is not ready (its heartbeat lapsed)` +
+          (s === primary ? `; ${whatNow(rel)}` : ''),
       );
   }
   return { source, targets, primary, moveFrom, volumes };
+}
+
+/** What happens to a relationship whose primary is lost, for its status. */
+function whatNow(rel: SyncRelationship): string {
+  const f = rel.spec.failover;
+  if (!f?.mediator)
+    return 'without a mediator a lost primary needs a person: `lockstep ctl promote --force` on a target, then set spec.primary to it';
+  if (f.policy === 'Automatic')
+    return 'the failover monitor promotes an in-sync target once it has had no primary for the grace period';
+  return 'failover is Manual: set spec.primary to an in-sync target (the mediator grants it only if it holds every acknowledged write)';
 }
 
 /** A node as a side of the relationship: its agent must be registered. */
