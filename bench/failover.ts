@@ -8,11 +8,12 @@
 //     p99 ≤ 4 s); and when it goes silent instead (its proxy drops everything: a partition or
 //     a power loss, no FIN), where the peer timeout comes first;
 //   - a planned switchover under a writer (demote the primary, promote the replica through the
-//     mediator, as the operator does when spec.primary changes): the longest a 4 KiB qd1 writer
+//     mediator, over the agents' API as the operator does when spec.primary changes): the longest a 4 KiB qd1 writer
 //     that follows the primary waits, from its last acknowledged write on the old primary to
 //     its first on the new one, and the writes that failed with an I/O error on the way
 //     (target p99 ≤ 1 s, zero errors).
 // Each round uses a new pair of agents and its own group at one mediator.
+import { AgentClient } from '../lib/agent-client';
 import { MediatorClient } from '../lib/mediator-client';
 import { NbdClient, NbdRequestError } from '../lib/nbd-client';
 import { AgentProcess } from '../test/harness/agent-process';
@@ -189,12 +190,23 @@ async function switchoverOnce(m: MediatorProcess, group: string) {
   const { a, b } = await pair(m, group);
   try {
     const writer = new FollowingWriter([a.nbdSocket, b.nbdSocket]);
-    await sleep(500);
-    await a.ctl('demote', 'v');
-    await b.ctl('promote', 'v');
-    await sleep(1_000);
-    await writer.stop();
-    return { stallMs: writer.longestGapMs, errors: writer.errors };
+    let steps = { demoteMs: 0, promoteMs: 0 };
+    // Over the agents' API, as the operator switches (ctl would add two process starts).
+    const [ca, cb] = [new AgentClient(a.grpcAddress), new AgentClient(b.grpcAddress)];
+    try {
+      await sleep(500);
+      const t0 = performance.now();
+      await ca.demote('v');
+      const t1 = performance.now();
+      await cb.promote('v');
+      steps = { demoteMs: t1 - t0, promoteMs: performance.now() - t1 };
+      await sleep(1_000);
+      await writer.stop();
+    } finally {
+      ca.close();
+      cb.close();
+    }
+    return { stallMs: writer.longestGapMs, errors: writer.errors, ...steps };
   } finally {
     await a.dispose();
     await b.dispose();
@@ -219,7 +231,8 @@ export async function failoverRun(rounds: number): Promise<FailoverResult> {
       process.stderr.write(
         `failover round ${i + 1}/${rounds}: failover ${failoverMs[i].toFixed(0)} ms, ` +
           `stall ${stallMs[i].toFixed(0)} ms, silent stall ${silentStallMs[i].toFixed(0)} ms, ` +
-          `switchover ${sw.stallMs.toFixed(0)} ms (${sw.errors} errors)\n`,
+          `switchover ${sw.stallMs.toFixed(0)} ms (demote ${sw.demoteMs.toFixed(0)} ms, ` +
+          `promote ${sw.promoteMs.toFixed(0)} ms, ${sw.errors} errors)\n`,
       );
     }
     return { rounds, failoverMs, stallMs, silentStallMs, switchoverMs, switchoverErrors };
