@@ -49,15 +49,19 @@ export class MediatorClient {
     ).records;
   }
 
-  /** Epoch `expectedEpoch + 1` for `primary`, if the group is still at `expectedEpoch`. */
+  /**
+   * Epoch `expectedEpoch + 1` (at least `atLeast`: one past the newest this copy has seen) for
+   * `primary`, if the group is still at `expectedEpoch`.
+   */
   async compareAndSwap(
     group: string,
     expectedEpoch: number,
     primary: string,
     inSync: string[],
+    atLeast = 0,
   ): Promise<SwapAnswer> {
     const r = await this.call<CompareAndSwapResponse__Output>((o, cb) =>
-      this.raw.CompareAndSwap({ group, expectedEpoch, primary, inSync }, o, cb),
+      this.raw.CompareAndSwap({ group, expectedEpoch, primary, inSync, atLeast }, o, cb),
     );
     if (!r.record) throw new Error(`the mediator at ${this.target} answered without a record`);
     return { granted: r.granted, record: r.record };

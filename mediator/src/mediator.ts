@@ -75,7 +75,13 @@ function handlers(store: RecordStore, log: Logger): MediatorHandlers {
       if (!req.primary) {
         throw new LockstepError('LOCKSTEP_ERR_INVALID_ARGUMENT', 'a swap names the new primary');
       }
-      const result = await store.compareAndSwap(name, req.expectedEpoch, req.primary, req.inSync);
+      const result = await store.compareAndSwap(
+        name,
+        req.expectedEpoch,
+        req.primary,
+        req.inSync,
+        req.atLeast,
+      );
       log.info(
         {
           group: name,

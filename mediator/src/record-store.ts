@@ -90,20 +90,22 @@ export class RecordStore {
   }
 
   /**
-   * Sets the group's record to epoch `expectedEpoch + 1` if its epoch is still `expectedEpoch`.
-   * Decided at once (one swap per epoch), answered once durable. The primary is in sync.
+   * Sets the group's record to epoch `expectedEpoch + 1` (or `atLeast`, if higher) if its epoch
+   * is still `expectedEpoch`. Decided at once (one swap per epoch), answered once durable. The
+   * primary is in sync.
    */
   async compareAndSwap(
     group: string,
     expectedEpoch: number,
     primary: string,
     inSync: string[],
+    atLeast = 0,
   ): Promise<SwapResult> {
     const current = this.get(group); // throws if a write failed before
     if (current.epoch !== expectedEpoch) return { granted: false, record: current };
     const record: MediatorRecord = {
       group,
-      epoch: expectedEpoch + 1,
+      epoch: Math.max(expectedEpoch + 1, atLeast),
       primary,
       inSync: [...new Set([primary, ...inSync])].sort(),
       grantedAtMs: Date.now(),

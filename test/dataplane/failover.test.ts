@@ -3,7 +3,7 @@
 // primary killed, paused, cut off from its replica; the mediator down). In every scenario:
 // every acknowledged write is readable on whichever copy is primary afterwards, at most one
 // copy is primary in any epoch, and epochs only increase.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { MediatorClient, type MediatorRecord } from '../../lib/mediator-client';
@@ -340,6 +340,57 @@ describe('failover through a mediator', () => {
     }
     await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x31 0 1m', b.uri('g1')]);
     await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x32 0 1m', b.uri('g2')]);
+  });
+
+  it('never takes an epoch below one the copies have seen from a mediator that lost its data', async () => {
+    const { a, b, uri } = await pair();
+    const before = await record('v');
+    const held = (await protection(a, 'v')).epoch;
+    expect(held).toBe(before.epoch);
+    // The mediator comes back empty: every group at epoch 0.
+    await mediator.proc.kill('SIGKILL');
+    for (const f of readdirSync(mediator.dataDir))
+      rmSync(path.join(mediator.dataDir, f), { recursive: true });
+    await mediator.start();
+    expect((await client.record('v')).epoch).toBe(0);
+    // Without a record, B may not take over however long it waits: nothing says it is in sync.
+    const log = path.join(tmp(), 'acked.log');
+    const writer = startAckWriter(uri, log, 4000, 16, 4096);
+    await new Promise((r) => setTimeout(r, 300));
+    b.setMode('blackhole');
+    // A drops B: the record it claims starts past the epoch A held, not at 1.
+    const claimed = await waitFor(
+      'A to claim the group again',
+      async () => {
+        const r = await client.record('v');
+        return r.epoch > 0 ? r : undefined;
+      },
+      15_000,
+    );
+    expect(claimed).toMatchObject({ epoch: held + 1, primary: a.grpcAddress });
+    heal(b);
+    expect(await writer).toMatch(/flushed/);
+    await waitPeer(a, 'v', b.asPeer, inSync, 'B back in sync', 60_000);
+    const again = await waitFor(
+      'B counted in sync again',
+      async () => {
+        const r = await client.record('v');
+        return r.inSync.includes(b.address) ? r : undefined;
+      },
+      15_000,
+    );
+    // A failover now is granted past every epoch A wrote in.
+    await a.kill('SIGKILL');
+    await waitFor(
+      'B to take over',
+      async () => ((await protection(b.agent, 'v')).role === 'primary' ? true : undefined),
+      20_000,
+      100,
+    );
+    const pb = await protection(b.agent, 'v');
+    expect(pb.epoch).toBe(again.epoch + 1);
+    expect(await client.record('v')).toMatchObject({ epoch: pb.epoch, primary: b.address });
+    expect(await verifyAckedWrites(b.agent.uri('v'), log)).toBe(4000);
   });
 
   it('answers bad mediator settings with a clear error and changes nothing', async () => {

@@ -1,6 +1,7 @@
 // Child processes for tests: output goes to a log file (shown when a test fails to start
 // something), and every process is killed when its owner stops, SIGTERM first, then SIGKILL.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomInt } from 'node:crypto';
 import { createWriteStream, readFileSync } from 'node:fs';
 import net from 'node:net';
 
@@ -103,16 +104,42 @@ async function reaped(
 }
 
 /** A loopback TCP port that was free a moment ago. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * The first port the kernel hands to outgoing connections and to listen(0): ports below it are
+ * never taken behind our back, so an agent restarted on its old port finds it free.
+ */
+function ephemeralStart(): number {
+  try {
+    return Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').split(/\s+/)[0]);
+  } catch {
+    return 32_768;
+  }
+}
+const PORT_LOW = 10_000;
+const PORT_HIGH = Math.max(PORT_LOW + 1_000, ephemeralStart());
+const handedOut = new Set<number>();
+
+function bindable(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const srv = net.createServer();
     srv.unref();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
+    srv.once('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
   });
+}
+
+/**
+ * A port for a server a test starts (and may restart on the same port): random, below the
+ * ephemeral range, free now and not handed out before by this process.
+ */
+export async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const port = randomInt(PORT_LOW, PORT_HIGH);
+    if (handedOut.has(port) || !(await bindable(port))) continue;
+    handedOut.add(port);
+    return port;
+  }
+  throw new Error(`no free port between ${PORT_LOW} and ${PORT_HIGH}`);
 }
 
 /** Polls `check` until it returns a value, or fails with the last error after `timeoutMs`. */

@@ -32,6 +32,26 @@ describe('the mediator’s records', () => {
     await store.close();
   });
 
+  it('grants at least the epoch asked for, and keeps it across a restart', async () => {
+    let store = await RecordStore.open(dir);
+    // A copy that has seen epoch 7 asks an empty mediator (one that lost its data).
+    expect(await store.compareAndSwap('g', 0, 'a:1', ['a:1'], 8)).toMatchObject({
+      granted: true,
+      record: { epoch: 8 },
+    });
+    // The floor never lowers an epoch: a swap from 8 gives 9 whatever it asks.
+    expect(await store.compareAndSwap('g', 8, 'b:1', ['b:1'], 3)).toMatchObject({
+      record: { epoch: 9, primary: 'b:1' },
+    });
+    await store.close();
+    store = await RecordStore.open(dir);
+    expect(store.get('g')).toMatchObject({ epoch: 9, primary: 'b:1' });
+    expect(await store.compareAndSwap('g', 8, 'a:1', ['a:1'], 20)).toMatchObject({
+      granted: false,
+    });
+    await store.close();
+  });
+
   it('keeps every granted record across a restart, and drops a last write cut short', async () => {
     let store = await RecordStore.open(dir);
     for (let e = 0; e < 5; e++) await store.compareAndSwap('g', e, `n${e}:1`, []);

@@ -222,7 +222,13 @@ export class EpochAuthority {
     }
     while (!this.stopped && (this.claim || this.differs())) {
       const inSync = [self, ...this.desired];
-      const answer = await client.compareAndSwap(group, this.recordEpoch, self, inSync);
+      const answer = await client.compareAndSwap(
+        group,
+        this.recordEpoch,
+        self,
+        inSync,
+        this.host.epoch() + 1,
+      );
       this.unreachable = '';
       if (answer.granted) {
         await this.host.saveEpoch(answer.record.epoch);

@@ -30,6 +30,8 @@ function notEligible(record: MediatorRecord, self: string): string | undefined {
 export async function claimEpoch(
   config: MediatorConfig,
   self: string,
+  /** The newest epoch this copy has seen: the grant is past it. */
+  seen: number,
   force: boolean,
 ): Promise<number> {
   const client = new MediatorClient(config.address, 3_000);
@@ -38,7 +40,7 @@ export async function claimEpoch(
     const why = notEligible(record, self);
     if (why && !force)
       throw new LockstepError('LOCKSTEP_ERR_NOT_ALLOWED', `${why}; promote --force to accept that`);
-    const answer = await client.compareAndSwap(config.group, record.epoch, self, [self]);
+    const answer = await client.compareAndSwap(config.group, record.epoch, self, [self], seen + 1);
     if (!answer.granted)
       throw new LockstepError(
         'LOCKSTEP_ERR_NOT_ALLOWED',
@@ -53,6 +55,8 @@ export async function claimEpoch(
 export interface WatchedCopy {
   readonly log: Logger;
   identity(): string;
+  /** The newest epoch this copy has seen. */
+  epoch(): number;
   /** A primary streams to this copy, or said it steps down (a planned switchover). */
   primaryPresent(): boolean;
   /** Promotes this copy in the epoch the mediator just granted it. */
@@ -127,7 +131,7 @@ export class FailoverWatch {
     this.state = { kind: 'waiting', since: this.lostSince, record };
     if (now - this.lostSince < this.config.graceMs) return;
     const answer = await this.client
-      .compareAndSwap(this.config.group, record.epoch, self, [self])
+      .compareAndSwap(this.config.group, record.epoch, self, [self], this.copy.epoch() + 1)
       .catch((err: unknown) => {
         this.state = { kind: 'mediator-unreachable', why: errorMessage(err) };
         return undefined;

@@ -505,6 +505,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       {
         log: this.log,
         identity: () => this.identity(),
+        epoch: () => this.epoch,
         primaryPresent: () => {
           const now = this.phase;
           return (
@@ -793,7 +794,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const repl = this.meta.replication;
     if (!repl?.mediator) return this.epoch + 1;
     try {
-      return await claimEpoch(repl.mediator, this.identity(), force);
+      return await claimEpoch(repl.mediator, this.identity(), this.epoch, force);
     } catch (err) {
       if (!force || !isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
       this.log.error(
