@@ -12,7 +12,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
-import { fioVerify, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
+import {
+  fioVerify,
+  run as runTool,
+  startAckWriter,
+  verifyAckedWrites,
+} from '../harness/agent-process';
 import { ackedCount } from '../harness/follow-writer';
 import { MediatorProcess } from '../harness/mediator-process';
 import { shardOf } from '../../operator/src/leader/shard-leases';
@@ -184,6 +189,7 @@ describe('operator on a real control plane', () => {
       ['moved', 'k8s-node-a', '32Mi'],
       ['fo1', 'k8s-node-a', '32Mi'],
       ['fo2', 'k8s-node-a', '32Mi'],
+      ['sb', 'k8s-node-a', '32Mi'],
       ['replica', 'k8s-node-b', '256Mi'],
     ];
     for (const [name, node, size] of volumes) {
@@ -195,7 +201,7 @@ describe('operator on a real control plane', () => {
     patterned(path.join(disks.data ?? '', 'disk.img'), 64 * MiB, 24 * MiB, 1);
     patterned(path.join(disks.data2 ?? '', 'disk.img'), 64 * MiB, 40 * MiB, 2);
     patterned(path.join(disks.moved ?? '', 'disk.img'), 32 * MiB, 24 * MiB, 3);
-    await waitBound(NS, ['data', 'log', 'data2', 'moved', 'fo1', 'fo2', 'replica']);
+    await waitBound(NS, ['data', 'log', 'data2', 'moved', 'fo1', 'fo2', 'sb', 'replica']);
     const first = await new OperatorProcess('operator-1', operatorKc).start();
     operators.push(first);
     await first.leading();
@@ -1129,6 +1135,87 @@ describe('operator on a real control plane', () => {
       expect(await role(a, volume)).toBe('secondary');
     }, 180_000);
   });
+
+  it('shows a split brain (both copies wrote) as a condition and a warning within 10 s, and resolves it only when told which copy loses', async () => {
+    apply({
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'ConsistencyGroup',
+      metadata: { name: 'sb', namespace: NS },
+      spec: { volumes: [{ name: 'data', pvc: 'sb' }] },
+    });
+    const rel = {
+      apiVersion: 'lockstep.dev/v1alpha1',
+      kind: 'SyncRelationship',
+      metadata: { name: 'sb-sync', namespace: NS },
+      spec: {
+        consistencyGroup: 'sb',
+        source: { node: 'k8s-node-a' },
+        targets: [{ node: 'k8s-node-b' }],
+      },
+    };
+    apply(rel);
+    await phase('sb-sync', 'InSync', 60_000);
+    const volume = `${NS}.sb.data`;
+    const write = (agent: AgentProcess, pattern: string, at: string) =>
+      runTool('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${at} 1m`, agent.uri(volume)]);
+    // node-a writes alone, then node-b is forced up without it (no mediator) and writes too.
+    await b.kill('SIGKILL');
+    await write(a, '0x11', '0');
+    await a.kill('SIGKILL');
+    await b.start();
+    await b.ctl('promote', volume, '--force');
+    await write(b, '0x22', '1m');
+    apply({ ...rel, spec: { ...rel.spec, primary: 'k8s-node-b' } });
+    await a.start();
+    const t0 = Date.now();
+    const split = await phase('sb-sync', 'SplitBrain', 30_000);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(condition(split, 'SplitBrain')).toMatchObject({ status: 'True', reason: 'Diverged' });
+    await waitFor(
+      'a SplitBrain warning',
+      () =>
+        Promise.resolve(
+          eventsOf('sb-sync').find((e) => e.reason === 'SplitBrain' && e.type === 'Warning'),
+        ),
+      10_000,
+      100,
+    );
+    // Nothing is resolved silently.
+    await new Promise((r) => setTimeout(r, 3_000));
+    expect(relationship('sb-sync').status?.phase).toBe('SplitBrain');
+    // A wrong choice is refused and changes nothing.
+    kubectl(adminKubeconfig(), [
+      'annotate',
+      'lsr',
+      'sb-sync',
+      '-n',
+      NS,
+      'lockstep.dev/discard-diverged=k8s-node-b',
+    ]);
+    await waitFor(
+      'the refusal',
+      () => Promise.resolve(eventsOf('sb-sync').find((e) => e.reason === 'DiscardRefused')),
+      10_000,
+      100,
+    );
+    expect(
+      relationship('sb-sync').metadata.annotations?.['lockstep.dev/discard-diverged'],
+    ).toBeUndefined();
+    expect(relationship('sb-sync').status?.phase).toBe('SplitBrain');
+    // The choice: node-a's diverging writes go; it resyncs from node-b.
+    kubectl(adminKubeconfig(), [
+      'annotate',
+      'lsr',
+      'sb-sync',
+      '-n',
+      NS,
+      'lockstep.dev/discard-diverged=k8s-node-a',
+    ]);
+    await phase('sb-sync', 'InSync', 60_000);
+    expect(eventsOf('sb-sync').map((e) => e.reason)).toContain('DivergedWritesDiscarded');
+    await expectSameImages(a.uri(volume), b.uri(volume));
+    await runTool('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x22 1m 1m', b.uri(volume)]);
+  }, 150_000);
 });
 
 /** The snapshots of a volume, as the agent lists them. */

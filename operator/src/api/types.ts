@@ -56,6 +56,12 @@ export interface LastFailover {
   reason: string;
 }
 
+/**
+ * A person's choice after a split brain: the node whose diverging writes are thrown away (its
+ * copies are overwritten from the primary's). The operator acts on it once and removes it.
+ */
+export const DISCARD_ANNOTATION = 'lockstep.dev/discard-diverged';
+
 /** The annotation the failover monitor writes with spec.primary: a LastFailover, as JSON. */
 export const FAILOVER_ANNOTATION = 'lockstep.dev/failover';
 

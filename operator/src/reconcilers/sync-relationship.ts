@@ -7,13 +7,15 @@ import type * as k8s from '@kubernetes/client-node';
 import type { AgentClient, VolumeInfo } from '../../../lib/agent-client';
 import { errorMessage, isLockstepError } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
-import type {
-  ConsistencyGroup,
-  LockstepNode,
-  SyncMode,
-  SyncRelationship,
-  SyncRelationshipStatus,
+import {
+  DISCARD_ANNOTATION,
+  type ConsistencyGroup,
+  type LockstepNode,
+  type SyncMode,
+  type SyncRelationship,
+  type SyncRelationshipStatus,
 } from '../api/types';
+import { GROUP, VERSION, mergePatch } from '../../../lib/kube';
 import type { AgentPool } from '../agents/agent-pool';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import { Blocked } from '../resolve/blocked';
@@ -42,6 +44,8 @@ import { writeStatusIfChanged } from '../status/status-writer';
 import type { ReconcileResult } from '../workqueue/controller-loop';
 
 const FINALIZER = 'lockstep.dev/teardown';
+/** A peer's states after a split brain (generations.ts decides them). */
+const DIVERGED: ReadonlySet<string> = new Set(['SplitBrain', 'PeerIsNewer']);
 const PLURAL = 'syncrelationships';
 /** How often progress is read back while something is in motion. */
 const PROGRESS_POLL_MS = 1_000;
@@ -99,7 +103,10 @@ export class SyncRelationshipReconciler {
         const moving = await this.move(rel, plan, plan.moveFrom);
         if (moving) return moving;
       }
-      return { volumes: await this.apply(rel, plan) };
+      const volumes = await this.apply(rel, plan);
+      const discard = rel.metadata.annotations?.[DISCARD_ANNOTATION];
+      if (discard !== undefined) await this.discardDiverged(rel, plan, discard, volumes);
+      return { volumes };
     } catch (err) {
       if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
       return { volumes: [], unreachable: errorMessage(err) };
@@ -180,6 +187,55 @@ export class SyncRelationshipReconciler {
       out.push(vol);
     }
     return out;
+  }
+
+  /**
+   * The explicit choice that resolves a split brain (DISCARD_ANNOTATION): the named node's
+   * diverging copies are overwritten from the primary's, then the annotation goes. Only a node
+   * whose copies have diverged is touched; anything else is refused with a Warning.
+   */
+  private async discardDiverged(
+    rel: SyncRelationship,
+    plan: Plan,
+    node: string,
+    volumes: VolumeInfo[],
+  ): Promise<void> {
+    const side = [plan.source, ...plan.targets].find((s) => s.node === node);
+    const diverged = side
+      ? volumes.filter((v) =>
+          v.replication?.peers.some((p) => p.address === side.endpoint && DIVERGED.has(p.state)),
+        )
+      : [];
+    let why = '';
+    if (!side) why = `${node} is not a node of this relationship`;
+    else if (side === plan.primary)
+      why = `${node} is the primary: set spec.primary to the copy that survives first`;
+    else if (diverged.length === 0) why = `no copy on ${node} has diverged from the primary's`;
+    const primary = this.deps.agents.get(plan.primary.endpoint);
+    if (!why) for (const v of diverged) await primary.discardPeer(v.name, side!.endpoint);
+    await this.deps.objects.patchNamespacedCustomObject(
+      {
+        group: GROUP,
+        version: VERSION,
+        namespace: rel.metadata.namespace ?? '',
+        plural: PLURAL,
+        name: rel.metadata.name,
+        body: { metadata: { annotations: { [DISCARD_ANNOTATION]: null } } },
+      },
+      mergePatch,
+    );
+    if (why) {
+      await this.deps.events.record(rel, 'Warning', 'DiscardRefused', `nothing discarded: ${why}`);
+      return;
+    }
+    this.deps.log.warn({ relationship: rel.metadata.name, node }, 'discarding diverged writes');
+    await this.deps.events.record(
+      rel,
+      'Warning',
+      'DivergedWritesDiscarded',
+      `as asked, ${node}'s diverging writes to ${diverged.map((v) => v.name).join(', ')} are ` +
+        `discarded: its copies resync from ${plan.primary.node}`,
+    );
   }
 
   /**
