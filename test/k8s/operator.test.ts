@@ -122,6 +122,32 @@ const replicatedSnapshot = (name: string, spec: object) => ({
 const condition = (r: RelationshipJson, type: string) =>
   r.status?.conditions?.find((c) => c.type === type);
 
+/**
+ * A ConsistencyGroup `group` of one volume (`data`, on PVC `pvc`) and a SyncRelationship
+ * `<group>-sync` of it from node-a to node-b, with `spec` on top; returns the relationship.
+ */
+function oneVolumeRelationship(group: string, pvc: string, spec: object = {}) {
+  apply({
+    apiVersion: 'lockstep.dev/v1alpha1',
+    kind: 'ConsistencyGroup',
+    metadata: { name: group, namespace: NS },
+    spec: { volumes: [{ name: 'data', pvc }] },
+  });
+  const rel = {
+    apiVersion: 'lockstep.dev/v1alpha1',
+    kind: 'SyncRelationship',
+    metadata: { name: `${group}-sync`, namespace: NS },
+    spec: {
+      consistencyGroup: group,
+      source: { node: 'k8s-node-a' },
+      targets: [{ node: 'k8s-node-b' }],
+      ...spec,
+    },
+  };
+  apply(rel);
+  return rel;
+}
+
 function patterned(file: string, sizeBytes: number, dataBytes: number, seed: number): void {
   const buf = Buffer.alloc(sizeBytes);
   for (let i = 0; i < dataBytes; i += 4) buf.writeUInt32LE((i * 2654435761 + seed) >>> 0, i);
@@ -684,23 +710,7 @@ describe('operator on a real control plane', () => {
     operators.push(standby);
     await new Promise((r) => setTimeout(r, 2_000));
     expect(standby.proc.log()).not.toContain('"msg":"leading"');
-    apply({
-      apiVersion: 'lockstep.dev/v1alpha1',
-      kind: 'ConsistencyGroup',
-      metadata: { name: 'db2', namespace: NS },
-      spec: { volumes: [{ name: 'data', pvc: 'data2' }] },
-    });
-    apply({
-      apiVersion: 'lockstep.dev/v1alpha1',
-      kind: 'SyncRelationship',
-      metadata: { name: 'db2-sync', namespace: NS },
-      spec: {
-        consistencyGroup: 'db2',
-        source: { node: 'k8s-node-a' },
-        targets: [{ node: 'k8s-node-b' }],
-        resync: { maxBytesPerSecond: 4 * MiB },
-      },
-    });
+    oneVolumeRelationship('db2', 'data2', { resync: { maxBytesPerSecond: 4 * MiB } });
     await phase('db2-sync', 'Baselining', 30_000);
     await operators[0]?.proc.kill('SIGKILL');
     await standby.leading(60_000);
@@ -820,25 +830,8 @@ describe('operator on a real control plane', () => {
   it('moves the primary to a third node when spec.source.node changes, progress in status', async () => {
     const c = await clusterAgent('k8s-node-c', agentKc).start();
     try {
-      apply({
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name: 'mv', namespace: NS },
-        spec: { volumes: [{ name: 'data', pvc: 'moved' }] },
-      });
-      const rel = {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: 'mv-sync', namespace: NS },
-        spec: {
-          consistencyGroup: 'mv',
-          source: { node: 'k8s-node-a' },
-          targets: [{ node: 'k8s-node-b' }],
-          // Slow enough to watch the move's establishment.
-          resync: { maxBytesPerSecond: 8 * MiB },
-        },
-      };
-      apply(rel);
+      // Slow enough to watch the move's establishment.
+      const rel = oneVolumeRelationship('mv', 'moved', { resync: { maxBytesPerSecond: 8 * MiB } });
       await phase('mv-sync', 'InSync', 60_000);
       const volume = `${NS}.mv.data`;
       await fioVerify(a.uri(volume), '4M');
@@ -936,25 +929,10 @@ describe('operator on a real control plane', () => {
         200,
       );
 
-    function failoverRelationship(name: string, pvc: string) {
-      apply({
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name, namespace: NS },
-        spec: { volumes: [{ name: 'data', pvc }] },
+    const failoverRelationship = (name: string, pvc: string) =>
+      oneVolumeRelationship(name, pvc, {
+        failover: { policy: 'Automatic', mediator: mediator.address, grace: '2s' },
       });
-      apply({
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: `${name}-sync`, namespace: NS },
-        spec: {
-          consistencyGroup: name,
-          source: { node: 'k8s-node-a' },
-          targets: [{ node: 'k8s-node-b' }],
-          failover: { policy: 'Automatic', mediator: mediator.address, grace: '2s' },
-        },
-      });
-    }
 
     it('refuses Automatic failover without a mediator', () => {
       expect(() =>
@@ -1137,23 +1115,7 @@ describe('operator on a real control plane', () => {
   });
 
   it('shows a split brain (both copies wrote) as a condition and a warning within 10 s, and resolves it only when told which copy loses', async () => {
-    apply({
-      apiVersion: 'lockstep.dev/v1alpha1',
-      kind: 'ConsistencyGroup',
-      metadata: { name: 'sb', namespace: NS },
-      spec: { volumes: [{ name: 'data', pvc: 'sb' }] },
-    });
-    const rel = {
-      apiVersion: 'lockstep.dev/v1alpha1',
-      kind: 'SyncRelationship',
-      metadata: { name: 'sb-sync', namespace: NS },
-      spec: {
-        consistencyGroup: 'sb',
-        source: { node: 'k8s-node-a' },
-        targets: [{ node: 'k8s-node-b' }],
-      },
-    };
-    apply(rel);
+    const rel = oneVolumeRelationship('sb', 'sb');
     await phase('sb-sync', 'InSync', 60_000);
     const volume = `${NS}.sb.data`;
     const write = (agent: AgentProcess, pattern: string, at: string) =>
