@@ -117,6 +117,26 @@ describe('lockstep.dev CRDs', () => {
       { resync: { regionSize: 1000 } },
       /spec.resync.regionSize: Unsupported value: 1000/,
     ],
+    [
+      'automatic failover without a mediator',
+      { failover: { policy: 'Automatic' } },
+      /failover.policy Automatic needs failover.mediator/,
+    ],
+    [
+      'a mediator that is not HOST:PORT',
+      { failover: { mediator: 'mediator.example' } },
+      /spec.failover.mediator in body should match/,
+    ],
+    [
+      'a grace period that is not a duration',
+      { failover: { mediator: 'm.example:7450', grace: 'soon' } },
+      /spec.failover.grace in body should match/,
+    ],
+    [
+      'an unknown failover policy',
+      { failover: { mediator: 'm.example:7450', policy: 'Sometimes' } },
+      /spec.failover.policy: Unsupported value: "Sometimes"/,
+    ],
   ])('refuse %s with a clear message', (_what, spec, message) => {
     expect(rejection(relationship('bad', spec))).toMatch(message);
   });

@@ -249,6 +249,45 @@ describe('relationship status from the agents’ view', () => {
     );
   });
 
+  it('reports the epoch and exports, and the monitor’s failover once the new primary accepts writes', () => {
+    const protection = (acceptsWrites: boolean) =>
+      ({
+        ...volume('Disconnected'),
+        exportUri: 'nbd://b/ns.g.v',
+        replication: {
+          ...volume('Disconnected').replication,
+          protection: { epoch: 7, acceptsWrites },
+        },
+      }) as unknown as VolumeInfo;
+    const started = new Date(Date.now() - 2_000).toISOString();
+    const failedOver = syncRelationship({
+      generation: 4,
+      annotations: {
+        'lockstep.dev/failover': JSON.stringify({
+          fromNode: 'b',
+          toNode: 'a',
+          epoch: 0,
+          startTime: started,
+          reason: 'b lost',
+        }),
+      },
+    });
+    const seeking = summarize(failedOver, plan, { volumes: [protection(false)] });
+    expect(seeking.failover).toMatchObject({
+      epoch: 7,
+      exports: [{ volume: 'v', uri: 'nbd://b/ns.g.v' }],
+      lastFailover: { toNode: 'a', epoch: 7 },
+    });
+    expect(seeking.failover?.lastFailover?.durationSeconds).toBeUndefined();
+    const done = summarize(failedOver, plan, { volumes: [protection(true)] });
+    expect(done.failover?.lastFailover?.durationSeconds).toBeGreaterThanOrEqual(2);
+    // An annotation that does not parse is ignored, not fatal.
+    const garbled = syncRelationship({ annotations: { 'lockstep.dev/failover': '{not json' } });
+    expect(summarize(garbled, plan, { volumes: [protection(true)] }).failover?.lastFailover).toBe(
+      undefined,
+    );
+  });
+
   it('reports a move under way: the node answering as primary, and the move’s phase', () => {
     const move = {
       fromNode: 'old',
