@@ -68,6 +68,7 @@ interface RelationshipJson {
       mediator: string;
       epoch: number;
       exports: Array<{ volume: string; uri: string }>;
+      lastForcedPromotion?: { node: string; epoch: number; time: string };
       lastFailover?: {
         fromNode: string;
         toNode: string;
@@ -1137,6 +1138,11 @@ describe('operator on a real control plane', () => {
         NS,
         `lockstep.dev/discard-diverged=${node}`,
       ]);
+    // The forced promotion, made outside the operator, is on record.
+    expect(relationship('sb-sync').status?.failover?.lastForcedPromotion).toMatchObject({
+      node: 'k8s-node-b',
+    });
+    expect(eventsOf('sb-sync').map((e) => e.reason)).toContain('ForcedPromotion');
     // Nothing is resolved silently.
     await new Promise((r) => setTimeout(r, 3_000));
     expect(relationship('sb-sync').status?.phase).toBe('SplitBrain');

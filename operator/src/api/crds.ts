@@ -285,6 +285,15 @@ const syncRelationship: Kind = {
         obj('One volume’s export.', { volume: str('The group’s volume.'), uri: str('NBD URI.') }),
       ),
       primaryLostSeconds: int('While the primary is lost: for how long, as its replicas see it.'),
+      lastForcedPromotion: obj(
+        'The last `promote --force` of the copy now primary (made outside the operator: it may ' +
+          'have cost acknowledged writes, and a copy that wrote meanwhile shows as a split brain).',
+        {
+          node: str('The node promoted.'),
+          epoch: int('The epoch it took.'),
+          time: str('When.', { format: 'date-time' }),
+        },
+      ),
       lastFailover: obj('The last failover the operator made.', {
         fromNode: str('The primary that was lost.'),
         toNode: str('The replica made primary.'),

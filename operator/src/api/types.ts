@@ -71,6 +71,8 @@ export interface FailoverStatus {
   exports: { volume: string; uri: string }[];
   primaryLostSeconds?: number;
   lastFailover?: LastFailover;
+  /** When a copy now primary was promoted with --force (by a person, outside the operator). */
+  lastForcedPromotion?: { node: string; epoch: number; time: string };
 }
 
 export type RelationshipPhase =

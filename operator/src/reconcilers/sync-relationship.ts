@@ -33,6 +33,7 @@ import type { EventRecorder } from '../status/event-recorder';
 import {
   blockedStatus,
   failoverEvent,
+  forcedPromotionEvent,
   phaseEvent,
   summarize,
   type Observed,
@@ -431,11 +432,13 @@ export class SyncRelationshipReconciler {
   private async writeStatus(rel: SyncRelationship, status: SyncRelationshipStatus): Promise<void> {
     const event = phaseEvent(rel.status, status);
     const failedOver = failoverEvent(rel.status, status);
+    const forced = forcedPromotionEvent(rel.status, status);
     if (!(await writeStatusIfChanged(this.deps.objects, PLURAL, rel, status))) return;
     if (failedOver) {
       this.deps.log.warn({ relationship: rel.metadata.name }, failedOver);
       await this.deps.events.record(rel, 'Warning', 'FailedOver', failedOver);
     }
+    if (forced) await this.deps.events.record(rel, 'Warning', 'ForcedPromotion', forced);
     if (event) await this.deps.events.record(rel, event.type, event.reason, event.message);
   }
 }

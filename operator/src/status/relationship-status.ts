@@ -217,6 +217,14 @@ function failoverStatus(
       uri: v.exportUri,
     })),
   };
+  const forcedAt = Math.max(...protections.map((p) => Number(p?.forcedPromotionAtMs ?? 0)));
+  if (forcedAt > 0) {
+    // As first seen: the epoch it took, not the later ones of the same primary.
+    const time = new Date(forcedAt).toISOString();
+    const seen = rel.status?.failover?.lastForcedPromotion;
+    status.lastForcedPromotion =
+      seen?.time === time ? seen : { node: primaryNode, epoch: status.epoch, time };
+  }
   const last = lastFailover(rel);
   if (last && last.toNode === primaryNode) {
     const before = rel.status?.failover?.lastFailover;
@@ -247,6 +255,19 @@ function lastFailover(rel: SyncRelationship): LastFailover | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** The Event a forced promotion deserves when status first shows it. */
+export function forcedPromotionEvent(
+  previous: SyncRelationshipStatus | undefined,
+  next: SyncRelationshipStatus,
+): string | undefined {
+  const f = next.failover?.lastForcedPromotion;
+  if (!f || previous?.failover?.lastForcedPromotion?.time === f.time) return undefined;
+  return (
+    `${f.node} was promoted with --force at ${f.time} (epoch ${f.epoch}): writes acknowledged ` +
+    'by the copy it replaced may be missing, and a copy that wrote meanwhile shows as a split brain'
+  );
 }
 
 /** The Event a failover deserves once it completed (its duration was first recorded). */

@@ -462,6 +462,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       primaryAbsentMs: p.role === 'secondary' ? p.session.primaryAbsentMs() : 0,
       graceMs: m?.graceMs ?? 0,
       suspendLimitMs: m?.suspendLimitMs ?? 0,
+      forcedPromotionAtMs: this.meta.forcedPromotionAtMs ?? 0,
     };
     if (p.role === 'primary') {
       const authority = p.replicating?.authority;
@@ -837,6 +838,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         ...this.meta,
         role: 'primary',
         epoch: Math.max(epoch, this.epoch),
+        ...(force ? { forcedPromotionAtMs: Date.now() } : {}),
         generation,
         replication: repl && (peers.length > 0 || !replicateTo) ? { ...repl, peers } : null,
       });

@@ -66,6 +66,8 @@ export interface ProtectionStatus {
   primaryAbsentMs: number;
   graceMs: number;
   suspendLimitMs: number;
+  /** When this copy was last promoted with --force (ms since the Unix epoch; 0: never). */
+  forcedPromotionAtMs: number;
 }
 
 export interface ReplicationStatus {

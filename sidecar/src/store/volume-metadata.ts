@@ -72,6 +72,8 @@ const metadataBody = z.object({
    * Absent means 0: never granted one.
    */
   epoch: z.number().int().nonnegative().optional(),
+  /** When (ms since the Unix epoch) this copy was last promoted with --force; absent: never. */
+  forcedPromotionAtMs: z.number().int().nonnegative().optional(),
   replication: replicationConfig.nullable(),
   /** DRBD-style generation identifiers: replication decides resync direction from them. */
   generation: z.object({
