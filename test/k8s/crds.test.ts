@@ -159,7 +159,9 @@ describe('lockstep.dev CRDs', () => {
     apply(relationship('good', { primary: 'node-b' }));
     const table = kubectl(kubeconfig, ['get', 'lsr']);
     expect(table.split('\n')[0]).toMatch(/^NAME\s+PHASE\s+MODE\s+PRIMARY\s+DIRTY\s+AGE$/);
-    expect(table).toMatch(/^good\s+Sync\s+/m);
+    // The phase is empty, or Pending if an operator of another test file (the suites share the
+    // apiserver) has looked at it meanwhile.
+    expect(table).toMatch(/^good\s+(Pending\s+)?Sync\s+/m);
   });
 
   it('require exactly one way of naming a group’s volumes, and a relative file path', () => {
