@@ -68,8 +68,7 @@ export class ShardLeases {
 
   /** This replica monitors `key` now. */
   owns(key: string): boolean {
-    const since = this.held.get(shardOf(key, this.options.shards));
-    return since !== undefined && Date.now() - since < this.renewDeadlineMs;
+    return this.ownsShard(shardOf(key, this.options.shards));
   }
 
   /** The shards held now, for logs and tests. */
