@@ -3,6 +3,7 @@ import { Command } from 'commander';
 import { isLockstepError, errorMessage } from '../lib/errors';
 import { packageVersion } from '../lib/package-root';
 import { agentCommand } from './commands/agent';
+import { certsCommand } from './commands/certs';
 import { ctlCommand } from './commands/ctl';
 import { demoCommand } from './commands/demo';
 import { mediatorCommand } from './commands/mediator';
@@ -17,7 +18,8 @@ export function buildProgram(): Command {
     .addCommand(ctlCommand())
     .addCommand(operatorCommand())
     .addCommand(mediatorCommand())
-    .addCommand(demoCommand());
+    .addCommand(demoCommand())
+    .addCommand(certsCommand());
 }
 
 export function main(argv: string[]): void {

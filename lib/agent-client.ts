@@ -3,6 +3,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { agentProto, type AgentClient as RawAgentClient } from '../proto';
 import { CLIENT_CHANNEL_OPTIONS, unaryCall, type Callback } from './grpc-errors';
+import { channelCredentials, channelOptions, type Transport } from './tls/transport';
 import type { GetInfoResponse__Output } from '../proto/gen/lockstep/v1/GetInfoResponse';
 import type { GetStatusResponse__Output } from '../proto/gen/lockstep/v1/GetStatusResponse';
 import type { Volume__Output } from '../proto/gen/lockstep/v1/Volume';
@@ -26,13 +27,13 @@ export class AgentClient {
 
   constructor(
     readonly target: string,
+    transport: Transport,
     private readonly timeoutMs = 10_000,
   ) {
-    this.raw = new (agentProto().Agent)(
-      target,
-      grpc.credentials.createInsecure(),
-      CLIENT_CHANNEL_OPTIONS,
-    );
+    this.raw = new (agentProto().Agent)(target, channelCredentials(transport, ['agent']), {
+      ...CLIENT_CHANNEL_OPTIONS,
+      ...channelOptions(transport),
+    });
   }
 
   private call<Res>(

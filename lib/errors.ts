@@ -20,6 +20,8 @@ export type ErrorCode =
   | 'LOCKSTEP_ERR_NO_SPACE'
   | 'LOCKSTEP_ERR_IO'
   | 'LOCKSTEP_ERR_NOT_ALLOWED'
+  /** The caller's certificate does not allow what it asked (see lib/tls/access-policy.ts). */
+  | 'LOCKSTEP_ERR_PERMISSION_DENIED'
   /** A request carried an epoch older than the copy's: its sender was replaced (fenced). */
   | 'LOCKSTEP_ERR_STALE_EPOCH'
   | 'LOCKSTEP_ERR_UNAVAILABLE';

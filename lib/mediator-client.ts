@@ -5,6 +5,7 @@ import { mediatorProto, type MediatorClient as RawMediatorClient } from '../prot
 import type { MediatorRecord__Output } from '../proto/gen/lockstep/v1/MediatorRecord';
 import type { CompareAndSwapResponse__Output } from '../proto/gen/lockstep/v1/CompareAndSwapResponse';
 import { CLIENT_CHANNEL_OPTIONS, unaryCall, type Callback } from './grpc-errors';
+import { channelCredentials, channelOptions, type Transport } from './tls/transport';
 
 export type MediatorRecord = MediatorRecord__Output;
 export interface SwapAnswer {
@@ -18,10 +19,12 @@ export class MediatorClient {
 
   constructor(
     readonly target: string,
+    transport: Transport,
     private readonly timeoutMs = 5_000,
   ) {
-    this.raw = new (mediatorProto().Mediator)(target, grpc.credentials.createInsecure(), {
+    this.raw = new (mediatorProto().Mediator)(target, channelCredentials(transport, ['mediator']), {
       ...CLIENT_CHANNEL_OPTIONS,
+      ...channelOptions(transport),
       // A primary suspended on the mediator, or a replica counting its grace, must see it the
       // moment it is back, not after grpc's default backoff (up to 2 minutes).
       'grpc.initial_reconnect_backoff_ms': 200,

@@ -34,3 +34,19 @@ export function adoptAccepted(
   accepted.destroy(); // releases the server's count of it; the handle lives on in `socket`
   return socket;
 }
+
+/**
+ * The same for a socket that only emits 'data' (a server-side TLS socket, which takes no
+ * `onread`): each chunk is copied to where `target` wants it, a buffer at a time.
+ */
+export function feedReads(socket: net.Socket, target: ReadTarget): void {
+  socket.on('data', (chunk: Buffer) => {
+    let at = 0;
+    while (at < chunk.length) {
+      const into = target.readBuffer();
+      const n = chunk.copy(into, 0, at, Math.min(chunk.length, at + into.length));
+      at += n;
+      target.onRead(n, into);
+    }
+  });
+}

@@ -5,11 +5,15 @@ import { errorMessage, isLockstepError } from '../../lib/errors';
 import { Agent, DEFAULT_PEER_TIMEOUT_MS } from '../../sidecar/src/agent';
 import { DEFAULT_CUTOVER } from '../../sidecar/src/replication/establishment';
 import { byteSize, nonNegativeInteger, positiveInteger } from '../arguments';
+import { addTransportOptions, daemonTransport } from '../transport-flags';
 import type * as KubeModule from '../../lib/kube';
 
 export function agentCommand(): Command {
-  return new Command('agent')
-    .description('run the node agent: owns volumes, serves them over NBD, replicates writes')
+  return addTransportOptions(
+    new Command('agent').description(
+      'run the node agent: owns volumes, serves them over NBD, replicates writes',
+    ),
+  )
     .requiredOption('--node <name>', 'name of the node this agent serves')
     .requiredOption('--data-dir <dir>', 'directory holding the volumes and the agent state')
     .addOption(
@@ -68,6 +72,8 @@ export function agentCommand(): Command {
         peerTimeout: number;
         cutoverBytes: number;
         cutoverMs: number;
+        tlsDir?: string;
+        insecure: boolean;
       }) => {
         const log = createLogger('agent', { node: opts.node });
         // The Kubernetes client is loaded only when used: it adds ~0.15 s to start-up.
@@ -76,7 +82,9 @@ export function agentCommand(): Command {
           (require('../../lib/kube') as typeof KubeModule).loadKubeConfig(file);
         let agent: Agent;
         try {
+          const transport = await daemonTransport(opts, log, { role: 'agent', name: opts.node });
           agent = await Agent.start({
+            transport,
             node: opts.node,
             dataDir: opts.dataDir,
             listen: opts.listen,

@@ -6,10 +6,11 @@ import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
 import { LockstepError, errorMessage } from '../../lib/errors';
 import { MediatorClient } from '../../lib/mediator-client';
 import { outputOption, printJson, type OutputFormat } from '../output';
+import { clientTransport } from '../transport-flags';
 
-function clientOf(cmd: Command): AgentClient {
+async function clientOf(cmd: Command): Promise<AgentClient> {
   const globals = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
-  return new AgentClient(globals.agent, Number(globals.timeout) * 1000);
+  return new AgentClient(globals.agent, await clientTransport(cmd), Number(globals.timeout) * 1000);
 }
 
 function mediatorOf(v: VolumeInfo): { address: string; group: string } {
@@ -58,7 +59,7 @@ export function failoverCommand(): Command {
         opts: { output: OutputFormat; group?: string },
         cmd: Command,
       ) => {
-        const agent = clientOf(cmd);
+        const agent = await clientOf(cmd);
         try {
           const names = await failoverVolumes(agent, volume, opts.group);
           // Every volume is checked before any is promoted: a group is not split by a typo.
@@ -97,12 +98,12 @@ export function epochCommand(): Command {
     .description('show the epoch: who holds it at the mediator, and what this copy has seen')
     .addOption(outputOption())
     .action(async (volume: string, opts: { output: OutputFormat }, cmd: Command) => {
-      const agent = clientOf(cmd);
+      const agent = await clientOf(cmd);
       let mediator: MediatorClient | undefined;
       try {
         const v = await agent.getVolume(volume);
         const m = mediatorOf(v);
-        mediator = new MediatorClient(m.address);
+        mediator = new MediatorClient(m.address, await clientTransport(cmd));
         const record = await mediator.record(m.group);
         const p = v.replication!.protection!;
         const copy = {

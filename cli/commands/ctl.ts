@@ -6,6 +6,7 @@ import { parseDuration } from '../../lib/duration';
 import { moveCommand } from './ctl-move';
 import { epochCommand, failoverCommand } from './ctl-failover';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
+import { addTransportOptions, clientTransport } from '../transport-flags';
 
 function volumeRows(volumes: VolumeInfo[]): string[][] {
   return volumes.map((v) => [
@@ -35,8 +36,9 @@ function snapshotRows(snapshots: SnapshotInfo[]): string[][] {
 const SNAPSHOT_HEADERS = ['VOLUME', 'NAME', 'LABEL', 'CREATED', 'SAVED', 'EXPORT'];
 
 export function ctlCommand(): Command {
-  const ctl = new Command('ctl')
-    .description('control an agent through its gRPC API')
+  const ctl = addTransportOptions(
+    new Command('ctl').description('control an agent through its gRPC API'),
+  )
     .option(
       '--agent <host:port>',
       'agent control address',
@@ -49,7 +51,8 @@ export function ctlCommand(): Command {
     fn: (client: AgentClient) => Promise<T>,
   ): Promise<T> => {
     const opts = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
-    const client = new AgentClient(opts.agent, Number(opts.timeout) * 1000);
+    const transport = await clientTransport(cmd);
+    const client = new AgentClient(opts.agent, transport, Number(opts.timeout) * 1000);
     try {
       return await fn(client);
     } finally {
@@ -72,7 +75,8 @@ export function ctlCommand(): Command {
       const info = status.info!;
       process.stdout.write(
         `node:      ${info.node}\nversion:   ${info.version}\nstarted:   ${new Date(info.startedAtMs).toISOString()}${info.serving ? '' : ' (still starting: volumes not yet exported)'}\n` +
-          `data dir:  ${status.dataDir}\nnbd:       ${status.nbdSocket}${status.nbdTcp ? `, tcp ${status.nbdTcp}` : ''}\n\n`,
+          `data dir:  ${status.dataDir}\nnbd:       ${status.nbdSocket}${status.nbdTcp ? `, tcp ${status.nbdTcp}` : ''}\n` +
+          `transport: ${info.transport}\n\n`,
       );
       printTable(VOLUME_HEADERS, volumeRows(status.volumes));
     });

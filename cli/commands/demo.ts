@@ -14,6 +14,14 @@ import { errorMessage } from '../../lib/errors';
 import { MediatorClient } from '../../lib/mediator-client';
 import { NbdClient } from '../../lib/nbd-client';
 import { packageRoot } from '../../lib/package-root';
+import {
+  createAuthority,
+  issueCertificate,
+  writeTlsDir,
+} from '../../lib/tls/certificate-authority';
+import type { Identity } from '../../lib/tls/identity';
+import { openTransport, type Transport } from '../../lib/tls/transport';
+import pino from 'pino';
 import { formatSize, parseSize } from '../../lib/size';
 
 const SLOT = 4096;
@@ -49,7 +57,31 @@ interface DemoAgent {
   client: AgentClient;
 }
 
-async function startMediator(root: string): Promise<{ address: string; child: ChildProcess }> {
+/** A CA, and a TLS directory for each component: the demo runs with mutual TLS, as a user would. */
+async function makeCertificates(
+  root: string,
+): Promise<{ dir(name: string): string; admin: Transport }> {
+  const ca = await createAuthority('Lockstep demo CA');
+  const dir = (name: string) => path.join(root, 'tls', name);
+  const ids: Identity[] = [
+    { role: 'agent', name: 'node-a' },
+    { role: 'agent', name: 'node-b' },
+    { role: 'mediator', name: 'mediator' },
+    { role: 'admin', name: 'admin' },
+  ];
+  for (const id of ids)
+    await writeTlsDir(
+      dir(id.name),
+      ca.certPem,
+      await issueCertificate(ca, id, { validMs: 86_400_000 }),
+    );
+  return { dir, admin: await openTransport({ tlsDir: dir('admin') }, pino({ level: 'silent' })) };
+}
+
+async function startMediator(
+  root: string,
+  tls: Awaited<ReturnType<typeof makeCertificates>>,
+): Promise<{ address: string; child: ChildProcess }> {
   const address = `127.0.0.1:${await freePort()}`;
   const child = spawn(
     process.execPath,
@@ -60,10 +92,12 @@ async function startMediator(root: string): Promise<{ address: string; child: Ch
       path.join(root, 'mediator'),
       '--listen',
       address,
+      '--tls-dir',
+      tls.dir('mediator'),
     ],
     { stdio: ['ignore', 'ignore', 'inherit'] },
   );
-  const client = new MediatorClient(address, 1000);
+  const client = new MediatorClient(address, tls.admin, 1000);
   try {
     for (let i = 0; ; i++) {
       try {
@@ -80,7 +114,12 @@ async function startMediator(root: string): Promise<{ address: string; child: Ch
   }
 }
 
-async function startAgent(node: string, root: string, port?: number): Promise<DemoAgent> {
+async function startAgent(
+  node: string,
+  root: string,
+  tls: Awaited<ReturnType<typeof makeCertificates>>,
+  port?: number,
+): Promise<DemoAgent> {
   const dir = path.join(root, node);
   const address = `127.0.0.1:${port ?? (await freePort())}`;
   const child = spawn(
@@ -96,10 +135,12 @@ async function startAgent(node: string, root: string, port?: number): Promise<De
       address,
       '--peer-timeout',
       '2000',
+      '--tls-dir',
+      tls.dir(node),
     ],
     { stdio: ['ignore', 'ignore', 'inherit'] },
   );
-  const client = new AgentClient(address, 2000);
+  const client = new AgentClient(address, tls.admin, 2000);
   for (let i = 0; ; i++) {
     try {
       // Its API answers while volumes resume; their exports are open only once serving.
@@ -155,12 +196,15 @@ export function demoCommand(): Command {
       const agents: DemoAgent[] = [];
       const children: ChildProcess[] = [];
       try {
-        say(`1. starting two agents and a mediator on loopback (data under ${root})`);
-        const mediator = await startMediator(root);
+        say(
+          `1. starting two agents and a mediator on loopback, with mutual TLS from a CA made for the demo (data under ${root})`,
+        );
+        const tls = await makeCertificates(root);
+        const mediator = await startMediator(root, tls);
         children.push(mediator.child);
-        const a = await startAgent('node-a', root);
+        const a = await startAgent('node-a', root, tls);
         agents.push(a);
-        const b = await startAgent('node-b', root);
+        const b = await startAgent('node-b', root, tls);
         agents.push(b);
         say(`   node-a at ${a.address}, node-b at ${b.address}, mediator at ${mediator.address}`);
 
@@ -238,7 +282,7 @@ export function demoCommand(): Command {
         say('7. restarting node-a: it sees the newer epoch, steps down and resyncs what changed');
         agents.splice(agents.indexOf(a), 1);
         a.client.close();
-        const back = await startAgent('node-a', root, Number(a.address.split(':')[1]));
+        const back = await startAgent('node-a', root, tls, Number(a.address.split(':')[1]));
         agents.push(back);
         const resynced = await waitInSync(b, 'demo');
         const role = (await back.client.getVolume('demo')).role;

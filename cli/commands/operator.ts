@@ -7,9 +7,10 @@ import type { Operator } from '../../operator/src/operator';
 import type * as OperatorModule from '../../operator/src/operator';
 import type * as KubeModule from '../../lib/kube';
 import { positiveInteger } from '../arguments';
+import { addTransportOptions, daemonTransport } from '../transport-flags';
 
 export function operatorCommand(): Command {
-  return new Command('operator')
+  return addTransportOptions(new Command('operator'))
     .description('run the operator: turns SyncRelationships into replication on the agents')
     .option('--kubeconfig <file>', 'kubeconfig (default: in-cluster or $KUBECONFIG)')
     .option(
@@ -40,6 +41,8 @@ export function operatorCommand(): Command {
         metricsListen?: string;
         leaderElect: boolean;
         agentPoll: number;
+        tlsDir?: string;
+        insecure: boolean;
       }) => {
         const log = createLogger('operator');
         let operator: Operator;
@@ -50,7 +53,9 @@ export function operatorCommand(): Command {
           const { loadKubeConfig } = require('../../lib/kube') as typeof KubeModule;
           const { Operator } = require('../../operator/src/operator') as typeof OperatorModule;
           /* eslint-enable @typescript-eslint/no-require-imports */
+          const transport = await daemonTransport(opts, log, { role: 'operator' });
           operator = new Operator({
+            transport,
             kc: loadKubeConfig(opts.kubeconfig),
             namespace: opts.namespace,
             metricsListen: opts.metricsListen,

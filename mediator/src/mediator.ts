@@ -10,10 +10,14 @@ import type { Logger } from '../../lib/logger';
 import { startGrpcServer, type BoundServer } from '../../lib/grpc-server';
 import { mediatorProto, type MediatorHandlers } from '../../proto';
 import { RecordStore } from './record-store';
+import { guardService, logRefusal } from '../../lib/tls/access-policy';
+import { serverCredentials, type Transport } from '../../lib/tls/transport';
 
 export interface MediatorOptions {
   dataDir: string;
   listen: string;
+  /** Mutual TLS (agents, the operator and administrators may call), or --insecure. */
+  transport: Transport;
   log: Logger;
 }
 
@@ -43,9 +47,14 @@ export class Mediator {
     let store: RecordStore | undefined;
     try {
       store = await RecordStore.open(opts.dataDir);
-      const server = await startGrpcServer(opts.listen, [
-        [mediatorProto().Mediator.service, handlers(store, opts.log)],
-      ]);
+      const guarded = guardService('mediator', handlers(store, opts.log), opts.transport, (r) =>
+        logRefusal(opts.log, r),
+      );
+      const server = await startGrpcServer(
+        opts.listen,
+        [[mediatorProto().Mediator.service, guarded]],
+        serverCredentials(opts.transport),
+      );
       opts.log.info(
         { listen: server.address, dataDir: opts.dataDir, groups: store.list().length },
         'mediator serving',

@@ -1,6 +1,8 @@
 // The operator process: informers on the Lockstep kinds, PVCs, PVs and agent heartbeats; a
 // watcher on the agents themselves; one work queue and reconciler per kind; leader election so
 // only one replica acts. Event handlers only map an object to the keys it affects.
+import { securityMetrics } from '../../lib/tls/security-metrics';
+import type { Transport } from '../../lib/tls/transport';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import * as k8s from '@kubernetes/client-node';
@@ -39,6 +41,8 @@ export interface OperatorOptions {
   namespace: string;
   metricsListen?: string;
   leaderElect: boolean;
+  /** Mutual TLS to the agents and mediators (an operator certificate), or --insecure. */
+  transport: Transport;
   log: Logger;
   /** How often each agent's status is polled. */
   agentPollMs?: number;
@@ -60,9 +64,9 @@ export class Operator {
   private readonly log: Logger;
   private readonly objects: k8s.CustomObjectsApi;
   private readonly core: k8s.CoreV1Api;
-  private readonly pool = new AgentPool();
+  private readonly pool: AgentPool;
   /** Short deadlines for the failover monitor's probes. */
-  private readonly probes = new AgentPool(2_000);
+  private readonly probes: AgentPool;
   private readonly queues = {
     relationships: new WorkQueue(),
     groups: new WorkQueue(),
@@ -89,6 +93,9 @@ export class Operator {
   constructor(private readonly options: OperatorOptions) {
     const { kc, namespace } = options;
     this.log = options.log;
+    this.pool = new AgentPool(options.transport);
+    this.probes = new AgentPool(options.transport, 2_000);
+    securityMetrics(this.metrics.registry, options.transport, this.log);
     this.objects = kc.makeApiClient(k8s.CustomObjectsApi);
     this.core = kc.makeApiClient(k8s.CoreV1Api);
     const coordination = kc.makeApiClient(k8s.CoordinationV1Api);
@@ -250,6 +257,7 @@ export class Operator {
       lookup: this.lookup,
       agents: this.pool,
       probes: this.probes,
+      transport: this.options.transport,
       objects: this.objects,
       events,
       shards: {

@@ -7,7 +7,7 @@ import { packageVersion } from '../../lib/package-root';
 import type { NodeRegistration } from './k8s/node-registration';
 import type * as RegistrationModule from './k8s/node-registration';
 import path from 'node:path';
-import { LockstepError, errorMessage } from '../../lib/errors';
+import { LockstepError, errorMessage, isLockstepError } from '../../lib/errors';
 import { splitHostPort } from '../../lib/host-port';
 import type { Logger } from '../../lib/logger';
 import { agentProto, replicationProto } from '../../proto';
@@ -19,7 +19,14 @@ import type { BlockDevice } from './block-device';
 import { NbdServer, type ExportSource } from './frontend/nbd/server';
 import { AgentMetrics } from './metrics';
 import { DataListener } from './replication/data-listener';
-import { attachLane, replicationHandlers } from './replication/replica-service';
+import {
+  attachLane,
+  replicationCallCheck,
+  replicationHandlers,
+} from './replication/replica-service';
+import { guardService } from '../../lib/tls/access-policy';
+import { securityMetrics } from '../../lib/tls/security-metrics';
+import { serverCredentials, type Transport } from '../../lib/tls/transport';
 import { lockDataDir, type DataDirLock } from '../../lib/data-dir-lock';
 import type { NewVolume, ReplicationMode } from './store/volume-metadata';
 import { VolumeStore, type Volume } from './store/volume-store';
@@ -55,6 +62,8 @@ export interface AgentOptions {
   cutover?: CutoverPolicy;
   /** Register a LockstepNode and heartbeat through a Lease in this cluster. */
   register?: { kc: KubeConfig; namespace: string };
+  /** Mutual TLS for every listener and connection, or plaintext on purpose (--insecure). */
+  transport: Transport;
   log: Logger;
 }
 
@@ -164,6 +173,7 @@ export class Agent implements ExportSource {
       store,
       log: this.log.child({ subsystem: 'replication' }),
       ackTimeoutMs: options.peerTimeoutMs ?? DEFAULT_PEER_TIMEOUT_MS,
+      transport: options.transport,
       cutover: options.cutover ?? DEFAULT_CUTOVER,
       takeOver: async (volume, epoch) => {
         await this.promote(volume, true, undefined, epoch);
@@ -212,11 +222,27 @@ export class Agent implements ExportSource {
         ? splitHostPort(options.dataListen, '--data-listen')
         : [grpcHost, 0];
       const replicaHost = agent;
+      const refused = securityMetrics(agent.metrics.registry, options.transport, log);
       agent.data = await DataListener.listen(
         dataHost,
         dataPort,
-        (hello, lane) => attachLane(replicaHost, hello, lane),
+        (hello, lane) => {
+          try {
+            return attachLane(replicaHost, hello, lane);
+          } catch (err) {
+            if (isLockstepError(err, 'LOCKSTEP_ERR_PERMISSION_DENIED'))
+              refused({
+                service: 'data-lane',
+                what: `open a data lane to ${hello.volume}`,
+                caller: lane.peer,
+                reason: err.message,
+              });
+            throw err;
+          }
+        },
         agent.ctx.log.child({ subsystem: 'data-lanes' }),
+        options.transport,
+        refused,
       );
       const [, boundDataPort] = splitHostPort(agent.data.address, 'data address');
       const advertisedHost = options.advertise
@@ -225,10 +251,24 @@ export class Agent implements ExportSource {
       agent.dataAddress =
         options.dataAdvertise ??
         `${advertisedHost.includes(':') ? `[${advertisedHost}]` : advertisedHost}:${boundDataPort}`;
-      agent.grpc = await startGrpcServer(options.listen, [
-        [agentProto().Agent.service, agentHandlers(agent)],
-        [replicationProto().Replication.service, replicationHandlers(agent)],
-      ]);
+      const t = options.transport;
+      agent.grpc = await startGrpcServer(
+        options.listen,
+        [
+          [agentProto().Agent.service, guardService('control', agentHandlers(agent), t, refused)],
+          [
+            replicationProto().Replication.service,
+            guardService(
+              'replication',
+              replicationHandlers(agent),
+              t,
+              refused,
+              replicationCallCheck(agent),
+            ),
+          ],
+        ],
+        serverCredentials(t),
+      );
       agent.grpcAddress = agent.grpc.address.replace(/^[^:]*(?=:\d+$)/, grpcHost);
       // Peers learn our address in the handshake, so links start once it is bound.
       agent.ctx.address = options.advertise ?? agent.grpcAddress;

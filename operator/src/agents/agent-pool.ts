@@ -1,16 +1,20 @@
 // One control-API client per agent endpoint, reused across reconciles and closed when the
 // endpoint is no longer registered.
 import { AgentClient } from '../../../lib/agent-client';
+import type { Transport } from '../../../lib/tls/transport';
 
 export class AgentPool {
   private readonly clients = new Map<string, AgentClient>();
 
-  constructor(private readonly timeoutMs = 5_000) {}
+  constructor(
+    private readonly transport: Transport,
+    private readonly timeoutMs = 5_000,
+  ) {}
 
   get(endpoint: string): AgentClient {
     let c = this.clients.get(endpoint);
     if (!c) {
-      c = new AgentClient(endpoint, this.timeoutMs);
+      c = new AgentClient(endpoint, this.transport, this.timeoutMs);
       this.clients.set(endpoint, c);
     }
     return c;

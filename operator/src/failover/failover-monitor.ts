@@ -6,6 +6,7 @@
 // replica is promoted, which is the mediator's compare-and-swap. Whoever dies in between, the
 // SyncRelationship reconciler promotes the copy spec.primary names, through the same
 // compare-and-swap: the failover completes once, and at most one copy is ever granted the epoch.
+import type { Transport } from '../../../lib/tls/transport';
 import type * as k8s from '@kubernetes/client-node';
 import type { VolumeInfo } from '../../../lib/agent-client';
 import { errorMessage } from '../../../lib/errors';
@@ -33,6 +34,8 @@ const TICK_MS = 1_000;
 const PROBE_TIMEOUT_MS = 2_000;
 
 export interface MonitorDeps {
+  /** For the mediator clients. */
+  transport: Transport;
   relationships: SupervisedInformer<SyncRelationship>;
   groups: SupervisedInformer<ConsistencyGroup>;
   nodes: SupervisedInformer<LockstepNode>;
@@ -164,7 +167,7 @@ export class FailoverMonitor {
   private mediator(address: string): MediatorClient {
     let m = this.mediators.get(address);
     if (!m) {
-      m = new MediatorClient(address, PROBE_TIMEOUT_MS);
+      m = new MediatorClient(address, this.deps.transport, PROBE_TIMEOUT_MS);
       this.mediators.set(address, m);
     }
     return m;

@@ -1,5 +1,6 @@
 // The Agent gRPC control service: what the operator and `lockstep ctl` call on a node agent.
 // It translates between the wire messages and the Agent; errors keep their Lockstep codes.
+import { describeTransport } from '../../../lib/tls/transport';
 import type { AgentHandlers } from '../../../proto';
 import { packageVersion } from '../../../lib/package-root';
 import { unary } from '../../../lib/grpc-errors';
@@ -15,6 +16,7 @@ function info(agent: Agent) {
     startedAtMs: agent.startedAtMs,
     serving: agent.serving,
     address: agent.address,
+    transport: describeTransport(agent.options.transport),
   };
 }
 

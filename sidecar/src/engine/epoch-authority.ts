@@ -20,6 +20,7 @@
 // Peers are added to the record the same way once they catch up (include), so a replica that
 // just finished a resync becomes eligible to take over only when nothing it lacks can have been
 // acknowledged.
+import type { Transport } from '../../../lib/tls/transport';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { MediatorClient, type MediatorRecord } from '../../../lib/mediator-client';
@@ -34,6 +35,7 @@ export type Standing =
 
 export interface AuthorityHost {
   readonly log: Logger;
+  readonly transport: Transport;
   readonly volumeName: string;
   /** This copy's name in the mediator's records. */
   identity(): string;
@@ -84,7 +86,7 @@ export class EpochAuthority {
     /** Strict-sync: a missed write fails anyway, so the record never has to drop a peer. */
     private readonly strict: boolean,
   ) {
-    this.client = config && new MediatorClient(config.address, 3_000);
+    this.client = config && new MediatorClient(config.address, host.transport, 3_000);
   }
 
   get standing(): Standing {

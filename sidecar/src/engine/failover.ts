@@ -10,6 +10,7 @@
 // so a mere link cut keeps the primary: the record it gets no longer names the replica. While
 // the mediator cannot be reached the grace period starts over, so a primary that was waiting
 // for it gets its turn first once it is back.
+import type { Transport } from '../../../lib/tls/transport';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { MediatorClient, type MediatorRecord } from '../../../lib/mediator-client';
@@ -29,12 +30,13 @@ function notEligible(record: MediatorRecord, self: string): string | undefined {
  */
 export async function claimEpoch(
   config: MediatorConfig,
+  transport: Transport,
   self: string,
   /** The newest epoch this copy has seen: the grant is past it. */
   seen: number,
   force: boolean,
 ): Promise<number> {
-  const client = new MediatorClient(config.address, 3_000);
+  const client = new MediatorClient(config.address, transport, 3_000);
   try {
     const record = await client.record(config.group);
     const why = notEligible(record, self);
@@ -54,6 +56,7 @@ export async function claimEpoch(
 
 export interface WatchedCopy {
   readonly log: Logger;
+  readonly transport: Transport;
   identity(): string;
   /** The newest epoch this copy has seen. */
   epoch(): number;
@@ -84,7 +87,7 @@ export class FailoverWatch {
     private readonly copy: WatchedCopy,
     private readonly config: MediatorConfig,
   ) {
-    this.client = new MediatorClient(config.address, 2_000);
+    this.client = new MediatorClient(config.address, copy.transport, 2_000);
     this.timer = setInterval(() => void this.tick(), TICK_MS);
     this.timer.unref();
   }

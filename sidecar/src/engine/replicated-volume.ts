@@ -10,6 +10,7 @@
 // Transitions (configure, stop, promote, demote) hold new writes until they are done and wait
 // for the writes in flight, so no write is ever made under one configuration and tracked
 // under another.
+import type { Transport } from '../../../lib/tls/transport';
 import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
@@ -88,6 +89,8 @@ export interface ReplicationContext {
   log: Logger;
   ackTimeoutMs: number;
   cutover: CutoverPolicy;
+  /** How this agent's connections to peers and the mediator are secured. */
+  transport: Transport;
   /** Promotes a volume in an epoch its automatic failover was granted (the agent's promote). */
   takeOver(volume: string, epoch: number): Promise<void>;
   /**
@@ -206,6 +209,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   /** The newest epoch this copy has seen; a primary's is the one its writes carry. */
   get epoch(): number {
     return this.meta.epoch ?? 0;
+  }
+  /** The node this copy replicates from, while it is a secondary (as its primary's certificate named it). */
+  get primaryNode(): string | undefined {
+    return this.phase.role === 'secondary'
+      ? this.meta.replication?.peers[0]?.node || undefined
+      : undefined;
   }
   get mediator(): MediatorConfig | undefined {
     return this.meta.replication?.mediator;
@@ -505,6 +514,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const watch = new FailoverWatch(
       {
         log: this.log,
+        transport: this.ctx.transport,
         identity: () => this.identity(),
         epoch: () => this.epoch,
         primaryPresent: () => {
@@ -594,6 +604,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const links = repl.peers.map(
       (p) =>
         new PeerLink(p.address, this, {
+          transport: this.ctx.transport,
           ackTimeoutMs: this.ctx.ackTimeoutMs,
           batch: this.batch,
           cutover: this.ctx.cutover,
@@ -602,6 +613,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const authority = new EpochAuthority(
       {
         log: this.log,
+        transport: this.ctx.transport,
         volumeName: this.volumeName,
         identity: () => this.identity(),
         epoch: () => this.epoch,
@@ -795,7 +807,13 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const repl = this.meta.replication;
     if (!repl?.mediator) return this.epoch + 1;
     try {
-      return await claimEpoch(repl.mediator, this.identity(), this.epoch, force);
+      return await claimEpoch(
+        repl.mediator,
+        this.ctx.transport,
+        this.identity(),
+        this.epoch,
+        force,
+      );
     } catch (err) {
       if (!force || !isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
       this.log.error(

@@ -2,11 +2,14 @@
 // records out and ack records back (layout in frames.ts). Ops appended during one turn of the
 // event loop leave in one write: headers and small payloads are packed into an arena buffer,
 // large payloads go out as they are (the kernel copies them; we do not). Acks are parsed where
-// they lie in a reused read buffer. A TLS socket could replace the TCP one: only `open` dials.
+// they lie in a reused read buffer. With TLS the lane is a TLS session to a peer that must
+// present an agent certificate; everything above the socket is the same.
 import net from 'node:net';
+import tls from 'node:tls';
 import { ElementCollector } from '../../../lib/element-collector';
 import { errorMessage } from '../../../lib/errors';
 import { splitHostPort } from '../../../lib/host-port';
+import { serverCheck, type Transport } from '../../../lib/tls/transport';
 import {
   ACK_BYTES,
   OP_HEADER_BYTES,
@@ -66,11 +69,12 @@ export class DataLane {
     hello: Hello,
     owner: LaneOwner,
     timeoutMs: number,
+    transport: Transport,
   ): Promise<DataLane> {
     const [host, port] = splitHostPort(address, 'data address');
     const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
     let lane: DataLane | undefined;
-    const socket = net.connect({
+    const options = {
       host,
       port,
       noDelay: true,
@@ -82,7 +86,15 @@ export class DataLane {
           return true;
         },
       },
-    } as net.NetConnectOpts);
+    };
+    // The hello is written at once either way: a TLS socket holds it until the handshake is done.
+    const socket = transport.secure
+      ? tls.connect({
+          ...options,
+          secureContext: transport.dir.secureContext,
+          checkServerIdentity: serverCheck(['agent']),
+        } as tls.ConnectionOptions)
+      : net.connect(options as net.NetConnectOpts);
     lane = new DataLane(socket, owner);
     const opened = lane;
     return new Promise<DataLane>((resolve, reject) => {

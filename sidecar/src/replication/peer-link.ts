@@ -2,6 +2,7 @@
 // data-lane.ts) with sequence-numbered acks, failure detection (lane errors, keepalive pings,
 // an ack deadline), reconnection with backoff, and the catch-up that follows every connect
 // (baseline, bitmap or checksum resync).
+import { channelCredentials, channelOptions, type Transport } from '../../../lib/tls/transport';
 import * as grpc from '@grpc/grpc-js';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 import { carriedError } from '../../../lib/grpc-errors';
@@ -65,6 +66,8 @@ interface Pending {
 }
 
 export interface PeerLinkOptions {
+  /** TLS (or --insecure) for the link's gRPC channel and data lanes. */
+  transport: Transport;
   /** An op not acknowledged within this time fails the link (a half-open peer). */
   ackTimeoutMs: number;
   /** The volume's batch of this turn's sends, shared by its links. */
@@ -142,16 +145,14 @@ export class PeerLink implements EstablishTarget {
   }
 
   private openChannel(): void {
-    this.channel = new grpc.Channel(
-      this.address,
-      grpc.credentials.createInsecure(),
-      CONTROL_CHANNEL_OPTIONS,
-    );
-    this.rpc = new (replicationProto().Replication)(
-      this.address,
-      grpc.credentials.createInsecure(),
-      { channelOverride: this.channel },
-    );
+    const credentials = channelCredentials(this.opts.transport, ['agent']);
+    this.channel = new grpc.Channel(this.address, credentials, {
+      ...CONTROL_CHANNEL_OPTIONS,
+      ...channelOptions(this.opts.transport),
+    });
+    this.rpc = new (replicationProto().Replication)(this.address, credentials, {
+      channelOverride: this.channel,
+    });
   }
 
   /**
@@ -707,6 +708,7 @@ export class PeerLink implements EstablishTarget {
           },
           owner,
           RPC_DEADLINE_MS,
+          this.opts.transport,
         ),
       ),
     );

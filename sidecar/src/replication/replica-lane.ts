@@ -5,6 +5,7 @@
 // straight into that payload's pooled buffer (see lib/onread-socket.ts): one copy out of the
 // kernel and no allocation per op. Bad input closes this connection only, with the reason
 // logged; every op before it was applied and acknowledged or is re-sent by the primary.
+import type { Identity } from '../../../lib/tls/identity';
 import type { Socket } from 'node:net';
 import type { BufferPool } from '../../../lib/buffer-pool';
 import { ElementCollector } from '../../../lib/element-collector';
@@ -91,10 +92,12 @@ export class ReplicaLane {
   private ackScheduled = false;
   private readonly helloTimer: NodeJS.Timeout;
   private readonly log: Logger;
+  /** Who dialled, from its TLS certificate (undefined on a plaintext port). */
+  peer: Identity | undefined;
 
   /** `socket` must deliver reads to `onRead`, into the buffer `readBuffer()` names. */
   constructor(
-    /** A TCP socket, or (one day) a TLS socket over one. */
+    /** A TCP socket, or a TLS socket over one. */
     private readonly socket: Socket,
     /** Where reads land unless a write payload is being filled. */
     private readonly scratch: Buffer,

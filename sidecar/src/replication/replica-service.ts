@@ -5,6 +5,7 @@
 import { LockstepError } from '../../../lib/errors';
 import { unary } from '../../../lib/grpc-errors';
 import type { Logger } from '../../../lib/logger';
+import type { CallCheck } from '../../../lib/tls/access-policy';
 import type { ReplicationHandlers } from '../../../proto';
 import type { FileBlockDevice } from '../store/file-device';
 import { changedRegions, newestCommon } from '../snapshots/common-snapshot';
@@ -30,6 +31,8 @@ export interface ReplicaVolume {
   readonly uuid: string;
   readonly sizeBytes: number;
   readonly role: Role;
+  /** A secondary's primary, by node. */
+  readonly primaryNode: string | undefined;
   readonly generation: Generations;
   /** The newest epoch this copy has seen. */
   readonly epoch: number;
@@ -95,6 +98,29 @@ function sameSnapshot(
       `snapshot ${volume}@${name} on node ${host.node} is another snapshot of that name ` +
         `(${snapshot.uid || 'local'}, not ${uid}): this copy never took the primary's`,
     );
+}
+
+/**
+ * The replication service's rules per request, for an agent's certificate (access-policy.ts
+ * has already let only agents in): an agent speaks only for its own node, and a secondary takes
+ * its primary's calls only from that primary's node.
+ */
+export function replicationCallCheck(host: ReplicaHost): CallCheck {
+  return (method, caller, request) => {
+    const req = request as { volume?: string; primaryNode?: string };
+    if (method === 'Handshake')
+      return req.primaryNode === caller.name
+        ? undefined
+        : `its certificate is node ${caller.name}'s, and it may not speak for node ${req.primaryNode}`;
+    return refusedPeer(host, req.volume ?? '', caller.name);
+  };
+}
+
+/** Why `node` may not act as the primary of this agent's copy of `volume`, if it may not. */
+export function refusedPeer(host: ReplicaHost, volume: string, node: string): string | undefined {
+  const primary = host.replicated(volume)?.primaryNode;
+  if (primary === undefined || primary === node) return undefined;
+  return `volume ${volume} on node ${host.node} replicates from node ${primary}, not from node ${node}`;
 }
 
 export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
@@ -299,5 +325,11 @@ export function attachLane(host: ReplicaHost, hello: Hello, lane: ReplicaLane): 
       `volume ${JSON.stringify(hello.volume)} does not exist on node ${host.node} (handshake first)`,
     );
   }
+  const refused = lane.peer && refusedPeer(host, hello.volume, lane.peer.name);
+  if (refused)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_PERMISSION_DENIED',
+      `agent ${lane.peer!.name} may not open a data lane: ${refused}`,
+    );
   return rv.attachLane(hello.token, hello.lane, hello.epoch, lane);
 }

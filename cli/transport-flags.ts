@@ -1,0 +1,35 @@
+// --tls-dir and --insecure, the same on every command: TLS unless plaintext is asked for.
+import { Command, Option } from 'commander';
+import pino from 'pino';
+import type { Role } from '../lib/tls/identity';
+import { openTransport, type Transport, type TransportFlags } from '../lib/tls/transport';
+import type { Logger } from '../lib/logger';
+
+export function addTransportOptions(cmd: Command): Command {
+  return cmd
+    .addOption(
+      new Option(
+        '--tls-dir <dir>',
+        'ca.crt, tls.crt and tls.key for mutual TLS (made by `lockstep certs`; reloaded when they change)',
+      ).env('LOCKSTEP_TLS_DIR'),
+    )
+    .option('--insecure', 'plaintext, no authentication: for local experiments only', false);
+}
+
+/** A long-running component's transport: it must hold a certificate for `holder`. */
+export function daemonTransport(
+  opts: TransportFlags,
+  log: Logger,
+  holder: { role: Role; name?: string },
+): Promise<Transport> {
+  return openTransport(opts, log, holder);
+}
+
+/**
+ * A client command's transport, from its own or its parent's flags. Clients say nothing about
+ * --insecure (the server they reach logs it); a certificate's role is for the server to judge.
+ * Its reload timer does not hold a short-lived command's process open.
+ */
+export function clientTransport(cmd: Command): Promise<Transport> {
+  return openTransport(cmd.optsWithGlobals<TransportFlags>(), pino({ level: 'silent' }));
+}

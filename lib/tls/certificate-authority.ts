@@ -1,0 +1,177 @@
+// The Lockstep CA: makes the CA and issues the certificates every component presents (ECDSA
+// P-256, both server and client use, the holder's identity in the subject). The same code
+// serves `lockstep certs` outside Kubernetes and the operator inside it.
+import 'reflect-metadata'; // @peculiar/x509's dependency injection needs it loaded first
+import * as x509 from '@peculiar/x509';
+import { X509Certificate, createPrivateKey, randomBytes, webcrypto } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { writeFileAtomic } from '../atomic-file';
+import { LockstepError, errorMessage } from '../errors';
+import { subjectOf, type Identity } from './identity';
+
+x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
+
+type CryptoKey = webcrypto.CryptoKey;
+
+const ALGORITHM = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' };
+/** Tolerates clocks a little behind the issuer's. */
+const BACKDATE_MS = 5 * 60_000;
+
+export interface Authority {
+  certPem: string;
+  keyPem: string;
+}
+
+export interface IssuedCertificate {
+  certPem: string;
+  keyPem: string;
+  notAfter: Date;
+}
+
+/** The files of a TLS directory: a Kubernetes TLS Secret's layout plus its CA. */
+export const TLS_FILES = { ca: 'ca.crt', cert: 'tls.crt', key: 'tls.key' } as const;
+/** The CA's own directory: its certificate and, private to whoever issues, its key. */
+export const CA_FILES = { cert: 'ca.crt', key: 'ca.key' } as const;
+
+export async function createAuthority(
+  name = 'Lockstep CA',
+  validMs = 10 * 365 * 86_400_000,
+): Promise<Authority> {
+  const keys = await newKeys();
+  const now = Date.now();
+  const cert = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: serial(),
+    name: `CN=${name}, O=lockstep`,
+    notBefore: new Date(now - BACKDATE_MS),
+    notAfter: new Date(now + validMs),
+    signingAlgorithm: ALGORITHM,
+    keys,
+    extensions: [
+      new x509.BasicConstraintsExtension(true, 0, true),
+      new x509.KeyUsagesExtension(
+        x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign,
+        true,
+      ),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+    ],
+  });
+  return { certPem: cert.toString('pem'), keyPem: await pkcs8(keys.privateKey) };
+}
+
+export interface IssueOptions {
+  validMs: number;
+  /** Subject alternative names, for clients that check a host name (qemu, nbdcopy). */
+  dnsNames?: string[];
+  ips?: string[];
+}
+
+export async function issueCertificate(
+  ca: Authority,
+  id: Identity,
+  opts: IssueOptions,
+): Promise<IssuedCertificate> {
+  const caCert = new x509.X509Certificate(ca.certPem);
+  const caKey = await importKey(ca.keyPem);
+  const keys = await newKeys();
+  const now = Date.now();
+  const notAfter = new Date(Math.min(now + opts.validMs, caCert.notAfter.getTime()));
+  const names = [
+    ...(opts.dnsNames ?? []).map((value) => ({ type: 'dns' as const, value })),
+    ...(opts.ips ?? []).map((value) => ({ type: 'ip' as const, value })),
+  ];
+  const cert = await x509.X509CertificateGenerator.create({
+    serialNumber: serial(),
+    subject: subjectOf(id),
+    issuer: caCert.subject,
+    notBefore: new Date(now - BACKDATE_MS),
+    notAfter,
+    signingAlgorithm: ALGORITHM,
+    publicKey: keys.publicKey,
+    signingKey: caKey,
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+      new x509.ExtendedKeyUsageExtension([
+        x509.ExtendedKeyUsage.serverAuth,
+        x509.ExtendedKeyUsage.clientAuth,
+      ]),
+      ...(names.length > 0 ? [new x509.SubjectAlternativeNameExtension(names)] : []),
+      await x509.AuthorityKeyIdentifierExtension.create(caCert),
+    ],
+  });
+  return { certPem: cert.toString('pem'), keyPem: await pkcs8(keys.privateKey), notAfter };
+}
+
+export async function writeAuthorityDir(dir: string, ca: Authority): Promise<void> {
+  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+  await writeFileAtomic(path.join(dir, CA_FILES.key), ca.keyPem, 0o600);
+  await writeFileAtomic(path.join(dir, CA_FILES.cert), ca.certPem, 0o644);
+}
+
+export async function readAuthorityDir(dir: string): Promise<Authority> {
+  const [certPem, keyPem] = await Promise.all(
+    [CA_FILES.cert, CA_FILES.key].map((f) => readPem(dir, f, 'the CA directory')),
+  );
+  try {
+    if (!new X509Certificate(certPem).checkPrivateKey(createPrivateKey(keyPem)))
+      throw new Error('the key is not the certificate’s');
+  } catch (err) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `${dir} does not hold a usable CA (${errorMessage(err)}); make one with \`lockstep certs init ${dir}\``,
+    );
+  }
+  return { certPem, keyPem };
+}
+
+/** Writes ca.crt, tls.crt and tls.key; each file is replaced whole (readers poll them). */
+export async function writeTlsDir(
+  dir: string,
+  caPem: string,
+  issued: Pick<IssuedCertificate, 'certPem' | 'keyPem'>,
+): Promise<void> {
+  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+  await writeFileAtomic(path.join(dir, TLS_FILES.ca), caPem, 0o644);
+  await writeFileAtomic(path.join(dir, TLS_FILES.key), issued.keyPem, 0o600);
+  await writeFileAtomic(path.join(dir, TLS_FILES.cert), issued.certPem, 0o644);
+}
+
+export async function readPem(dir: string, file: string, what: string): Promise<string> {
+  try {
+    return await fs.readFile(path.join(dir, file), 'utf8');
+  } catch (err) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `cannot read ${file} in ${what} ${dir}: ${(err as NodeJS.ErrnoException).code ?? errorMessage(err)}`,
+    );
+  }
+}
+
+async function newKeys(): Promise<webcrypto.CryptoKeyPair> {
+  return (await webcrypto.subtle.generateKey(ALGORITHM, true, [
+    'sign',
+    'verify',
+  ])) as webcrypto.CryptoKeyPair;
+}
+
+async function pkcs8(key: CryptoKey): Promise<string> {
+  return x509.PemConverter.encode(await webcrypto.subtle.exportKey('pkcs8', key), 'PRIVATE KEY');
+}
+
+async function importKey(pem: string): Promise<CryptoKey> {
+  return (await webcrypto.subtle.importKey(
+    'pkcs8',
+    x509.PemConverter.decode(pem)[0],
+    ALGORITHM,
+    false,
+    ['sign'],
+  )) as CryptoKey;
+}
+
+/** Positive 128-bit serials: unique without a counter to keep. */
+function serial(): string {
+  const b = randomBytes(16);
+  b[0] &= 0x7f;
+  return b.toString('hex');
+}
