@@ -6,7 +6,6 @@
 // and the rounds it took. The idle baseline's speed against nbdcopy is run.ts's baselineRun.
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { AgentClient } from '../lib/agent-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { latencyAround } from './latency-window';
 import { replicateToInSync } from './replicate';
@@ -32,7 +31,7 @@ export interface EstablishmentResult {
 export async function establishmentRun(): Promise<EstablishmentResult> {
   const a = await new AgentProcess({ node: 'bench-a' }).start();
   const b = await new AgentProcess({ node: 'bench-b' }).start();
-  const client = new AgentClient(a.grpcAddress);
+  const client = a.client();
   try {
     const uri = await a.createVolume('bench', '1GiB');
     await execFileAsync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 512m', uri]);

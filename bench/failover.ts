@@ -13,8 +13,6 @@
 //     its first on the new one, and the writes that failed with an I/O error on the way
 //     (target p99 ≤ 1 s, zero errors).
 // Each round uses a new pair of agents and its own group at one mediator.
-import { AgentClient } from '../lib/agent-client';
-import { MediatorClient } from '../lib/mediator-client';
 import { NbdClient, NbdRequestError } from '../lib/nbd-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { MediatorProcess } from '../test/harness/mediator-process';
@@ -42,7 +40,7 @@ async function pair(m: MediatorProcess, group: string, proxied?: ProxiedReplica)
   await a.createVolume('v', '64MiB');
   await a.ctl('replicate', 'v', '--to', bAddress, '--mediator', m.address, '--group', group);
   await waitPeer(a, 'v', proxied?.asPeer ?? b, inSync, 'in sync', 60_000);
-  const client = new MediatorClient(m.address);
+  const client = m.client();
   try {
     await waitFor(
       'the replica counted in sync',
@@ -192,7 +190,7 @@ async function switchoverOnce(m: MediatorProcess, group: string) {
     const writer = new FollowingWriter([a.nbdSocket, b.nbdSocket]);
     let steps = { demoteMs: 0, promoteMs: 0 };
     // Over the agents' API, as the operator switches (ctl would add two process starts).
-    const [ca, cb] = [new AgentClient(a.grpcAddress), new AgentClient(b.grpcAddress)];
+    const [ca, cb] = [a.client(), b.client()];
     try {
       await sleep(500);
       const t0 = performance.now();

@@ -7,7 +7,7 @@
 //     against at rest (target ≤ 2×).
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { AgentClient } from '../lib/agent-client';
+import type { AgentClient } from '../lib/agent-client';
 import { replicateToInSync } from './replicate';
 import { AgentProcess } from '../test/harness/agent-process';
 import { percentile, Qd1Writer } from '../test/harness/qd1-writer';
@@ -48,7 +48,7 @@ async function eventLoopP99Ms(agent: AgentProcess): Promise<number> {
 async function freshRun(): Promise<number> {
   const a = await new AgentProcess({ node: 'bench-a' }).start();
   const b = await new AgentProcess({ node: 'bench-b' }).start();
-  const client = new AgentClient(a.grpcAddress);
+  const client = a.client();
   try {
     await client.createVolume('fresh', 8 * 1024 * GiB);
     return (await replicateToInSync(client, 'fresh', b.grpcAddress, 50)).seconds;
@@ -62,7 +62,7 @@ async function freshRun(): Promise<number> {
 async function busyRun(): Promise<Omit<LargeVolumes, 'freshInSyncSeconds'>> {
   const a = await new AgentProcess({ node: 'bench-a', metrics: true }).start();
   const b = await new AgentProcess({ node: 'bench-b' }).start();
-  const client = new AgentClient(a.grpcAddress);
+  const client = a.client();
   try {
     await client.createVolume('big', 1024 * GiB);
     await client.createVolume('other', 1 * GiB);

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { AgentClient } from '../lib/agent-client';
+import type { AgentClient } from '../lib/agent-client';
 import { stepMove, type MoveSpec } from '../lib/group-move';
 import { AgentProcess } from '../test/harness/agent-process';
 import {
@@ -39,7 +39,7 @@ export async function moveRun(regionSize = 64 * 1024): Promise<MoveResult> {
   const clients: AgentClient[] = [];
   try {
     const [a, b, c] = await Promise.all(agents.map((x) => x.start()));
-    const [ca, cc] = [a, c].map((x) => new AgentClient(x.grpcAddress, 30_000));
+    const [ca, cc] = [a, c].map((x) => x.client(30_000));
     clients.push(ca, cc);
     for (const v of VOLUMES) {
       const uri = await a.createVolume(v, '1GiB');

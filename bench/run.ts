@@ -22,7 +22,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseArgs } from 'node:util';
-import { AgentClient } from '../lib/agent-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
 import { inSync, waitPeer } from '../test/harness/replication';
@@ -210,7 +209,7 @@ async function baselineRun(dir: string): Promise<Baseline> {
       // Timed from the Replicate call to the moment the agent saw the peer in sync (its own
       // clock, same host). Calls and polls are made in-process: a `lockstep ctl` process per
       // call would add a Node start-up (~0.2 s) and, polling, take CPU from the agents.
-      const client = new AgentClient(a.grpcAddress);
+      const client = a.client();
       try {
         const { seconds } = await replicateToInSync(client, 'bench', b.grpcAddress);
         return { lockstepSeconds: seconds, nbdcopySeconds };

@@ -16,7 +16,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { AgentClient } from '../lib/agent-client';
+import type { AgentClient } from '../lib/agent-client';
 import { NbdClient } from '../lib/nbd-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
@@ -262,7 +262,7 @@ interface LocalRuns {
 
 async function localRuns(): Promise<LocalRuns> {
   const agent = await new AgentProcess({ node: 'bench-snap', metrics: true }).start();
-  const client = new AgentClient(agent.grpcAddress);
+  const client = agent.client();
   try {
     const firstWrites: FirstWrite[] = [];
     for (const [blockBytes, qd] of [
@@ -473,7 +473,7 @@ async function oldestDeletes(
 async function replicatedRuns(): Promise<ReplicatedRuns> {
   const a = await new AgentProcess({ node: 'bench-snap-a' }).start();
   const b = await new AgentProcess({ node: 'bench-snap-b' }).start();
-  const client = new AgentClient(a.grpcAddress);
+  const client = a.client();
   const volumes = ['plain', 'bench'];
   try {
     for (const volume of volumes) {
@@ -575,7 +575,7 @@ async function diffRun(): Promise<DiffMap> {
     path.join(onTmpfs ? '/dev/shm' : os.tmpdir(), 'lockstep-bench-diff-'),
   );
   const agent = await new AgentProcess({ node: 'bench-diff', dataDir, metrics: true }).start();
-  const client = new AgentClient(agent.grpcAddress);
+  const client = agent.client();
   try {
     const volume = 'diff';
     await client.createVolume(volume, 1 * TiB);

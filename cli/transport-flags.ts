@@ -1,5 +1,6 @@
 // --tls-dir and --insecure, the same on every command: TLS unless plaintext is asked for.
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
+import { Option } from 'commander';
 import pino from 'pino';
 import type { Role } from '../lib/tls/identity';
 import { openTransport, type Transport, type TransportFlags } from '../lib/tls/transport';

@@ -1,6 +1,6 @@
 // A promise-based client of an agent's control API, with a deadline on every call and errors
 // turned back into LockstepErrors. Used by `lockstep ctl` and the operator.
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import { agentProto, type AgentClient as RawAgentClient } from '../proto';
 import { CLIENT_CHANNEL_OPTIONS, unaryCall, type Callback } from './grpc-errors';
 import { channelCredentials, channelOptions, type Transport } from './tls/transport';

@@ -1,6 +1,6 @@
 // A promise-based client of a mediator (mediator/src/mediator.ts), with a deadline on every
 // call and errors turned back into LockstepErrors. Used by agents, the operator and ctl.
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import { mediatorProto, type MediatorClient as RawMediatorClient } from '../proto';
 import type { MediatorRecord__Output } from '../proto/gen/lockstep/v1/MediatorRecord';
 import type { CompareAndSwapResponse__Output } from '../proto/gen/lockstep/v1/CompareAndSwapResponse';

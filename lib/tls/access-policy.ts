@@ -3,7 +3,7 @@
 // only for its own node (`checkCall` adds the per-request rules a service gives); the mediator
 // answers agents, the operator and administrators. On a plaintext (--insecure) server there is
 // no identity and nothing is checked: that is what --insecure means.
-import * as grpc from '@grpc/grpc-js';
+import type * as grpc from '@grpc/grpc-js';
 import { LockstepError } from '../errors';
 import type { Logger } from '../logger';
 import { toServiceError } from '../grpc-errors';

@@ -149,10 +149,7 @@ export async function readPem(dir: string, file: string, what: string): Promise<
 }
 
 async function newKeys(): Promise<webcrypto.CryptoKeyPair> {
-  return (await webcrypto.subtle.generateKey(ALGORITHM, true, [
-    'sign',
-    'verify',
-  ])) as webcrypto.CryptoKeyPair;
+  return await webcrypto.subtle.generateKey(ALGORITHM, true, ['sign', 'verify']);
 }
 
 async function pkcs8(key: CryptoKey): Promise<string> {
@@ -160,13 +157,13 @@ async function pkcs8(key: CryptoKey): Promise<string> {
 }
 
 async function importKey(pem: string): Promise<CryptoKey> {
-  return (await webcrypto.subtle.importKey(
+  return await webcrypto.subtle.importKey(
     'pkcs8',
     x509.PemConverter.decode(pem)[0],
     ALGORITHM,
     false,
     ['sign'],
-  )) as CryptoKey;
+  );
 }
 
 /** Positive 128-bit serials: unique without a counter to keep. */

@@ -25,7 +25,8 @@ import {
 } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
+import type { AgentClient } from '../../lib/agent-client';
+import { type VolumeInfo } from '../../lib/agent-client';
 import { isLockstepError } from '../../lib/errors';
 import { AgentProcess, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
@@ -182,7 +183,7 @@ describe('clones', () => {
     return a.start();
   };
   const clientOf = (agent: AgentProcess) => {
-    const c = new AgentClient(agent.grpcAddress, 30_000);
+    const c = agent.client(30_000);
     clients.push(c);
     return c;
   };

@@ -91,6 +91,7 @@ describe('lockstep ctl', () => {
       'ctl',
       '--agent',
       '127.0.0.1:1',
+      '--insecure',
       '--timeout',
       '2',
       'status',

@@ -2,10 +2,12 @@
 // token, an oversized write, or vanish mid-write. Each must close that connection only, with
 // the reason logged (and told to the sender when it is a hello), apply nothing half-received,
 // and leave a real primary's replication of another volume untouched.
+import tls from 'node:tls';
+import { channelCredentials, channelOptions, serverCheck } from '../../lib/tls/transport';
+import { transportAs } from '../harness/test-certificates';
 import { randomUUID } from 'node:crypto';
 import { openSync, readSync, closeSync, readFileSync } from 'node:fs';
-import net from 'node:net';
-import * as grpc from '@grpc/grpc-js';
+import type net from 'node:net';
 import { replicationProto } from '../../proto';
 import type { HandshakeResponse__Output } from '../../proto/gen/lockstep/v1/HandshakeResponse';
 import {
@@ -51,11 +53,19 @@ class RawLane {
     );
   }
 
+  /** A TLS connection with the agent certificate of node raw-test (the primary these tests play): bad frames from a peer that got in. */
   static async connect(address: string): Promise<RawLane> {
     const [host, port] = address.split(':');
-    const socket = net.connect({ host, port: Number(port) });
+    const t = await transportAs({ role: 'agent', name: 'raw-test' });
+    if (!t.secure) throw new Error('expected TLS');
+    const socket = tls.connect({
+      host,
+      port: Number(port),
+      secureContext: t.dir.secureContext,
+      checkServerIdentity: serverCheck(['agent']),
+    });
     await new Promise<void>((resolve, reject) => {
-      socket.once('connect', resolve);
+      socket.once('secureConnect', resolve);
       socket.once('error', reject);
     });
     return new RawLane(socket);
@@ -113,7 +123,12 @@ describe('replication data lanes, facing bad input', () => {
     uri = await a.createVolume('v', '16MiB');
     await a.ctl('replicate', 'v', '--to', b.grpcAddress);
     await waitPeer(a, 'v', b, inSync, 'in sync');
-    rpc = new (replicationProto().Replication)(b.grpcAddress, grpc.credentials.createInsecure());
+    const asRawTest = await transportAs({ role: 'agent', name: 'raw-test' });
+    rpc = new (replicationProto().Replication)(
+      b.grpcAddress,
+      channelCredentials(asRawTest, ['agent']),
+      channelOptions(asRawTest),
+    );
   });
 
   afterEach(async () => {

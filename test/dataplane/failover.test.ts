@@ -6,7 +6,8 @@
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { MediatorClient, type MediatorRecord } from '../../lib/mediator-client';
+import type { MediatorClient } from '../../lib/mediator-client';
+import { type MediatorRecord } from '../../lib/mediator-client';
 import type { AgentProcess } from '../harness/agent-process';
 import { run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { ackedCount } from '../harness/follow-writer';
@@ -61,7 +62,7 @@ describe('failover through a mediator', () => {
 
   beforeEach(async () => {
     mediator = await new MediatorProcess().start();
-    client = new MediatorClient(mediator.address, 2000);
+    client = mediator.client(2000);
   });
 
   afterEach(async () => {

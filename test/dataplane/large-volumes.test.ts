@@ -2,7 +2,6 @@
 // the agent keeps serving its other volumes and its API while a baseline runs.
 import { readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
-import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
 import { run } from '../harness/agent-process';
 import { Qd1Writer } from '../harness/qd1-writer';
@@ -91,7 +90,7 @@ describe('large volumes', () => {
     await run('qemu-io', ['-f', 'raw', ...scattered(128).flat(), uri]);
 
     const writer = await Qd1Writer.start(a.nbdSocket, 'other', 256 * MiB);
-    const client = new AgentClient(a.grpcAddress);
+    const client = a.client();
     const callsMs: number[] = [];
     let latenciesMs: number[] = [];
     try {

@@ -2,6 +2,7 @@
 // one wins), SIGKILLed while swaps stream in and restarted (no epoch it answered is lost or
 // granted again), thousands of groups, and a damaged record file or a second mediator on the
 // same data dir refused with a clear error.
+import { adminTransport } from '../harness/test-certificates';
 import { appendFileSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { isLockstepError } from '../../lib/errors';
@@ -46,7 +47,7 @@ describe('the mediator', () => {
     await expect(client(m).compareAndSwap('no spaces', 0, 'a:1', [])).rejects.toThrow(
       /not a valid name/,
     );
-    const nobody = new MediatorClient('127.0.0.1:1', 1000);
+    const nobody = new MediatorClient('127.0.0.1:1', adminTransport(), 1000);
     clients.push(nobody);
     await expect(nobody.record('g')).rejects.toThrow(/cannot reach the mediator at 127\.0\.0\.1:1/);
   });

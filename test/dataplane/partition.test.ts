@@ -6,7 +6,6 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { MediatorClient } from '../../lib/mediator-client';
 import { AgentProcess, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { ackedCount } from '../harness/follow-writer';
 import { MediatorProcess } from '../harness/mediator-process';
@@ -64,7 +63,7 @@ describe('a primary cut off from its replica and the mediator', () => {
       '4s',
     );
     await waitPeer(a, 'v', b, inSync, 'in sync');
-    const client = new MediatorClient(mediator.address, 2_000);
+    const client = mediator.client(2_000);
     const group = (await volumeStatus(a, 'v')).replication?.protection?.group ?? '';
     try {
       const before = await waitFor(

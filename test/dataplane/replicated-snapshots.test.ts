@@ -6,8 +6,10 @@
 import { execFile } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
 import path from 'node:path';
-import { AgentClient, type Verification } from '../../lib/agent-client';
-import { type AgentProcess, lockstepBin, run } from '../harness/agent-process';
+import type { AgentClient } from '../../lib/agent-client';
+import { type Verification } from '../../lib/agent-client';
+import { ADMIN, type AgentProcess, lockstepBin, run } from '../harness/agent-process';
+import { tlsDirFor } from '../harness/test-certificates';
 import { readSequences, startCausalWriter, type CausalWriter } from '../harness/causal-writer';
 import { waitFor } from '../harness/processes';
 import { dataFile, replicationAgent } from '../harness/replication';
@@ -22,14 +24,15 @@ const SNAPSHOT_FOR_MS = 6_000;
 const ENOUGH_SNAPSHOTS = 100;
 
 /** `lockstep ctl` with its exit code, which says something (verify exits 2 when copies differ). */
-function ctlWithCode(
+async function ctlWithCode(
   agent: AgentProcess,
   ...args: string[]
 ): Promise<{ code: number; out: string }> {
+  const tlsDir = await tlsDirFor(ADMIN);
   return new Promise((resolve) =>
     execFile(
       productNode(),
-      [lockstepBin, 'ctl', '--agent', agent.grpcAddress, ...args],
+      [lockstepBin, 'ctl', '--agent', agent.grpcAddress, '--tls-dir', tlsDir, ...args],
       (err, stdout, stderr) =>
         resolve({ code: err ? Number((err as { code?: number }).code) : 0, out: stdout + stderr }),
     ),
@@ -99,7 +102,7 @@ describe('replicated snapshots and consistency groups', () => {
     return a.start();
   };
   const clientOf = (agent: AgentProcess) => {
-    const c = new AgentClient(agent.grpcAddress, 30_000);
+    const c = agent.client(30_000);
     clients.push(c);
     return c;
   };

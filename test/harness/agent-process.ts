@@ -10,6 +10,10 @@ import { packageRoot } from '../../lib/package-root';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
 import type { NetNamespace } from './netns';
 import { productNode } from './product-runtime';
+import { PLAINTEXT, type Transport } from '../../lib/tls/transport';
+import { adminTransport, tlsDirFor } from './test-certificates';
+
+export const ADMIN = { role: 'admin', name: 'admin' } as const;
 
 const execFileAsync = promisify(execFile);
 export const repoRoot = packageRoot;
@@ -27,6 +31,8 @@ export interface AgentProcessOptions {
   host?: string;
   /** Runs it inside this network namespace (then `host` is its address there). */
   netns?: NetNamespace;
+  /** Plaintext (--insecure) instead of mutual TLS with the test CA. */
+  insecure?: boolean;
 }
 
 export class AgentProcess {
@@ -74,6 +80,7 @@ export class AgentProcess {
       this.metricsPort ||= await freePort();
       args.push('--metrics-listen', `127.0.0.1:${this.metricsPort}`);
     }
+    args.push(...(await this.transportArgs()));
     args.push(...(this.opts.extraArgs ?? []));
     const [command, argv] = this.opts.netns
       ? this.opts.netns.wrap(productNode(), args)
@@ -88,7 +95,7 @@ export class AgentProcess {
       `agent ${this.node} to serve`,
       async () => {
         if (this.proc.child.exitCode !== null) throw new Error(`agent exited:\n${this.proc.log()}`);
-        const client = new AgentClient(this.grpcAddress, 1000);
+        const client = this.client(1000);
         try {
           // Its API answers while volumes resume; their exports are open only once serving.
           return (await client.info()).serving || undefined;
@@ -100,6 +107,22 @@ export class AgentProcess {
       50,
     );
     return this;
+  }
+
+  /** --tls-dir with a certificate for its node, or --insecure. */
+  private async transportArgs(): Promise<string[]> {
+    if (this.opts.insecure) return ['--insecure'];
+    return ['--tls-dir', await tlsDirFor({ role: 'agent', name: this.node })];
+  }
+
+  /** The transport a client of this agent uses: an administrator's certificate, or plaintext. */
+  get transport(): Transport {
+    return this.opts.insecure ? PLAINTEXT : adminTransport();
+  }
+
+  /** A control-API client, as an administrator. */
+  client(timeoutMs?: number): AgentClient {
+    return new AgentClient(this.grpcAddress, this.transport, timeoutMs);
   }
 
   /** Everything it logged, over all its runs. */
@@ -119,6 +142,7 @@ export class AgentProcess {
         'ctl',
         '--agent',
         this.grpcAddress,
+        ...(this.opts.insecure ? ['--insecure'] : ['--tls-dir', await tlsDirFor(ADMIN)]),
         ...args,
       ]);
       return stdout;

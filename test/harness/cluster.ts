@@ -1,6 +1,7 @@
 // A Lockstep installation on the test control plane, the way a user's cluster would have it:
 // CRDs and RBAC from deploy/, agents and operators as real processes running with their own
 // ServiceAccount tokens (TokenRequest), "nodes" as separate data dirs, local PVs on them.
+import { tlsDirFor } from './test-certificates';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -94,6 +95,7 @@ export class OperatorProcess {
 
   async start(): Promise<this> {
     this.metricsPort ||= await freePort();
+    const tlsDir = await tlsDirFor({ role: 'operator', name: 'lockstep-operator' });
     this.proc = startProcess(
       this.name,
       productNode(),
@@ -109,6 +111,8 @@ export class OperatorProcess {
         '500',
         '--metrics-listen',
         `127.0.0.1:${this.metricsPort}`,
+        '--tls-dir',
+        tlsDir,
       ],
       path.join(this.dir, `operator.${++this.starts}.log`),
     );

@@ -8,8 +8,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AgentClient } from '../../lib/agent-client';
-import { MediatorClient, type MediatorRecord } from '../../lib/mediator-client';
+import { type MediatorRecord } from '../../lib/mediator-client';
 import type { AgentProcess } from './agent-process';
 import { verifyAckedWrites } from './agent-process';
 import { followWriterSummary, startFollowWriter, type FollowWriterSummary } from './follow-writer';
@@ -48,7 +47,7 @@ export async function soakFailover(
 ): Promise<SoakResult> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-soak-'));
   const mediator = await new MediatorProcess().start();
-  const records = new MediatorClient(mediator.address, 2_000);
+  const records = mediator.client(2_000);
   const links: ProxiedReplica[] = [];
   let watching = true;
   let watcher: Promise<void> = Promise.resolve();
@@ -98,7 +97,7 @@ export async function soakFailover(
     };
     // Two copies holding writes in one epoch would be a split brain: looked for all along.
     let dualPrimaries = 0;
-    const clients = copies.map((c) => new AgentClient(c.agent.grpcAddress, 1_000));
+    const clients = copies.map((c) => c.agent.client(1_000));
     watcher = (async () => {
       while (watching) {
         const views = await Promise.all(

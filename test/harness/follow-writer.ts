@@ -1,5 +1,6 @@
 // Clients that follow a primary as it moves (follow_writer.py), and what a move test or bench
 // counts around them: the writes they had acknowledged, and the bytes a replica received.
+import { adminTransport } from './test-certificates';
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
 import { AgentClient } from '../../lib/agent-client';
@@ -59,7 +60,7 @@ export function ackedCount(log: string): number {
 
 /** Write bytes a copy took from primaries; asked in-process, to be read within a millisecond. */
 export async function receivedBytes(address: string, volumes: string[]): Promise<number> {
-  const client = new AgentClient(address);
+  const client = new AgentClient(address, adminTransport());
   try {
     const vols = await Promise.all(volumes.map((v) => client.getVolume(v)));
     return vols.reduce((n, v) => n + Number(v.replication?.receivedBytes ?? 0), 0);

@@ -7,6 +7,7 @@ import { MediatorClient } from '../../lib/mediator-client';
 import { lockstepBin } from './agent-process';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
 import { productNode } from './product-runtime';
+import { adminTransport, tlsDirFor } from './test-certificates';
 
 let instances = 0;
 
@@ -30,13 +31,13 @@ export class MediatorProcess {
   /** Starts it and waits until it answers. */
   async start(): Promise<this> {
     this.address ||= `${this.host}:${await freePort()}`;
-    this.proc = this.spawn();
+    this.proc = await this.spawn();
     await waitFor(
       'the mediator to answer',
       async () => {
         if (this.proc.child.exitCode !== null)
           throw new Error(`mediator exited:\n${this.proc.log()}`);
-        const client = new MediatorClient(this.address, 1000);
+        const client = this.client(1000);
         try {
           return (await client.records().then(() => true)) || undefined;
         } catch {
@@ -54,22 +55,33 @@ export class MediatorProcess {
   /** Starts it expecting it to refuse: resolves with its exit code and output. */
   async startRefused(): Promise<{ code: number | string; log: string }> {
     this.address ||= `127.0.0.1:${await freePort()}`;
-    this.proc = this.spawn();
+    this.proc = await this.spawn();
     const code = await this.proc.exited;
     return { code, log: this.proc.log() };
   }
 
-  private spawn(): ManagedProcess {
+  private async spawn(): Promise<ManagedProcess> {
+    const tlsDir = await tlsDirFor({ role: 'mediator', name: 'mediator' });
     return startProcess(
       'mediator',
       productNode(),
-      [lockstepBin, 'mediator', '--data-dir', this.dataDir, '--listen', this.address],
+      [
+        lockstepBin,
+        'mediator',
+        '--data-dir',
+        this.dataDir,
+        '--listen',
+        this.address,
+        '--tls-dir',
+        tlsDir,
+      ],
       path.join(this.dataDir, `mediator.${this.id}.${++this.starts}.log`),
     );
   }
 
-  client(): MediatorClient {
-    return new MediatorClient(this.address);
+  /** A client, as an administrator. */
+  client(timeoutMs?: number): MediatorClient {
+    return new MediatorClient(this.address, adminTransport(), timeoutMs);
   }
 
   async dispose(): Promise<void> {

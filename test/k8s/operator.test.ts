@@ -10,7 +10,6 @@
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AgentClient } from '../../lib/agent-client';
 import type { AgentProcess } from '../harness/agent-process';
 import {
   fioVerify,
@@ -1169,7 +1168,7 @@ describe('operator on a real control plane', () => {
 
 /** The snapshots of a volume, as the agent lists them. */
 async function snapshotsOn(agent: AgentProcess, volume: string) {
-  const client = new AgentClient(agent.grpcAddress);
+  const client = agent.client();
   try {
     return await client.listSnapshots(volume);
   } finally {

@@ -1,6 +1,7 @@
 // A secondary applies ORDERED ops (async mode) one after another in the order they arrived,
 // and other ops as soon as they arrive: driven over a real TCP connection to a real data
 // listener, with a device that completes writes only when the test says so.
+import { PLAINTEXT } from '../../lib/tls/transport';
 import net from 'node:net';
 import { createLogger } from '../../lib/logger';
 import { DataListener } from '../../sidecar/src/replication/data-listener';
@@ -59,6 +60,8 @@ describe('ordered apply on a secondary', () => {
         detach: () => undefined,
       }),
       silentLog,
+      PLAINTEXT,
+      () => undefined,
     );
     const [host, port] = listener.address.split(':');
     client = net.connect({ host, port: Number(port) });

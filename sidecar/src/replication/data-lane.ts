@@ -108,7 +108,7 @@ export class DataLane {
         if (err) reject(err);
         else resolve(opened);
       };
-      socket.on('error', (err) => opened.fail(`data lane to ${address}: ${err.message}`));
+      socket.on('error', (err: Error) => opened.fail(`data lane to ${address}: ${err.message}`));
       socket.on('close', () => opened.fail(`data lane to ${address} closed by the peer`));
       socket.write(encodeHello(hello));
     });

@@ -82,7 +82,7 @@ export class DataListener {
     });
     const handshake = setTimeout(() => socket.destroy(), TLS_HANDSHAKE_MS);
     // A plaintext client, another CA's certificate, an expired one: refused here, by TLS.
-    socket.once('error', (err) => {
+    socket.once('error', (err: Error) => {
       clearTimeout(handshake);
       this.log.warn({ remote, err: err.message }, 'data lane refused: TLS handshake failed');
       socket.destroy();
