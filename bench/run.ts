@@ -4,7 +4,7 @@
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
 //        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
-//         --move-only | --mediator-only | --failover-only]
+//         --move-only | --mediator-only | --failover-only | --tls-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -23,11 +23,21 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseArgs } from 'node:util';
 import { AgentProcess } from '../test/harness/agent-process';
+import {
+  median,
+  parseFioLines,
+  ratioRows,
+  replicatedPair,
+  replicatedRun,
+  sh,
+  type JobResult,
+} from './fio-jobs';
 import { waitFor } from '../test/harness/processes';
 import { inSync, waitPeer } from '../test/harness/replication';
 import { largeVolumesReport, largeVolumesRun } from './large-volumes';
 import { snapshotsReport, snapshotsRun } from './snapshots';
 import { establishmentReport, establishmentRun } from './establishment';
+import { tlsReport, tlsRun } from './tls';
 import { moveReport, moveRun } from './move';
 import { mediatorReport, mediatorRun } from './mediator';
 import { failoverReport, failoverRun } from './failover';
@@ -35,74 +45,8 @@ import { replicateToInSync } from './replicate';
 
 const execFileAsync = promisify(execFile);
 
-interface JobResult {
-  label: string;
-  job: string;
-  iops: number;
-  MBps: number;
-  p50_us: number;
-  p99_us: number;
-}
-
-export function parseFioLines(text: string): JobResult[] {
-  const out: JobResult[] = [];
-  for (const line of text.split('\n')) {
-    const m =
-      /^(\S+)-(rand4k-qd16|rand4k-qd1|seq1m-qd4|rand4k-fsync-qd1) iops=(\d+) MBps=([\d.]+) p50_us=(\d+) p99_us=(\d+)$/.exec(
-        line.trim(),
-      );
-    if (m)
-      out.push({
-        label: m[1],
-        job: m[2],
-        iops: +m[3],
-        MBps: +m[4],
-        p50_us: +m[5],
-        p99_us: +m[6],
-      });
-  }
-  return out;
-}
-
-async function sh(
-  script: string,
-  args: string[],
-  env: NodeJS.ProcessEnv = process.env,
-): Promise<string> {
-  const { stdout } = await execFileAsync('bash', [script, ...args], { env, maxBuffer: 16 << 20 });
-  process.stderr.write(stdout);
-  return stdout;
-}
-
-const JOBS = ['rand4k-qd16', 'rand4k-qd1', 'seq1m-qd4', 'rand4k-fsync-qd1'] as const;
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
-}
-
 function work2(): string {
   return mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-baseline-'));
-}
-
-async function replicatedPair(size: string): Promise<[AgentProcess, AgentProcess, string]> {
-  const a = await new AgentProcess({ node: 'bench-a' }).start();
-  const b = await new AgentProcess({ node: 'bench-b' }).start();
-  const uri = await a.createVolume('bench', size.replace(/G$/, 'GiB').replace(/M$/, 'MiB'));
-  return [a, b, uri];
-}
-
-async function replicatedRun(fio: string, size: string, runtime: string): Promise<JobResult[]> {
-  const [a, b, uri] = await replicatedPair(size);
-  try {
-    await a.ctl('replicate', 'bench', '--to', b.grpcAddress);
-    await waitPeer(a, 'bench', b, inSync, 'in sync', 300_000);
-    return parseFioLines(await sh(fio, ['lockstep-sync', uri, size, runtime]));
-  } finally {
-    await a.dispose();
-    await b.dispose();
-  }
 }
 
 /** Kill the replica, dirty 1 % of 1 GiB in 64 KiB writes, restart it, count what resync sends. */
@@ -244,6 +188,8 @@ async function main(): Promise<void> {
       'move-only': { type: 'boolean', default: false },
       // Only the mediator's compare-and-swap latency with 10,000 groups.
       'mediator-only': { type: 'boolean', default: false },
+      // Only replication over mutual TLS against plaintext and qemu's mirror over TLS.
+      'tls-only': { type: 'boolean', default: false },
       // Only failover through a mediator: unplanned failover time, the stall a replica's death
       // causes (--rounds of each; default 10).
       'failover-only': { type: 'boolean', default: false },
@@ -287,6 +233,15 @@ async function main(): Promise<void> {
   if (values['failover-only']) {
     const n = values.rounds === '1' ? 10 : rounds;
     process.stdout.write(`${failoverReport(await failoverRun(n))}\n`);
+    return;
+  }
+  if (values['tls-only']) {
+    const work = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-tls-'));
+    try {
+      process.stdout.write(`${tlsReport(await tlsRun(bench, work, size, runtime, rounds))}\n`);
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
     return;
   }
   if (values['snapshots-only']) {
@@ -354,27 +309,15 @@ async function main(): Promise<void> {
   const moves = [await moveRun(64 * 1024), await moveRun(4096)];
   const mediator = [await mediatorRun(8), await mediatorRun(64)];
   const failover = await failoverRun(10);
+  const tlsWork = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-tls-'));
+  const overTls = await tlsRun(bench, tlsWork, size, runtime, rounds).finally(() =>
+    rmSync(tlsWork, { recursive: true, force: true }),
+  );
 
-  const pairs = [
+  const rows = ratioRows(perRound, [
     ['lockstep-local', 'qemu-local'],
     ['lockstep-sync', 'qemu-sync'],
-  ] as const;
-  const fields = ['iops', 'MBps', 'p50_us', 'p99_us'] as const;
-  const rows: string[] = [];
-  for (const [ours, anchor] of pairs) {
-    for (const job of JOBS) {
-      const cells = fields.map((f) => {
-        const pick = (label: string) =>
-          perRound.map((rs) => rs.find((r) => r.label === label && r.job === job)?.[f] ?? NaN);
-        const o = pick(ours);
-        const a = pick(anchor);
-        const ratios = o.map((v, i) => v / a[i]).filter(Number.isFinite);
-        if (ratios.length === 0) return 'n/a';
-        return `${+median(o).toFixed(1)} / ${+median(a).toFixed(1)} → **${median(ratios).toFixed(2)}**`;
-      });
-      rows.push(`| ${ours} / ${anchor} | ${job} | ${cells.join(' | ')} |`);
-    }
-  }
+  ]);
   const when = new Date().toISOString().slice(0, 16).replace('T', ' ');
   process.stdout.write(
     [
@@ -405,6 +348,8 @@ async function main(): Promise<void> {
       ...mediator.map(mediatorReport),
       '',
       failoverReport(failover),
+      '',
+      tlsReport(overTls),
       '',
       'Raw lines:',
       '```',

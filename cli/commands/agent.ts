@@ -20,7 +20,10 @@ export function agentCommand(): Command {
       new Option('--listen <host:port>', 'gRPC control API address').default('127.0.0.1:7400'),
     )
     .option('--nbd-socket <path>', 'NBD unix socket (mode 0660)', '<data-dir>/nbd.sock')
-    .option('--nbd-listen <host:port>', 'also serve NBD over TCP (opt-in, unauthenticated)')
+    .option(
+      '--nbd-listen <host:port>',
+      'also serve NBD over TCP (opt-in; with TLS, clients must STARTTLS with a certificate from the CA)',
+    )
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics')
     .option(
       '--advertise <host:port>',

@@ -8,6 +8,7 @@ import {
   issueCertificate,
   readAuthorityDir,
   writeAuthorityDir,
+  writeGnutlsClientFiles,
   writeTlsDir,
 } from '../../lib/tls/certificate-authority';
 import { describeIdentity, validateIdentityName, type Identity } from '../../lib/tls/identity';
@@ -22,6 +23,7 @@ interface IssueOptions {
   admin?: string | true;
   operator?: string | true;
   mediator?: string | true;
+  client?: string;
   days: number;
   dns: string[];
   ip: string[];
@@ -56,6 +58,10 @@ export function certsCommand(): Command {
     .option('--admin [name]', 'for an administrator running `lockstep ctl`')
     .option('--operator [name]', 'for the operator')
     .option('--mediator [name]', 'for a mediator')
+    .option(
+      '--client <name>',
+      'for a workload’s NBD client on the TCP export (also as ca-cert.pem, client-cert.pem, client-key.pem for qemu and libnbd)',
+    )
     .option('--days <n>', 'valid for this many days', positiveInteger, 90)
     .addOption(
       new Option('--dns <name>', 'a DNS name for clients that check one (repeatable)')
@@ -76,6 +82,7 @@ export function certsCommand(): Command {
         ips: opts.ip,
       });
       await writeTlsDir(opts.out, ca.certPem, issued);
+      if (id.role === 'client') await writeGnutlsClientFiles(opts.out, ca.certPem, issued);
       process.stdout.write(
         `certificate for ${describeIdentity(id)} written to ${opts.out}, valid until ${issued.notAfter.toISOString()}\n`,
       );
@@ -92,8 +99,9 @@ function identityOf(opts: IssueOptions, cmd: Command): Identity {
   named(opts.admin, 'admin', 'admin');
   named(opts.operator, 'operator', 'lockstep-operator');
   named(opts.mediator, 'mediator', 'mediator');
+  named(opts.client, 'client', 'client');
   if (given.length !== 1)
-    cmd.error('error: give exactly one of --node, --admin, --operator, --mediator');
+    cmd.error('error: give exactly one of --node, --admin, --operator, --mediator, --client');
   validateIdentityName(given[0].name);
   return given[0];
 }

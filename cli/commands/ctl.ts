@@ -76,7 +76,7 @@ export function ctlCommand(): Command {
       process.stdout.write(
         `node:      ${info.node}\nversion:   ${info.version}\nstarted:   ${new Date(info.startedAtMs).toISOString()}${info.serving ? '' : ' (still starting: volumes not yet exported)'}\n` +
           `data dir:  ${status.dataDir}\nnbd:       ${status.nbdSocket}${status.nbdTcp ? `, tcp ${status.nbdTcp}` : ''}\n` +
-          `transport: ${info.transport}\n\n`,
+          `data:      ${status.dataAddress}\ntransport: ${info.transport}\n\n`,
       );
       printTable(VOLUME_HEADERS, volumeRows(status.volumes));
     });

@@ -137,6 +137,20 @@ export async function writeTlsDir(
   await writeFileAtomic(path.join(dir, TLS_FILES.cert), issued.certPem, 0o644);
 }
 
+/**
+ * The same certificate under the names GnuTLS clients look for in a directory (qemu's
+ * tls-creds-x509 dir=, libnbd's tls-certificates=): an NBD client's directory serves both.
+ */
+export async function writeGnutlsClientFiles(
+  dir: string,
+  caPem: string,
+  issued: Pick<IssuedCertificate, 'certPem' | 'keyPem'>,
+): Promise<void> {
+  await writeFileAtomic(path.join(dir, 'ca-cert.pem'), caPem, 0o644);
+  await writeFileAtomic(path.join(dir, 'client-key.pem'), issued.keyPem, 0o600);
+  await writeFileAtomic(path.join(dir, 'client-cert.pem'), issued.certPem, 0o644);
+}
+
 export async function readPem(dir: string, file: string, what: string): Promise<string> {
   try {
     return await fs.readFile(path.join(dir, file), 'utf8');

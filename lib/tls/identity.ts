@@ -5,7 +5,8 @@
 import type { PeerCertificate } from 'node:tls';
 import { LockstepError } from '../errors';
 
-export const ROLES = ['agent', 'operator', 'admin', 'mediator'] as const;
+/** `client`: a workload's NBD client on the TCP export; it may call nothing. */
+export const ROLES = ['agent', 'operator', 'admin', 'mediator', 'client'] as const;
 export type Role = (typeof ROLES)[number];
 
 export interface Identity {

@@ -278,6 +278,7 @@ export class Agent implements ExportSource {
       if (options.nbdListen) {
         agent.nbdTcpAddress = await agent.nbd.listenTcp(
           ...splitHostPort(options.nbdListen, '--nbd-listen'),
+          options.transport,
         );
       }
       if (options.metricsListen) {

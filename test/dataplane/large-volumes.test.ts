@@ -55,7 +55,10 @@ describe('large volumes', () => {
     await a.stop();
     await a.start();
     const done = await waitPeer(a, 'big', b, inSync, 'in sync after the restart', 60_000);
-    expect(done.resyncBytesSent).toBe(64 * MiB);
+    // The rest of the data, or all of it if the stop came before the cursor was saved: never
+    // more, and never only the few regions of zeroes.
+    expect(done.resyncBytesSent).toBeLessThanOrEqual(64 * MiB);
+    expect(done.resyncBytesSent).toBeGreaterThanOrEqual(32 * MiB);
     await expectIdentical(a, b, 'big');
   }, 120_000);
 

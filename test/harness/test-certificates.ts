@@ -9,6 +9,7 @@ import pino from 'pino';
 import {
   createAuthority,
   issueCertificate,
+  writeGnutlsClientFiles,
   writeTlsDir,
   type Authority,
 } from '../../lib/tls/certificate-authority';
@@ -51,8 +52,13 @@ export function tlsDirFor(id: Identity): Promise<string> {
     dir = (async () => {
       const { root, ca } = await testCa();
       const out = path.join(root, key);
-      if (key !== 'admin-admin')
-        await writeTlsDir(out, ca.certPem, await issueCertificate(ca, id, { validMs: DAY }));
+      if (key !== 'admin-admin') {
+        // Agents are dialled at 127.0.0.1 by NBD clients that check the name (qemu, libnbd).
+        const names = id.role === 'agent' ? { dnsNames: [id.name], ips: ['127.0.0.1'] } : {};
+        const cert = await issueCertificate(ca, id, { validMs: DAY, ...names });
+        await writeTlsDir(out, ca.certPem, cert);
+        if (id.role === 'client') await writeGnutlsClientFiles(out, ca.certPem, cert);
+      }
       return out;
     })();
     issued.set(key, dir);

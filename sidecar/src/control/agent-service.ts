@@ -54,6 +54,7 @@ export function agentHandlers(agent: Agent): AgentHandlers {
       nbdSocket: agent.nbdSocket,
       nbdTcp: agent.nbdTcpAddress,
       volumes: agent.volumes().map(wire),
+      dataAddress: agent.dataAddress,
     })),
     ListVolumes: unary(() => ({ volumes: agent.volumes().map(wire) })),
     GetVolume: unary((req) => wire(agent.volume(req.name))),

@@ -4,10 +4,10 @@
 // agent certificate from the cluster's CA gets as far as its hello; the certificate's node is
 // the lane's `peer`, which `attach` checks against the primary that opened the session.
 import net from 'node:net';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { BufferPool } from '../../../lib/buffer-pool';
 import type { Logger } from '../../../lib/logger';
-import { adoptAccepted, feedReads } from '../../../lib/onread-socket';
+import { adoptAccepted, adoptAcceptedTls } from '../../../lib/onread-socket';
 import { serviceRefusal, type RefusalSink } from '../../../lib/tls/access-policy';
 import { identityOfPeer } from '../../../lib/tls/identity';
 import type { Transport } from '../../../lib/tls/transport';
@@ -74,12 +74,16 @@ export class DataListener {
   }
 
   private acceptTls(accepted: net.Socket, remote: string, secureContext: tls.SecureContext): void {
-    const socket = new tls.TLSSocket(accepted, {
-      isServer: true,
-      secureContext,
-      requestCert: true,
-      rejectUnauthorized: true,
-    });
+    const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+    let lane: ReplicaLane | undefined;
+    const socket = adoptAcceptedTls(
+      accepted,
+      { secureContext, requestCert: true, rejectUnauthorized: true },
+      scratch,
+      () => lane,
+    );
+    lane = new ReplicaLane(socket, scratch, this.attach, this.pool, this.log, remote, true);
+    const opened = lane;
     const handshake = setTimeout(() => socket.destroy(), TLS_HANDSHAKE_MS);
     // A plaintext client, another CA's certificate, an expired one: refused here, by TLS.
     socket.once('error', (err: Error) => {
@@ -96,13 +100,9 @@ export class DataListener {
         socket.destroy();
         return;
       }
-      const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
-      const lane = new ReplicaLane(socket, scratch, this.attach, this.pool, this.log, remote);
-      lane.peer = peer;
-      feedReads(socket, lane);
-      this.track(lane, socket);
+      opened.peer = peer;
     });
-    accepted.resume();
+    this.track(opened, socket);
   }
 
   private track(lane: ReplicaLane, socket: net.Socket): void {

@@ -105,6 +105,8 @@ export class ReplicaLane {
     private readonly pool: BufferPool,
     log: Logger,
     readonly remote: string,
+    /** A TLS lane: it binds to a session only once its certificate has been verified. */
+    readonly secure = false,
   ) {
     this.log = log.child({ lane: this.id, remote });
     socket.setNoDelay(true);

@@ -325,6 +325,11 @@ export function attachLane(host: ReplicaHost, hello: Hello, lane: ReplicaLane): 
       `volume ${JSON.stringify(hello.volume)} does not exist on node ${host.node} (handshake first)`,
     );
   }
+  if (lane.secure && !lane.peer)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_PERMISSION_DENIED',
+      'a data lane whose certificate is not verified may not attach',
+    );
   const refused = lane.peer && refusedPeer(host, hello.volume, lane.peer.name);
   if (refused)
     throw new LockstepError(

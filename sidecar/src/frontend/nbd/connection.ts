@@ -12,7 +12,13 @@
 // reused scratch buffer, or, while a write payload is incomplete, straight into that payload's
 // pooled buffer. Headers are parsed where they lie; only a header split across two reads is
 // copied. So a 1 MiB write costs one copy out of the kernel, and no allocation.
+//
+// On a port that requires TLS, nothing but STARTTLS (or ABORT) is answered until the client
+// upgraded; the client must present a certificate from the cluster's CA. Over TLS, reads come
+// decrypted as 'data' chunks and are copied into the same buffers.
 import type { Socket } from 'node:net';
+import tls from 'node:tls';
+import { feedReads } from '../../../../lib/onread-socket';
 import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../block-device';
@@ -70,6 +76,12 @@ export type RequestKind =
 /** Per-request outcome, for metrics. Called once per request, after its reply was queued. */
 export interface RequestObserver {
   (exportName: string, kind: RequestKind, bytes: number, seconds: number, errno: number): void;
+}
+
+/** TLS on a connection: required before any export is named (NBD's "forced TLS"). */
+export interface NbdTls {
+  /** The context for the next handshake: the current certificate, rotations included. */
+  context(): tls.SecureContext;
 }
 
 export interface ConnectionLog {
@@ -154,16 +166,20 @@ export class NbdConnection {
   private corked = false;
   private disconnecting = false;
   private readonly handshakeTimer: NodeJS.Timeout;
+  /** The client completed STARTTLS. */
+  private secured = false;
 
   /** `socket` must deliver reads to `onRead`, into the buffer `readBuffer()` names. */
   constructor(
-    private readonly socket: Socket,
+    /** Replaced by its TLS socket after STARTTLS. */
+    private socket: Socket,
     /** Where reads land unless a write payload is being filled. */
     private readonly scratch: Buffer,
     private readonly catalog: ExportCatalog,
     private readonly log: ConnectionLog,
     private readonly observe: RequestObserver,
     private readonly pool: BufferPool,
+    private readonly tls?: NbdTls,
   ) {
     socket.setNoDelay?.(true);
     socket.on('error', (err) =>
@@ -323,6 +339,16 @@ export class NbdConnection {
   }
 
   private onOption(option: number, data: Buffer): void {
+    if (this.tls && !this.secured && option !== Option.STARTTLS && option !== Option.ABORT) {
+      // EXPORT_NAME has no error reply: the connection ends.
+      if (option === Option.EXPORT_NAME)
+        return this.protocolError('EXPORT_NAME before STARTTLS on a port that requires TLS');
+      return this.optionError(
+        option,
+        OptionReply.ERR_TLS_REQD,
+        'this port requires TLS: negotiate STARTTLS (with a client certificate) first',
+      );
+    }
     switch (option) {
       case Option.EXPORT_NAME:
         return this.onExportName(data);
@@ -335,11 +361,7 @@ export class NbdConnection {
       case Option.GO:
         return this.onInfoOrGo(option, data);
       case Option.STARTTLS:
-        return this.optionError(
-          option,
-          OptionReply.ERR_POLICY,
-          'TLS is not offered on this socket',
-        );
+        return this.onStartTls(data);
       case Option.STRUCTURED_REPLY:
         return this.onStructuredReply(data);
       case Option.LIST_META_CONTEXT:
@@ -349,6 +371,42 @@ export class NbdConnection {
         // Extended headers are not offered: every request we take fits 32-bit lengths.
         return this.optionError(option, OptionReply.ERR_UNSUP, 'option not supported');
     }
+  }
+
+  private onStartTls(data: Buffer): void {
+    if (!this.tls)
+      return this.optionError(
+        Option.STARTTLS,
+        OptionReply.ERR_POLICY,
+        'TLS is not offered on this socket',
+      );
+    if (this.secured)
+      return this.optionError(Option.STARTTLS, OptionReply.ERR_INVALID, 'TLS is already on');
+    if (data.length !== 0)
+      return this.optionError(Option.STARTTLS, OptionReply.ERR_INVALID, 'STARTTLS takes no data');
+    this.optionReply(Option.STARTTLS, OptionReply.ACK);
+    const raw = this.socket;
+    // From here the TLS socket reads the connection; what arrives is decrypted for us.
+    raw.removeAllListeners('data');
+    const secure = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: this.tls.context(),
+      requestCert: true,
+      rejectUnauthorized: true,
+    });
+    this.socket = secure;
+    secure.on('error', (err: Error) => {
+      this.log.warn({ conn: this.id, err: err.message }, 'nbd TLS handshake or session failed');
+      this.close(true);
+    });
+    secure.once('secure', () => {
+      this.secured = true;
+      this.log.debug(
+        { conn: this.id, client: secure.getPeerCertificate().subject?.CN },
+        'nbd client upgraded to TLS',
+      );
+    });
+    feedReads(secure, this);
   }
 
   private onStructuredReply(data: Buffer): void {

@@ -5,7 +5,8 @@ import net from 'node:net';
 import { LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../block-device';
 import { BufferPool } from '../../../../lib/buffer-pool';
-import { adoptAccepted } from '../../../../lib/onread-socket';
+import { adoptAccepted, feedReads } from '../../../../lib/onread-socket';
+import type { Transport } from '../../../../lib/tls/transport';
 
 /** Read scratch per connection: many small requests, or a good part of a big one, per read. */
 const SCRATCH_BYTES = 256 * 1024;
@@ -14,6 +15,7 @@ import {
   type ConnectionLog,
   type ExportCatalog,
   type NbdExport,
+  type NbdTls,
   type RequestObserver,
 } from './connection';
 
@@ -87,14 +89,22 @@ export class NbdServer implements ExportCatalog {
     this.attached.delete(name);
   }
 
-  private accept(accepted: net.Socket): void {
-    // Reads land in the connection's scratch, or straight into a write's payload.
-    let conn: NbdConnection | undefined;
+  private accept(accepted: net.Socket, tls?: NbdTls): void {
     const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
-    const socket = adoptAccepted(accepted, scratch, () => conn);
-    conn = new NbdConnection(socket, scratch, this, this.log, this.observe, this.pool);
-    this.connections.add(conn);
-    socket.once('close', () => this.connections.delete(conn));
+    let conn: NbdConnection | undefined;
+    let socket = accepted;
+    if (tls) {
+      // Before STARTTLS, 'data' events: the socket must stay wrappable by TLS.
+      conn = new NbdConnection(accepted, scratch, this, this.log, this.observe, this.pool, tls);
+      feedReads(accepted, conn);
+    } else {
+      // Reads land in the connection's scratch, or straight into a write's payload.
+      socket = adoptAccepted(accepted, scratch, () => conn);
+      conn = new NbdConnection(socket, scratch, this, this.log, this.observe, this.pool);
+    }
+    const added = conn;
+    this.connections.add(added);
+    socket.once('close', () => this.connections.delete(added));
     socket.resume();
   }
 
@@ -114,8 +124,15 @@ export class NbdServer implements ExportCatalog {
     this.listeners.push(server);
   }
 
-  async listenTcp(host: string, port: number): Promise<string> {
-    const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s));
+  /**
+   * With a TLS transport, clients must STARTTLS and present a certificate from its CA;
+   * plaintext (--insecure) serves anyone who can reach the port.
+   */
+  async listenTcp(host: string, port: number, transport: Transport): Promise<string> {
+    const tls: NbdTls | undefined = transport.secure
+      ? { context: () => transport.dir.secureContext }
+      : undefined;
+    const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s, tls));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(port, host, () => resolve());

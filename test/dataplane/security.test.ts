@@ -1,0 +1,604 @@
+// Mutual TLS and authorization on real agents: strangers, wrong roles and a rogue primary are
+// refused, each with its own clear error, and nothing they asked for happens; plaintext and TLS
+// do not mix on a data port; certificates rotate under a running workload without breaking a
+// link. Certificates come from the test CA (test-certificates.ts) or are made here to be wrong.
+import * as grpc from '@grpc/grpc-js';
+import { X509Certificate, createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import tls from 'node:tls';
+import { agentProto, replicationProto } from '../../proto';
+import {
+  createAuthority,
+  issueCertificate,
+  writeTlsDir,
+} from '../../lib/tls/certificate-authority';
+import { channelCredentials, channelOptions, serverCheck } from '../../lib/tls/transport';
+import {
+  REPLY_BYTES,
+  TOKEN_BYTES,
+  decodeReplyHeader,
+  encodeHello,
+} from '../../sidecar/src/replication/frames';
+import { AgentProcess, fioVerify, lockstepBin, run } from '../harness/agent-process';
+import { waitFor } from '../harness/processes';
+import { productNode } from '../harness/product-runtime';
+import {
+  dataFile,
+  expectIdentical,
+  expectSameImages,
+  inSync,
+  peerOf,
+  volumeStatus,
+  waitPeer,
+} from '../harness/replication';
+import { testCa, tlsDirFor, transportAs } from '../harness/test-certificates';
+
+type Failure = { code: number; details: string };
+
+/** One unary call on a raw client; resolves with the failure (or throws if it succeeded). */
+function refusedCall(client: grpc.Client, method: string, request: object): Promise<Failure> {
+  type Unary = (
+    req: object,
+    options: grpc.CallOptions,
+    cb: (err: grpc.ServiceError | null) => void,
+  ) => void;
+  const call = (client as unknown as Record<string, Unary>)[method].bind(client);
+  return new Promise((resolve, reject) =>
+    call(request, { deadline: Date.now() + 10_000 }, (err) =>
+      err
+        ? resolve({ code: err.code, details: err.details })
+        : reject(new Error(`${method} succeeded`)),
+    ),
+  );
+}
+
+function digest(file: string): string {
+  return createHash('sha256').update(readFileSync(file)).digest('hex');
+}
+
+async function scrape(agent: AgentProcess): Promise<string> {
+  return (await fetch(`http://127.0.0.1:${agent.metricsPort}/metrics`)).text();
+}
+
+function metric(text: string, name: string, labels = ''): number {
+  const line = text
+    .split('\n')
+    .find((l) => l.startsWith(name) && !l.startsWith('#') && l.includes(labels));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+/** Credentials that verify the agent against the test CA and present `cert`/`key` (if any). */
+function strangerCredentials(caPem: string, cert?: { certPem: string; keyPem: string }) {
+  return grpc.credentials.createSsl(
+    Buffer.from(caPem),
+    cert ? Buffer.from(cert.keyPem) : null,
+    cert ? Buffer.from(cert.certPem) : null,
+    { checkServerIdentity: () => undefined },
+  );
+}
+
+/** A TLS client to a data port holding `tlsDir`'s certificate. */
+async function tlsLane(address: string, tlsDir: string): Promise<tls.TLSSocket> {
+  const [host, port] = address.split(':');
+  const read = (f: string) => readFileSync(path.join(tlsDir, f), 'utf8');
+  const socket = tls.connect({
+    host,
+    port: Number(port),
+    ca: read('ca.crt'),
+    cert: read('tls.crt'),
+    key: read('tls.key'),
+    checkServerIdentity: serverCheck(['agent']),
+  });
+  await new Promise<void>((resolve, reject) => {
+    socket.once('secureConnect', resolve);
+    socket.once('error', reject);
+  });
+  return socket;
+}
+
+/** Everything a socket receives until it closes (or `ms` pass). */
+function received(socket: net.Socket, ms = 10_000): Promise<{ data: Buffer; closed: boolean }> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    const done = (closed: boolean) => {
+      clearTimeout(timer);
+      resolve({ data: Buffer.concat(chunks), closed });
+    };
+    const timer = setTimeout(() => done(false), ms);
+    socket.on('data', (c: Buffer) => chunks.push(c));
+    socket.on('error', () => undefined);
+    socket.once('close', () => done(true));
+  });
+}
+
+describe('mutual TLS and authorization', () => {
+  let a: AgentProcess;
+  let b: AgentProcess;
+  let uuid = '';
+  let caPem = '';
+  const clients: grpc.Client[] = [];
+  const others: AgentProcess[] = [];
+
+  beforeAll(async () => {
+    b = await new AgentProcess({
+      node: 'node-b',
+      metrics: true,
+      extraArgs: ['--peer-timeout', '1500'],
+    }).start();
+    a = await new AgentProcess({
+      node: 'node-a',
+      metrics: true,
+      extraArgs: ['--peer-timeout', '1500'],
+    }).start();
+    await a.createVolume('v', '64MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 8m', a.uri('v')]);
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress);
+    await waitPeer(a, 'v', b, inSync, 'in sync');
+    const c = a.client();
+    uuid = (await c.getVolume('v')).uuid;
+    c.close();
+    caPem = (await testCa()).ca.certPem;
+  });
+
+  afterEach(() => {
+    for (const c of clients.splice(0)) c.close();
+  });
+
+  afterAll(async () => {
+    for (const x of [a, b, ...others]) await x?.dispose();
+  });
+
+  const rawAgent = (agent: AgentProcess, credentials: grpc.ChannelCredentials) => {
+    const c = new (agentProto().Agent)(agent.grpcAddress, credentials);
+    clients.push(c);
+    return c;
+  };
+
+  it('refuses a client with no certificate, one from another CA and an expired one, each with its own error; nothing changes', async () => {
+    const before = digest(dataFile(a, 'v'));
+    const otherCa = await createAuthority('Another CA');
+    const fromOtherCa = await issueCertificate(
+      otherCa,
+      { role: 'admin', name: 'admin' },
+      { validMs: 86_400_000 },
+    );
+    const expired = await issueCertificate(
+      (await testCa()).ca,
+      { role: 'admin', name: 'admin' },
+      { validMs: -60_000 },
+    );
+
+    const none = await refusedCall(rawAgent(a, strangerCredentials(caPem)), 'DeleteVolume', {
+      name: 'v',
+      force: true,
+    });
+    expect(none.code).toBe(grpc.status.UNAVAILABLE);
+    expect(none.details).toMatch(/certificate required/i);
+
+    const stranger = await refusedCall(
+      rawAgent(a, strangerCredentials(caPem, fromOtherCa)),
+      'DeleteVolume',
+      { name: 'v', force: true },
+    );
+    expect(stranger.code).toBe(grpc.status.UNAVAILABLE);
+    expect(stranger.details).toMatch(/unknown ca/i);
+
+    const old = await refusedCall(
+      rawAgent(a, strangerCredentials(caPem, expired)),
+      'DeleteVolume',
+      { name: 'v', force: true },
+    );
+    expect(old.code).toBe(grpc.status.UNAVAILABLE);
+    expect(old.details).toMatch(/certificate expired/i);
+
+    // ctl with an expired TLS directory says so before it dials.
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-expired-'));
+    try {
+      await writeTlsDir(dir, caPem, expired);
+      await expect(
+        run(productNode(), [
+          lockstepBin,
+          'ctl',
+          '--agent',
+          a.grpcAddress,
+          '--tls-dir',
+          dir,
+          'volume',
+          'delete',
+          'v',
+        ]),
+      ).rejects.toThrow(/tls\.crt expired at .*issue a new one/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+
+    const c = a.client();
+    expect((await c.getVolume('v')).role).toBe('primary');
+    c.close();
+    expect(digest(dataFile(a, 'v'))).toBe(before);
+  });
+
+  it('refuses an agent certificate on the control API with PERMISSION_DENIED naming who and what, and counts it', async () => {
+    const before = digest(dataFile(b, 'v'));
+    const asNodeB = await transportAs({ role: 'agent', name: 'node-b' });
+    const asNodeA = await transportAs({ role: 'agent', name: 'node-a' });
+    const refusedBefore = metric(
+      await scrape(a),
+      'lockstep_access_refused_total',
+      'service="control",role="agent"',
+    );
+
+    const del = await refusedCall(
+      rawAgent(a, channelCredentials(asNodeB, ['agent'])),
+      'DeleteVolume',
+      { name: 'v', force: true },
+    );
+    expect(del.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(del.details).toMatch(
+      /agent node-b may not call DeleteVolume \(control\): only operators and admins may/,
+    );
+    const promote = await refusedCall(
+      rawAgent(b, channelCredentials(asNodeA, ['agent'])),
+      'Promote',
+      { name: 'v', force: true },
+    );
+    expect(promote.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(promote.details).toMatch(/agent node-a may not call Promote/);
+
+    await waitFor(
+      'the refusal counted',
+      async () =>
+        metric(
+          await scrape(a),
+          'lockstep_access_refused_total',
+          'service="control",role="agent"',
+        ) ===
+          refusedBefore + 1 || undefined,
+      5_000,
+    );
+    expect((await volumeStatus(b, 'v')).role).toBe('secondary');
+    expect((await volumeStatus(a, 'v')).role).toBe('primary');
+    expect(digest(dataFile(b, 'v'))).toBe(before);
+  });
+
+  it('refuses a rogue primary: posing as another node, or any node but the primary, on gRPC and on a data lane', async () => {
+    const replicaBefore = digest(dataFile(b, 'v'));
+    const rogue = await transportAs({ role: 'agent', name: 'node-c' });
+    const rpc = new (replicationProto().Replication)(
+      b.grpcAddress,
+      channelCredentials(rogue, ['agent']),
+      channelOptions(rogue),
+    );
+    clients.push(rpc);
+    const handshake = (primaryNode: string) => ({
+      volume: 'v',
+      uuid,
+      sizeBytes: 64 * 1024 * 1024,
+      regionSize: 65536,
+      primaryNode,
+      primaryAddress: '127.0.0.1:1',
+      mode: 'sync',
+      epoch: 1_000_000,
+    });
+    const posing = await refusedCall(rpc, 'Handshake', handshake('node-a'));
+    expect(posing.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(posing.details).toMatch(
+      /agent node-c may not call Handshake \(replication\): its certificate is node node-c's, and it may not speak for node node-a/,
+    );
+    const snapshot = await refusedCall(rpc, 'TakeSnapshot', {
+      volume: 'v',
+      uuid,
+      name: 'rogue',
+      uid: 'x',
+    });
+    expect(snapshot.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(snapshot.details).toMatch(
+      /volume v on node node-b replicates from node node-a, not from node node-c/,
+    );
+
+    // The operator is no agent: it may not replicate either.
+    const asOperator = await transportAs({ role: 'operator', name: 'lockstep-operator' });
+    const opRpc = new (replicationProto().Replication)(
+      b.grpcAddress,
+      channelCredentials(asOperator, ['agent']),
+      channelOptions(asOperator),
+    );
+    clients.push(opRpc);
+    const operator = await refusedCall(opRpc, 'Handshake', handshake('lockstep-operator'));
+    expect(operator.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(operator.details).toMatch(
+      /operator lockstep-operator may not call Handshake \(replication\): only agents may/,
+    );
+
+    // A data lane with the rogue's certificate and a made-up token: refused before any op.
+    const dataAddress = await dataPortOf(b);
+    const lane = await tlsLane(dataAddress, await tlsDirFor({ role: 'agent', name: 'node-c' }));
+    const answer = received(lane);
+    lane.write(
+      encodeHello({
+        lane: 0,
+        keepaliveMs: 1000,
+        token: randomBytes(TOKEN_BYTES).toString('hex'),
+        epoch: 1_000_000,
+        volume: 'v',
+      }),
+    );
+    const { data, closed } = await answer;
+    expect(closed).toBe(true);
+    const [status, length] = decodeReplyHeader(data);
+    expect(status).not.toBe(0);
+    expect(data.toString('utf8', REPLY_BYTES, REPLY_BYTES + length)).toMatch(
+      /agent node-c may not open a data lane: volume v on node node-b replicates from node node-a, not from node node-c/,
+    );
+
+    expect(
+      metric(await scrape(b), 'lockstep_access_refused_total', 'service="data-lane",role="agent"'),
+    ).toBe(1);
+    expect(
+      metric(
+        await scrape(b),
+        'lockstep_access_refused_total',
+        'service="replication",role="agent"',
+      ),
+    ).toBe(2);
+    expect(
+      metric(
+        await scrape(b),
+        'lockstep_access_refused_total',
+        'service="replication",role="operator"',
+      ),
+    ).toBe(1);
+    expect(digest(dataFile(b, 'v'))).toBe(replicaBefore);
+    expect((await peerOf(a, 'v', b)).state).toBe('InSync');
+    await expectIdentical(a, b, 'v');
+  });
+
+  it('drops a plaintext client on a TLS data port and a TLS client on a plaintext one, and the other links carry on', async () => {
+    const plain = net.connect(Number((await dataPortOf(b)).split(':')[1]), '127.0.0.1');
+    const plainAnswer = received(plain);
+    plain.write(
+      encodeHello({
+        lane: 0,
+        keepaliveMs: 1000,
+        token: randomBytes(TOKEN_BYTES).toString('hex'),
+        epoch: 0,
+        volume: 'v',
+      }),
+    );
+    const { closed: plainClosed } = await plainAnswer;
+    expect(plainClosed).toBe(true);
+
+    // A plaintext pair, on purpose.
+    const c = await new AgentProcess({ node: 'node-c', insecure: true, metrics: true }).start();
+    others.push(c);
+    const d = await new AgentProcess({ node: 'node-d', insecure: true }).start();
+    others.push(d);
+    await c.createVolume('w', '16MiB');
+    await c.ctl('replicate', 'w', '--to', d.grpcAddress);
+    await waitPeer(c, 'w', d, inSync, 'in sync');
+    await expect(
+      tlsLane(await dataPortOf(d), await tlsDirFor({ role: 'agent', name: 'node-a' })),
+    ).rejects.toThrow();
+
+    // Both links still carry writes.
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 1m 2m', a.uri('v')]);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 1m 2m', c.uri('w')]);
+    await waitPeer(a, 'v', b, inSync, 'in sync after');
+    await waitPeer(c, 'w', d, inSync, 'in sync after');
+    await expectIdentical(a, b, 'v');
+    await expectIdentical(c, d, 'w');
+    expect((await peerOf(a, 'v', b)).linkFailures).toBe(0);
+
+    // Plaintext shows: in status and as a metric.
+    expect(await c.ctl('status')).toMatch(/transport: plaintext \(--insecure\)/);
+    expect(await a.ctl('status')).toMatch(
+      /transport: mutual TLS as agent node-a, certificate valid until/,
+    );
+    expect(metric(await scrape(c), 'lockstep_tls_enabled')).toBe(0);
+    expect(metric(await scrape(a), 'lockstep_tls_enabled')).toBe(1);
+  });
+
+  it('takes up rotated certificates while fio verifies through the replicated volume, without reconnecting the lanes', async () => {
+    const failuresBefore = (await peerOf(a, 'v', b)).linkFailures;
+    const { ca } = await testCa();
+    const expiryBefore = metric(
+      await scrape(b),
+      'lockstep_tls_certificate_expiry_timestamp_seconds',
+    );
+    // ~5 s of verified writes, so the rotation lands in the middle.
+    const fio = fioVerify(a.uri('v'), '48M', ['--rate_iops=2500']);
+    await new Promise((r) => setTimeout(r, 1000));
+    const renewed = new Map<string, string>();
+    for (const node of ['node-a', 'node-b']) {
+      const issued = await issueCertificate(
+        ca,
+        { role: 'agent', name: node },
+        { validMs: 2 * 86_400_000 },
+      );
+      await writeTlsDir(await tlsDirFor({ role: 'agent', name: node }), ca.certPem, issued);
+      renewed.set(node, new X509Certificate(issued.certPem).fingerprint256);
+    }
+    for (const agent of [a, b])
+      await waitFor(
+        `${agent.node} to take up its new certificate`,
+        async () =>
+          metric(await scrape(agent), 'lockstep_tls_certificate_expiry_timestamp_seconds') >
+            expiryBefore + 3600 || undefined,
+        10_000,
+      );
+    // A new connection is served with the new certificate.
+    const probe = await tlsLane(
+      await dataPortOf(b),
+      await tlsDirFor({ role: 'agent', name: 'probe' }),
+    );
+    expect(probe.getPeerCertificate().fingerprint256).toBe(renewed.get('node-b'));
+    probe.destroy();
+    await fio;
+    await waitPeer(a, 'v', b, inSync, 'in sync after the rotation');
+    expect((await peerOf(a, 'v', b)).linkFailures).toBe(failuresBefore);
+    await expectIdentical(a, b, 'v');
+  });
+});
+
+describe('NBD over TCP with STARTTLS', () => {
+  let agent: AgentProcess;
+  let clientDir = '';
+  let caOnly = '';
+
+  beforeAll(async () => {
+    agent = await new AgentProcess({ node: 'node-t', nbdTcp: true }).start();
+    await agent.createVolume('t', '16MiB');
+    clientDir = await tlsDirFor({ role: 'client', name: 'workload' });
+    // Trusts the agent, presents nothing.
+    caOnly = mkdtempSync(path.join(os.tmpdir(), 'lockstep-ca-only-'));
+    writeFileSync(path.join(caOnly, 'ca-cert.pem'), (await testCa()).ca.certPem);
+  });
+
+  afterAll(async () => {
+    await agent?.dispose();
+    rmSync(caOnly, { recursive: true, force: true });
+  });
+
+  const qemuIo = (dir: string, ...commands: string[]) =>
+    run('qemu-io', [
+      '--object',
+      `tls-creds-x509,id=tls0,dir=${dir},endpoint=client`,
+      '--image-opts',
+      `driver=nbd,host=127.0.0.1,port=${agent.nbdTcpPort},export=t,tls-creds=tls0`,
+      ...commands.flatMap((c) => ['-c', c]),
+    ]);
+
+  it('serves qemu-io and nbdcopy with client certificates, and the data is what the unix socket serves', async () => {
+    await qemuIo(clientDir, 'write -P 0x6b 0 4m', 'read -P 0x6b 0 4m');
+    const out = mkdtempSync(path.join(os.tmpdir(), 'lockstep-nbds-'));
+    try {
+      const copy = path.join(out, 'copy.img');
+      await run('nbdcopy', [
+        `nbds://127.0.0.1:${agent.nbdTcpPort}/t?tls-certificates=${clientDir}`,
+        copy,
+      ]);
+      await expectSameImages(copy, agent.uri('t'));
+      expect(
+        readFileSync(copy)
+          .subarray(0, 4 << 20)
+          .every((b) => b === 0x6b),
+      ).toBe(true);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses a client without TLS and one without a certificate; the export is unchanged', async () => {
+    const before = digest(dataFile(agent, 't'));
+    await expect(
+      run('qemu-io', [
+        '-f',
+        'raw',
+        '-c',
+        'write -P 0x11 0 1m',
+        `nbd://127.0.0.1:${agent.nbdTcpPort}/t`,
+      ]),
+    ).rejects.toThrow(/TLS/i);
+    await expect(qemuIo(caOnly, 'write -P 0x22 0 1m')).rejects.toThrow();
+    await expect(
+      run('nbdinfo', [`nbds://127.0.0.1:${agent.nbdTcpPort}/t?tls-certificates=${caOnly}`]),
+    ).rejects.toThrow();
+    expect(digest(dataFile(agent, 't'))).toBe(before);
+    // The agent serves on.
+    await qemuIo(clientDir, 'read -P 0x6b 0 4m');
+  });
+});
+
+/** An agent's data port, as it advertises it in status (what primaries dial). */
+async function dataPortOf(agent: AgentProcess): Promise<string> {
+  const c = agent.client();
+  try {
+    return (await c.status()).dataAddress;
+  } finally {
+    c.close();
+  }
+}
+
+describe('lockstep certs and --tls-dir', () => {
+  const lockstep = (...args: string[]) => run(productNode(), [lockstepBin, ...args]);
+  let dir = '';
+  beforeAll(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'lockstep-certs-'));
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('makes a CA once and issues one identity per directory', async () => {
+    const ca = path.join(dir, 'ca');
+    expect(await lockstep('certs', 'init', ca)).toMatch(/CA written/);
+    await expect(lockstep('certs', 'init', ca)).rejects.toThrow(/already holds a CA/);
+    expect(
+      await lockstep('certs', 'issue', '--ca', ca, '--node', 'n1', '--out', path.join(dir, 'n1')),
+    ).toMatch(/certificate for agent n1 written/);
+    const cert = new X509Certificate(readFileSync(path.join(dir, 'n1', 'tls.crt')));
+    expect(cert.subject).toMatch(/CN=n1\nO=lockstep:agent/);
+    expect(cert.checkIssued(new X509Certificate(readFileSync(path.join(ca, 'ca.crt'))))).toBe(true);
+    await expect(
+      lockstep(
+        'certs',
+        'issue',
+        '--ca',
+        ca,
+        '--node',
+        'n2',
+        '--admin',
+        '--out',
+        path.join(dir, 'x'),
+      ),
+    ).rejects.toThrow(/exactly one of --node, --admin, --operator, --mediator, --client/);
+    await expect(
+      lockstep(
+        'certs',
+        'issue',
+        '--ca',
+        path.join(dir, 'nope'),
+        '--admin',
+        '--out',
+        path.join(dir, 'x'),
+      ),
+    ).rejects.toThrow(/cannot read ca\.crt in the CA directory/);
+  });
+
+  it('refuses to start without TLS settings, with both, or with a certificate for someone else', async () => {
+    const ca = path.join(dir, 'ca2');
+    await lockstep('certs', 'init', ca);
+    await lockstep(
+      'certs',
+      'issue',
+      '--ca',
+      ca,
+      '--node',
+      'other',
+      '--out',
+      path.join(dir, 'other'),
+    );
+    const data = path.join(dir, 'data');
+    const agent = (...extra: string[]) =>
+      lockstep('agent', '--node', 'mine', '--data-dir', data, '--listen', '127.0.0.1:0', ...extra);
+    await expect(agent()).rejects.toThrow(/no --tls-dir given.*--insecure/);
+    await expect(agent('--insecure', '--tls-dir', path.join(dir, 'other'))).rejects.toThrow(
+      /contradict/,
+    );
+    await expect(agent('--tls-dir', path.join(dir, 'other'))).rejects.toThrow(
+      /the certificate in .* is for agent other; this process needs one for agent mine/,
+    );
+    await expect(
+      lockstep(
+        'mediator',
+        '--data-dir',
+        path.join(dir, 'm'),
+        '--listen',
+        '127.0.0.1:0',
+        '--tls-dir',
+        path.join(dir, 'other'),
+      ),
+    ).rejects.toThrow(/needs one for mediator/);
+  });
+});
