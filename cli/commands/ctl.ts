@@ -6,7 +6,7 @@ import { parseDuration } from '../../lib/duration';
 import { moveCommand } from './ctl-move';
 import { epochCommand, failoverCommand } from './ctl-failover';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
-import { addTransportOptions, clientTransport } from '../transport-flags';
+import { addTransportOptions, clientTransport, explainUnreachable } from '../transport-flags';
 
 function volumeRows(volumes: VolumeInfo[]): string[][] {
   return volumes.map((v) => [
@@ -55,6 +55,8 @@ export function ctlCommand(): Command {
     const client = new AgentClient(opts.agent, transport, Number(opts.timeout) * 1000);
     try {
       return await fn(client);
+    } catch (err) {
+      throw await explainUnreachable(err, opts.agent, 'agent', transport);
     } finally {
       client.close();
     }

@@ -2,7 +2,7 @@
 // names its holder in the subject: CN is the name (a node's name for an agent) and O the role,
 // the way Kubernetes names its nodes (O=system:nodes). The role decides what the holder may do
 // (access-policy.ts); the name binds an agent to the node it speaks for.
-import type { PeerCertificate } from 'node:tls';
+import type { PeerCertificate, TLSSocket } from 'node:tls';
 import { LockstepError } from '../errors';
 
 /** `client`: a workload's NBD client on the TCP export; it may call nothing. */
@@ -63,4 +63,20 @@ export function identityOfSubject(subject: string): Identity | undefined {
 // Node gives a repeated attribute as an array.
 function first(v: string | string[] | undefined): string | undefined {
   return Array.isArray(v) ? v[0] : v;
+}
+
+/**
+ * The verified identity of the client of a server-side TLS socket made by hand (not by a
+ * tls.Server, which would do this itself): Node checks the client's certificate against the
+ * CA but leaves the verdict to whoever made the socket. A string says why it is refused.
+ */
+export function verifiedClient(socket: TLSSocket): Identity | string {
+  const verifyError = (
+    socket as unknown as { _handle?: { verifyError?(): Error | null } }
+  )._handle?.verifyError?.();
+  if (verifyError)
+    return `its certificate is not accepted (${(verifyError as NodeJS.ErrnoException).code ?? verifyError.message})`;
+  const cert = socket.getPeerCertificate();
+  if (!cert || Object.keys(cert).length === 0) return 'it presented no certificate';
+  return identityOfPeer(cert) ?? 'its certificate names no Lockstep role';
 }

@@ -9,7 +9,7 @@ import { BufferPool } from '../../../lib/buffer-pool';
 import type { Logger } from '../../../lib/logger';
 import { adoptAccepted, adoptAcceptedTls } from '../../../lib/onread-socket';
 import { serviceRefusal, type RefusalSink } from '../../../lib/tls/access-policy';
-import { identityOfPeer } from '../../../lib/tls/identity';
+import { verifiedClient } from '../../../lib/tls/identity';
 import type { Transport } from '../../../lib/tls/transport';
 import { ReplicaLane, type LaneAttach } from './replica-lane';
 
@@ -93,8 +93,9 @@ export class DataListener {
     });
     socket.once('secure', () => {
       clearTimeout(handshake);
-      const peer = identityOfPeer(socket.getPeerCertificate());
-      const reason = serviceRefusal('data-lane', peer);
+      const client = verifiedClient(socket);
+      const peer = typeof client === 'string' ? undefined : client;
+      const reason = typeof client === 'string' ? client : serviceRefusal('data-lane', peer);
       if (reason !== undefined) {
         this.refused({ service: 'data-lane', what: 'open a data lane', caller: peer, reason });
         socket.destroy();

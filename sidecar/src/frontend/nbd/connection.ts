@@ -19,6 +19,7 @@
 import type { Socket } from 'node:net';
 import tls from 'node:tls';
 import { feedReads } from '../../../../lib/onread-socket';
+import { verifiedClient } from '../../../../lib/tls/identity';
 import { performance } from 'node:perf_hooks';
 import { isLockstepError, errorMessage, type LockstepError } from '../../../../lib/errors';
 import type { BlockDevice } from '../../block-device';
@@ -400,9 +401,15 @@ export class NbdConnection {
       this.close(true);
     });
     secure.once('secure', () => {
+      // Any certificate from the cluster's CA may use the export; nothing else.
+      const client = verifiedClient(secure);
+      if (typeof client === 'string') {
+        this.log.warn({ conn: this.id, reason: client }, 'nbd client refused after STARTTLS');
+        return this.close(true);
+      }
       this.secured = true;
       this.log.debug(
-        { conn: this.id, client: secure.getPeerCertificate().subject?.CN },
+        { conn: this.id, client: `${client.role} ${client.name}` },
         'nbd client upgraded to TLS',
       );
     });
