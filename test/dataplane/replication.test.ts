@@ -333,7 +333,7 @@ describe('synchronous replication', () => {
       uri,
     ]);
     await a.ctl('replicate', 'v', '--to', b.grpcAddress);
-    const workload = fioVerify(uri, '1G');
+    const workload = fioVerify(uri, '512M');
     await waitPeer(
       a,
       'v',
