@@ -113,3 +113,13 @@ export function ratioRows(
   }
   return rows;
 }
+
+/** One line per job and round, as the raw record under a report. */
+export function rawLines(perRound: JobResult[][]): string[] {
+  return perRound.flatMap((rs, i) =>
+    rs.map(
+      (r) =>
+        `round${i + 1} ${r.label}-${r.job} iops=${r.iops} MBps=${r.MBps} p50_us=${r.p50_us} p99_us=${r.p99_us}`,
+    ),
+  );
+}

@@ -27,6 +27,7 @@ import {
   median,
   parseFioLines,
   ratioRows,
+  rawLines,
   replicatedPair,
   replicatedRun,
   sh,
@@ -353,12 +354,7 @@ async function main(): Promise<void> {
       '',
       'Raw lines:',
       '```',
-      ...perRound.flatMap((rs, i) =>
-        rs.map(
-          (r) =>
-            `round${i + 1} ${r.label}-${r.job} iops=${r.iops} MBps=${r.MBps} p50_us=${r.p50_us} p99_us=${r.p99_us}`,
-        ),
-      ),
+      ...rawLines(perRound),
       ...baselines.map((b, i) => baselineLine(i + 1, b)),
       '```',
       '',

@@ -2,7 +2,15 @@
 // qemu's synchronous mirror over x509 TLS (../shared/bench/anchor-qemu-tls.sh), round by round.
 import { rmSync } from 'node:fs';
 import path from 'node:path';
-import { JOBS, parseFioLines, ratioRows, replicatedRun, sh, type JobResult } from './fio-jobs';
+import {
+  JOBS,
+  parseFioLines,
+  ratioRows,
+  rawLines,
+  replicatedRun,
+  sh,
+  type JobResult,
+} from './fio-jobs';
 
 export async function tlsRun(
   bench: string,
@@ -47,12 +55,7 @@ export function tlsReport(perRound: JobResult[][]): string {
     ),
     '',
     '```',
-    ...perRound.flatMap((rs, i) =>
-      rs.map(
-        (r) =>
-          `round${i + 1} ${r.label}-${r.job} iops=${r.iops} MBps=${r.MBps} p50_us=${r.p50_us} p99_us=${r.p99_us}`,
-      ),
-    ),
+    ...rawLines(perRound),
     '```',
   ].join('\n');
 }

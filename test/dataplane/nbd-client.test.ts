@@ -145,7 +145,9 @@ describe('NbdClient against the agent', () => {
 });
 
 describe('NbdClient when the agent stops answering or dies', () => {
-  const agent = new AgentProcess({ nbdTcp: true });
+  // Plaintext TCP on purpose: this client speaks no STARTTLS (the NBD export's TLS is tested
+  // with qemu and libnbd in security.test.ts).
+  const agent = new AgentProcess({ nbdTcp: true, insecure: true });
   beforeAll(async () => {
     await agent.start();
     await agent.createVolume('k', '16MiB');

@@ -99,6 +99,12 @@ async function tlsLane(address: string, tlsDir: string): Promise<tls.TLSSocket> 
   return socket;
 }
 
+/** A hello for volume v with a made-up session token. */
+function strangerHello(epoch: number): Buffer {
+  const token = randomBytes(TOKEN_BYTES).toString('hex');
+  return encodeHello({ lane: 0, keepaliveMs: 1000, token, epoch, volume: 'v' });
+}
+
 /** Everything a socket receives until it closes (or `ms` pass). */
 function received(socket: net.Socket, ms = 10_000): Promise<{ data: Buffer; closed: boolean }> {
   return new Promise((resolve) => {
@@ -327,15 +333,7 @@ describe('mutual TLS and authorization', () => {
     const dataAddress = await dataPortOf(b);
     const lane = await tlsLane(dataAddress, await tlsDirFor({ role: 'agent', name: 'node-c' }));
     const answer = received(lane);
-    lane.write(
-      encodeHello({
-        lane: 0,
-        keepaliveMs: 1000,
-        token: randomBytes(TOKEN_BYTES).toString('hex'),
-        epoch: 1_000_000,
-        volume: 'v',
-      }),
-    );
+    lane.write(strangerHello(1_000_000));
     const { data, closed } = await answer;
     expect(closed).toBe(true);
     const [status, length] = decodeReplyHeader(data);
@@ -369,15 +367,7 @@ describe('mutual TLS and authorization', () => {
   it('drops a plaintext client on a TLS data port and a TLS client on a plaintext one, and the other links carry on', async () => {
     const plain = net.connect(Number((await dataPortOf(b)).split(':')[1]), '127.0.0.1');
     const plainAnswer = received(plain);
-    plain.write(
-      encodeHello({
-        lane: 0,
-        keepaliveMs: 1000,
-        token: randomBytes(TOKEN_BYTES).toString('hex'),
-        epoch: 0,
-        volume: 'v',
-      }),
-    );
+    plain.write(strangerHello(0));
     const { closed: plainClosed } = await plainAnswer;
     expect(plainClosed).toBe(true);
 
@@ -397,15 +387,7 @@ describe('mutual TLS and authorization', () => {
       );
       const stranger = await tlsLane(await dataPortOf(b), strangerDir);
       const strangerAnswer = received(stranger);
-      stranger.write(
-        encodeHello({
-          lane: 0,
-          keepaliveMs: 1000,
-          token: randomBytes(TOKEN_BYTES).toString('hex'),
-          epoch: 0,
-          volume: 'v',
-        }),
-      );
+      stranger.write(strangerHello(0));
       const { data: strangerData, closed: strangerClosed } = await strangerAnswer;
       expect(strangerClosed).toBe(true);
       expect(strangerData.length).toBe(0);
