@@ -285,7 +285,8 @@ async function main(): Promise<void> {
       process.stderr.write(
         `round ${round}/${rounds}: lockstep, sync replication to a second agent\n`,
       );
-      results.push(...(await replicatedRun(fio, size, runtime)));
+      // Plaintext, like qemu-sync's mirror; replication over mTLS has its own section (tls.ts).
+      results.push(...(await replicatedRun(fio, size, runtime, 'lockstep-sync', true)));
       perRound.push(results);
     }
   } finally {

@@ -24,6 +24,7 @@ import {
 } from '../../sidecar/src/replication/frames';
 import { AgentProcess, fioVerify, lockstepBin, run } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
+import { NBD, RawNbd } from '../harness/raw-nbd';
 import { productNode } from '../harness/product-runtime';
 import {
   dataFile,
@@ -516,6 +517,34 @@ describe('NBD over TCP with STARTTLS', () => {
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
+  });
+
+  it('answers every option but STARTTLS with ERR_TLS_REQD until TLS is on, and drops what is not TLS after it', async () => {
+    const c = await RawNbd.connect(agent.nbdTcpPort);
+    await c.greet();
+    c.sendOption(NBD.OPT_LIST);
+    expect((await c.readOptionReply()).type).toBe(NBD.ERR_TLS_REQD);
+    expect((await c.go('t')).type).toBe(NBD.ERR_TLS_REQD);
+    c.sendOption(NBD.OPT_STARTTLS, Buffer.from('x'));
+    expect((await c.readOptionReply()).type).toBe(NBD.ERR_INVALID);
+    c.sendOption(NBD.OPT_STARTTLS);
+    expect((await c.readOptionReply()).type).toBe(NBD.REP_ACK);
+    c.socket.write(Buffer.alloc(64, 0x41)); // not a ClientHello
+    expect(await c.closedByServer()).toBe(true);
+
+    // EXPORT_NAME has no error reply: before TLS it ends the connection.
+    const d = await RawNbd.connect(agent.nbdTcpPort);
+    await d.greet();
+    d.sendOption(NBD.OPT_EXPORT_NAME, Buffer.from('t'));
+    expect(await d.closedByServer()).toBe(true);
+
+    // The unix socket offers no TLS.
+    const u = await RawNbd.connect(agent.nbdSocket);
+    await u.greet();
+    u.sendOption(NBD.OPT_STARTTLS);
+    expect((await u.readOptionReply()).type).toBe(NBD.ERR_POLICY);
+    expect((await u.go('t')).type).toBe(NBD.REP_ACK);
+    u.destroy();
   });
 
   it('refuses a client without TLS, one without a certificate and one with another CA’s; the export is unchanged', async () => {

@@ -7,15 +7,19 @@ export const NBD = {
   REQUEST_MAGIC: 0x25609513,
   REPLY_MAGIC: 0x67446698,
   STRUCTURED_REPLY_MAGIC: 0x668e33ef,
+  OPT_EXPORT_NAME: 1,
   OPT_GO: 7,
   OPT_LIST: 3,
+  OPT_STARTTLS: 5,
   OPT_STRUCTURED_REPLY: 8,
   OPT_LIST_META_CONTEXT: 9,
   OPT_SET_META_CONTEXT: 10,
   REP_ACK: 1,
   REP_META_CONTEXT: 4,
   ERR_UNSUP: 2 ** 31 + 1,
+  ERR_POLICY: 2 ** 31 + 2,
   ERR_INVALID: 2 ** 31 + 3,
+  ERR_TLS_REQD: 2 ** 31 + 5,
   ERR_UNKNOWN: 2 ** 31 + 6,
   CMD_READ: 0,
   CMD_WRITE: 1,
@@ -60,9 +64,13 @@ export class RawNbd {
     socket.on('error', () => {});
   }
 
-  static connect(socketPath: string): Promise<RawNbd> {
+  /** To a unix socket path, or a TCP port on 127.0.0.1. */
+  static connect(where: string | number): Promise<RawNbd> {
     return new Promise((resolve, reject) => {
-      const s = net.connect(socketPath, () => resolve(new RawNbd(s)));
+      const s =
+        typeof where === 'number'
+          ? net.connect(where, '127.0.0.1', () => resolve(new RawNbd(s)))
+          : net.connect(where, () => resolve(new RawNbd(s)));
       s.once('error', reject);
     });
   }
