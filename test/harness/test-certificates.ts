@@ -30,6 +30,7 @@ const issued = new Map<string, Promise<string>>();
 export function testCa(): Promise<TestCa> {
   made ??= (async () => {
     const root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-test-ca-'));
+    // Outside jest (the benches); in a test file the afterAll below removes it.
     process.once('exit', () => rmSync(root, { recursive: true, force: true }));
     const ca = await createAuthority('Lockstep test CA');
     const adminDir = path.join(root, 'admin-admin');
@@ -40,6 +41,12 @@ export function testCa(): Promise<TestCa> {
   })();
   return made;
 }
+
+// Jest's sandboxed `process` does not see the worker exit: each test file removes its CA.
+if (typeof afterAll === 'function')
+  afterAll(async () => {
+    if (made) rmSync((await made).root, { recursive: true, force: true });
+  });
 
 const DAY = 86_400_000;
 const ADMIN: Identity = { role: 'admin', name: 'admin' };
