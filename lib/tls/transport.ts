@@ -105,7 +105,3 @@ export function describeTransport(t: Transport): string {
   if (!t.secure) return 'plaintext (--insecure): no authentication, no encryption';
   return `mutual TLS as ${describeIdentity(t.dir.identity)}, certificate valid until ${t.dir.notAfter.toISOString()}`;
 }
-
-export function closeTransport(t: Transport): void {
-  if (t.secure) t.dir.close();
-}
