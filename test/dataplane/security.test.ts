@@ -316,6 +316,19 @@ describe('mutual TLS and authorization', () => {
       /volume v on node node-b replicates from node node-a, not from node node-c/,
     );
 
+    // A primary takes no primary's calls: dropping its snapshot, say.
+    const toPrimary = new (replicationProto().Replication)(
+      a.grpcAddress,
+      channelCredentials(rogue, ['agent']),
+      channelOptions(rogue),
+    );
+    clients.push(toPrimary);
+    const drop = await refusedCall(toPrimary, 'DropSnapshot', { volume: 'v', uuid, name: 'any' });
+    expect(drop.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(drop.details).toMatch(
+      /volume v on node node-a is a primary: it takes no primary's calls/,
+    );
+
     // The operator is no agent: it may not replicate either.
     const asOperator = await transportAs({ role: 'operator', name: 'lockstep-operator' });
     const opRpc = new (replicationProto().Replication)(

@@ -116,9 +116,16 @@ export function replicationCallCheck(host: ReplicaHost): CallCheck {
   };
 }
 
-/** Why `node` may not act as the primary of this agent's copy of `volume`, if it may not. */
+/**
+ * Why `node` may not act as the primary of this agent's copy of `volume`, if it may not. Only
+ * a primary calls a copy (a new one through its handshake first), so a primary takes no calls.
+ */
 export function refusedPeer(host: ReplicaHost, volume: string, node: string): string | undefined {
-  const primary = host.replicated(volume)?.primaryNode;
+  const copy = host.replicated(volume);
+  if (!copy) return undefined;
+  if (copy.role === 'primary')
+    return `volume ${volume} on node ${host.node} is a primary: it takes no primary's calls`;
+  const primary = copy.primaryNode;
   if (primary === undefined || primary === node) return undefined;
   return `volume ${volume} on node ${host.node} replicates from node ${primary}, not from node ${node}`;
 }
