@@ -15,7 +15,12 @@ import {
   issueCertificate,
   writeTlsDir,
 } from '../../lib/tls/certificate-authority';
-import { channelCredentials, channelOptions, serverCheck } from '../../lib/tls/transport';
+import {
+  channelCredentials,
+  channelOptions,
+  serverCheck,
+  type Transport,
+} from '../../lib/tls/transport';
 import {
   REPLY_BYTES,
   TOKEN_BYTES,
@@ -158,6 +163,17 @@ describe('mutual TLS and authorization', () => {
     for (const x of [a, b, ...others]) await x?.dispose();
   });
 
+  /** A replication-service client of `agent`, holding `as`'s certificate. */
+  const replicationAs = (agent: AgentProcess, as: Transport) => {
+    const c = new (replicationProto().Replication)(
+      agent.grpcAddress,
+      channelCredentials(as, ['agent']),
+      channelOptions(as),
+    );
+    clients.push(c);
+    return c;
+  };
+
   const rawAgent = (agent: AgentProcess, credentials: grpc.ChannelCredentials) => {
     const c = new (agentProto().Agent)(agent.grpcAddress, credentials);
     clients.push(c);
@@ -284,12 +300,7 @@ describe('mutual TLS and authorization', () => {
   it('refuses a rogue primary: posing as another node, or any node but the primary, on gRPC and on a data lane', async () => {
     const replicaBefore = digest(dataFile(b, 'v'));
     const rogue = await transportAs({ role: 'agent', name: 'node-c' });
-    const rpc = new (replicationProto().Replication)(
-      b.grpcAddress,
-      channelCredentials(rogue, ['agent']),
-      channelOptions(rogue),
-    );
-    clients.push(rpc);
+    const rpc = replicationAs(b, rogue);
     const handshake = (primaryNode: string) => ({
       volume: 'v',
       uuid,
@@ -317,12 +328,7 @@ describe('mutual TLS and authorization', () => {
     );
 
     // A primary takes no primary's calls: dropping its snapshot, say.
-    const toPrimary = new (replicationProto().Replication)(
-      a.grpcAddress,
-      channelCredentials(rogue, ['agent']),
-      channelOptions(rogue),
-    );
-    clients.push(toPrimary);
+    const toPrimary = replicationAs(a, rogue);
     const drop = await refusedCall(toPrimary, 'DropSnapshot', { volume: 'v', uuid, name: 'any' });
     expect(drop.code).toBe(grpc.status.PERMISSION_DENIED);
     expect(drop.details).toMatch(
@@ -331,12 +337,7 @@ describe('mutual TLS and authorization', () => {
 
     // The operator is no agent: it may not replicate either.
     const asOperator = await transportAs({ role: 'operator', name: 'lockstep-operator' });
-    const opRpc = new (replicationProto().Replication)(
-      b.grpcAddress,
-      channelCredentials(asOperator, ['agent']),
-      channelOptions(asOperator),
-    );
-    clients.push(opRpc);
+    const opRpc = replicationAs(b, asOperator);
     const operator = await refusedCall(opRpc, 'Handshake', handshake('lockstep-operator'));
     expect(operator.code).toBe(grpc.status.PERMISSION_DENIED);
     expect(operator.details).toMatch(
