@@ -27,3 +27,16 @@ export function byteSize(value: string): number {
     throw new InvalidArgumentError(errorMessage(err));
   }
 }
+
+const DURATION_UNITS: Record<string, number> = { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** A duration such as 90s, 30m, 24h or 7d, in milliseconds. */
+export function duration(value: string): number {
+  const m = /^(\d+)([smhd])$/.exec(value.trim());
+  const n = m ? Number(m[1]) * (DURATION_UNITS[m[2] ?? ''] ?? 0) : 0;
+  if (!m || n <= 0)
+    throw new InvalidArgumentError(
+      `expected a duration such as 90s, 30m, 24h or 7d, got ${JSON.stringify(value)}`,
+    );
+  return n;
+}

@@ -1,6 +1,9 @@
 // --tls-dir and --insecure, the same on every command: TLS unless plaintext is asked for.
 import type { Command } from 'commander';
 import { Option } from 'commander';
+import { mkdtempSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import pino from 'pino';
 import { LockstepError, isLockstepError } from '../lib/errors';
 import { diagnoseHandshake } from '../lib/tls/handshake-diagnosis';
@@ -52,4 +55,17 @@ export async function explainUnreachable(
  */
 export function clientTransport(cmd: Command): Promise<Transport> {
   return openTransport(cmd.optsWithGlobals<TransportFlags>(), pino({ level: 'silent' }));
+}
+
+/**
+ * Where a component writes certificates it is given rather than handed in files
+ * (--manage-certificates, --request-certificate): --tls-dir, or a private temporary directory.
+ */
+export function issuedTlsDir(opts: TransportFlags, flag: string, component: string): string {
+  if (opts.insecure)
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `${flag} and --insecure contradict each other`,
+    );
+  return opts.tlsDir ?? mkdtempSync(path.join(os.tmpdir(), `lockstep-${component}-tls-`));
 }

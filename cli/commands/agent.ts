@@ -5,8 +5,9 @@ import { errorMessage, isLockstepError } from '../../lib/errors';
 import { Agent, DEFAULT_PEER_TIMEOUT_MS } from '../../sidecar/src/agent';
 import { DEFAULT_CUTOVER } from '../../sidecar/src/replication/establishment';
 import { byteSize, nonNegativeInteger, positiveInteger } from '../arguments';
-import { addTransportOptions, daemonTransport } from '../transport-flags';
+import { addTransportOptions, daemonTransport, issuedTlsDir } from '../transport-flags';
 import type * as KubeModule from '../../lib/kube';
+import type * as RequesterModule from '../../sidecar/src/k8s/certificate-requester';
 
 export function agentCommand(): Command {
   return addTransportOptions(
@@ -58,6 +59,13 @@ export function agentCommand(): Command {
     .option('--register', 'register a LockstepNode and heartbeat through a Lease', false)
     .option('--kubeconfig <file>', 'kubeconfig for --register (default: in-cluster or $KUBECONFIG)')
     .option('--namespace <ns>', 'namespace of the heartbeat Lease', 'lockstep-system')
+    .option(
+      '--request-certificate',
+      'in a cluster whose operator manages certificates: ask it for this node’s certificate ' +
+        '(the key is made here and stays here), write it to --tls-dir (default: a private ' +
+        'temporary directory) and renew it before it expires',
+      false,
+    )
     .action(
       async (opts: {
         register: boolean;
@@ -77,6 +85,7 @@ export function agentCommand(): Command {
         cutoverMs: number;
         tlsDir?: string;
         insecure: boolean;
+        requestCertificate: boolean;
       }) => {
         const log = createLogger('agent', { node: opts.node });
         // The Kubernetes client is loaded only when used: it adds ~0.15 s to start-up.
@@ -84,8 +93,26 @@ export function agentCommand(): Command {
           // eslint-disable-next-line @typescript-eslint/no-require-imports
           (require('../../lib/kube') as typeof KubeModule).loadKubeConfig(file);
         let agent: Agent;
+        let requester: RequesterModule.CertificateRequester | undefined;
         try {
-          const transport = await daemonTransport(opts, log, { role: 'agent', name: opts.node });
+          let tlsDir = opts.tlsDir;
+          if (opts.requestCertificate) {
+            const { CertificateRequester } =
+              require('../../sidecar/src/k8s/certificate-requester') as typeof RequesterModule; // eslint-disable-line @typescript-eslint/no-require-imports
+            tlsDir = issuedTlsDir(opts, '--request-certificate', 'agent');
+            requester = new CertificateRequester({
+              kc: loadKubeConfig(opts.kubeconfig),
+              node: opts.node,
+              namespace: opts.namespace,
+              dir: tlsDir,
+              log: log.child({ subsystem: 'certificates' }),
+            });
+            requester.start((await requester.obtain()).notAfter);
+          }
+          const transport = await daemonTransport({ ...opts, tlsDir }, log, {
+            role: 'agent',
+            name: opts.node,
+          });
           agent = await Agent.start({
             transport,
             node: opts.node,
@@ -109,13 +136,14 @@ export function agentCommand(): Command {
             { code: isLockstepError(err) ? err.code : undefined, err: errorMessage(err) },
             'agent failed to start',
           );
-          process.exitCode = 1;
-          return;
+          // Kubernetes clients keep connections alive: without an exit the process would linger.
+          process.exit(1);
         }
         await new Promise<void>((resolve) => {
           const onSignal = (signal: NodeJS.Signals) => {
             log.info({ signal }, 'signal received');
             process.off('SIGTERM', onSignal).off('SIGINT', onSignal);
+            requester?.stop();
             agent.stop().then(resolve, (err: unknown) => {
               log.error({ err: errorMessage(err) }, 'agent stop failed');
               process.exitCode = 1;

@@ -6,8 +6,9 @@ import { errorMessage } from '../../lib/errors';
 import type { Operator } from '../../operator/src/operator';
 import type * as OperatorModule from '../../operator/src/operator';
 import type * as KubeModule from '../../lib/kube';
-import { positiveInteger } from '../arguments';
-import { addTransportOptions, daemonTransport } from '../transport-flags';
+import type * as AuthorityModule from '../../operator/src/certificates/cluster-authority';
+import { duration, positiveInteger } from '../arguments';
+import { addTransportOptions, daemonTransport, issuedTlsDir } from '../transport-flags';
 
 export function operatorCommand(): Command {
   return addTransportOptions(new Command('operator'))
@@ -33,6 +34,20 @@ export function operatorCommand(): Command {
       positiveInteger,
       4,
     )
+    .option(
+      '--manage-certificates',
+      'run the cluster’s Lockstep CA: make the CA Secret if there is none, sign the agents’ ' +
+        'certificate requests (each for its own node only) and issue this operator’s own ' +
+        'certificate into --tls-dir (default: a private temporary directory)',
+      false,
+    )
+    .option(
+      '--certificate-lifetime <duration>',
+      'with --manage-certificates: how long issued certificates are valid (renewed when two ' +
+        'thirds are gone)',
+      duration,
+      24 * 3_600_000,
+    )
     .action(
       async (opts: {
         monitorShards: number;
@@ -43,6 +58,8 @@ export function operatorCommand(): Command {
         agentPoll: number;
         tlsDir?: string;
         insecure: boolean;
+        manageCertificates: boolean;
+        certificateLifetime: number;
       }) => {
         const log = createLogger('operator');
         let operator: Operator;
@@ -53,10 +70,26 @@ export function operatorCommand(): Command {
           const { loadKubeConfig } = require('../../lib/kube') as typeof KubeModule;
           const { Operator } = require('../../operator/src/operator') as typeof OperatorModule;
           /* eslint-enable @typescript-eslint/no-require-imports */
-          const transport = await daemonTransport(opts, log, { role: 'operator' });
+          const kc = loadKubeConfig(opts.kubeconfig);
+          let authority: AuthorityModule.ClusterAuthority | undefined;
+          let tlsDir = opts.tlsDir;
+          if (opts.manageCertificates) {
+            const { ClusterAuthority } =
+              require('../../operator/src/certificates/cluster-authority') as typeof AuthorityModule; // eslint-disable-line @typescript-eslint/no-require-imports
+            tlsDir = issuedTlsDir(opts, '--manage-certificates', 'operator');
+            authority = await ClusterAuthority.open({
+              kc,
+              namespace: opts.namespace,
+              lifetimeMs: opts.certificateLifetime,
+              log: log.child({ subsystem: 'certificates' }),
+            });
+            await authority.issueOwn(tlsDir, { role: 'operator', name: 'lockstep-operator' });
+          }
+          const transport = await daemonTransport({ ...opts, tlsDir }, log, { role: 'operator' });
           operator = new Operator({
             transport,
-            kc: loadKubeConfig(opts.kubeconfig),
+            authority,
+            kc,
             namespace: opts.namespace,
             metricsListen: opts.metricsListen,
             leaderElect: opts.leaderElect,
@@ -66,8 +99,8 @@ export function operatorCommand(): Command {
           });
         } catch (err) {
           log.fatal({ err: errorMessage(err) }, 'operator failed to start');
-          process.exitCode = 1;
-          return;
+          // Kubernetes clients keep connections alive: without an exit the process would linger.
+          process.exit(1);
         }
         const stopped = new Promise<'signal'>((resolve) => {
           const onSignal = (signal: NodeJS.Signals) => {

@@ -71,9 +71,23 @@ export async function issueCertificate(
   id: Identity,
   opts: IssueOptions,
 ): Promise<IssuedCertificate> {
+  const keys = await newKeys();
+  const signed = await signPublicKey(ca, id, keys.publicKey, opts);
+  return { ...signed, keyPem: await pkcs8(keys.privateKey) };
+}
+
+/**
+ * A certificate for `id` over a key its holder made and keeps (a certificate signing request's
+ * key). The subject is the issuer's decision, not the requester's.
+ */
+export async function signPublicKey(
+  ca: Authority,
+  id: Identity,
+  publicKey: x509.PublicKey | CryptoKey,
+  opts: IssueOptions,
+): Promise<{ certPem: string; notAfter: Date }> {
   const caCert = new x509.X509Certificate(ca.certPem);
   const caKey = await importKey(ca.keyPem);
-  const keys = await newKeys();
   const now = Date.now();
   const notAfter = new Date(Math.min(now + opts.validMs, caCert.notAfter.getTime()));
   const names = [
@@ -87,7 +101,7 @@ export async function issueCertificate(
     notBefore: new Date(now - BACKDATE_MS),
     notAfter,
     signingAlgorithm: ALGORITHM,
-    publicKey: keys.publicKey,
+    publicKey,
     signingKey: caKey,
     extensions: [
       new x509.BasicConstraintsExtension(false, undefined, true),
@@ -100,7 +114,44 @@ export async function issueCertificate(
       await x509.AuthorityKeyIdentifierExtension.create(caCert),
     ],
   });
-  return { certPem: cert.toString('pem'), keyPem: await pkcs8(keys.privateKey), notAfter };
+  return { certPem: cert.toString('pem'), notAfter };
+}
+
+/** A PKCS#10 request for `id` over a new key: the key never leaves whoever asks. */
+export async function createCertificateRequest(
+  id: Identity,
+): Promise<{ requestPem: string; keyPem: string }> {
+  const keys = await newKeys();
+  const request = await x509.Pkcs10CertificateRequestGenerator.create({
+    name: subjectOf(id),
+    keys,
+    signingAlgorithm: ALGORITHM,
+  });
+  return { requestPem: request.toString('pem'), keyPem: await pkcs8(keys.privateKey) };
+}
+
+/**
+ * What a PKCS#10 request asks for: the subject it names and the key it proves it holds. A
+ * request that is not one, or whose signature does not match its key, throws.
+ */
+export async function readCertificateRequest(
+  pem: string,
+): Promise<{ subject: string; publicKey: x509.PublicKey }> {
+  let request: x509.Pkcs10CertificateRequest;
+  try {
+    request = new x509.Pkcs10CertificateRequest(pem);
+  } catch (err) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `not a PKCS#10 certificate request (${errorMessage(err)})`,
+    );
+  }
+  if (!(await request.verify()))
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      'the certificate request is not signed by the key it carries',
+    );
+  return { subject: request.subject, publicKey: request.publicKey };
 }
 
 export async function writeAuthorityDir(dir: string, ca: Authority): Promise<void> {

@@ -29,6 +29,8 @@ export class ControllerMetrics {
   readonly primaryLost: client.Gauge;
   /** Monitoring shards this replica holds. */
   readonly shardsHeld: client.Gauge;
+  /** Agent certificate requests answered, by result (issued, denied, failed). */
+  readonly certificatesIssued: client.Counter;
   /** Read at scrape time, so the gauge is exact without touching the queue's hot path. */
   private readonly queueLengths = new Map<string, () => number>();
 
@@ -69,6 +71,12 @@ export class ControllerMetrics {
       name: 'lockstep_operator_informer_events_total',
       help: 'Changes delivered by informers to their handlers, by resource and kind.',
       labelNames: ['resource', 'kind'],
+      registers,
+    });
+    this.certificatesIssued = new client.Counter({
+      name: 'lockstep_operator_certificate_requests_total',
+      help: 'Agent certificate requests answered, by result (issued, denied, failed).',
+      labelNames: ['result'],
       registers,
     });
     this.failovers = new client.Counter({

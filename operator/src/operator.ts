@@ -17,6 +17,8 @@ import type {
 } from './api/types';
 import { AgentPool } from './agents/agent-pool';
 import { AgentWatcher } from './agents/agent-watcher';
+import { CertificateSigner } from './certificates/certificate-signer';
+import type { ClusterAuthority } from './certificates/cluster-authority';
 import { SupervisedInformer } from './informers/supervised-informer';
 import { FailoverMonitor } from './failover/failover-monitor';
 import { LeaderElector } from './leader/lease-election';
@@ -48,6 +50,8 @@ export interface OperatorOptions {
   agentPollMs?: number;
   /** With leaderElect: shards of relationships the replicas' failover monitors share. */
   monitorShards?: number;
+  /** With --manage-certificates: the cluster's CA, which signs the agents' certificates. */
+  authority?: ClusterAuthority;
 }
 
 const LEADER_LEASE = 'lockstep-operator';
@@ -73,6 +77,7 @@ export class Operator {
     nodes: new WorkQueue(),
     snapshots: new WorkQueue(),
     schedules: new WorkQueue(),
+    certificates: new WorkQueue(),
   };
   private readonly informers: SupervisedInformer<k8s.KubernetesObject>[] = [];
   private loops: Promise<void>[] = [];
@@ -89,6 +94,8 @@ export class Operator {
   private readonly leases: SupervisedInformer<k8s.V1Lease>;
   private readonly pvcs: SupervisedInformer<k8s.V1PersistentVolumeClaim>;
   private readonly pvs: SupervisedInformer<k8s.V1PersistentVolume>;
+  private readonly certificateRequests:
+    SupervisedInformer<k8s.V1CertificateSigningRequest> | undefined;
 
   constructor(private readonly options: OperatorOptions) {
     const { kc, namespace } = options;
@@ -164,6 +171,17 @@ export class Operator {
         if (pvc) this.pvcChanged(pvc);
       },
     );
+    if (options.authority) {
+      const certificates = kc.makeApiClient(k8s.CertificatesV1Api);
+      this.certificateRequests = this.informer<k8s.V1CertificateSigningRequest>(
+        'certificatesigningrequests',
+        '/apis/certificates.k8s.io/v1/certificatesigningrequests',
+        () => certificates.listCertificateSigningRequest(),
+        (csr) => {
+          if (CertificateSigner.isOurs(csr)) this.queues.certificates.add(csr.metadata?.name ?? '');
+        },
+      );
+    }
   }
 
   private informer<T extends k8s.KubernetesObject>(
@@ -346,13 +364,29 @@ export class Operator {
         log,
         metrics: this.metrics,
       });
-    this.loops = [
+    const requests = this.certificateRequests;
+    if (requests && options.authority) {
+      const signer = new CertificateSigner({
+        requests,
+        authority: options.authority,
+        kc: options.kc,
+        namespace: options.namespace,
+        metrics: this.metrics,
+        log: log.child({ controller: 'certificatesigner' }),
+      });
+      for (const csr of requests.list())
+        if (CertificateSigner.isOurs(csr)) this.queues.certificates.add(csr.metadata?.name ?? '');
+      this.loops.push(
+        loop('certificatesigner', this.queues.certificates, (k) => signer.reconcile(k), 2),
+      );
+    }
+    this.loops.push(
       loop('syncrelationship', this.queues.relationships, (k) => rel.reconcile(k), 8),
       loop('consistencygroup', this.queues.groups, (k) => group.reconcile(k), 2),
       loop('lockstepnode', this.queues.nodes, (k) => node.reconcile(k), 2),
       loop('replicatedsnapshot', this.queues.snapshots, (k) => snapshots.reconcile(k), 4),
       loop('snapshotschedule', this.queues.schedules, (k) => schedules.reconcile(k), 1),
-    ];
+    );
     this.watcher = new AgentWatcher({
       pool: this.pool,
       agents: () =>
@@ -382,6 +416,7 @@ export class Operator {
     await Promise.all(this.informers.map((i) => i.stop()));
     this.pool.close();
     this.probes.close();
+    this.options.authority?.stop();
     await this.metricsServer?.close();
     this.log.info('operator stopped');
   }

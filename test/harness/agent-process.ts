@@ -33,6 +33,11 @@ export interface AgentProcessOptions {
   netns?: NetNamespace;
   /** Plaintext (--insecure) instead of mutual TLS with the test CA. */
   insecure?: boolean;
+  /**
+   * Mutual TLS with certificates from elsewhere (a cluster's operator): the agent's transport
+   * flags, and the administrator's transport the test's clients use.
+   */
+  tls?: { args: string[]; admin: () => Transport };
 }
 
 export class AgentProcess {
@@ -91,14 +96,15 @@ export class AgentProcess {
       argv,
       path.join(this.opts.logDir ?? this.dataDir, `agent.${this.node}.${++this.starts}.log`),
     );
-    await waitFor(
+    const up = await waitFor(
       `agent ${this.node} to serve`,
       async () => {
-        if (this.proc.child.exitCode !== null) throw new Error(`agent exited:\n${this.proc.log()}`);
+        // Returned, not thrown: waitFor retries what throws.
+        if (this.proc.child.exitCode !== null) return 'exited';
         const client = this.client(1000);
         try {
           // Its API answers while volumes resume; their exports are open only once serving.
-          return (await client.info()).serving || undefined;
+          return (await client.info()).serving ? 'serving' : undefined;
         } finally {
           client.close();
         }
@@ -106,17 +112,20 @@ export class AgentProcess {
       20_000,
       50,
     );
+    if (up === 'exited') throw new Error(`agent exited:\n${this.proc.log()}`);
     return this;
   }
 
   /** --tls-dir with a certificate for its node, or --insecure. */
   private async transportArgs(): Promise<string[]> {
     if (this.opts.insecure) return ['--insecure'];
+    if (this.opts.tls) return this.opts.tls.args;
     return ['--tls-dir', await tlsDirFor({ role: 'agent', name: this.node })];
   }
 
   /** The transport a client of this agent uses: an administrator's certificate, or plaintext. */
   get transport(): Transport {
+    if (this.opts.tls) return this.opts.tls.admin();
     return this.opts.insecure ? PLAINTEXT : adminTransport();
   }
 
@@ -134,6 +143,12 @@ export class AgentProcess {
       .join('');
   }
 
+  private async ctlTransportArgs(): Promise<string[]> {
+    if (this.opts.insecure) return ['--insecure'];
+    if (this.opts.tls) return ['--tls-dir', this.transport.secure ? this.transport.dir.dir : ''];
+    return ['--tls-dir', await tlsDirFor(ADMIN)];
+  }
+
   /** Runs `lockstep ctl --agent <this> ...args` and returns stdout; rejects with stderr on failure. */
   async ctl(...args: string[]): Promise<string> {
     try {
@@ -142,7 +157,7 @@ export class AgentProcess {
         'ctl',
         '--agent',
         this.grpcAddress,
-        ...(this.opts.insecure ? ['--insecure'] : ['--tls-dir', await tlsDirFor(ADMIN)]),
+        ...(await this.ctlTransportArgs()),
         ...args,
       ]);
       return stdout;

@@ -6,7 +6,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { KubeConfig } from '@kubernetes/client-node';
-import { AgentProcess, lockstepBin, repoRoot } from './agent-process';
+import { AgentProcess, lockstepBin, repoRoot, type AgentProcessOptions } from './agent-process';
 import { kubectl, writeKubeconfig } from './control-plane';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
 import { productNode } from './product-runtime';
@@ -19,17 +19,16 @@ export function adminKubeconfig(): string {
   return file;
 }
 
-export function apply(manifest: object | string): string {
+export function apply(manifest: object | string, kubeconfig = adminKubeconfig()): string {
   return kubectl(
-    adminKubeconfig(),
+    kubeconfig,
     ['apply', '-f', '-'],
     typeof manifest === 'string' ? manifest : JSON.stringify(manifest),
   );
 }
 
 /** Applies deploy/crds and deploy/rbac and waits until the CRDs serve. */
-export function installLockstep(): void {
-  const kc = adminKubeconfig();
+export function installLockstep(kc = adminKubeconfig()): void {
   kubectl(kc, ['apply', '-f', path.join(repoRoot, 'deploy', 'rbac', 'namespace.yaml')]);
   kubectl(kc, ['apply', '-f', path.join(repoRoot, 'deploy', 'crds')]);
   kubectl(kc, ['apply', '-f', path.join(repoRoot, 'deploy', 'rbac')]);
@@ -45,30 +44,66 @@ export function installLockstep(): void {
   ]);
 }
 
-/** A kubeconfig that authenticates as a ServiceAccount of deploy/rbac, with a fresh token. */
-export function serviceAccountKubeconfig(dir: string, serviceAccount: string): string {
+/**
+ * A kubeconfig that authenticates as a ServiceAccount of deploy/rbac, with a fresh token; bound
+ * to `pod` if given, as a pod's own projected token is.
+ */
+export function serviceAccountKubeconfig(
+  dir: string,
+  serviceAccount: string,
+  opts: { kubeconfig?: string; pod?: string } = {},
+): string {
+  const adminFile = opts.kubeconfig ?? adminKubeconfig();
   const admin = new KubeConfig();
-  admin.loadFromFile(adminKubeconfig());
+  admin.loadFromFile(adminFile);
   const cluster = admin.getCurrentCluster();
   if (!cluster?.caData) throw new Error('the admin kubeconfig has no CA data');
   const caFile = path.join(dir, 'ca.crt');
   writeFileSync(caFile, Buffer.from(cluster.caData, 'base64'));
-  const token = kubectl(adminKubeconfig(), [
+  const token = kubectl(adminFile, [
     'create',
     'token',
     serviceAccount,
     '-n',
     NAMESPACE,
     '--duration=2h',
+    ...(opts.pod ? ['--bound-object-kind=Pod', `--bound-object-name=${opts.pod}`] : []),
   ]).trim();
-  const file = path.join(dir, `${serviceAccount}.kubeconfig`);
+  const file = path.join(dir, `${opts.pod ?? serviceAccount}.kubeconfig`);
   writeKubeconfig(file, cluster.server, caFile, token, serviceAccount);
   return file;
 }
 
+/**
+ * The Pod object of an agent's DaemonSet pod on `node` (nothing runs it: the agent is a process
+ * of the test), so that a token can be bound to a pod on that node as a real pod's is.
+ */
+export function agentPod(node: string, kubeconfig = adminKubeconfig()): string {
+  const name = `lockstep-agent-${node}`;
+  apply(
+    {
+      apiVersion: 'v1',
+      kind: 'Pod',
+      metadata: { name, namespace: NAMESPACE, labels: { app: 'lockstep-agent' } },
+      spec: {
+        nodeName: node,
+        serviceAccountName: 'lockstep-agent',
+        containers: [{ name: 'agent', image: 'lockstep:test' }],
+      },
+    },
+    kubeconfig,
+  );
+  return name;
+}
+
 /** An agent standing in for the DaemonSet pod of one node. */
-export function clusterAgent(node: string, kubeconfig: string): AgentProcess {
+export function clusterAgent(
+  node: string,
+  kubeconfig: string,
+  opts: Pick<AgentProcessOptions, 'tls' | 'host'> = {},
+): AgentProcess {
   return new AgentProcess({
+    ...opts,
     node,
     extraArgs: [
       '--peer-timeout',
@@ -91,11 +126,26 @@ export class OperatorProcess {
   constructor(
     readonly name: string,
     private readonly kubeconfig: string,
+    /** --manage-certificates with this --certificate-lifetime, instead of the test CA. */
+    private readonly managed?: { lifetime: string },
   ) {}
+
+  /** Its TLS directory when it manages certificates. */
+  get tlsDir(): string {
+    return path.join(this.dir, 'tls');
+  }
 
   async start(): Promise<this> {
     this.metricsPort ||= await freePort();
-    const tlsDir = await tlsDirFor({ role: 'operator', name: 'lockstep-operator' });
+    const tls = this.managed
+      ? [
+          '--manage-certificates',
+          '--certificate-lifetime',
+          this.managed.lifetime,
+          '--tls-dir',
+          this.tlsDir,
+        ]
+      : ['--tls-dir', await tlsDirFor({ role: 'operator', name: 'lockstep-operator' })];
     this.proc = startProcess(
       this.name,
       productNode(),
@@ -111,8 +161,7 @@ export class OperatorProcess {
         '500',
         '--metrics-listen',
         `127.0.0.1:${this.metricsPort}`,
-        '--tls-dir',
-        tlsDir,
+        ...tls,
       ],
       path.join(this.dir, `operator.${++this.starts}.log`),
     );

@@ -3,6 +3,7 @@
 // verification result from VerifySnapshot, the conditions, and which Events a change deserves.
 import type { SnapshotInfo, Verification } from '../../lib/agent-client';
 import type { ReplicatedSnapshot, ReplicatedSnapshotStatus } from '../../operator/src/api/types';
+import { Blocked } from '../../operator/src/resolve/blocked';
 import type { SnapshotSource } from '../../operator/src/resolve/snapshot-source';
 import {
   needsVerification,
@@ -92,6 +93,19 @@ describe('a replicated snapshot’s id', () => {
 });
 
 describe('the status before the snapshot is taken', () => {
+  it('says what blocks it, message included, when that is a Blocked error', () => {
+    const blocked = new Blocked(
+      'VolumeNotInGroup',
+      'PVC db-data is not a volume of any ConsistencyGroup',
+    );
+    const s = pendingStatus(snapshot(), undefined, blocked, NOW);
+    expect(s.conditions?.find((c) => c.type === 'Ready')).toMatchObject({
+      status: 'False',
+      reason: 'VolumeNotInGroup',
+      message: 'PVC db-data is not a volume of any ConsistencyGroup',
+    });
+  });
+
   it('records the intent: id, handles, sizes and every copy Pending', () => {
     const s = pendingStatus(snapshot(), source, { reason: 'Taking', message: 'on a' }, NOW);
     expect(s).toMatchObject({

@@ -314,10 +314,12 @@ function withConditions(
   verifyWait: Why | undefined,
   now: Date,
 ): ReplicatedSnapshotStatus {
+  // Named, not spread: a Why may be a Blocked error, whose message is not enumerable.
   const cond = (type: string, s: 'True' | 'False' | 'Unknown', why: Why): DesiredCondition => ({
     type,
     status: s,
-    ...why,
+    reason: why.reason,
+    message: why.message,
   });
   const missing = (status.volumes ?? []).flatMap((v) =>
     v.copies

@@ -1,0 +1,151 @@
+// An agent's certificate in a cluster whose operator manages them: the agent makes its key
+// (which never leaves the node), asks for a certificate for its node through a Kubernetes
+// CertificateSigningRequest made with its pod's own token, and writes what the operator signs
+// into its --tls-dir, with the CA bundle. It asks again when two thirds of the certificate's life
+// are gone; the agent's TlsDir takes the new files up without dropping a connection.
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import * as k8s from '@kubernetes/client-node';
+import { LockstepError } from '../../../lib/errors';
+import { apiErrorMessage } from '../../../lib/kube';
+import type { Logger } from '../../../lib/logger';
+import { createCertificateRequest, writeTlsDir } from '../../../lib/tls/certificate-authority';
+import {
+  AGENT_SIGNER,
+  CA_BUNDLE_CONFIGMAP,
+  CA_BUNDLE_KEY,
+  renewalDelay,
+} from '../../../lib/tls/in-cluster';
+
+export interface CertificateRequesterOptions {
+  kc: k8s.KubeConfig;
+  node: string;
+  /** The operator's namespace, where the CA bundle is published. */
+  namespace: string;
+  /** The --tls-dir the certificate is written to. */
+  dir: string;
+  log: Logger;
+  /** How often a pending request is looked at. */
+  pollMs?: number;
+}
+
+const RETRY_MS = 10_000;
+const WAITING_LOG_MS = 15_000;
+
+export class CertificateRequester {
+  private readonly certificates: k8s.CertificatesV1Api;
+  private readonly core: k8s.CoreV1Api;
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+
+  constructor(private readonly opts: CertificateRequesterOptions) {
+    this.certificates = opts.kc.makeApiClient(k8s.CertificatesV1Api);
+    this.core = opts.kc.makeApiClient(k8s.CoreV1Api);
+  }
+
+  /**
+   * Asks for a certificate and writes it to the directory; resolves when it is there. A request
+   * the operator denies is an error saying why; one nobody answers is waited for (the operator
+   * may be starting), with a log line now and then.
+   */
+  async obtain(): Promise<{ notAfter: Date }> {
+    const { node, log } = this.opts;
+    const { requestPem, keyPem } = await createCertificateRequest({ role: 'agent', name: node });
+    const created = await this.certificates.createCertificateSigningRequest({
+      body: {
+        metadata: { generateName: `lockstep-agent-${node}-` },
+        spec: {
+          request: Buffer.from(requestPem).toString('base64'),
+          signerName: AGENT_SIGNER,
+          usages: ['digital signature', 'server auth', 'client auth'],
+        },
+      },
+    });
+    const name = created.metadata?.name ?? '';
+    log.info({ request: name }, 'asked the operator for a certificate');
+    const certPem = await this.issued(name);
+    const cert = new X509Certificate(certPem);
+    if (!cert.checkPrivateKey(createPrivateKey(keyPem)))
+      throw new LockstepError(
+        'LOCKSTEP_ERR_INVALID_ARGUMENT',
+        `certificate request ${name} was answered with a certificate for another key`,
+      );
+    await writeTlsDir(this.opts.dir, await this.caBundle(), { certPem, keyPem });
+    const notAfter = new Date(cert.validTo);
+    log.info({ request: name, notAfter }, 'certificate issued');
+    return { notAfter };
+  }
+
+  /** Renews the certificate from now on, before it expires. */
+  start(notAfter: Date): void {
+    this.schedule(renewalDelay(notAfter));
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+
+  private schedule(ms: number): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => void this.renew(), ms);
+    this.timer.unref();
+  }
+
+  private async renew(): Promise<void> {
+    try {
+      const { notAfter } = await this.obtain();
+      this.schedule(renewalDelay(notAfter));
+    } catch (err) {
+      this.opts.log.warn({ err: apiErrorMessage(err) }, 'certificate renewal failed; retrying');
+      this.schedule(RETRY_MS);
+    }
+  }
+
+  private async issued(name: string): Promise<string> {
+    const pollMs = this.opts.pollMs ?? 500;
+    let lastLog = Date.now();
+    for (;;) {
+      if (this.stopped)
+        throw new LockstepError(
+          'LOCKSTEP_ERR_UNAVAILABLE',
+          'stopped while waiting for a certificate',
+        );
+      const csr = await this.certificates.readCertificateSigningRequest({ name });
+      const refused = csr.status?.conditions?.find(
+        (c) => (c.type === 'Denied' || c.type === 'Failed') && c.status === 'True',
+      );
+      if (refused)
+        throw new LockstepError(
+          'LOCKSTEP_ERR_PERMISSION_DENIED',
+          `certificate request ${name} ${refused.type.toLowerCase()}: ${refused.message ?? refused.reason ?? 'no reason given'}`,
+        );
+      if (csr.status?.certificate) return Buffer.from(csr.status.certificate, 'base64').toString();
+      if (Date.now() - lastLog >= WAITING_LOG_MS) {
+        lastLog = Date.now();
+        this.opts.log.warn(
+          { request: name },
+          'still waiting for the operator to sign the certificate request (is it running with --manage-certificates?)',
+        );
+      }
+      await new Promise((r) => setTimeout(r, pollMs));
+    }
+  }
+
+  private async caBundle(): Promise<string> {
+    const { namespace } = this.opts;
+    try {
+      const cm = await this.core.readNamespacedConfigMap({ name: CA_BUNDLE_CONFIGMAP, namespace });
+      const pem = cm.data?.[CA_BUNDLE_KEY];
+      if (pem) return pem;
+    } catch (err) {
+      throw new LockstepError(
+        'LOCKSTEP_ERR_UNAVAILABLE',
+        `cannot read the CA bundle (ConfigMap ${namespace}/${CA_BUNDLE_CONFIGMAP}): ${apiErrorMessage(err)}`,
+      );
+    }
+    throw new LockstepError(
+      'LOCKSTEP_ERR_UNAVAILABLE',
+      `ConfigMap ${namespace}/${CA_BUNDLE_CONFIGMAP} has no ${CA_BUNDLE_KEY}`,
+    );
+  }
+}

@@ -1,0 +1,273 @@
+// Certificates the operator manages, on a control plane of this file's own (the shared one has
+// a CA of the test's making): the operator makes the CA Secret, each agent asks for its own
+// node's certificate with its pod's bound token and gets nothing else, a relationship reaches
+// InSync over mutual TLS, and short-lived certificates are renewed under running replication
+// without a link dropped.
+import { X509Certificate } from 'node:crypto';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import pino from 'pino';
+import {
+  createCertificateRequest,
+  issueCertificate,
+  writeTlsDir,
+} from '../../lib/tls/certificate-authority';
+import { identityOfSubject } from '../../lib/tls/identity';
+import { openTransport, type Transport } from '../../lib/tls/transport';
+import type { AgentProcess } from '../harness/agent-process';
+import { fioVerify } from '../harness/agent-process';
+import {
+  NAMESPACE,
+  OperatorProcess,
+  agentPod,
+  apply,
+  clusterAgent,
+  installLockstep,
+  localPv,
+  nodeDisk,
+  pvc,
+  removeDir,
+  serviceAccountKubeconfig,
+} from '../harness/cluster';
+import { kubectl, startControlPlane, type ControlPlane } from '../harness/control-plane';
+import { waitFor } from '../harness/processes';
+import { dataFile, expectSameImages, inSync, peerOf, waitPeer } from '../harness/replication';
+
+const MiB = 1024 * 1024;
+const NS = 'app';
+/** Short enough that renewals happen while the test runs (each at two thirds of it). */
+const LIFETIME_S = 24;
+
+describe('certificates managed by the operator, on a real control plane', () => {
+  let cp: ControlPlane;
+  let root: string;
+  let operator: OperatorProcess;
+  let admin: Transport | undefined;
+  const agents: AgentProcess[] = [];
+  let a: AgentProcess;
+  let b: AgentProcess;
+
+  const kc = (...args: string[]) => kubectl(cp.kubeconfig, args);
+  const json = <T>(...args: string[]): T => JSON.parse(kc('get', ...args, '-o', 'json')) as T;
+  const secretField = (name: string, key: string) =>
+    Buffer.from(
+      json<{ data: Record<string, string> }>('secret', name, '-n', NAMESPACE).data[key] ?? '',
+      'base64',
+    ).toString();
+
+  /** An agent for `node`, its token bound to a pod on `podNode` (its own node unless a test lies). */
+  function agent(node: string, podNode = node): AgentProcess {
+    const pod = agentPod(podNode, cp.kubeconfig);
+    const token = serviceAccountKubeconfig(root, 'lockstep-agent', {
+      kubeconfig: cp.kubeconfig,
+      pod,
+    });
+    const tlsDir = path.join(root, podNode === node ? `tls-${node}` : `tls-${node}-on-${podNode}`);
+    const p = clusterAgent(node, token, {
+      tls: {
+        args: ['--request-certificate', '--tls-dir', tlsDir],
+        admin: () => {
+          if (!admin) throw new Error('no administrator certificate yet');
+          return admin;
+        },
+      },
+    });
+    agents.push(p);
+    return p;
+  }
+  const tlsCert = (node: string) =>
+    new X509Certificate(readFileSync(path.join(root, `tls-${node}`, 'tls.crt')));
+
+  beforeAll(async () => {
+    root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-certs-'));
+    cp = await startControlPlane({ controllers: ['persistentvolume-binder'] });
+    installLockstep(cp.kubeconfig);
+    const operatorKc = serviceAccountKubeconfig(root, 'lockstep-operator', {
+      kubeconfig: cp.kubeconfig,
+    });
+    operator = new OperatorProcess('operator', operatorKc, { lifetime: `${LIFETIME_S}s` });
+    await operator.start();
+    await operator.leading();
+  });
+
+  afterAll(async () => {
+    for (const p of agents) await p.dispose();
+    await operator?.dispose();
+    await cp?.stop();
+    if (root) removeDir(root);
+  });
+
+  it('makes the CA Secret, publishes its bundle, and issues its own certificate from it', async () => {
+    const secret = json<{ type: string }>('secret', 'lockstep-ca', '-n', NAMESPACE);
+    expect(secret.type).toBe('kubernetes.io/tls');
+    const ca = new X509Certificate(secretField('lockstep-ca', 'tls.crt'));
+    expect(ca.ca).toBe(true);
+    const bundle = json<{ data: Record<string, string> }>(
+      'configmap',
+      'lockstep-ca',
+      '-n',
+      NAMESPACE,
+    );
+    expect(bundle.data['ca.crt']).toBe(secretField('lockstep-ca', 'tls.crt'));
+    const own = new X509Certificate(readFileSync(path.join(operator.tlsDir, 'tls.crt')));
+    expect(own.checkIssued(ca) && own.verify(ca.publicKey)).toBe(true);
+    expect(identityOfSubject(own.subject)).toEqual({ role: 'operator', name: 'lockstep-operator' });
+
+    // An administrator gets a certificate the way a user would: from the CA in the Secret.
+    const adminDir = path.join(root, 'admin');
+    const authority = {
+      certPem: secretField('lockstep-ca', 'tls.crt'),
+      keyPem: secretField('lockstep-ca', 'tls.key'),
+    };
+    await writeTlsDir(
+      adminDir,
+      authority.certPem,
+      await issueCertificate(authority, { role: 'admin', name: 'admin' }, { validMs: 3_600_000 }),
+    );
+    admin = await openTransport({ tlsDir: adminDir }, pino({ level: 'silent' }));
+  });
+
+  it('gives each agent a certificate for its own node only, asked for with its pod’s token', async () => {
+    a = await agent('node-a').start();
+    b = await agent('node-b').start();
+    const ca = new X509Certificate(secretField('lockstep-ca', 'tls.crt'));
+    for (const node of ['node-a', 'node-b']) {
+      const cert = tlsCert(node);
+      expect(identityOfSubject(cert.subject)).toEqual({ role: 'agent', name: node });
+      expect(cert.verify(ca.publicKey)).toBe(true);
+      expect(cert.subjectAltName).toContain(`DNS:${node}`);
+      const lifetime = Date.parse(cert.validTo) - Date.parse(cert.validFrom);
+      // Short-lived: the operator's lifetime, plus the 5 minutes it backdates for clock skew.
+      expect(lifetime).toBeLessThanOrEqual((LIFETIME_S + 300) * 1000);
+    }
+    const csrs = json<{
+      items: Array<{
+        spec: { username: string; signerName: string };
+        status: { conditions: Array<{ type: string }> };
+      }>;
+    }>('csr');
+    const ours = csrs.items.filter((c) => c.spec.signerName === 'lockstep.dev/agent');
+    expect(ours.length).toBeGreaterThanOrEqual(2);
+    for (const c of ours) {
+      expect(c.spec.username).toBe(`system:serviceaccount:${NAMESPACE}:lockstep-agent`);
+      expect(c.status.conditions.map((x) => x.type)).toContain('Approved');
+    }
+  });
+
+  it('refuses an agent that asks for another node’s certificate: it does not start, and says why', async () => {
+    const liar = agent('node-b', 'node-c');
+    await expect(liar.start()).rejects.toThrow(
+      /certificate request lockstep-agent-node-b-\w+ denied: asks for \\?"CN=node-b, O=lockstep:agent\\?", but pod lockstep-agent-node-c runs on node node-c/,
+    );
+    expect(await operator.scrape()).toMatch(
+      /lockstep_operator_certificate_requests_total\{result="denied"\} [1-9]/,
+    );
+  });
+
+  it('refuses a request not made with an agent pod’s token', async () => {
+    const { requestPem } = await createCertificateRequest({ role: 'agent', name: 'node-a' });
+    const name = 'stranger-asks-for-node-a';
+    apply(
+      {
+        apiVersion: 'certificates.k8s.io/v1',
+        kind: 'CertificateSigningRequest',
+        metadata: { name },
+        spec: {
+          request: Buffer.from(requestPem).toString('base64'),
+          signerName: 'lockstep.dev/agent',
+          usages: ['digital signature', 'client auth', 'server auth'],
+        },
+      },
+      cp.kubeconfig,
+    );
+    const denied = await waitFor(
+      'the stranger’s request answered',
+      () => {
+        const c = json<{
+          status?: { conditions?: Array<{ type: string; message: string }>; certificate?: string };
+        }>('csr', name);
+        return Promise.resolve(c.status?.conditions?.[0]);
+      },
+      20_000,
+      200,
+    );
+    expect(denied.type).toBe('Denied');
+    expect(denied.message).toMatch(/not by the agents’ ServiceAccount/);
+  });
+
+  it('replicates over mutual TLS with them, and renews them before they expire without dropping the link', async () => {
+    kc('create', 'namespace', NS);
+    const disk = nodeDisk(root, 'node-a', 'pv-data');
+    apply(localPv('pv-data', 'node-a', disk, '32Mi'), cp.kubeconfig);
+    apply(pvc('data', NS, 'pv-data', '32Mi'), cp.kubeconfig);
+    const patterned = Buffer.alloc(32 * MiB);
+    for (let i = 0; i < 8 * MiB; i += 4) patterned.writeUInt32LE((i * 2654435761) >>> 0, i);
+    writeFileSync(path.join(disk, 'disk.img'), patterned);
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'ConsistencyGroup',
+        metadata: { name: 'db', namespace: NS },
+        spec: { volumes: [{ name: 'data', pvc: 'data' }] },
+      },
+      cp.kubeconfig,
+    );
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'SyncRelationship',
+        metadata: { name: 'db-sync', namespace: NS },
+        spec: { consistencyGroup: 'db', source: { node: 'node-a' }, targets: [{ node: 'node-b' }] },
+      },
+      cp.kubeconfig,
+    );
+    const volume = `${NS}.db.data`;
+    await waitFor(
+      'db-sync InSync',
+      () =>
+        Promise.resolve(
+          json<{ status?: { phase?: string } }>('lsr', 'db-sync', '-n', NS).status?.phase ===
+            'InSync' || undefined,
+        ),
+      60_000,
+      200,
+    );
+    await waitPeer(a, volume, b, inSync, 'in sync');
+    const failures = (await peerOf(a, volume, b)).linkFailures;
+
+    // Two renewals of every certificate while verified writes run.
+    const first = { a: tlsCert('node-a').fingerprint256, b: tlsCert('node-b').fingerprint256 };
+    const ownFirst = new X509Certificate(readFileSync(path.join(operator.tlsDir, 'tls.crt')))
+      .fingerprint256;
+    const firstValidTo = Date.parse(tlsCert('node-a').validTo);
+    const seen = { a: new Set([first.a]), b: new Set([first.b]) };
+    const writes = (async () => {
+      for (let i = 0; i < 6; i++) await fioVerify(a.uri(volume), '8M', ['--rate_iops=500']);
+    })();
+    await waitFor(
+      'two renewals of each agent’s certificate',
+      () => {
+        seen.a.add(tlsCert('node-a').fingerprint256);
+        seen.b.add(tlsCert('node-b').fingerprint256);
+        return Promise.resolve((seen.a.size >= 3 && seen.b.size >= 3) || undefined);
+      },
+      LIFETIME_S * 3 * 1000,
+      500,
+    );
+    await writes;
+    expect(
+      new X509Certificate(readFileSync(path.join(operator.tlsDir, 'tls.crt'))).fingerprint256,
+    ).not.toBe(ownFirst);
+    // The agents took the renewals up (their expiry moved on) and kept their link.
+    const until = /certificate valid until (\S+)/.exec(await a.ctl('status'))?.[1] ?? '';
+    expect(Date.parse(until)).toBeGreaterThan(firstValidTo);
+    await waitPeer(a, volume, b, inSync, 'in sync after the renewals');
+    expect((await peerOf(a, volume, b)).linkFailures).toBe(failures);
+    await expectSameImages(path.join(disk, 'disk.img'), dataFile(b, volume));
+    // The operator, which dials the agents with its own renewed certificate, still sees them.
+    expect(json<{ status?: { phase?: string } }>('lsr', 'db-sync', '-n', NS).status?.phase).toBe(
+      'InSync',
+    );
+  });
+});
