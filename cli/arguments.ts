@@ -1,6 +1,7 @@
 // Option parsers for commander: a bad value is reported as a usage error naming the option.
 import { InvalidArgumentError } from 'commander';
 import { errorMessage } from '../lib/errors';
+import { parseDuration } from '../lib/duration';
 import { parseSize } from '../lib/size';
 
 export function positiveInteger(value: string): number {
@@ -28,15 +29,15 @@ export function byteSize(value: string): number {
   }
 }
 
-const DURATION_UNITS: Record<string, number> = { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 };
-
-/** A duration such as 90s, 30m, 24h or 7d, in milliseconds. */
+/** A duration such as 90s, 30m or 24h (Go's form), in milliseconds. */
 export function duration(value: string): number {
-  const m = /^(\d+)([smhd])$/.exec(value.trim());
-  const n = m ? Number(m[1]) * (DURATION_UNITS[m[2] ?? ''] ?? 0) : 0;
-  if (!m || n <= 0)
-    throw new InvalidArgumentError(
-      `expected a duration such as 90s, 30m, 24h or 7d, got ${JSON.stringify(value)}`,
-    );
-  return n;
+  let ms = 0;
+  try {
+    ms = parseDuration(value, 'duration');
+  } catch (err) {
+    throw new InvalidArgumentError(errorMessage(err));
+  }
+  if (ms <= 0)
+    throw new InvalidArgumentError(`expected a duration above zero, got ${JSON.stringify(value)}`);
+  return ms;
 }

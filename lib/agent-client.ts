@@ -88,6 +88,20 @@ export class AgentClient {
     return this.call<VolumeInfo>((o, cb) => this.raw.Replicate(req, o, cb));
   }
 
+  /** See the Agent service's SetPeerCredentials. */
+  setPeerCredentials(
+    address: string,
+    pem: { ca: string; cert: string; key: string },
+  ): Promise<{ identity: string; notAfterMs: number; changed: boolean }> {
+    return this.call((o, cb) =>
+      this.raw.SetPeerCredentials(
+        { address, caPem: pem.ca, certPem: pem.cert, keyPem: pem.key },
+        o,
+        cb,
+      ),
+    );
+  }
+
   stopReplication(name: string): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) => this.raw.StopReplication({ name }, o, cb));
   }

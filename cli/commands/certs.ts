@@ -20,6 +20,7 @@ interface IssueOptions {
   ca: string;
   out: string;
   node?: string;
+  peerCluster?: string;
   admin?: string | true;
   operator?: string | true;
   mediator?: string | true;
@@ -52,9 +53,17 @@ export function certsCommand(): Command {
   certs
     .command('issue')
     .description('issue a certificate, written as a TLS directory for --tls-dir')
-    .requiredOption('--ca <ca-dir>', 'the CA (from `lockstep certs init`)')
+    .requiredOption(
+      '--ca <ca-dir>',
+      'the CA (from `lockstep certs init`, or the files of a kubernetes.io/tls CA Secret)',
+    )
     .requiredOption('--out <dir>', 'the TLS directory to write: ca.crt, tls.crt, tls.key')
     .option('--node <name>', 'for the agent of this node (its --node)')
+    .option(
+      '--peer-cluster <name>',
+      'for the agents of another cluster that replicate to this one (a SyncRelationship ' +
+        'target’s tlsSecretRef there); pick a name none of this cluster’s nodes has',
+    )
     .option('--admin [name]', 'for an administrator running `lockstep ctl`')
     .option('--operator [name]', 'for the operator')
     .option('--mediator [name]', 'for a mediator')
@@ -93,6 +102,8 @@ export function certsCommand(): Command {
 function identityOf(opts: IssueOptions, cmd: Command): Identity {
   const given: Identity[] = [];
   if (opts.node !== undefined) given.push({ role: 'agent', name: opts.node });
+  // To this cluster's agents a peer cluster is one more agent, named for that cluster.
+  if (opts.peerCluster !== undefined) given.push({ role: 'agent', name: opts.peerCluster });
   const named = (v: string | true | undefined, role: Identity['role'], dflt: string) => {
     if (v !== undefined) given.push({ role, name: v === true ? dflt : v });
   };
@@ -101,7 +112,9 @@ function identityOf(opts: IssueOptions, cmd: Command): Identity {
   named(opts.mediator, 'mediator', 'mediator');
   named(opts.client, 'client', 'client');
   if (given.length !== 1)
-    cmd.error('error: give exactly one of --node, --admin, --operator, --mediator, --client');
+    cmd.error(
+      'error: give exactly one of --node, --peer-cluster, --admin, --operator, --mediator, --client',
+    );
   validateIdentityName(given[0].name);
   return given[0];
 }

@@ -4,7 +4,7 @@
 import 'reflect-metadata'; // @peculiar/x509's dependency injection needs it loaded first
 import * as x509 from '@peculiar/x509';
 import { X509Certificate, createPrivateKey, randomBytes, webcrypto } from 'node:crypto';
-import { promises as fs } from 'node:fs';
+import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { writeFileAtomic } from '../atomic-file';
 import { LockstepError, errorMessage } from '../errors';
@@ -160,9 +160,16 @@ export async function writeAuthorityDir(dir: string, ca: Authority): Promise<voi
   await writeFileAtomic(path.join(dir, CA_FILES.cert), ca.certPem, 0o644);
 }
 
+/**
+ * The CA in `dir`: `lockstep certs init`'s ca.crt and ca.key, or a kubernetes.io/tls Secret's
+ * tls.crt and tls.key (the cluster CA the operator keeps, saved with kubectl).
+ */
 export async function readAuthorityDir(dir: string): Promise<Authority> {
+  const secretLayout =
+    !existsSync(path.join(dir, CA_FILES.key)) && existsSync(path.join(dir, TLS_FILES.key));
+  const files = secretLayout ? [TLS_FILES.cert, TLS_FILES.key] : [CA_FILES.cert, CA_FILES.key];
   const [certPem, keyPem] = await Promise.all(
-    [CA_FILES.cert, CA_FILES.key].map((f) => readPem(dir, f, 'the CA directory')),
+    files.map((f) => readPem(dir, f, 'the CA directory')),
   );
   try {
     if (!new X509Certificate(certPem).checkPrivateKey(createPrivateKey(keyPem)))

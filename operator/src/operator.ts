@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import * as k8s from '@kubernetes/client-node';
 import type { Logger } from '../../lib/logger';
-import { GROUP, VERSION } from '../../lib/kube';
+import { GROUP, VERSION, isNotFound } from '../../lib/kube';
 import { splitHostPort } from '../../lib/host-port';
 import type {
   ConsistencyGroup,
@@ -319,6 +319,14 @@ export class Operator {
       leaseOf: this.leaseOf,
       agents: this.pool,
       objects: this.objects,
+      secret: async (namespace, name) => {
+        try {
+          return await this.core.readNamespacedSecret({ namespace, name });
+        } catch (err) {
+          if (isNotFound(err)) return undefined;
+          throw err;
+        }
+      },
       events,
       log: log.child({ controller: 'syncrelationship' }),
     });

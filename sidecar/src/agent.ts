@@ -14,6 +14,8 @@ import { agentProto, replicationProto } from '../../proto';
 import { agentHandlers } from './control/agent-service';
 import { startGrpcServer, type BoundServer } from '../../lib/grpc-server';
 import { ReplicatedVolume, type ReplicationContext } from './engine/replicated-volume';
+import { PeerCredentials } from './replication/peer-credentials';
+import type { TlsMaterial } from '../../lib/tls/tls-dir';
 import type { ReplicationStatus } from './replication/replication-status';
 import type { BlockDevice } from './block-device';
 import { NbdServer, type ExportSource } from './frontend/nbd/server';
@@ -154,6 +156,7 @@ export class Agent implements ExportSource {
     private readonly lock: DataDirLock,
     readonly store: VolumeStore,
     private readonly groups: ConsistencyGroups,
+    private readonly peerCredentials: PeerCredentials,
   ) {
     this.log = options.log;
     this.metrics = new AgentMetrics(store, options.node, () =>
@@ -174,6 +177,7 @@ export class Agent implements ExportSource {
       log: this.log.child({ subsystem: 'replication' }),
       ackTimeoutMs: options.peerTimeoutMs ?? DEFAULT_PEER_TIMEOUT_MS,
       transport: options.transport,
+      peerTransport: (address) => peerCredentials.transportFor(address, options.transport),
       cutover: options.cutover ?? DEFAULT_CUTOVER,
       takeOver: async (volume, epoch) => {
         await this.promote(volume, true, undefined, epoch);
@@ -212,6 +216,7 @@ export class Agent implements ExportSource {
         lock,
         store,
         ConsistencyGroups.load(options.dataDir),
+        await PeerCredentials.load(options.dataDir, log.child({ subsystem: 'peer-credentials' })),
       );
       for (const v of store.list()) {
         if (v.state === 'Ready') agent.engines.set(v.name, new ReplicatedVolume(agent.ctx, v));
@@ -1055,6 +1060,19 @@ export class Agent implements ExportSource {
   }
 
   /** Drains NBD requests in flight, stops replication cleanly, flushes, closes. Idempotent. */
+  /** See PeerCredentials.set. */
+  setPeerCredentials(
+    address: string,
+    material: TlsMaterial,
+  ): Promise<{ identity: string; notAfter: Date; changed: boolean }> {
+    if (!this.options.transport.secure)
+      throw new LockstepError(
+        'LOCKSTEP_ERR_NOT_ALLOWED',
+        'this agent runs without TLS (--insecure): it cannot use peer credentials',
+      );
+    return this.peerCredentials.set(address, material);
+  }
+
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info('agent stopping: draining NBD requests');
@@ -1068,6 +1086,7 @@ export class Agent implements ExportSource {
       await this.grpc?.close();
       await this.metricsServer?.close();
       await this.store.close();
+      this.peerCredentials.close();
       await this.lock.release();
       this.log.info('agent stopped; all volumes flushed');
     })();

@@ -1,10 +1,13 @@
-// Certificates the operator manages, on a control plane of this file's own (the shared one has
+// Certificates the operator manages, on control planes of this file's own (the shared one has
 // a CA of the test's making): the operator makes the CA Secret, each agent asks for its own
 // node's certificate with its pod's bound token and gets nothing else, a relationship reaches
 // InSync over mutual TLS, and short-lived certificates are renewed under running replication
-// without a link dropped.
+// without a link dropped. Then a second cluster, with its own operator and CA, takes a replica
+// from the first through a target's endpoint and tlsSecretRef.
 import { X509Certificate } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { promisify } from 'node:util';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
@@ -15,8 +18,9 @@ import {
 } from '../../lib/tls/certificate-authority';
 import { identityOfSubject } from '../../lib/tls/identity';
 import { openTransport, type Transport } from '../../lib/tls/transport';
-import type { AgentProcess } from '../harness/agent-process';
-import { fioVerify } from '../harness/agent-process';
+import { AgentClient } from '../../lib/agent-client';
+import { fioVerify, lockstepBin, type AgentProcess } from '../harness/agent-process';
+import { productNode } from '../harness/product-runtime';
 import {
   NAMESPACE,
   OperatorProcess,
@@ -35,12 +39,19 @@ import { waitFor } from '../harness/processes';
 import { dataFile, expectSameImages, inSync, peerOf, waitPeer } from '../harness/replication';
 
 const MiB = 1024 * 1024;
+const execFileAsync = promisify(execFile);
+
+async function cli(...args: string[]): Promise<string> {
+  return (await execFileAsync(productNode(), [lockstepBin, ...args])).stdout;
+}
 const NS = 'app';
 /** Short enough that renewals happen while the test runs (each at two thirds of it). */
 const LIFETIME_S = 24;
 
 describe('certificates managed by the operator, on a real control plane', () => {
   let cp: ControlPlane;
+  let west: ControlPlane | undefined;
+  let westOperator: OperatorProcess | undefined;
   let root: string;
   let operator: OperatorProcess;
   let admin: Transport | undefined;
@@ -50,17 +61,33 @@ describe('certificates managed by the operator, on a real control plane', () => 
 
   const kc = (...args: string[]) => kubectl(cp.kubeconfig, args);
   const json = <T>(...args: string[]): T => JSON.parse(kc('get', ...args, '-o', 'json')) as T;
-  const secretField = (name: string, key: string) =>
+  const secretField = (name: string, key: string, cluster = cp) =>
     Buffer.from(
-      json<{ data: Record<string, string> }>('secret', name, '-n', NAMESPACE).data[key] ?? '',
+      (
+        JSON.parse(
+          kubectl(cluster.kubeconfig, ['get', 'secret', name, '-n', NAMESPACE, '-o', 'json']),
+        ) as { data: Record<string, string> }
+      ).data[key] ?? '',
       'base64',
     ).toString();
+  const phaseOf = (name: string) =>
+    json<{ status?: { phase?: string } }>('lsr', name, '-n', NS).status?.phase;
 
-  /** An agent for `node`, its token bound to a pod on `podNode` (its own node unless a test lies). */
-  function agent(node: string, podNode = node): AgentProcess {
-    const pod = agentPod(podNode, cp.kubeconfig);
+  /**
+   * An agent for `node`, its token bound to a pod on `podNode` (its own node unless a test
+   * lies), in the first cluster unless told; the test reaches it as `asAdmin`.
+   */
+  function agent(
+    node: string,
+    {
+      podNode = node,
+      cluster = cp,
+      asAdmin = () => admin,
+    }: { podNode?: string; cluster?: ControlPlane; asAdmin?: () => Transport | undefined } = {},
+  ): AgentProcess {
+    const pod = agentPod(podNode, cluster.kubeconfig);
     const token = serviceAccountKubeconfig(root, 'lockstep-agent', {
-      kubeconfig: cp.kubeconfig,
+      kubeconfig: cluster.kubeconfig,
       pod,
     });
     const tlsDir = path.join(root, podNode === node ? `tls-${node}` : `tls-${node}-on-${podNode}`);
@@ -68,8 +95,9 @@ describe('certificates managed by the operator, on a real control plane', () => 
       tls: {
         args: ['--request-certificate', '--tls-dir', tlsDir],
         admin: () => {
-          if (!admin) throw new Error('no administrator certificate yet');
-          return admin;
+          const t = asAdmin();
+          if (!t) throw new Error('no administrator certificate yet');
+          return t;
         },
       },
     });
@@ -94,7 +122,9 @@ describe('certificates managed by the operator, on a real control plane', () => 
   afterAll(async () => {
     for (const p of agents) await p.dispose();
     await operator?.dispose();
+    await westOperator?.dispose();
     await cp?.stop();
+    await west?.stop();
     if (root) removeDir(root);
   });
 
@@ -156,7 +186,7 @@ describe('certificates managed by the operator, on a real control plane', () => 
   });
 
   it('refuses an agent that asks for another node’s certificate: it does not start, and says why', async () => {
-    const liar = agent('node-b', 'node-c');
+    const liar = agent('node-b', { podNode: 'node-c' });
     await expect(liar.start()).rejects.toThrow(
       /certificate request lockstep-agent-node-b-\w+ denied: asks for \\?"CN=node-b, O=lockstep:agent\\?", but pod lockstep-agent-node-c runs on node node-c/,
     );
@@ -269,5 +299,104 @@ describe('certificates managed by the operator, on a real control plane', () => 
     expect(json<{ status?: { phase?: string } }>('lsr', 'db-sync', '-n', NS).status?.phase).toBe(
       'InSync',
     );
+  });
+
+  it('replicates to an agent in another cluster, with its own operator and CA, through endpoint and tlsSecretRef', async () => {
+    west = await startControlPlane();
+    installLockstep(west.kubeconfig);
+    westOperator = new OperatorProcess(
+      'west-operator',
+      serviceAccountKubeconfig(root, 'lockstep-operator', { kubeconfig: west.kubeconfig }),
+      { lifetime: '1h' },
+    );
+    await westOperator.start();
+    await westOperator.leading();
+    // The administrators' clients: one certificate per cluster.
+    const westCaDir = path.join(root, 'west-ca');
+    mkdirSync(westCaDir);
+    for (const f of ['tls.crt', 'tls.key'])
+      writeFileSync(path.join(westCaDir, f), secretField('lockstep-ca', f, west));
+    const westAdmin = path.join(root, 'west-admin');
+    await cli('certs', 'issue', '--ca', westCaDir, '--admin', '--out', westAdmin);
+    const westTransport = await openTransport({ tlsDir: westAdmin }, pino({ level: 'silent' }));
+    const far = await agent('west-b', { cluster: west, asAdmin: () => westTransport }).start();
+
+    const disk = nodeDisk(root, 'node-a', 'pv-far');
+    apply(localPv('pv-far', 'node-a', disk, '16Mi'), cp.kubeconfig);
+    apply(pvc('far', NS, 'pv-far', '16Mi'), cp.kubeconfig);
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'ConsistencyGroup',
+        metadata: { name: 'dr', namespace: NS },
+        spec: { volumes: [{ name: 'data', pvc: 'far' }] },
+      },
+      cp.kubeconfig,
+    );
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'SyncRelationship',
+        metadata: { name: 'dr-sync', namespace: NS },
+        spec: {
+          consistencyGroup: 'dr',
+          source: { node: 'node-a' },
+          targets: [{ endpoint: far.grpcAddress, tlsSecretRef: 'west-peer' }],
+        },
+      },
+      cp.kubeconfig,
+    );
+    // Without the Secret it waits, and says why.
+    const blocked = await waitFor(
+      'dr-sync blocked on its Secret',
+      () => {
+        const r = json<{
+          status?: { conditions?: Array<{ type: string; reason: string; message: string }> };
+        }>('lsr', 'dr-sync', '-n', NS);
+        return Promise.resolve(
+          r.status?.conditions?.find((c) => c.type === 'Ready' && c.reason === 'TlsSecretNotFound'),
+        );
+      },
+      30_000,
+      200,
+    );
+    expect(blocked.message).toMatch(/Secret west-peer does not exist/);
+
+    // The west administrator issues a certificate for the east cluster from the west CA; the
+    // east administrator keeps it in a Secret.
+    const peerDir = path.join(root, 'east-at-west');
+    await cli('certs', 'issue', '--ca', westCaDir, '--peer-cluster', 'east', '--out', peerDir);
+    kc(
+      'create',
+      'secret',
+      'generic',
+      'west-peer',
+      '-n',
+      NS,
+      ...['ca.crt', 'tls.crt', 'tls.key'].map((f) => `--from-file=${path.join(peerDir, f)}`),
+    );
+    await waitFor(
+      'dr-sync InSync',
+      () => Promise.resolve(phaseOf('dr-sync') === 'InSync' || undefined),
+      60_000,
+      200,
+    );
+    const volume = `${NS}.dr.data`;
+    await fioVerify(a.uri(volume), '8M');
+    await waitPeer(a, volume, far, inSync, 'in sync across clusters');
+    await expectSameImages(path.join(disk, 'disk.img'), dataFile(far, volume));
+    // The east primary's link reached the west agent, which answered as itself.
+    expect((await peerOf(a, volume, far)).node).toBe('west-b');
+    const replica = (await far.client().listVolumes()).find((v) => v.name === volume);
+    expect(replica?.role).toBe('secondary');
+    // The east agent's own certificate (the east CA) gets nowhere in the west.
+    const stranger = await openTransport(
+      { tlsDir: path.join(root, 'tls-node-a') },
+      pino({ level: 'silent' }),
+    );
+    const refused = new AgentClient(far.grpcAddress, stranger, 3_000);
+    await expect(refused.listVolumes()).rejects.toThrow();
+    refused.close();
+    if (stranger.secure) stranger.dir.close();
   });
 });

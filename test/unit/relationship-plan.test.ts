@@ -184,6 +184,26 @@ describe('planning a relationship', () => {
     expect(plan.volumes.map((v) => v.targetPaths.size)).toEqual([0, 0]);
   });
 
+  it('plans a target in another cluster by its endpoint, with the Secret to reach it with', () => {
+    const { sources } = world();
+    const plan = planRelationship(
+      relationship('db-sync', {
+        targets: [{ endpoint: 'far.example:7400', tlsSecretRef: 'far-tls' }],
+      }),
+      sources,
+      NOW,
+    );
+    expect(plan.targets).toEqual([
+      {
+        node: 'far.example:7400',
+        endpoint: 'far.example:7400',
+        ready: true,
+        remote: { secret: 'far-tls' },
+      },
+    ]);
+    expect(plan.volumes.map((v) => v.targetPaths.size)).toEqual([0, 0]);
+  });
+
   it('plans a move when the source node changed: the node last primary until it hands over, the copies in the new node’s data dir', () => {
     const { sources } = world();
     const moved = relationship('db-sync', { source: { node: 'c' } });
@@ -223,9 +243,9 @@ describe('planning a relationship', () => {
       {},
     ],
     [
-      'RemoteTargetsNotSupported',
+      'RemoteTargetPvc',
       () => undefined,
-      { targets: [{ endpoint: 'far:7400', tlsSecretRef: 'tls' }] },
+      { targets: [{ endpoint: 'far:7400', tlsSecretRef: 'tls', pvc: 'replica' }] },
     ],
     ['AgentNotRegistered', (s) => s.nodes.delete('b'), {}],
     ['AgentNotReady', (s) => s.leases.set('a', lease(new Date(NOW.getTime() - 60_000))), {}],

@@ -68,9 +68,14 @@ export interface RelationshipDeps {
   leaseOf: (node: string) => k8s.V1Lease | undefined;
   agents: AgentPool;
   objects: k8s.CustomObjectsApi;
+  /** A Secret of a relationship's namespace (a remote target's tlsSecretRef), if it exists. */
+  secret: (namespace: string, name: string) => Promise<k8s.V1Secret | undefined>;
   events: EventRecorder;
   log: Logger;
 }
+
+/** How often a relationship with targets in other clusters hands their credentials over again. */
+const REMOTE_CREDENTIALS_POLL_MS = 60_000;
 
 export class SyncRelationshipReconciler {
   constructor(private readonly deps: RelationshipDeps) {}
@@ -92,7 +97,10 @@ export class SyncRelationshipReconciler {
       return { requeueAfterMs: BLOCKED_POLL_MS };
     }
     await this.writeStatus(rel, status);
-    return status.phase === 'InSync' ? undefined : { requeueAfterMs: PROGRESS_POLL_MS };
+    if (status.phase !== 'InSync') return { requeueAfterMs: PROGRESS_POLL_MS };
+    // A rotated tlsSecretRef is not watched for: it is read again now and then.
+    if (rel.spec.targets.some((t) => t.endpoint))
+      return { requeueAfterMs: REMOTE_CREDENTIALS_POLL_MS };
   }
 
   // ---- acting on the agents ---------------------------------------------------------------
@@ -121,6 +129,7 @@ export class SyncRelationshipReconciler {
     const regionSize = rel.spec.resync?.regionSize ?? DEFAULT_REGION_SIZE;
     const rate = rel.spec.resync?.maxBytesPerSecond ?? 0;
     const mediator = mediatorOf(rel);
+    for (const t of plan.targets) if (t.remote) await this.handOverCredentials(rel, plan, t);
     const out: VolumeInfo[] = [];
     for (const v of plan.volumes) {
       // The source's copy is the origin (the PVC's file, adopted). While a lost source is not
@@ -188,6 +197,35 @@ export class SyncRelationshipReconciler {
       out.push(vol);
     }
     return out;
+  }
+
+  /**
+   * Gives the primary the certificate its tlsSecretRef holds for a target in another cluster:
+   * a certificate that cluster's CA issued for this side, and that CA. The agent keeps it and
+   * changes nothing when it already has it.
+   */
+  private async handOverCredentials(rel: SyncRelationship, plan: Plan, t: Side): Promise<void> {
+    const name = t.remote?.secret ?? '';
+    const secret = await this.deps.secret(rel.metadata.namespace ?? '', name);
+    if (!secret)
+      throw new Blocked('TlsSecretNotFound', `target ${t.endpoint}: Secret ${name} does not exist`);
+    const field = (k: string) => Buffer.from(secret.data?.[k] ?? '', 'base64').toString();
+    const pem = { ca: field('ca.crt'), cert: field('tls.crt'), key: field('tls.key') };
+    if (!pem.ca || !pem.cert || !pem.key)
+      throw new Blocked(
+        'TlsSecretInvalid',
+        `target ${t.endpoint}: Secret ${name} needs ca.crt (the other cluster’s Lockstep CA), ` +
+          'tls.crt and tls.key (a certificate that CA issued for this cluster)',
+      );
+    try {
+      await this.deps.agents.get(plan.primary.endpoint).setPeerCredentials(t.endpoint, pem);
+    } catch (err) {
+      if (!isLockstepError(err, 'LOCKSTEP_ERR_INVALID_ARGUMENT')) throw err;
+      throw new Blocked(
+        'TlsSecretInvalid',
+        `target ${t.endpoint}: Secret ${name}: ${errorMessage(err)}`,
+      );
+    }
   }
 
   /**

@@ -16,6 +16,12 @@ export interface Side {
    * by the primary, and a lost source that is no longer primary (after a failover) waits.
    */
   ready: boolean;
+  /**
+   * An agent in another cluster (a target's `endpoint`), reached with the certificate in this
+   * Secret of the relationship's namespace. Its name is its endpoint; its readiness is unknown
+   * here, so it counts as ready and the primary's link says how it is.
+   */
+  remote?: { secret: string };
 }
 
 export interface VolumePlan {
@@ -74,15 +80,24 @@ export function planRelationship(rel: SyncRelationship, from: PlanSources, now: 
       `ConsistencyGroup ${spec.consistencyGroup} is already replicated by SyncRelationship ${owner}`,
     );
   }
-  const remote = spec.targets.find((t) => t.endpoint);
-  if (remote) {
+  const remoteWithPvc = spec.targets.find((t) => t.endpoint && t.pvc);
+  if (remoteWithPvc) {
     throw new Blocked(
-      'RemoteTargetsNotSupported',
-      `target ${remote.endpoint}: replication to agents in other clusters (mTLS) is not supported by this operator version`,
+      'RemoteTargetPvc',
+      `target ${remoteWithPvc.endpoint}: an agent in another cluster keeps its replica in its own data dir; pvc is for targets in this cluster`,
     );
   }
   const source = side(from, spec.source.node, now);
-  const targets = spec.targets.map((t) => side(from, t.node ?? '', now));
+  const targets = spec.targets.map((t) =>
+    t.endpoint
+      ? {
+          node: t.endpoint,
+          endpoint: t.endpoint,
+          ready: true,
+          remote: { secret: t.tlsSecretRef ?? '' },
+        }
+      : side(from, t.node ?? '', now),
+  );
   // The primary last seen, when it is on none of the sides now: the source node was changed.
   const was = rel.status?.move?.fromNode ?? rel.status?.primaryNode;
   const moveFrom =

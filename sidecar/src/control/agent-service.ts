@@ -91,6 +91,19 @@ export function agentHandlers(agent: Agent): AgentHandlers {
         ),
       ),
     ),
+    SetPeerCredentials: unary(async (req) => {
+      if (!req.address || !req.caPem || !req.certPem || !req.keyPem)
+        throw new LockstepError(
+          'LOCKSTEP_ERR_INVALID_ARGUMENT',
+          'SetPeerCredentials needs address, ca_pem, cert_pem and key_pem',
+        );
+      const set = await agent.setPeerCredentials(req.address, {
+        ca: req.caPem,
+        cert: req.certPem,
+        key: req.keyPem,
+      });
+      return { identity: set.identity, notAfterMs: set.notAfter.getTime(), changed: set.changed };
+    }),
     Promote: unary(async (req) => {
       const { volume, rolledBack } = await agent.promote(
         req.name,

@@ -91,6 +91,8 @@ export interface ReplicationContext {
   cutover: CutoverPolicy;
   /** How this agent's connections to peers and the mediator are secured. */
   transport: Transport;
+  /** How to reach one peer: `transport`, or credentials of the peer's own cluster. */
+  peerTransport(address: string): Transport;
   /** Promotes a volume in an epoch its automatic failover was granted (the agent's promote). */
   takeOver(volume: string, epoch: number): Promise<void>;
   /**
@@ -604,7 +606,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const links = repl.peers.map(
       (p) =>
         new PeerLink(p.address, this, {
-          transport: this.ctx.transport,
+          transport: this.ctx.peerTransport(p.address),
           ackTimeoutMs: this.ctx.ackTimeoutMs,
           batch: this.batch,
           cutover: this.ctx.cutover,

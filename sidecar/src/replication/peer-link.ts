@@ -493,7 +493,11 @@ export class PeerLink implements EstablishTarget {
             sizeBytes: host.sizeBytes,
             regionSize: host.regionSize,
             createIfMissing: true,
-            primaryNode: host.localNode,
+            // The node its certificate names: this one's, or, to a peer in another cluster,
+            // the name that cluster's CA gave this side.
+            primaryNode: this.opts.transport.secure
+              ? this.opts.transport.dir.identity.name
+              : host.localNode,
             primaryAddress: host.localAddress,
             generation: gen,
             mode: host.mode,
