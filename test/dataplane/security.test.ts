@@ -18,9 +18,11 @@ import {
 import {
   channelCredentials,
   channelOptions,
+  openTransport,
   serverCheck,
   type Transport,
 } from '../../lib/tls/transport';
+import pino from 'pino';
 import {
   REPLY_BYTES,
   TOKEN_BYTES,
@@ -485,6 +487,87 @@ describe('mutual TLS and authorization', () => {
   });
 });
 
+describe('a peer in another cluster, under its own CA', () => {
+  const agents: AgentProcess[] = [];
+  let root = '';
+  afterAll(async () => {
+    for (const p of agents) await p.dispose();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('is reached with credentials its CA issued: bad ones refused, good ones kept across a restart', async () => {
+    root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-far-'));
+    const farCa = await createAuthority('far cluster CA');
+    const issueTo = async (dir: string, id: { role: 'agent' | 'admin'; name: string }) => {
+      await writeTlsDir(
+        dir,
+        farCa.certPem,
+        await issueCertificate(farCa, id, { validMs: 3_600_000 }),
+      );
+      return dir;
+    };
+    const farAdmin = await openTransport(
+      { tlsDir: await issueTo(path.join(root, 'admin'), { role: 'admin', name: 'admin' }) },
+      pino({ level: 'silent' }),
+    );
+    const far = new AgentProcess({
+      node: 'far-b',
+      tls: {
+        args: [
+          '--tls-dir',
+          await issueTo(path.join(root, 'far-b'), { role: 'agent', name: 'far-b' }),
+        ],
+        admin: () => farAdmin,
+      },
+    });
+    agents.push(far);
+    const near = new AgentProcess({ node: 'near-a' });
+    agents.push(near);
+    await far.start();
+    await near.start();
+    await near.createVolume('x', '16MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x6b 0 4m', near.uri('x')]);
+    await near.ctl('replicate', 'x', '--to', far.grpcAddress);
+    // Its own certificate means nothing there: the link is refused, and says so.
+    await waitPeer(near, 'x', far, (p) => p.state !== 'InSync' && p.linkFailures > 0, 'refused');
+    expect(await far.client().listVolumes()).toEqual([]);
+
+    const client = near.client();
+    const mine = await tlsDirFor({ role: 'agent', name: 'near-a' });
+    // A certificate of our CA with the far CA: refused, nothing kept.
+    await expect(
+      client.setPeerCredentials(far.grpcAddress, {
+        ca: farCa.certPem,
+        cert: readFileSync(path.join(mine, 'tls.crt'), 'utf8'),
+        key: readFileSync(path.join(mine, 'tls.key'), 'utf8'),
+      }),
+    ).rejects.toThrow(/tls.crt was not issued by a CA in ca.crt/);
+    const peerDir = await issueTo(path.join(root, 'near'), { role: 'agent', name: 'near-cluster' });
+    const pem = {
+      ca: farCa.certPem,
+      cert: readFileSync(path.join(peerDir, 'tls.crt'), 'utf8'),
+      key: readFileSync(path.join(peerDir, 'tls.key'), 'utf8'),
+    };
+    expect(await client.setPeerCredentials(far.grpcAddress, pem)).toMatchObject({
+      identity: 'agent near-cluster',
+      changed: true,
+    });
+    expect(await client.setPeerCredentials(far.grpcAddress, pem)).toMatchObject({ changed: false });
+    client.close();
+    await waitPeer(near, 'x', far, inSync, 'in sync with credentials');
+    await fioVerify(near.uri('x'), '4M');
+    await waitPeer(near, 'x', far, inSync, 'in sync after writes');
+    await expectIdentical(near, far, 'x');
+
+    // Kept in the data dir: after a SIGKILL the primary reaches the far agent again.
+    await near.kill('SIGKILL');
+    await near.start();
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7c 8m 4m', near.uri('x')]);
+    await waitPeer(near, 'x', far, inSync, 'in sync after the restart');
+    await expectIdentical(near, far, 'x');
+  });
+});
+
 describe('NBD over TCP with STARTTLS', () => {
   let agent: AgentProcess;
   let clientDir = '';
@@ -631,7 +714,9 @@ describe('lockstep certs and --tls-dir', () => {
         '--out',
         path.join(dir, 'x'),
       ),
-    ).rejects.toThrow(/exactly one of --node, --admin, --operator, --mediator, --client/);
+    ).rejects.toThrow(
+      /exactly one of --node, --peer-cluster, --admin, --operator, --mediator, --client/,
+    );
     await expect(
       lockstep(
         'certs',

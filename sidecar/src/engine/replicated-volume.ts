@@ -606,7 +606,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const links = repl.peers.map(
       (p) =>
         new PeerLink(p.address, this, {
-          transport: this.ctx.peerTransport(p.address),
+          transport: () => this.ctx.peerTransport(p.address),
           ackTimeoutMs: this.ctx.ackTimeoutMs,
           batch: this.batch,
           cutover: this.ctx.cutover,

@@ -66,14 +66,22 @@ interface Pending {
 }
 
 export interface PeerLinkOptions {
-  /** TLS (or --insecure) for the link's gRPC channel and data lanes. */
-  transport: Transport;
+  /**
+   * TLS (or --insecure) for the link's gRPC channel and data lanes, asked for at each attempt
+   * to connect: credentials set for the peer later are used from the next one.
+   */
+  transport: () => Transport;
   /** An op not acknowledged within this time fails the link (a half-open peer). */
   ackTimeoutMs: number;
   /** The volume's batch of this turn's sends, shared by its links. */
   batch: SendBatch;
   /** When a new replica's rounds of snapshots give way to the live cutover. */
   cutover?: CutoverPolicy;
+}
+
+/** The node a link speaks as: the one its certificate names (its own node, with its own). */
+function speaksAs(transport: Transport, localNode: string): string {
+  return transport.secure ? transport.dir.identity.name : localNode;
 }
 
 export class PeerUnavailable extends LockstepError {
@@ -145,10 +153,11 @@ export class PeerLink implements EstablishTarget {
   }
 
   private openChannel(): void {
-    const credentials = channelCredentials(this.opts.transport, ['agent']);
+    const transport = this.opts.transport();
+    const credentials = channelCredentials(transport, ['agent']);
     this.channel = new grpc.Channel(this.address, credentials, {
       ...CONTROL_CHANNEL_OPTIONS,
-      ...channelOptions(this.opts.transport),
+      ...channelOptions(transport),
     });
     this.rpc = new (replicationProto().Replication)(this.address, credentials, {
       channelOverride: this.channel,
@@ -495,9 +504,7 @@ export class PeerLink implements EstablishTarget {
             createIfMissing: true,
             // The node its certificate names: this one's, or, to a peer in another cluster,
             // the name that cluster's CA gave this side.
-            primaryNode: this.opts.transport.secure
-              ? this.opts.transport.dir.identity.name
-              : host.localNode,
+            primaryNode: speaksAs(this.opts.transport(), host.localNode),
             primaryAddress: host.localAddress,
             generation: gen,
             mode: host.mode,
@@ -712,7 +719,7 @@ export class PeerLink implements EstablishTarget {
           },
           owner,
           RPC_DEADLINE_MS,
-          this.opts.transport,
+          this.opts.transport(),
         ),
       ),
     );
