@@ -107,6 +107,35 @@ describe('certificates managed by the operator, on a real control plane', () => 
   const tlsCert = (node: string) =>
     new X509Certificate(readFileSync(path.join(root, `tls-${node}`, 'tls.crt')));
 
+  /**
+   * A ConsistencyGroup `group` of one volume, on a local PV of node-a, and its SyncRelationship
+   * `<group>-sync` to `target`; returns the PV's directory.
+   */
+  function replicatedGroup(group: string, size: string, target: object): string {
+    const disk = nodeDisk(root, 'node-a', `pv-${group}`);
+    apply(localPv(`pv-${group}`, 'node-a', disk, size), cp.kubeconfig);
+    apply(pvc(group, NS, `pv-${group}`, size), cp.kubeconfig);
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'ConsistencyGroup',
+        metadata: { name: group, namespace: NS },
+        spec: { volumes: [{ name: 'data', pvc: group }] },
+      },
+      cp.kubeconfig,
+    );
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'SyncRelationship',
+        metadata: { name: `${group}-sync`, namespace: NS },
+        spec: { consistencyGroup: group, source: { node: 'node-a' }, targets: [target] },
+      },
+      cp.kubeconfig,
+    );
+    return disk;
+  }
+
   beforeAll(async () => {
     root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-certs-'));
     cp = await startControlPlane({ controllers: ['persistentvolume-binder'] });
@@ -228,38 +257,14 @@ describe('certificates managed by the operator, on a real control plane', () => 
 
   it('replicates over mutual TLS with them, and renews them before they expire without dropping the link', async () => {
     kc('create', 'namespace', NS);
-    const disk = nodeDisk(root, 'node-a', 'pv-data');
-    apply(localPv('pv-data', 'node-a', disk, '32Mi'), cp.kubeconfig);
-    apply(pvc('data', NS, 'pv-data', '32Mi'), cp.kubeconfig);
+    const disk = replicatedGroup('db', '32Mi', { node: 'node-b' });
     const patterned = Buffer.alloc(32 * MiB);
     for (let i = 0; i < 8 * MiB; i += 4) patterned.writeUInt32LE((i * 2654435761) >>> 0, i);
     writeFileSync(path.join(disk, 'disk.img'), patterned);
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name: 'db', namespace: NS },
-        spec: { volumes: [{ name: 'data', pvc: 'data' }] },
-      },
-      cp.kubeconfig,
-    );
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: 'db-sync', namespace: NS },
-        spec: { consistencyGroup: 'db', source: { node: 'node-a' }, targets: [{ node: 'node-b' }] },
-      },
-      cp.kubeconfig,
-    );
     const volume = `${NS}.db.data`;
     await waitFor(
       'db-sync InSync',
-      () =>
-        Promise.resolve(
-          json<{ status?: { phase?: string } }>('lsr', 'db-sync', '-n', NS).status?.phase ===
-            'InSync' || undefined,
-        ),
+      () => Promise.resolve(phaseOf('db-sync') === 'InSync' || undefined),
       60_000,
       200,
     );
@@ -296,9 +301,7 @@ describe('certificates managed by the operator, on a real control plane', () => 
     expect((await peerOf(a, volume, b)).linkFailures).toBe(failures);
     await expectSameImages(path.join(disk, 'disk.img'), dataFile(b, volume));
     // The operator, which dials the agents with its own renewed certificate, still sees them.
-    expect(json<{ status?: { phase?: string } }>('lsr', 'db-sync', '-n', NS).status?.phase).toBe(
-      'InSync',
-    );
+    expect(phaseOf('db-sync')).toBe('InSync');
   });
 
   it('replicates to an agent in another cluster, with its own operator and CA, through endpoint and tlsSecretRef', async () => {
@@ -321,31 +324,10 @@ describe('certificates managed by the operator, on a real control plane', () => 
     const westTransport = await openTransport({ tlsDir: westAdmin }, pino({ level: 'silent' }));
     const far = await agent('west-b', { cluster: west, asAdmin: () => westTransport }).start();
 
-    const disk = nodeDisk(root, 'node-a', 'pv-far');
-    apply(localPv('pv-far', 'node-a', disk, '16Mi'), cp.kubeconfig);
-    apply(pvc('far', NS, 'pv-far', '16Mi'), cp.kubeconfig);
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name: 'dr', namespace: NS },
-        spec: { volumes: [{ name: 'data', pvc: 'far' }] },
-      },
-      cp.kubeconfig,
-    );
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: 'dr-sync', namespace: NS },
-        spec: {
-          consistencyGroup: 'dr',
-          source: { node: 'node-a' },
-          targets: [{ endpoint: far.grpcAddress, tlsSecretRef: 'west-peer' }],
-        },
-      },
-      cp.kubeconfig,
-    );
+    const disk = replicatedGroup('dr', '16Mi', {
+      endpoint: far.grpcAddress,
+      tlsSecretRef: 'west-peer',
+    });
     // Without the Secret it waits, and says why.
     const blocked = await waitFor(
       'dr-sync blocked on its Secret',
