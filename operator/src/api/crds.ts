@@ -106,9 +106,14 @@ const target = obj(
       pattern: '^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$',
     }),
     endpoint: str('HOST:PORT of an agent in another cluster.', { pattern: HOST_PORT }),
-    tlsSecretRef: str('Secret with the client certificate for a remote endpoint.', {
-      pattern: DNS_LABEL,
-    }),
+    tlsSecretRef: str(
+      'Secret in this namespace for a remote endpoint: ca.crt (the other cluster’s Lockstep CA), ' +
+        'tls.crt and tls.key (a certificate that CA issued for this cluster, e.g. with ' +
+        '`lockstep certs issue --peer-cluster NAME`).',
+      {
+        pattern: DNS_LABEL,
+      },
+    ),
     pvc: str(
       'Optional PVC on the target node to hold the replica files (otherwise the agent data dir).',
       { pattern: DNS_LABEL },
