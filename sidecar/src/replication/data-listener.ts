@@ -64,6 +64,9 @@ export class DataListener {
 
   private accept(accepted: net.Socket): void {
     const remote = `${accepted.remoteAddress}:${accepted.remotePort}`;
+    // Acks are small writes: Nagle would hold each one back until the last was ACKed. Set on the
+    // descriptor, it stays with the handle the lane's socket takes over.
+    accepted.setNoDelay(true);
     if (this.secureContext) return this.acceptTls(accepted, remote, this.secureContext);
     let lane: ReplicaLane | undefined;
     const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
