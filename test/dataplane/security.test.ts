@@ -329,8 +329,17 @@ describe('mutual TLS and authorization', () => {
       /volume v on node node-b replicates from node node-a, not from node node-c/,
     );
 
-    // A primary takes no primary's calls: dropping its snapshot, say.
+    // A primary takes no primary's calls: dropping its snapshot, say. Nor is it replaced by a
+    // node that is not one of its replicas, whatever epoch it claims.
     const toPrimary = replicationAs(a, rogue);
+    const primaryBefore = digest(dataFile(a, 'v'));
+    const replace = await refusedCall(toPrimary, 'Handshake', handshake('node-c'));
+    expect(replace.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(replace.details).toMatch(
+      /volume v on node node-a is a primary and node node-c is not one of its replicas \(node-b\)/,
+    );
+    expect((await volumeStatus(a, 'v')).role).toBe('primary');
+    expect(digest(dataFile(a, 'v'))).toBe(primaryBefore);
     const drop = await refusedCall(toPrimary, 'DropSnapshot', { volume: 'v', uuid, name: 'any' });
     expect(drop.code).toBe(grpc.status.PERMISSION_DENIED);
     expect(drop.details).toMatch(

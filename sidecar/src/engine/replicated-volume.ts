@@ -218,6 +218,12 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       ? this.meta.replication?.peers[0]?.node || undefined
       : undefined;
   }
+  get peerNodes(): readonly string[] {
+    if (this.phase.role !== 'primary') return [];
+    const named = (this.meta.replication?.peers ?? []).map((p) => p.node);
+    const live = (this.phase.replicating?.links ?? []).map((l) => l.node);
+    return [...new Set([...named, ...live].filter((n) => n !== ''))];
+  }
   get mediator(): MediatorConfig | undefined {
     return this.meta.replication?.mediator;
   }

@@ -33,6 +33,8 @@ export interface ReplicaVolume {
   readonly role: Role;
   /** A secondary's primary, by node. */
   readonly primaryNode: string | undefined;
+  /** A primary's replicas, by node (as their certificates named them when they answered). */
+  readonly peerNodes: readonly string[];
   readonly generation: Generations;
   /** The newest epoch this copy has seen. */
   readonly epoch: number;
@@ -108,11 +110,18 @@ function sameSnapshot(
 export function replicationCallCheck(host: ReplicaHost): CallCheck {
   return (method, caller, request) => {
     const req = request as { volume?: string; primaryNode?: string };
-    if (method === 'Handshake')
-      return req.primaryNode === caller.name
-        ? undefined
-        : `its certificate is node ${caller.name}'s, and it may not speak for node ${req.primaryNode}`;
-    return refusedPeer(host, req.volume ?? '', caller.name);
+    if (method !== 'Handshake') return refusedPeer(host, req.volume ?? '', caller.name);
+    if (req.primaryNode !== caller.name)
+      return `its certificate is node ${caller.name}'s, and it may not speak for node ${req.primaryNode}`;
+    // A newer primary replaces a primary copy (a failover, a move): only one of its own replicas
+    // can have become that, so no other node may make it step down.
+    const copy = host.replicated(req.volume ?? '');
+    if (copy?.role === 'primary' && !copy.peerNodes.includes(caller.name))
+      return (
+        `volume ${req.volume} on node ${host.node} is a primary and node ${caller.name} is not ` +
+        `one of its replicas (${copy.peerNodes.join(', ') || 'it has none'})`
+      );
+    return undefined;
   };
 }
 
