@@ -10,6 +10,7 @@ import {
   expectIdentical,
   expectSameImages,
   inSync,
+  peerOf,
   replicationAgent,
   waitPeer,
 } from '../harness/replication';
@@ -129,6 +130,9 @@ describe('resync protection', () => {
 
   it('keeps one snapshot across a resync broken off and begun again, and drops it when the copy has caught up', async () => {
     const { a, b, protection } = await resyncUnderWay();
+    // Slowed to a crawl, so that it cannot end before b is killed, however slow the steps
+    // below are on a loaded machine.
+    await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '64KiB');
     // Neither a user's snapshot of that name, nor deleting the protection.
     await expect(a.ctl('snapshot', 'create', 'v', 'before-resync')).rejects.toThrow(
       /reserved.*LOCKSTEP_ERR_INVALID_ARGUMENT/,
@@ -137,9 +141,17 @@ describe('resync protection', () => {
       /resync.*LOCKSTEP_ERR_SNAPSHOT_IN_USE/,
     );
 
+    const failures = (await peerOf(a, 'v', b)).linkFailures;
     await b.kill('SIGKILL');
     await b.start();
-    await waitPeer(a, 'v', b, (p) => p.state === 'Resyncing', 'resyncing again');
+    // Resyncing on a new link: the old one's state may linger until a sees b gone.
+    await waitPeer(
+      a,
+      'v',
+      b,
+      (p) => p.state === 'Resyncing' && p.linkFailures > failures,
+      'resyncing again',
+    );
     // The snapshot of the last complete state, not a new one of the mix.
     expect(await snapshots(b)).toEqual([protection]);
     await a.ctl('replicate', 'v', '--to', b.grpcAddress, '--max-resync-rate', '0');
