@@ -551,6 +551,13 @@ describe('a peer in another cluster, under its own CA', () => {
         key: readFileSync(path.join(mine, 'tls.key'), 'utf8'),
       }),
     ).rejects.toThrow(/tls.crt was not issued by a CA in ca.crt/);
+    // Missing parts and garbage: refused, each saying why.
+    await expect(
+      client.setPeerCredentials(far.grpcAddress, { ca: farCa.certPem, cert: '', key: '' }),
+    ).rejects.toThrow(/needs address, ca_pem, cert_pem and key_pem/);
+    await expect(
+      client.setPeerCredentials(far.grpcAddress, { ca: 'garbage', cert: 'garbage', key: 'x' }),
+    ).rejects.toThrow(/is not a PEM certificate/);
     const peerDir = await issueTo(path.join(root, 'near'), { role: 'agent', name: 'near-cluster' });
     const pem = {
       ca: farCa.certPem,
