@@ -3,7 +3,9 @@
 // the certificate into the approved ones' status. Requests that were answered are deleted an
 // hour later, as the csrcleaner does for the built-in signers.
 import * as k8s from '@kubernetes/client-node';
-import { apiErrorMessage, isNotFound } from '../../../lib/kube';
+import type * as x509 from '@peculiar/x509';
+import { errorMessage } from '../../../lib/errors';
+import { isNotFound } from '../../../lib/kube';
 import type { Logger } from '../../../lib/logger';
 import { readCertificateRequest, signPublicKey } from '../../../lib/tls/certificate-authority';
 import { describeIdentity } from '../../../lib/tls/identity';
@@ -11,7 +13,7 @@ import { AGENT_SIGNER } from '../../../lib/tls/in-cluster';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import type { ControllerMetrics } from '../metrics';
 import type { ReconcileResult } from '../workqueue/controller-loop';
-import { judgeAgentRequest, requestingPod } from './agent-request-policy';
+import { judgeAgentRequest, requestingPod, type Verdict } from './agent-request-policy';
 import type { ClusterAuthority } from './cluster-authority';
 
 export interface SignerDeps {
@@ -55,43 +57,33 @@ export class CertificateSigner {
   }
 
   private async judge(csr: Csr): Promise<ReconcileResult> {
-    const { namespace, log } = this.deps;
-    const podName = requestingPod(csr);
-    let requestedSubject: string;
-    try {
-      requestedSubject = (await readCertificateRequest(decode(csr.spec.request))).subject;
-    } catch (err) {
-      return this.answer(csr, 'Denied', 'InvalidRequest', apiErrorMessage(err));
-    }
-    const pod = podName ? await this.pod(podName) : undefined;
-    const verdict = judgeAgentRequest({ csr, requestedSubject, pod, namespace });
+    const { verdict } = await this.examine(csr);
     if (!verdict.grant) {
-      log.warn(
+      this.deps.log.warn(
         { request: csr.metadata?.name, reason: verdict.reason },
         'certificate request denied',
       );
-      return this.answer(csr, 'Denied', 'NotThisAgentsNode', verdict.reason);
+      return this.answer(csr, 'Denied', 'NotAnAgentOfThatNode', verdict.reason);
     }
     return this.answer(
       csr,
       'Approved',
       'AgentOfNode',
-      `pod ${podName} runs on node ${verdict.identity.name}`,
+      `pod ${requestingPod(csr)} runs on node ${verdict.identity.name}`,
     );
   }
 
   private async sign(csr: Csr): Promise<ReconcileResult> {
-    const { namespace, authority, log, metrics } = this.deps;
+    const { authority, log, metrics } = this.deps;
     // Judged again: the facts behind the approval (the pod, its node) are read fresh.
-    const { subject, publicKey } = await readCertificateRequest(decode(csr.spec.request));
-    const podName = requestingPod(csr);
-    const verdict = judgeAgentRequest({
-      csr,
-      requestedSubject: subject,
-      pod: podName ? await this.pod(podName) : undefined,
-      namespace,
-    });
-    if (!verdict.grant) return this.answer(csr, 'Failed', 'NotThisAgentsNode', verdict.reason);
+    const { verdict, publicKey } = await this.examine(csr);
+    if (!verdict.grant || !publicKey)
+      return this.answer(
+        csr,
+        'Failed',
+        'NotAnAgentOfThatNode',
+        verdict.grant ? 'unreadable request' : verdict.reason,
+      );
     const ca = await authority.current();
     const { certPem, notAfter } = await signPublicKey(ca, verdict.identity, publicKey, {
       validMs: authority.lifetimeMs,
@@ -110,6 +102,24 @@ export class CertificateSigner {
       { request: csr.metadata?.name, holder: describeIdentity(verdict.identity), notAfter },
       'certificate issued',
     );
+  }
+
+  /** The request's verdict, from its PKCS#10 and the pod that made it, read now. */
+  private async examine(csr: Csr): Promise<{ verdict: Verdict; publicKey?: x509.PublicKey }> {
+    let request: Awaited<ReturnType<typeof readCertificateRequest>>;
+    try {
+      request = await readCertificateRequest(decode(csr.spec.request));
+    } catch (err) {
+      return { verdict: { grant: false, reason: errorMessage(err) } };
+    }
+    const podName = requestingPod(csr);
+    const verdict = judgeAgentRequest({
+      csr,
+      requestedSubject: request.subject,
+      pod: podName ? await this.pod(podName) : undefined,
+      namespace: this.deps.namespace,
+    });
+    return { verdict, publicKey: request.publicKey };
   }
 
   private async answer(
