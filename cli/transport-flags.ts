@@ -5,8 +5,7 @@ import { mkdtempSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { LockstepError, isLockstepError } from '../lib/errors';
-import { diagnoseHandshake } from '../lib/tls/handshake-diagnosis';
+import { LockstepError } from '../lib/errors';
 import type { Role } from '../lib/tls/identity';
 import { openTransport, type Transport, type TransportFlags } from '../lib/tls/transport';
 import type { Logger } from '../lib/logger';
@@ -29,23 +28,6 @@ export function daemonTransport(
   holder: { role: Role; name?: string },
 ): Promise<Transport> {
   return openTransport(opts, log, holder);
-}
-
-/**
- * `err`, or, if it says the server cannot be reached and a TLS handshake with it is refused,
- * an error that says why (gRPC itself reports only "failed to connect").
- */
-export async function explainUnreachable(
-  err: unknown,
-  target: string,
-  kind: string,
-  transport: Transport,
-): Promise<unknown> {
-  if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) return err;
-  const why = await diagnoseHandshake(target, transport, [kind as Role]).catch(() => undefined);
-  return why
-    ? new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `the ${kind} at ${target} refuses us: ${why}`)
-    : err;
 }
 
 /**

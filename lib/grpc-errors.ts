@@ -71,14 +71,24 @@ export function carriedError(err: unknown): LockstepError | undefined {
   return undefined;
 }
 
+/** A server that did not answer, and which one (to look into why, e.g. a TLS refusal). */
+export class ServerUnreachable extends LockstepError {
+  constructor(
+    readonly target: string,
+    message: string,
+  ) {
+    super('LOCKSTEP_ERR_UNAVAILABLE', message);
+  }
+}
+
 function fromServiceError(err: unknown, server: ServerRef): Error {
   const se = err as Partial<grpc.ServiceError>;
   if (typeof se.code !== 'number') return err instanceof Error ? err : new Error(String(err));
   const carried = carriedError(err);
   if (carried) return carried;
   if (se.code === grpc.status.UNAVAILABLE || se.code === grpc.status.DEADLINE_EXCEEDED) {
-    return new LockstepError(
-      'LOCKSTEP_ERR_UNAVAILABLE',
+    return new ServerUnreachable(
+      server.target,
       `cannot reach the ${server.kind} at ${server.target} (${se.details ?? 'unavailable'}); is it running and is ${server.flag} right?`,
     );
   }

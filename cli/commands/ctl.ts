@@ -6,7 +6,8 @@ import { parseDuration } from '../../lib/duration';
 import { moveCommand } from './ctl-move';
 import { epochCommand, failoverCommand } from './ctl-failover';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
-import { addTransportOptions, clientTransport, explainUnreachable } from '../transport-flags';
+import { explainUnreachable } from '../../lib/tls/handshake-diagnosis';
+import { addTransportOptions, clientTransport } from '../transport-flags';
 
 function volumeRows(volumes: VolumeInfo[]): string[][] {
   return volumes.map((v) => [

@@ -3,6 +3,7 @@
 // alert the server sent (expired, no certificate), its hanging up on our certificate, or what
 // we found wrong with its.
 import tls from 'node:tls';
+import { LockstepError, isLockstepError } from '../errors';
 import { splitHostPort } from '../host-port';
 import type { Role } from './identity';
 import { serverCheck, type Transport } from './transport';
@@ -75,4 +76,21 @@ export function diagnoseHandshake(
       );
     });
   });
+}
+
+/**
+ * `err`, or, if it says the server cannot be reached and a TLS handshake with it is refused,
+ * an error that says why (gRPC itself reports only "failed to connect").
+ */
+export async function explainUnreachable(
+  err: unknown,
+  target: string,
+  kind: Role,
+  transport: Transport,
+): Promise<unknown> {
+  if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) return err;
+  const why = await diagnoseHandshake(target, transport, [kind]).catch(() => undefined);
+  return why
+    ? new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `the ${kind} at ${target} refuses us: ${why}`)
+    : err;
 }

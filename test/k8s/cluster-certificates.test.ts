@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import {
+  createAuthority,
   createCertificateRequest,
   issueCertificate,
   writeTlsDir,
@@ -253,6 +254,75 @@ describe('certificates managed by the operator, on a real control plane', () => 
     );
     expect(denied.type).toBe('Denied');
     expect(denied.message).toMatch(/not by the agents’ ServiceAccount/);
+  });
+
+  it('says in the relationship’s status why an agent it cannot reach refuses its certificate', async () => {
+    // An agent registered in this cluster whose certificate comes from another CA.
+    const strangerCa = await createAuthority('stranger CA');
+    const dir = (name: string) => path.join(root, `stranger-${name}`);
+    await writeTlsDir(
+      dir('agent'),
+      strangerCa.certPem,
+      await issueCertificate(strangerCa, { role: 'agent', name: 'node-x' }, { validMs: 3_600_000 }),
+    );
+    await writeTlsDir(
+      dir('admin'),
+      strangerCa.certPem,
+      await issueCertificate(strangerCa, { role: 'admin', name: 'admin' }, { validMs: 3_600_000 }),
+    );
+    const strangerAdmin = await openTransport({ tlsDir: dir('admin') }, pino({ level: 'silent' }));
+    const pod = agentPod('node-x', cp.kubeconfig);
+    const x = clusterAgent(
+      'node-x',
+      serviceAccountKubeconfig(root, 'lockstep-agent', { kubeconfig: cp.kubeconfig, pod }),
+      { tls: { args: ['--tls-dir', dir('agent')], admin: () => strangerAdmin } },
+    );
+    agents.push(x);
+    await x.start();
+    kc('create', 'namespace', 'elsewhere');
+    const disk = nodeDisk(root, 'node-x', 'pv-x');
+    apply(localPv('pv-x', 'node-x', disk, '16Mi'), cp.kubeconfig);
+    apply(pvc('x', 'elsewhere', 'pv-x', '16Mi'), cp.kubeconfig);
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'ConsistencyGroup',
+        metadata: { name: 'x', namespace: 'elsewhere' },
+        spec: { volumes: [{ name: 'data', pvc: 'x' }] },
+      },
+      cp.kubeconfig,
+    );
+    apply(
+      {
+        apiVersion: 'lockstep.dev/v1alpha1',
+        kind: 'SyncRelationship',
+        metadata: { name: 'x-sync', namespace: 'elsewhere' },
+        spec: { consistencyGroup: 'x', source: { node: 'node-x' }, targets: [{ node: 'node-a' }] },
+      },
+      cp.kubeconfig,
+    );
+    const ready = await waitFor(
+      'x-sync to say why node-x is unreachable',
+      () => {
+        const r = JSON.parse(
+          kubectl(cp.kubeconfig, ['get', 'lsr', 'x-sync', '-n', 'elsewhere', '-o', 'json']),
+        ) as { status?: { conditions?: Array<{ type: string; reason: string; message: string }> } };
+        return Promise.resolve(
+          r.status?.conditions?.find(
+            (c) => c.type === 'Ready' && c.reason === 'PrimaryUnreachable',
+          ),
+        );
+      },
+      30_000,
+      200,
+    );
+    expect(ready.message).toMatch(
+      new RegExp(
+        `the agent at ${x.grpcAddress} refuses us: TLS handshake refused: its certificate is not from the CA`,
+      ),
+    );
+    if (strangerAdmin.secure) strangerAdmin.dir.close();
+    kc('delete', 'lsr', 'x-sync', '-n', 'elsewhere', '--wait=false');
   });
 
   it('replicates over mutual TLS with them, and renews them before they expire without dropping the link', async () => {

@@ -7,7 +7,7 @@ export class AgentPool {
   private readonly clients = new Map<string, AgentClient>();
 
   constructor(
-    private readonly transport: Transport,
+    readonly transport: Transport,
     private readonly timeoutMs = 5_000,
   ) {}
 

@@ -6,6 +6,8 @@
 import type * as k8s from '@kubernetes/client-node';
 import type { AgentClient, VolumeInfo } from '../../../lib/agent-client';
 import { errorMessage, isLockstepError } from '../../../lib/errors';
+import { ServerUnreachable } from '../../../lib/grpc-errors';
+import { explainUnreachable } from '../../../lib/tls/handshake-diagnosis';
 import type { Logger } from '../../../lib/logger';
 import {
   DISCARD_ANNOTATION,
@@ -118,7 +120,12 @@ export class SyncRelationshipReconciler {
       return { volumes };
     } catch (err) {
       if (!isLockstepError(err, 'LOCKSTEP_ERR_UNAVAILABLE')) throw err;
-      return { volumes: [], unreachable: errorMessage(err) };
+      // gRPC says only "failed to connect"; a refused TLS handshake is worth saying as such.
+      const why =
+        err instanceof ServerUnreachable
+          ? await explainUnreachable(err, err.target, 'agent', this.deps.agents.transport)
+          : err;
+      return { volumes: [], unreachable: errorMessage(why) };
     }
   }
 
