@@ -29,6 +29,10 @@ export interface SignerDeps {
 export const ANSWERED_KEPT_MS = 3_600_000;
 
 type Csr = k8s.V1CertificateSigningRequest;
+/** A verdict; a grant carries the key the request proved it holds. */
+type Examined =
+  | Extract<Verdict, { grant: false }>
+  | (Extract<Verdict, { grant: true }> & { publicKey: x509.PublicKey });
 
 const condition = (csr: Csr, type: string) =>
   csr.status?.conditions?.find((c) => c.type === type && c.status === 'True');
@@ -57,7 +61,7 @@ export class CertificateSigner {
   }
 
   private async judge(csr: Csr): Promise<ReconcileResult> {
-    const { verdict } = await this.examine(csr);
+    const verdict = await this.examine(csr);
     if (!verdict.grant) {
       this.deps.log.warn(
         { request: csr.metadata?.name, reason: verdict.reason },
@@ -76,16 +80,10 @@ export class CertificateSigner {
   private async sign(csr: Csr): Promise<ReconcileResult> {
     const { authority, log, metrics } = this.deps;
     // Judged again: the facts behind the approval (the pod, its node) are read fresh.
-    const { verdict, publicKey } = await this.examine(csr);
-    if (!verdict.grant || !publicKey)
-      return this.answer(
-        csr,
-        'Failed',
-        'NotAnAgentOfThatNode',
-        verdict.grant ? 'unreadable request' : verdict.reason,
-      );
+    const verdict = await this.examine(csr);
+    if (!verdict.grant) return this.answer(csr, 'Failed', 'NotAnAgentOfThatNode', verdict.reason);
     const ca = await authority.current();
-    const { certPem, notAfter } = await signPublicKey(ca, verdict.identity, publicKey, {
+    const { certPem, notAfter } = await signPublicKey(ca, verdict.identity, verdict.publicKey, {
       validMs: authority.lifetimeMs,
       dnsNames: verdict.dnsNames,
       ips: verdict.ips,
@@ -105,12 +103,12 @@ export class CertificateSigner {
   }
 
   /** The request's verdict, from its PKCS#10 and the pod that made it, read now. */
-  private async examine(csr: Csr): Promise<{ verdict: Verdict; publicKey?: x509.PublicKey }> {
+  private async examine(csr: Csr): Promise<Examined> {
     let request: Awaited<ReturnType<typeof readCertificateRequest>>;
     try {
       request = await readCertificateRequest(decode(csr.spec.request));
     } catch (err) {
-      return { verdict: { grant: false, reason: errorMessage(err) } };
+      return { grant: false, reason: errorMessage(err) };
     }
     const podName = requestingPod(csr);
     const verdict = judgeAgentRequest({
@@ -119,7 +117,7 @@ export class CertificateSigner {
       pod: podName ? await this.pod(podName) : undefined,
       namespace: this.deps.namespace,
     });
-    return { verdict, publicKey: request.publicKey };
+    return verdict.grant ? { ...verdict, publicKey: request.publicKey } : verdict;
   }
 
   private async answer(
