@@ -2,9 +2,10 @@
 # Installs the Debian packages the tests and benchmarks use: the real NBD clients (qemu-io,
 # qemu-img, qemu-nbd, qemu-storage-daemon, nbdinfo, nbdcopy, python3-libnbd, fio's nbd engine),
 # and for the full-disk tests a small ext4 on a loop device (mkfs.ext4, mount, losetup) and
-# fincore. Does nothing when they are all present.
+# fincore; for the container image, umoci (builds it without an engine) and runc (runs it).
+# Does nothing when they are all present.
 set -euo pipefail
-pkgs=(qemu-utils qemu-system-common libnbd-bin python3-libnbd fio procps iproute2 e2fsprogs mount util-linux util-linux-extra)
+pkgs=(qemu-utils qemu-system-common libnbd-bin python3-libnbd fio procps iproute2 e2fsprogs mount util-linux util-linux-extra umoci runc)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] && exit 0
