@@ -1,5 +1,6 @@
-// The Prometheus scrape endpoint shared by the agent and the operator: GET /metrics renders a
-// prom-client registry; anything else is a 404 that says where the metrics are.
+// The HTTP endpoint shared by the agent and the operator: GET /metrics renders a prom-client
+// registry for Prometheus; /healthz (the process answers) and /readyz (it does its job: 503
+// until then) are for the kubelet's probes; anything else is a 404 that says what is there.
 import http from 'node:http';
 import type { Registry } from 'prom-client';
 
@@ -12,10 +13,20 @@ export async function serveMetrics(
   registry: Registry,
   host: string,
   port: number,
+  ready: () => boolean = () => true,
 ): Promise<MetricsServer> {
   const server = http.createServer((req, res) => {
+    if (req.url === '/healthz') {
+      res.writeHead(200).end('ok\n');
+      return;
+    }
+    if (req.url === '/readyz') {
+      const yes = ready();
+      res.writeHead(yes ? 200 : 503).end(yes ? 'ready\n' : 'not ready\n');
+      return;
+    }
     if (req.url !== '/metrics') {
-      res.writeHead(404).end('metrics are at /metrics\n');
+      res.writeHead(404).end('metrics are at /metrics (probes: /healthz, /readyz)\n');
       return;
     }
     registry.metrics().then(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test tooling (etcd, kube-apiserver, kube-controller-manager, kubectl, helm, kwok)
+# Builds the test tooling (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+# helm, kwok)
 # from Go modules into a cache directory keyed by its inputs, and prints that bin directory.
 # A warm call only checks the key and returns. Usage: eval "$(scripts/test-tools.sh --env)"
 set -euo pipefail
@@ -26,16 +27,22 @@ build() {
   done
   (
     cd "$mod"
-    echo "building kube-apiserver, kube-controller-manager, kubectl $K8S_VERSION" >&2
+    echo "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $K8S_VERSION" >&2
     go build -trimpath -ldflags "$kflags" -o "$out/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kubectl
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
     echo "building etcd" >&2
     go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
   )
   echo "building helm $HELM_VERSION, kwok $KWOK_VERSION" >&2
+  # The Kubernetes version helm assumes without a cluster (helm template, lint), as its Makefile
+  # sets it: the client-go it is built with, 1.34.
+  local helm_k8s=""
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    helm_k8s+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=34"
+  done
   GOBIN="$out" GOFLAGS=-mod=mod go install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.metadata=" \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.metadata= $helm_k8s" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   GOBIN="$out" GOFLAGS=-mod=mod go install -trimpath \
     -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \

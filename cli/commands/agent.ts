@@ -5,9 +5,10 @@ import { errorMessage, isLockstepError } from '../../lib/errors';
 import { Agent, DEFAULT_PEER_TIMEOUT_MS } from '../../sidecar/src/agent';
 import { DEFAULT_CUTOVER } from '../../sidecar/src/replication/establishment';
 import { byteSize, nonNegativeInteger, positiveInteger } from '../arguments';
-import { addTransportOptions, daemonTransport, issuedTlsDir } from '../transport-flags';
+import { addTransportOptions, daemonTransport } from '../transport-flags';
 import type * as KubeModule from '../../lib/kube';
-import type * as RequesterModule from '../../sidecar/src/k8s/certificate-requester';
+import type * as RequesterModule from '../../lib/tls/certificate-requester';
+import { requestCertificate } from '../requested-certificate';
 
 export function agentCommand(): Command {
   return addTransportOptions(
@@ -97,17 +98,11 @@ export function agentCommand(): Command {
         try {
           let tlsDir = opts.tlsDir;
           if (opts.requestCertificate) {
-            const { CertificateRequester } =
-              require('../../sidecar/src/k8s/certificate-requester') as typeof RequesterModule; // eslint-disable-line @typescript-eslint/no-require-imports
-            tlsDir = issuedTlsDir(opts, '--request-certificate', 'agent');
-            requester = new CertificateRequester({
-              kc: loadKubeConfig(opts.kubeconfig),
-              node: opts.node,
-              namespace: opts.namespace,
-              dir: tlsDir,
-              log: log.child({ subsystem: 'certificates' }),
-            });
-            requester.start((await requester.obtain()).notAfter);
+            ({ tlsDir, requester } = await requestCertificate(
+              opts,
+              { role: 'agent', name: opts.node },
+              log,
+            ));
           }
           const transport = await daemonTransport({ ...opts, tlsDir }, log, {
             role: 'agent',

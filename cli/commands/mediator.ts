@@ -5,6 +5,9 @@ import { Command } from 'commander';
 import { errorMessage } from '../../lib/errors';
 import { createLogger } from '../../lib/logger';
 import { Mediator } from '../../mediator/src/mediator';
+import type * as RequesterModule from '../../lib/tls/certificate-requester';
+import { MEDIATOR_NAME } from '../../lib/tls/in-cluster';
+import { requestCertificate } from '../requested-certificate';
 import { addTransportOptions, daemonTransport } from '../transport-flags';
 
 export function mediatorCommand(): Command {
@@ -15,12 +18,38 @@ export function mediatorCommand(): Command {
     )
     .requiredOption('--data-dir <dir>', 'where the records are kept (one mediator per dir)')
     .option('--listen <host:port>', 'gRPC address', '0.0.0.0:7450')
+    .option(
+      '--request-certificate',
+      'in a cluster whose operator manages certificates: ask it for the mediator’s certificate ' +
+        '(the key is made here and stays here), write it to --tls-dir (default: a private ' +
+        'temporary directory) and renew it before it expires',
+      false,
+    )
+    .option('--kubeconfig <file>', 'kubeconfig for --request-certificate (default: in-cluster)')
+    .option('--namespace <ns>', 'the operator’s namespace (its CA bundle)', 'lockstep-system')
     .action(
-      async (opts: { dataDir: string; listen: string; tlsDir?: string; insecure: boolean }) => {
+      async (opts: {
+        dataDir: string;
+        listen: string;
+        tlsDir?: string;
+        insecure: boolean;
+        requestCertificate: boolean;
+        kubeconfig?: string;
+        namespace: string;
+      }) => {
         const log = createLogger('mediator');
         let mediator: Mediator;
+        let requester: RequesterModule.CertificateRequester | undefined;
         try {
-          const transport = await daemonTransport(opts, log, { role: 'mediator' });
+          let tlsDir = opts.tlsDir;
+          if (opts.requestCertificate) {
+            ({ tlsDir, requester } = await requestCertificate(
+              opts,
+              { role: 'mediator', name: MEDIATOR_NAME },
+              log,
+            ));
+          }
+          const transport = await daemonTransport({ ...opts, tlsDir }, log, { role: 'mediator' });
           mediator = await Mediator.start({
             dataDir: opts.dataDir,
             listen: opts.listen,
@@ -29,8 +58,8 @@ export function mediatorCommand(): Command {
           });
         } catch (err) {
           log.fatal({ err: errorMessage(err) }, 'mediator failed to start');
-          process.exitCode = 1;
-          return;
+          // A Kubernetes client keeps connections alive: without an exit the process would linger.
+          process.exit(1);
         }
         const why = await new Promise<'signal' | 'failed'>((resolve) => {
           const onSignal = (signal: NodeJS.Signals) => {
@@ -44,6 +73,7 @@ export function mediatorCommand(): Command {
           });
         });
         if (why === 'failed') process.exit(1);
+        requester?.stop();
         await mediator.stop();
         process.exit();
       },

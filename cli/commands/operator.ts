@@ -7,6 +7,7 @@ import type { Operator } from '../../operator/src/operator';
 import type * as OperatorModule from '../../operator/src/operator';
 import type * as KubeModule from '../../lib/kube';
 import type * as AuthorityModule from '../../operator/src/certificates/cluster-authority';
+import { CA_SECRET } from '../../lib/tls/in-cluster';
 import { duration, positiveInteger } from '../arguments';
 import { addTransportOptions, daemonTransport, issuedTlsDir } from '../transport-flags';
 
@@ -42,6 +43,16 @@ export function operatorCommand(): Command {
       false,
     )
     .option(
+      '--ca-secret <name>',
+      'with --manage-certificates: the CA’s kubernetes.io/tls Secret in --namespace',
+      CA_SECRET,
+    )
+    .option(
+      '--no-create-ca',
+      'with --manage-certificates: never make the CA Secret (cert-manager or you provide it); ' +
+        'wait for it',
+    )
+    .option(
       '--certificate-lifetime <duration>',
       'with --manage-certificates: how long issued certificates are valid (renewed when two ' +
         'thirds are gone)',
@@ -59,6 +70,8 @@ export function operatorCommand(): Command {
         tlsDir?: string;
         insecure: boolean;
         manageCertificates: boolean;
+        caSecret: string;
+        createCa: boolean;
         certificateLifetime: number;
       }) => {
         const log = createLogger('operator');
@@ -81,6 +94,8 @@ export function operatorCommand(): Command {
               kc,
               namespace: opts.namespace,
               lifetimeMs: opts.certificateLifetime,
+              secret: opts.caSecret,
+              create: opts.createCa,
               log: log.child({ subsystem: 'certificates' }),
             });
             await authority.issueOwn(tlsDir, { role: 'operator', name: 'lockstep-operator' });

@@ -137,7 +137,7 @@ export class ControllerMetrics {
     };
   }
 
-  serve(host: string, port: number): Promise<MetricsServer> {
-    return serveMetrics(this.registry, host, port);
+  serve(host: string, port: number, ready: () => boolean): Promise<MetricsServer> {
+    return serveMetrics(this.registry, host, port, ready);
   }
 }

@@ -63,6 +63,8 @@ export class Operator {
   readonly identity = `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`;
   readonly metrics = new ControllerMetrics();
   metricsAddress = '';
+  /** Its informers have listed everything once: it can act (readiness, whether it leads or not). */
+  private synced = false;
   /** Resolves when this replica stops leading (the process should then exit). */
   lost: Promise<void> = new Promise(() => undefined);
   private readonly log: Logger;
@@ -249,11 +251,13 @@ export class Operator {
     if (options.metricsListen) {
       const served = await this.metrics.serve(
         ...splitHostPort(options.metricsListen, '--metrics-listen'),
+        () => this.synced,
       );
       this.metricsServer = served;
       this.metricsAddress = served.address;
     }
     await Promise.all(this.informers.map((i) => i.start()));
+    this.synced = true;
     const events = new EventRecorder(options.kc, this.identity, log);
     // Every replica monitors its shards, leader or not: a failover must not wait for an
     // election.

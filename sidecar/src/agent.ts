@@ -289,6 +289,7 @@ export class Agent implements ExportSource {
       if (options.metricsListen) {
         const served = await agent.metrics.serve(
           ...splitHostPort(options.metricsListen, '--metrics-listen'),
+          () => agent?.serving ?? false,
         );
         agent.metricsServer = served;
         agent.metricsAddress = served.address;

@@ -244,7 +244,7 @@ export class AgentMetrics {
     }
   }
 
-  serve(host: string, port: number): Promise<MetricsServer> {
-    return serveMetrics(this.registry, host, port);
+  serve(host: string, port: number, ready: () => boolean): Promise<MetricsServer> {
+    return serveMetrics(this.registry, host, port, ready);
   }
 }

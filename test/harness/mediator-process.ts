@@ -4,6 +4,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { MediatorClient } from '../../lib/mediator-client';
+import type { Transport } from '../../lib/tls/transport';
 import { lockstepBin } from './agent-process';
 import { freePort, startProcess, waitFor, type ManagedProcess } from './processes';
 import { productNode } from './product-runtime';
@@ -23,6 +24,11 @@ export class MediatorProcess {
     readonly dataDir = '',
     /** The address it listens on. */
     private readonly host = '127.0.0.1',
+    /**
+     * Mutual TLS with certificates from elsewhere (a cluster's operator): its transport flags,
+     * and the administrator's transport the test's clients use.
+     */
+    private readonly tls?: { args: string[]; admin: () => Transport },
   ) {
     this.ownsDir = !dataDir;
     this.dataDir ||= mkdtempSync(path.join(os.tmpdir(), 'lockstep-mediator-'));
@@ -61,7 +67,10 @@ export class MediatorProcess {
   }
 
   private async spawn(): Promise<ManagedProcess> {
-    const tlsDir = await tlsDirFor({ role: 'mediator', name: 'mediator' });
+    const transportArgs = this.tls?.args ?? [
+      '--tls-dir',
+      await tlsDirFor({ role: 'mediator', name: 'mediator' }),
+    ];
     return startProcess(
       'mediator',
       productNode(),
@@ -72,8 +81,7 @@ export class MediatorProcess {
         this.dataDir,
         '--listen',
         this.address,
-        '--tls-dir',
-        tlsDir,
+        ...transportArgs,
       ],
       path.join(this.dataDir, `mediator.${this.id}.${++this.starts}.log`),
     );
@@ -81,7 +89,7 @@ export class MediatorProcess {
 
   /** A client, as an administrator. */
   client(timeoutMs?: number): MediatorClient {
-    return new MediatorClient(this.address, adminTransport(), timeoutMs);
+    return new MediatorClient(this.address, this.tls?.admin() ?? adminTransport(), timeoutMs);
   }
 
   async dispose(): Promise<void> {

@@ -23,7 +23,14 @@ export function testBinDir(): string {
 }
 
 export function testTool(
-  name: 'etcd' | 'kube-apiserver' | 'kube-controller-manager' | 'kubectl' | 'helm' | 'kwok',
+  name:
+    | 'etcd'
+    | 'kube-apiserver'
+    | 'kube-controller-manager'
+    | 'kube-scheduler'
+    | 'kubectl'
+    | 'helm'
+    | 'kwok',
 ): string {
   return path.join(testBinDir(), name);
 }

@@ -36,6 +36,7 @@ import {
   serviceAccountKubeconfig,
 } from '../harness/cluster';
 import { kubectl, startControlPlane, type ControlPlane } from '../harness/control-plane';
+import { MediatorProcess } from '../harness/mediator-process';
 import { waitFor } from '../harness/processes';
 import { dataFile, expectSameImages, inSync, peerOf, waitPeer } from '../harness/replication';
 
@@ -57,6 +58,7 @@ describe('certificates managed by the operator, on a real control plane', () => 
   let operator: OperatorProcess;
   let admin: Transport | undefined;
   const agents: AgentProcess[] = [];
+  const mediators: MediatorProcess[] = [];
   let a: AgentProcess;
   let b: AgentProcess;
 
@@ -150,7 +152,7 @@ describe('certificates managed by the operator, on a real control plane', () => 
   });
 
   afterAll(async () => {
-    for (const p of agents) await p.dispose();
+    for (const p of [...agents, ...mediators]) await p.dispose();
     await operator?.dispose();
     await westOperator?.dispose();
     await cp?.stop();
@@ -215,6 +217,77 @@ describe('certificates managed by the operator, on a real control plane', () => 
     }
   });
 
+  it('gives the mediator its certificate, asked for with its pod’s token', async () => {
+    const pod = 'lockstep-mediator-0';
+    apply(
+      {
+        apiVersion: 'v1',
+        kind: 'Pod',
+        metadata: { name: pod, namespace: NAMESPACE },
+        spec: {
+          nodeName: 'node-c',
+          serviceAccountName: 'lockstep-mediator',
+          containers: [{ name: 'mediator', image: 'lockstep:test' }],
+        },
+      },
+      cp.kubeconfig,
+    );
+    const token = serviceAccountKubeconfig(root, 'lockstep-mediator', {
+      kubeconfig: cp.kubeconfig,
+      pod,
+    });
+    const tlsDir = path.join(root, 'tls-mediator');
+    const mediator = new MediatorProcess('', '127.0.0.1', {
+      args: [
+        '--request-certificate',
+        '--kubeconfig',
+        token,
+        '--namespace',
+        NAMESPACE,
+        '--tls-dir',
+        tlsDir,
+      ],
+      admin: () => {
+        if (!admin) throw new Error('no administrator certificate yet');
+        return admin;
+      },
+    });
+    mediators.push(mediator);
+    await mediator.start();
+    const cert = new X509Certificate(readFileSync(path.join(tlsDir, 'tls.crt')));
+    expect(identityOfSubject(cert.subject)).toEqual({
+      role: 'mediator',
+      name: 'lockstep-mediator',
+    });
+    expect(cert.verify(new X509Certificate(secretField('lockstep-ca', 'tls.crt')).publicKey)).toBe(
+      true,
+    );
+    expect(cert.subjectAltName).toContain(`DNS:lockstep-mediator.${NAMESPACE}.svc`);
+    // An agent's pod cannot have it: its token is not the mediator's ServiceAccount.
+    const agentToken = serviceAccountKubeconfig(root, 'lockstep-agent', {
+      kubeconfig: cp.kubeconfig,
+      pod: agentPod('node-c', cp.kubeconfig),
+    });
+    const impostor = new MediatorProcess('', '127.0.0.1', {
+      args: [
+        '--request-certificate',
+        '--kubeconfig',
+        agentToken,
+        '--namespace',
+        NAMESPACE,
+        '--tls-dir',
+        path.join(root, 'tls-impostor'),
+      ],
+      admin: () => admin as Transport,
+    });
+    mediators.push(impostor);
+    const refused = await impostor.startRefused();
+    expect(refused.code).toBe(1);
+    expect(refused.log).toMatch(
+      /denied: requested by system:serviceaccount:lockstep-system:lockstep-agent, not by the ServiceAccount system:serviceaccount:lockstep-system:lockstep-mediator that lockstep.dev\/mediator serves/,
+    );
+  });
+
   it('refuses an agent that asks for another node’s certificate: it does not start, and says why', async () => {
     const liar = agent('node-b', { podNode: 'node-c' });
     await expect(liar.start()).rejects.toThrow(
@@ -253,7 +326,9 @@ describe('certificates managed by the operator, on a real control plane', () => 
       200,
     );
     expect(denied.type).toBe('Denied');
-    expect(denied.message).toMatch(/not by the agents’ ServiceAccount/);
+    expect(denied.message).toMatch(
+      /not by the ServiceAccount .*:lockstep-agent that lockstep.dev\/agent serves/,
+    );
   });
 
   it('says in the relationship’s status why an agent it cannot reach refuses its certificate', async () => {

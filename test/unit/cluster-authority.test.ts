@@ -10,6 +10,7 @@ import {
 
 const b64 = (s: string) => Buffer.from(s).toString('base64');
 const secret = (data: Record<string, string>): k8s.V1Secret => ({
+  metadata: { name: 'lockstep-ca' },
   data: Object.fromEntries(Object.entries(data).map(([k, v]) => [k, b64(v)])),
 });
 

@@ -238,7 +238,7 @@ describe('runControllerLoop', () => {
     q.add('b');
     q.add('c');
     await sleep(5);
-    const server = await metrics.serve('127.0.0.1', 0);
+    const server = await metrics.serve('127.0.0.1', 0, () => true);
     try {
       const text = await (await fetch(`http://${server.address}/metrics`)).text();
       expect(text).toMatch(/lockstep_operator_workqueue_depth\{controller="depth"\} 2/);

@@ -1,5 +1,6 @@
-// The signer `lockstep.dev/agent`, as kube-controller-manager signs for its own signers: the
-// leader approves or denies each request made to it (agent-request-policy.ts decides) and puts
+// The signers `lockstep.dev/agent` and `lockstep.dev/mediator`, as kube-controller-manager
+// signs for its own signers: the leader approves or denies each request made to them
+// (request-policy.ts decides) and puts
 // the certificate into the approved ones' status. Requests that were answered are deleted an
 // hour later, as the csrcleaner does for the built-in signers.
 import * as k8s from '@kubernetes/client-node';
@@ -9,11 +10,10 @@ import { isNotFound } from '../../../lib/kube';
 import type { Logger } from '../../../lib/logger';
 import { readCertificateRequest, signPublicKey } from '../../../lib/tls/certificate-authority';
 import { describeIdentity } from '../../../lib/tls/identity';
-import { AGENT_SIGNER } from '../../../lib/tls/in-cluster';
 import type { SupervisedInformer } from '../informers/supervised-informer';
 import type { ControllerMetrics } from '../metrics';
 import type { ReconcileResult } from '../workqueue/controller-loop';
-import { judgeAgentRequest, requestingPod, type Verdict } from './agent-request-policy';
+import { SIGNERS, judgeRequest, requestingPod, type Verdict } from './request-policy';
 import type { ClusterAuthority } from './cluster-authority';
 
 export interface SignerDeps {
@@ -47,7 +47,7 @@ export class CertificateSigner {
   }
 
   static isOurs(csr: Csr): boolean {
-    return csr.spec?.signerName === AGENT_SIGNER;
+    return SIGNERS.includes(csr.spec?.signerName);
   }
 
   async reconcile(name: string): Promise<ReconcileResult> {
@@ -67,21 +67,16 @@ export class CertificateSigner {
         { request: csr.metadata?.name, reason: verdict.reason },
         'certificate request denied',
       );
-      return this.answer(csr, 'Denied', 'NotAnAgentOfThatNode', verdict.reason);
+      return this.answer(csr, 'Denied', 'NotEntitled', verdict.reason);
     }
-    return this.answer(
-      csr,
-      'Approved',
-      'AgentOfNode',
-      `pod ${requestingPod(csr)} runs on node ${verdict.identity.name}`,
-    );
+    return this.answer(csr, 'Approved', 'Entitled', verdict.because);
   }
 
   private async sign(csr: Csr): Promise<ReconcileResult> {
     const { authority, log, metrics } = this.deps;
     // Judged again: the facts behind the approval (the pod, its node) are read fresh.
     const verdict = await this.examine(csr);
-    if (!verdict.grant) return this.answer(csr, 'Failed', 'NotAnAgentOfThatNode', verdict.reason);
+    if (!verdict.grant) return this.answer(csr, 'Failed', 'NotEntitled', verdict.reason);
     const ca = await authority.current();
     const { certPem, notAfter } = await signPublicKey(ca, verdict.identity, verdict.publicKey, {
       validMs: authority.lifetimeMs,
@@ -111,7 +106,7 @@ export class CertificateSigner {
       return { grant: false, reason: errorMessage(err) };
     }
     const podName = requestingPod(csr);
-    const verdict = judgeAgentRequest({
+    const verdict = judgeRequest({
       csr,
       requestedSubject: request.subject,
       pod: podName ? await this.pod(podName) : undefined,

@@ -28,6 +28,13 @@ export interface ClusterAuthorityOptions {
   namespace: string;
   /** How long the certificates it issues are valid. */
   lifetimeMs: number;
+  /** The CA's kubernetes.io/tls Secret (default lockstep-ca). */
+  secret?: string;
+  /**
+   * Make the Secret when there is none (the default). Off when the CA comes from elsewhere
+   * (cert-manager, or one the user made): then the operator waits for it instead of racing it.
+   */
+  create?: boolean;
   log: Logger;
 }
 
@@ -37,6 +44,7 @@ export interface CurrentAuthority extends Authority {
 }
 
 const RETRY_MS = 10_000;
+const WAIT_FOR_SECRET_MS = 5_000;
 
 export class ClusterAuthority {
   private readonly core: k8s.CoreV1Api;
@@ -44,8 +52,11 @@ export class ClusterAuthority {
   private stopped = false;
   private publishedBundle = '';
 
+  private readonly secret: string;
+
   private constructor(private readonly opts: ClusterAuthorityOptions) {
     this.core = opts.kc.makeApiClient(k8s.CoreV1Api);
+    this.secret = opts.secret ?? CA_SECRET;
   }
 
   get lifetimeMs(): number {
@@ -99,31 +110,39 @@ export class ClusterAuthority {
 
   private async readOrCreate(): Promise<CurrentAuthority> {
     const { namespace, log } = this.opts;
-    try {
-      return parseSecret(
-        await this.core.readNamespacedSecret({ name: CA_SECRET, namespace }),
-        namespace,
+    for (;;) {
+      try {
+        return parseSecret(
+          await this.core.readNamespacedSecret({ name: this.secret, namespace }),
+          namespace,
+        );
+      } catch (err) {
+        if (!isNotFound(err)) throw err;
+      }
+      if (this.opts.create !== false) break;
+      log.warn(
+        { secret: `${namespace}/${this.secret}` },
+        'waiting for the CA Secret (it is not made here: --no-create-ca)',
       );
-    } catch (err) {
-      if (!isNotFound(err)) throw err;
+      await new Promise((r) => setTimeout(r, WAIT_FOR_SECRET_MS));
     }
     const made = await createAuthority(`Lockstep CA (${namespace})`);
     try {
       await this.core.createNamespacedSecret({
         namespace,
         body: {
-          metadata: { name: CA_SECRET, labels: { 'app.kubernetes.io/name': 'lockstep' } },
+          metadata: { name: this.secret, labels: { 'app.kubernetes.io/name': 'lockstep' } },
           type: 'kubernetes.io/tls',
           data: { 'tls.crt': b64(made.certPem), 'tls.key': b64(made.keyPem) },
         },
       });
-      log.info({ secret: `${namespace}/${CA_SECRET}` }, 'created the cluster’s Lockstep CA');
+      log.info({ secret: `${namespace}/${this.secret}` }, 'created the cluster’s Lockstep CA');
       return { ...made, bundlePem: made.certPem };
     } catch (err) {
       // Another replica made it first: theirs is the CA.
       if (!isAlreadyExists(err)) throw err;
       return parseSecret(
-        await this.core.readNamespacedSecret({ name: CA_SECRET, namespace }),
+        await this.core.readNamespacedSecret({ name: this.secret, namespace }),
         namespace,
       );
     }
@@ -160,7 +179,7 @@ export function parseSecret(secret: k8s.V1Secret, namespace: string): CurrentAut
   };
   const certPem = field('tls.crt');
   const keyPem = field('tls.key');
-  const where = `Secret ${namespace}/${CA_SECRET}`;
+  const where = `Secret ${namespace}/${secret.metadata?.name ?? CA_SECRET}`;
   try {
     if (!certPem || !keyPem) throw new Error('it needs tls.crt and tls.key');
     const cert = new X509Certificate(certPem);

@@ -1,24 +1,28 @@
-// An agent's certificate in a cluster whose operator manages them: the agent makes its key
-// (which never leaves the node), asks for a certificate for its node through a Kubernetes
-// CertificateSigningRequest made with its pod's own token, and writes what the operator signs
-// into its --tls-dir, with the CA bundle. It asks again when two thirds of the certificate's life
-// are gone; the agent's TlsDir takes the new files up without dropping a connection.
+// A component's certificate in a cluster whose operator manages them (an agent's, for its node;
+// the mediator's): the component makes its key (which never leaves its pod), asks for a
+// certificate through a Kubernetes CertificateSigningRequest made with its pod's own token, and
+// writes what the operator signs into its --tls-dir, with the CA bundle. It asks again when two
+// thirds of the certificate's life are gone; its TlsDir takes the new files up without dropping
+// a connection.
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import * as k8s from '@kubernetes/client-node';
-import { LockstepError } from '../../../lib/errors';
-import { apiErrorMessage } from '../../../lib/kube';
-import type { Logger } from '../../../lib/logger';
-import { createCertificateRequest, writeTlsDir } from '../../../lib/tls/certificate-authority';
+import { LockstepError } from '../errors';
+import { apiErrorMessage } from '../kube';
+import type { Logger } from '../logger';
+import { createCertificateRequest, writeTlsDir } from './certificate-authority';
+import type { Identity } from './identity';
 import {
   AGENT_SIGNER,
   CA_BUNDLE_CONFIGMAP,
   CA_BUNDLE_KEY,
+  MEDIATOR_SIGNER,
   renewalDelay,
-} from '../../../lib/tls/in-cluster';
+} from './in-cluster';
 
 export interface CertificateRequesterOptions {
   kc: k8s.KubeConfig;
-  node: string;
+  /** An agent (named after its node) or the mediator. */
+  identity: Identity & { role: 'agent' | 'mediator' };
   /** The operator's namespace, where the CA bundle is published. */
   namespace: string;
   /** The --tls-dir the certificate is written to. */
@@ -48,14 +52,14 @@ export class CertificateRequester {
    * may be starting), with a log line now and then.
    */
   async obtain(): Promise<{ notAfter: Date }> {
-    const { node, log } = this.opts;
-    const { requestPem, keyPem } = await createCertificateRequest({ role: 'agent', name: node });
+    const { identity, log } = this.opts;
+    const { requestPem, keyPem } = await createCertificateRequest(identity);
     const created = await this.certificates.createCertificateSigningRequest({
       body: {
-        metadata: { generateName: `lockstep-agent-${node}-` },
+        metadata: { generateName: `lockstep-${identity.role}-${identity.name}-` },
         spec: {
           request: Buffer.from(requestPem).toString('base64'),
-          signerName: AGENT_SIGNER,
+          signerName: identity.role === 'mediator' ? MEDIATOR_SIGNER : AGENT_SIGNER,
           usages: ['digital signature', 'server auth', 'client auth'],
         },
       },

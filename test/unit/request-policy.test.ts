@@ -1,16 +1,14 @@
-// Whom the operator's signer gives an agent certificate: the pure rule, case by case. The real
+// Whom the operator's signers give a certificate: the pure rule, case by case. The real
 // requests, made with real pod-bound tokens on a real apiserver, are in
 // test/k8s/cluster-certificates.test.ts.
 import type * as k8s from '@kubernetes/client-node';
-import {
-  judgeAgentRequest,
-  type RequestFacts,
-} from '../../operator/src/certificates/agent-request-policy';
+import { judgeRequest, type RequestFacts } from '../../operator/src/certificates/request-policy';
 
 const NS = 'lockstep-system';
 const AGENT = `system:serviceaccount:${NS}:lockstep-agent`;
 
 function facts(over: {
+  signer?: string;
   username?: string;
   extra?: Record<string, string[]>;
   pod?: k8s.V1Pod | null;
@@ -25,7 +23,7 @@ function facts(over: {
     csr: {
       spec: {
         request: '',
-        signerName: 'lockstep.dev/agent',
+        signerName: over.signer ?? 'lockstep.dev/agent',
         username: over.username ?? AGENT,
         extra: over.extra ?? {
           'authentication.kubernetes.io/pod-name': ['agent-x'],
@@ -40,17 +38,18 @@ function facts(over: {
 }
 
 const reason = (f: RequestFacts) => {
-  const v = judgeAgentRequest(f);
+  const v = judgeRequest(f);
   return v.grant ? 'granted' : v.reason;
 };
 
 describe('agent certificate requests', () => {
   it('grants the node its pod runs on, with the pod’s addresses as names', () => {
-    expect(judgeAgentRequest(facts({}))).toEqual({
+    expect(judgeRequest(facts({}))).toEqual({
       grant: true,
       identity: { role: 'agent', name: 'node-a' },
       dnsNames: ['node-a'],
       ips: ['10.1.0.5', 'fd00::5'],
+      because: 'pod agent-x runs on node node-a',
     });
   });
 
@@ -66,7 +65,7 @@ describe('agent certificate requests', () => {
 
   it('refuses another requester than the agents’ ServiceAccount', () => {
     expect(reason(facts({ username: 'system:serviceaccount:default:default' }))).toMatch(
-      /requested by system:serviceaccount:default:default, not by the agents’ ServiceAccount/,
+      /requested by system:serviceaccount:default:default, not by the ServiceAccount system:serviceaccount:lockstep-system:lockstep-agent that lockstep.dev\/agent serves/,
     );
   });
 
@@ -123,5 +122,65 @@ describe('agent certificate requests', () => {
         }),
       ),
     ).toMatch(/the token names node node-b/);
+  });
+});
+
+describe('mediator certificate requests', () => {
+  const MEDIATOR = `system:serviceaccount:${NS}:lockstep-mediator`;
+  const mediatorPod: k8s.V1Pod = {
+    metadata: { name: 'mediator-x', uid: 'uid-1' },
+    spec: { nodeName: 'node-c', serviceAccountName: 'lockstep-mediator', containers: [] },
+    status: { hostIP: '10.1.0.7', podIPs: [{ ip: '10.2.0.9' }] },
+  };
+  const mediator = (over: Parameters<typeof facts>[0] = {}) =>
+    facts({
+      signer: 'lockstep.dev/mediator',
+      username: MEDIATOR,
+      pod: mediatorPod,
+      subject: 'CN=lockstep-mediator, O=lockstep:mediator',
+      extra: {
+        'authentication.kubernetes.io/pod-name': ['mediator-x'],
+        'authentication.kubernetes.io/pod-uid': ['uid-1'],
+      },
+      ...over,
+    });
+
+  it('grants the mediator’s pod the mediator’s certificate, named as its Service', () => {
+    expect(judgeRequest(mediator())).toEqual({
+      grant: true,
+      identity: { role: 'mediator', name: 'lockstep-mediator' },
+      dnsNames: [
+        'lockstep-mediator',
+        'lockstep-mediator.lockstep-system',
+        'lockstep-mediator.lockstep-system.svc',
+      ],
+      ips: ['10.2.0.9'],
+      because: 'pod mediator-x is the mediator',
+    });
+  });
+
+  it('refuses an agent asking the mediator’s signer, and the mediator asking the agents’', () => {
+    expect(reason(mediator({ username: AGENT }))).toMatch(
+      /not by the ServiceAccount system:serviceaccount:lockstep-system:lockstep-mediator that lockstep.dev\/mediator serves/,
+    );
+    expect(reason(mediator({ signer: 'lockstep.dev/agent' }))).toMatch(
+      /not by the ServiceAccount .*:lockstep-agent that lockstep.dev\/agent serves/,
+    );
+  });
+
+  it('refuses any other subject, and a pod of another ServiceAccount', () => {
+    expect(reason(mediator({ subject: 'CN=node-c, O=lockstep:agent' }))).toMatch(
+      /asks for "CN=node-c, O=lockstep:agent", but pod mediator-x is the mediator/,
+    );
+    expect(
+      reason(
+        mediator({
+          pod: {
+            ...mediatorPod,
+            spec: { ...mediatorPod.spec, serviceAccountName: 'lockstep-agent', containers: [] },
+          },
+        }),
+      ),
+    ).toMatch(/does not run as lockstep-mediator/);
   });
 });
