@@ -11,11 +11,7 @@ import type * as RequesterModule from '../../lib/tls/certificate-requester';
 import { requestCertificate } from '../requested-certificate';
 
 export function agentCommand(): Command {
-  return addTransportOptions(
-    new Command('agent').description(
-      'run the node agent: owns volumes, serves them over NBD, replicates writes',
-    ),
-  )
+  return addTransportOptions(new Command('agent'))
     .requiredOption('--node <name>', 'name of the node this agent serves')
     .requiredOption('--data-dir <dir>', 'directory holding the volumes and the agent state')
     .addOption(

@@ -33,9 +33,7 @@ interface IssueOptions {
 const collect = (v: string, all: string[]) => [...all, v];
 
 export function certsCommand(): Command {
-  const certs = new Command('certs').description(
-    'make the CA and the certificates of a deployment outside Kubernetes (mutual TLS)',
-  );
+  const certs = new Command('certs');
   certs
     .command('init')
     .argument('<ca-dir>', 'where the CA goes: ca.crt (give it to every component) and ca.key')

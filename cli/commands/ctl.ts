@@ -37,9 +37,7 @@ function snapshotRows(snapshots: SnapshotInfo[]): string[][] {
 const SNAPSHOT_HEADERS = ['VOLUME', 'NAME', 'LABEL', 'CREATED', 'SAVED', 'EXPORT'];
 
 export function ctlCommand(): Command {
-  const ctl = addTransportOptions(
-    new Command('ctl').description('control an agent through its gRPC API'),
-  )
+  const ctl = addTransportOptions(new Command('ctl'))
     .option(
       '--agent <host:port>',
       'agent control address',

@@ -184,9 +184,6 @@ async function waitTakeOver(agent: DemoAgent, volume: string): Promise<number> {
 
 export function demoCommand(): Command {
   return new Command('demo')
-    .description(
-      'replicate a volume between two local agents with a mediator, kill the primary, watch the replica take over, check every acknowledged write',
-    )
     .option('--size <size>', 'volume size', '256MiB')
     .option('--seconds <n>', 'how long to write before killing the primary', '3')
     .option('--keep', 'keep the agents’ data directories (printed) for inspection', false)

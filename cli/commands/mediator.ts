@@ -12,10 +12,6 @@ import { addTransportOptions, daemonTransport } from '../transport-flags';
 
 export function mediatorCommand(): Command {
   return addTransportOptions(new Command('mediator'))
-    .description(
-      'run a mediator: per consistency group an epoch, its primary and in-sync copies, ' +
-        'changed only by compare-and-swap (the fencing tokens of failover)',
-    )
     .requiredOption('--data-dir <dir>', 'where the records are kept (one mediator per dir)')
     .option('--listen <host:port>', 'gRPC address', '0.0.0.0:7450')
     .option(

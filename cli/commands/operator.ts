@@ -13,7 +13,6 @@ import { addTransportOptions, daemonTransport, issuedTlsDir } from '../transport
 
 export function operatorCommand(): Command {
   return addTransportOptions(new Command('operator'))
-    .description('run the operator: turns SyncRelationships into replication on the agents')
     .option('--kubeconfig <file>', 'kubeconfig (default: in-cluster or $KUBECONFIG)')
     .option(
       '--namespace <ns>',
