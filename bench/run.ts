@@ -4,7 +4,7 @@
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
 //        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
-//         --move-only | --mediator-only | --failover-only | --tls-only]
+//         --move-only | --mediator-only | --failover-only | --tls-only | --install-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
@@ -43,6 +43,7 @@ import { moveReport, moveRun } from './move';
 import { mediatorReport, mediatorRun } from './mediator';
 import { failoverReport, failoverRun } from './failover';
 import { replicateToInSync } from './replicate';
+import { installReport, installRun } from './install';
 
 const execFileAsync = promisify(execFile);
 
@@ -191,6 +192,8 @@ async function main(): Promise<void> {
       'mediator-only': { type: 'boolean', default: false },
       // Only replication over mutual TLS against plaintext and qemu's mirror over TLS.
       'tls-only': { type: 'boolean', default: false },
+      // Only the image's size, --version in it, an agent's RSS at rest, helm install on kwok.
+      'install-only': { type: 'boolean', default: false },
       // Only failover through a mediator: unplanned failover time, the stall a replica's death
       // causes (--rounds of each; default 10).
       'failover-only': { type: 'boolean', default: false },
@@ -243,6 +246,10 @@ async function main(): Promise<void> {
     } finally {
       rmSync(work, { recursive: true, force: true });
     }
+    return;
+  }
+  if (values['install-only']) {
+    process.stdout.write(`${installReport(await installRun())}\n`);
     return;
   }
   if (values['snapshots-only']) {
@@ -315,6 +322,7 @@ async function main(): Promise<void> {
   const overTls = await tlsRun(bench, tlsWork, size, runtime, rounds).finally(() =>
     rmSync(tlsWork, { recursive: true, force: true }),
   );
+  const install = await installRun();
 
   const rows = ratioRows(perRound, [
     ['lockstep-local', 'qemu-local'],
@@ -352,6 +360,8 @@ async function main(): Promise<void> {
       failoverReport(failover),
       '',
       tlsReport(overTls),
+      '',
+      installReport(install),
       '',
       'Raw lines:',
       '```',

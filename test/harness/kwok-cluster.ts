@@ -1,7 +1,8 @@
 // A cluster whose nodes are kwok's: a real control plane with the controllers that turn
-// Deployments and DaemonSets into pods (and collect them), the real kube-scheduler placing
-// those pods, and kwok playing the kubelet of each node (it marks pods Running and Ready
-// without running them). What `helm install` needs to be tested for real, on one machine.
+// Deployments and DaemonSets into pods, collect them and mark nodes ready, the real
+// kube-scheduler placing those pods, and kwok playing the kubelet of each node (it marks pods
+// Running and Ready without running them). What `helm install` needs to be tested for real, on
+// one machine.
 import path from 'node:path';
 import { kubectl, startControlPlane, type ControlPlane } from './control-plane';
 import { freePort, startProcess, waitFor } from './processes';
@@ -22,6 +23,8 @@ export async function startKwokCluster(nodes: string[]): Promise<KwokCluster> {
       'garbagecollector',
       'serviceaccount',
       'namespace',
+      // Lifts the not-ready taint the apiserver puts on a new node once kwok reports it Ready.
+      'nodelifecycle',
     ],
   });
   try {
