@@ -21,7 +21,10 @@ const MiB = 1024 * 1024;
 export interface InstallResult {
   imageMiB: number;
   versionMs: number;
+  /** A standalone agent. */
   agentRssMiB: number;
+  /** An agent as the chart runs it: registered with the cluster (the Kubernetes client loaded). */
+  registeredAgentRssMiB: number;
   helmInstallSeconds: number;
 }
 
@@ -49,8 +52,15 @@ async function imageFigures(): Promise<{ imageMiB: number; versionMs: number }> 
   }
 }
 
-async function agentRss(): Promise<number> {
-  const agent = await new AgentProcess({ node: 'bench-rss', metrics: true }).start();
+async function agentRss(kubeconfig?: string): Promise<number> {
+  const register = kubeconfig
+    ? ['--register', '--kubeconfig', kubeconfig, '--namespace', 'lockstep-system']
+    : [];
+  const agent = await new AgentProcess({
+    node: 'bench-rss',
+    metrics: true,
+    extraArgs: register,
+  }).start();
   try {
     for (let i = 0; i < 10; i++) await agent.createVolume(`v${i}`, '1GiB');
     // At rest: what it keeps, once start-up garbage has had a chance to go.
@@ -62,7 +72,8 @@ async function agentRss(): Promise<number> {
   }
 }
 
-async function helmInstall(): Promise<number> {
+/** Installs the chart; then measures a registered agent's RSS on that cluster. */
+async function helmInstall(): Promise<{ seconds: number; registeredRssMiB: number }> {
   const cluster = await startKwokCluster(['kwok-a', 'kwok-b', 'kwok-c']);
   const home = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-helm-'));
   try {
@@ -91,7 +102,8 @@ async function helmInstall(): Promise<number> {
         },
       },
     );
-    return (performance.now() - t) / 1000;
+    const seconds = (performance.now() - t) / 1000;
+    return { seconds, registeredRssMiB: await agentRss(cluster.kubeconfig) };
   } finally {
     await cluster.stop();
     rmSync(home, { recursive: true, force: true });
@@ -100,13 +112,21 @@ async function helmInstall(): Promise<number> {
 
 export async function installRun(): Promise<InstallResult> {
   const image = await imageFigures();
-  return { ...image, agentRssMiB: await agentRss(), helmInstallSeconds: await helmInstall() };
+  const agentRssMiB = await agentRss();
+  const helm = await helmInstall();
+  return {
+    ...image,
+    agentRssMiB,
+    registeredAgentRssMiB: helm.registeredRssMiB,
+    helmInstallSeconds: helm.seconds,
+  };
 }
 
 export function installReport(r: InstallResult): string {
   return (
     `install image_mib=${r.imageMiB.toFixed(1)} version_in_image_ms=${r.versionMs.toFixed(0)} ` +
     `agent_rss_10_volumes_mib=${r.agentRssMiB.toFixed(1)} ` +
+    `registered_agent_rss_10_volumes_mib=${r.registeredAgentRssMiB.toFixed(1)} ` +
     `helm_install_3_kwok_nodes_s=${r.helmInstallSeconds.toFixed(1)}`
   );
 }
