@@ -2,7 +2,10 @@
 // several operators in one test process, or an embedding program, never collide. Controllers and
 // informers bind their label children once, at setup.
 import client from 'prom-client';
+import { registerProcessMetrics } from '../../lib/process-metrics';
+import { setStates } from '../../lib/enum-gauge';
 import { serveMetrics, type MetricsServer } from '../../lib/metrics-server';
+import { RELATIONSHIP_PHASES, type SyncRelationship } from './api/types';
 
 export type ReconcileOutcome = 'success' | 'error' | 'requeue_after';
 export type InformerRestartReason = 'error' | 'quiet';
@@ -33,10 +36,44 @@ export class ControllerMetrics {
   readonly certificatesIssued: client.Counter;
   /** Read at scrape time, so the gauge is exact without touching the queue's hot path. */
   private readonly queueLengths = new Map<string, () => number>();
+  /** The relationships as the informer has them, read at scrape time. */
+  private relationships: () => SyncRelationship[] = () => [];
 
   constructor() {
     const registers = [this.registry];
-    client.collectDefaultMetrics({ register: this.registry, prefix: 'lockstep_operator_' });
+    registerProcessMetrics(this.registry, 'lockstep_operator_');
+    const relationships = () => this.relationships();
+    new client.Gauge({
+      name: 'lockstep_operator_relationship_phase',
+      help: `1 for the phase each SyncRelationship is in, 0 for the others (${RELATIONSHIP_PHASES.join(', ')}).`,
+      labelNames: ['namespace', 'relationship', 'phase'],
+      registers,
+      collect() {
+        this.reset();
+        for (const r of relationships())
+          setStates(
+            this,
+            { namespace: r.metadata?.namespace ?? '', relationship: r.metadata?.name ?? '' },
+            'phase',
+            RELATIONSHIP_PHASES,
+            r.status?.phase ?? 'Pending',
+          );
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_operator_relationship_dirty_bytes',
+      help: 'Bytes the copies of each SyncRelationship are missing, as its status says.',
+      labelNames: ['namespace', 'relationship'],
+      registers,
+      collect() {
+        this.reset();
+        for (const r of relationships())
+          this.set(
+            { namespace: r.metadata?.namespace ?? '', relationship: r.metadata?.name ?? '' },
+            r.status?.dirtyBytes ?? 0,
+          );
+      },
+    });
     this.reconciles = new client.Counter({
       name: 'lockstep_operator_reconcile_total',
       help: 'Reconciles finished, by controller and result (success, error, requeue_after).',
@@ -96,6 +133,11 @@ export class ControllerMetrics {
       help: 'Monitoring shards this operator replica holds.',
       registers,
     });
+  }
+
+  /** Where the relationship gauges read from (the operator's informer). */
+  watchRelationships(list: () => SyncRelationship[]): void {
+    this.relationships = list;
   }
 
   controller(name: string): ControllerRecorder {

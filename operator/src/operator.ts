@@ -129,6 +129,7 @@ export class Operator {
       if (r.spec.snapshotSchedules?.length) this.queues.schedules.add(keyOf(r));
       this.enqueueUnsettledSnapshots(r.metadata.namespace);
     });
+    this.metrics.watchRelationships(() => this.relationships.list());
     this.groups = custom<ConsistencyGroup>('consistencygroups', (g) => {
       this.queues.groups.add(keyOf(g));
       this.enqueueUnsettledSnapshots(g.metadata.namespace);

@@ -160,9 +160,12 @@ export class Agent implements ExportSource {
   ) {
     this.log = options.log;
     this.metrics = new AgentMetrics(store, options.node, () =>
-      [...this.engines].flatMap(([volume, rv]) =>
-        rv.meta.replication ? [{ volume, status: rv.status() }] : [],
-      ),
+      [...this.engines].map(([volume, rv]) => ({
+        volume,
+        role: rv.meta.role,
+        replication: rv.meta.replication ? rv.status() : undefined,
+        snapshots: rv.snapshots.list(),
+      })),
     );
     this.nbd = new NbdServer(
       this,
@@ -183,6 +186,7 @@ export class Agent implements ExportSource {
         await this.promote(volume, true, undefined, epoch);
       },
       primaryGone: (volume) => void this.nbd.disconnectExport(volume),
+      observeLeg: (volume) => this.metrics.legObserver(volume),
     };
   }
 

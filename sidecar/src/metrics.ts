@@ -5,8 +5,29 @@
 import client from 'prom-client';
 import type { RequestKind, RequestObserver } from './frontend/nbd/connection';
 import type { VolumeStore } from './store/volume-store';
-import type { ReplicationStatus } from './replication/replication-status';
+import {
+  PEER_STATES,
+  PROTECTION_STATES,
+  type PeerStatus,
+  type ReplicationStatus,
+} from './replication/replication-status';
+import type { WriteLeg } from './engine/splitter';
+import type { Role } from './store/volume-metadata';
+import type { SnapshotInfo } from './snapshots/snapshot-catalog';
+import { registerProcessMetrics } from '../../lib/process-metrics';
+import { setStates } from '../../lib/enum-gauge';
 import { serveMetrics, type MetricsServer } from '../../lib/metrics-server';
+
+/** A volume as the metrics read it at scrape time. */
+export interface VolumeView {
+  volume: string;
+  role: Role;
+  /** Undefined while it does not replicate. */
+  replication: ReplicationStatus | undefined;
+  snapshots: SnapshotInfo[];
+}
+
+const ROLES: readonly Role[] = ['primary', 'secondary'];
 
 interface Bound {
   volume: string;
@@ -24,16 +45,12 @@ export class AgentMetrics {
   private readonly bytes: client.Counter;
   private readonly duration: client.Histogram;
   private readonly clients: client.Gauge;
+  private readonly legs: client.Histogram;
   private readonly bound = new Map<string, Map<RequestKind, Bound>>();
 
-  constructor(
-    store: VolumeStore,
-    node: string,
-    replication: () => Array<{ volume: string; status: ReplicationStatus }>,
-  ) {
+  constructor(store: VolumeStore, node: string, volumes: () => VolumeView[]) {
     const registers = [this.registry];
     this.registry.setDefaultLabels({ node });
-    client.collectDefaultMetrics({ register: this.registry, prefix: 'lockstep_agent_' });
     const pending = () => [...this.bound.values()].flatMap((m) => [...m.values()]);
     this.requests = new client.Counter({
       name: 'lockstep_nbd_requests_total',
@@ -67,7 +84,18 @@ export class AgentMetrics {
       buckets: [25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1],
       registers,
     });
-    this.replicationGauges(registers, replication);
+    this.legs = new client.Histogram({
+      name: 'lockstep_write_leg_duration_seconds',
+      help:
+        'Time from sending a replicated write to its local write (leg=local) and to the last ' +
+        "peer's acknowledgement (leg=remote); one write in 8 is timed. The whole request, " +
+        'NBD to reply, is lockstep_nbd_request_duration_seconds.',
+      labelNames: ['volume', 'leg'],
+      buckets: [25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3, 1],
+      registers,
+    });
+    this.replicationGauges(registers, volumes);
+    registerProcessMetrics(this.registry, 'lockstep_agent_');
     this.clients = new client.Gauge({
       name: 'lockstep_nbd_clients',
       help: 'NBD connections attached to a volume.',
@@ -121,12 +149,23 @@ export class AgentMetrics {
   }
 
   /** Replication state, read from the volumes at scrape time (nothing on the write path). */
-  private replicationGauges(
-    registers: client.Registry[],
-    replication: () => Array<{ volume: string; status: ReplicationStatus }>,
-  ): void {
+  private replicationGauges(registers: client.Registry[], volumes: () => VolumeView[]): void {
+    const replicated = () =>
+      volumes().flatMap((v) =>
+        v.replication ? [{ volume: v.volume, status: v.replication }] : [],
+      );
     const peers = () =>
-      replication().flatMap(({ volume, status }) => status.peers.map((p) => ({ volume, p })));
+      replicated().flatMap(({ volume, status }) => status.peers.map((p) => ({ volume, p })));
+    new client.Gauge({
+      name: 'lockstep_volume_role',
+      help: "1 for the role each volume's copy on this agent has (primary, secondary), 0 for the other.",
+      labelNames: ['volume', 'role'],
+      registers,
+      collect() {
+        this.reset();
+        for (const v of volumes()) setStates(this, { volume: v.volume }, 'role', ROLES, v.role);
+      },
+    });
     new client.Gauge({
       name: 'lockstep_replication_peer_dirty_bytes',
       help: 'Bytes a peer is known to be missing (its dirty bitmap), per volume and peer.',
@@ -139,45 +178,93 @@ export class AgentMetrics {
     });
     new client.Gauge({
       name: 'lockstep_replication_peer_state',
-      help: '1 for the state each peer is in (InSync, Resyncing, Baselining, OutOfSync, Disconnected, SplitBrain, ...).',
+      help: `1 for the state each peer is in, 0 for the others (${PEER_STATES.join(', ')}).`,
       labelNames: ['volume', 'peer', 'state'],
       registers,
       collect() {
         this.reset();
         for (const { volume, p } of peers())
-          this.set({ volume, peer: p.address, state: p.state }, 1);
+          setStates(this, { volume, peer: p.address }, 'state', PEER_STATES, p.state);
       },
     });
     new client.Gauge({
-      name: 'lockstep_replication_resync_sent_bytes',
-      help: 'Bytes sent to each peer by baseline and resync since the agent started.',
+      name: 'lockstep_replication_peer_last_in_sync_timestamp_seconds',
+      help: 'When each peer was last in sync (unix time; 0: never since the agent started).',
       labelNames: ['volume', 'peer'],
       registers,
       collect() {
         this.reset();
         for (const { volume, p } of peers())
-          this.set({ volume, peer: p.address }, p.resyncBytesSent);
+          this.set({ volume, peer: p.address }, p.lastInSyncAt / 1000);
       },
     });
-    new client.Gauge({
-      name: 'lockstep_replication_peer_link_failures',
+    new client.Counter({
+      name: 'lockstep_replication_sent_bytes_total',
+      help:
+        'Bytes sent to each peer: live writes (kind=live), and baseline and resync ' +
+        '(kind=resync), since the agent started.',
+      labelNames: ['volume', 'peer', 'kind'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, p } of peers()) {
+          this.inc({ volume, peer: p.address, kind: 'live' }, p.liveBytesSent);
+          this.inc({ volume, peer: p.address, kind: 'resync' }, p.resyncBytesSent);
+        }
+      },
+    });
+    new client.Counter({
+      name: 'lockstep_replication_peer_link_failures_total',
       help: 'Times the link to each peer failed (lost, timed out, or the peer failed an op) since the agent started.',
       labelNames: ['volume', 'peer'],
       registers,
       collect() {
         this.reset();
-        for (const { volume, p } of peers()) this.set({ volume, peer: p.address }, p.linkFailures);
+        for (const { volume, p } of peers()) this.inc({ volume, peer: p.address }, p.linkFailures);
       },
     });
-    new client.Gauge({
-      name: 'lockstep_replication_received_bytes',
+    // Progress of the resync or establishment under way to each peer (absent when none is).
+    const progress = (
+      name: string,
+      help: string,
+      value: (r: NonNullable<PeerStatus['resync']>) => number,
+    ) =>
+      new client.Gauge({
+        name,
+        help,
+        labelNames: ['volume', 'peer', 'kind'],
+        registers,
+        collect() {
+          this.reset();
+          for (const { volume, p } of peers())
+            if (p.resync)
+              this.set({ volume, peer: p.address, kind: p.resync.kind }, value(p.resync));
+        },
+      });
+    progress(
+      'lockstep_replication_resync_done_bytes',
+      'Bytes of the resync or establishment under way (kind: baseline, incremental, cutover, bitmap, full, snapshot) sent so far.',
+      (r) => r.doneBytes,
+    );
+    progress(
+      'lockstep_replication_resync_total_bytes',
+      'Bytes the resync or establishment under way has to send in all.',
+      (r) => r.totalBytes,
+    );
+    progress(
+      'lockstep_replication_resync_eta_seconds',
+      'Estimated time until the resync or establishment under way ends, at its rate so far.',
+      (r) => r.etaSeconds,
+    );
+    new client.Counter({
+      name: 'lockstep_replication_received_bytes_total',
       help: 'Bytes of writes (live and catch-up) a secondary copy took from its primaries since it became one.',
       labelNames: ['volume'],
       registers,
       collect() {
         this.reset();
-        for (const { volume, status } of replication())
-          if (status.role === 'secondary') this.set({ volume }, status.receivedBytes);
+        for (const { volume, status } of replicated())
+          if (status.role === 'secondary') this.inc({ volume }, status.receivedBytes);
       },
     });
     new client.Gauge({
@@ -187,7 +274,7 @@ export class AgentMetrics {
       registers,
       collect() {
         this.reset();
-        for (const { volume, status } of replication())
+        for (const { volume, status } of replicated())
           this.set({ volume }, status.protection.epoch);
       },
     });
@@ -200,20 +287,64 @@ export class AgentMetrics {
       registers,
       collect() {
         this.reset();
-        for (const { volume, status } of replication())
+        for (const { volume, status } of replicated())
           this.set({ volume }, status.protection.acceptsWrites ? 1 : 0);
       },
     });
     new client.Gauge({
-      name: 'lockstep_replication_live_sent_bytes',
-      help: 'Bytes of live writes sent to each peer since the agent started.',
-      labelNames: ['volume', 'peer'],
+      name: 'lockstep_replication_protection_state',
+      help: `1 for where each copy stands with the mediator, 0 for the rest (${PROTECTION_STATES.join(', ')}).`,
+      labelNames: ['volume', 'state'],
       registers,
       collect() {
         this.reset();
-        for (const { volume, p } of peers()) this.set({ volume, peer: p.address }, p.liveBytesSent);
+        for (const { volume, status } of replicated())
+          setStates(this, { volume }, 'state', PROTECTION_STATES, status.protection.state);
       },
     });
+    new client.Gauge({
+      name: 'lockstep_replication_mediator_reachable',
+      help: "1 if the last call to the volume's mediator was answered, 0 if it failed (volumes with a mediator).",
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const { volume, status } of replicated())
+          if (status.protection.mediator)
+            this.set({ volume }, status.protection.mediatorReachable ? 1 : 0);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_snapshots',
+      help: 'Snapshots of each volume on this agent.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const v of volumes()) this.set({ volume: v.volume }, v.snapshots.length);
+      },
+    });
+    new client.Gauge({
+      name: 'lockstep_snapshot_saved_bytes',
+      help: 'Bytes the snapshots of each volume occupy: the old blocks copy-before-write saved, and their log records.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const v of volumes())
+          this.set(
+            { volume: v.volume },
+            v.snapshots.reduce((n, snap) => n + snap.savedBytes, 0),
+          );
+      },
+    });
+  }
+
+  /** Where a volume's sampled write legs are timed (splitter.ts samples one write in 8). */
+  legObserver(volume: string): (leg: WriteLeg, seconds: number) => void {
+    const local = this.legs.labels(volume, 'local');
+    const remote = this.legs.labels(volume, 'remote');
+    return (leg, seconds) => (leg === 'local' ? local : remote).observe(seconds);
   }
 
   readonly observeRequest: RequestObserver = (volume, kind, bytes, seconds, errno) => {
@@ -242,6 +373,7 @@ export class AgentMetrics {
     for (const m of [this.requests, this.bytes, this.duration, this.clients] as client.Metric[]) {
       (m as client.Counter).remove({ volume } as never);
     }
+    for (const leg of ['local', 'remote']) this.legs.remove({ volume, leg });
   }
 
   serve(host: string, port: number, ready: () => boolean): Promise<MetricsServer> {

@@ -146,10 +146,14 @@ function cloneFiles(agent: AgentProcess, name: string): string[] {
 }
 
 /** A replication gauge of the agent's, for one volume (and its only peer). */
-async function replicationMetric(agent: AgentProcess, metric: string, volume: string) {
+/** Bytes the agent sent its peer for `volume`: live writes, or baseline and resync. */
+async function sentBytes(agent: AgentProcess, kind: 'live' | 'resync', volume: string) {
   const text = await (await fetch(`http://127.0.0.1:${agent.metricsPort}/metrics`)).text();
-  const m = new RegExp(`^${metric}\\{volume="${volume}",[^}]*\\} (\\d+)$`, 'm').exec(text);
-  if (!m) throw new Error(`no ${metric} for ${volume} on ${agent.node}`);
+  const m = new RegExp(
+    `^lockstep_replication_sent_bytes_total\\{volume="${volume}",[^}]*kind="${kind}"[^}]*\\} (\\d+)$`,
+    'm',
+  ).exec(text);
+  if (!m) throw new Error(`no ${kind} bytes sent for ${volume} on ${agent.node}`);
   return Number(m[1]);
 }
 
@@ -483,8 +487,8 @@ describe('clones', () => {
     const cloned = await waitPeer(a, 'c', peer, inSync, 'in sync on the clone');
     expect(cloned.resyncBytesSent).toBe(0);
     expect(cloned.liveBytesSent).toBe(0);
-    expect(await replicationMetric(a, 'lockstep_replication_resync_sent_bytes', 'c')).toBe(0);
-    expect(await replicationMetric(a, 'lockstep_replication_live_sent_bytes', 'c')).toBe(0);
+    expect(await sentBytes(a, 'resync', 'c')).toBe(0);
+    expect(await sentBytes(a, 'live', 'c')).toBe(0);
     // On the wire: a baseline would carry the whole 256 MiB (every block of a clone may hold
     // data); handshakes and lane hellos are a few KiB.
     expect(replica.dataBytesForwarded - dataBefore).toBeLessThan(256 * KiB);
@@ -499,7 +503,7 @@ describe('clones', () => {
     const synced = await waitPeer(a, 'c', peer, inSync, 'in sync after the clone’s writes');
     expect(synced.resyncBytesSent).toBe(0);
     const written = own.reduce((n, f) => n + f.length, 0);
-    expect(await replicationMetric(a, 'lockstep_replication_live_sent_bytes', 'c')).toBe(written);
+    expect(await sentBytes(a, 'live', 'c')).toBe(written);
     expect(replica.dataBytesForwarded - dataBefore).toBeGreaterThan(written);
 
     await hydrated(client, 'c');

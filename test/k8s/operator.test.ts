@@ -20,6 +20,7 @@ import {
 import { ackedCount } from '../harness/follow-writer';
 import { MediatorProcess } from '../harness/mediator-process';
 import { shardOf } from '../../operator/src/leader/shard-leases';
+import { RELATIONSHIP_PHASES } from '../../operator/src/api/types';
 import {
   NAMESPACE,
   OperatorProcess,
@@ -36,6 +37,7 @@ import {
   waitBound,
 } from '../harness/cluster';
 import { kubectl } from '../harness/control-plane';
+import { parseSamples, promtool, samplesOf } from '../harness/promtool';
 import { waitFor } from '../harness/processes';
 import { expectSameImages } from '../harness/replication';
 
@@ -381,6 +383,19 @@ describe('operator on a real control plane', () => {
     expect(metrics).toMatch(
       /lockstep_operator_informer_events_total\{resource="syncrelationships"/,
     );
+    // Linted as Prometheus would have it; the phase is one 0/1 series per phase.
+    expect(await promtool(['check', 'metrics'], metrics)).toEqual({
+      code: 0,
+      stdout: '',
+      stderr: '',
+    });
+    const phases = samplesOf(parseSamples(metrics ?? ''), 'lockstep_operator_relationship_phase', {
+      namespace: NS,
+      relationship: 'db-sync',
+    });
+    expect(phases.map((p) => p.labels.phase).sort()).toEqual([...RELATIONSHIP_PHASES].sort());
+    expect(phases.filter((p) => p.value === 1).map((p) => p.labels.phase)).toEqual(['InSync']);
+    expect(metrics).toMatch(/^lockstep_build_info\{version="[^"]+",runtime="v24\.[^"]*"\} 1$/m);
 
     // Writes through the primary's NBD export reach the replica file on the target PVC.
     await fioVerify(a.uri(`${NS}.db.data`), '16M');

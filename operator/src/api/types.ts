@@ -75,8 +75,16 @@ export interface FailoverStatus {
   lastForcedPromotion?: { node: string; epoch: number; time: string };
 }
 
-export type RelationshipPhase =
-  'Pending' | 'Baselining' | 'InSync' | 'Resyncing' | 'Degraded' | 'SplitBrain' | 'Failed';
+export const RELATIONSHIP_PHASES = [
+  'Pending',
+  'Baselining',
+  'InSync',
+  'Resyncing',
+  'Degraded',
+  'SplitBrain',
+  'Failed',
+] as const;
+export type RelationshipPhase = (typeof RELATIONSHIP_PHASES)[number];
 
 export interface SyncRelationshipStatus {
   observedGeneration?: number;

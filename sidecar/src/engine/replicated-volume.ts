@@ -49,7 +49,7 @@ import { VolumeTracking, bitmapFile, startTracking } from '../tracking/volume-tr
 import { EpochAuthority, type Standing } from './epoch-authority';
 import { FailoverWatch, claimEpoch, type WatchState } from './failover';
 import { policyFor } from './mode-policy';
-import { Splitter } from './splitter';
+import { Splitter, type WriteLeg } from './splitter';
 import { replicationStatus } from './status-view';
 
 function standingDetail(s: Standing, unreachable: string): string {
@@ -100,6 +100,8 @@ export interface ReplicationContext {
    * to reconnect to the new primary.
    */
   primaryGone(volume: string): void;
+  /** Where a volume's sampled write legs are timed (the agent's metrics). */
+  observeLeg(volume: string): (leg: WriteLeg, seconds: number) => void;
 }
 
 /** A primary's peers and what exists only while it has them. */
@@ -480,6 +482,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       graceMs: m?.graceMs ?? 0,
       suspendLimitMs: m?.suspendLimitMs ?? 0,
       forcedPromotionAtMs: this.meta.forcedPromotionAtMs ?? 0,
+      mediatorReachable: true,
     };
     if (p.role === 'primary') {
       const authority = p.replicating?.authority;
@@ -490,6 +493,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         acceptsWrites:
           !this.readOnly && (standing.kind === 'holding' || standing.kind === 'unprotected'),
         state: standing.kind,
+        mediatorReachable: !authority?.unreachable,
         detail: standingDetail(standing, authority?.unreachable ?? ''),
       };
     }
@@ -505,7 +509,13 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
           'failover is manual: `lockstep ctl failover` promotes this copy through the mediator',
       };
     const w: WatchState = this.watch?.watch.state ?? { kind: 'primary-present' };
-    return { ...base, acceptsWrites: false, state: w.kind, detail: watchDetail(w, m.graceMs) };
+    return {
+      ...base,
+      acceptsWrites: false,
+      state: w.kind,
+      mediatorReachable: w.kind !== 'mediator-unreachable',
+      detail: watchDetail(w, m.graceMs),
+    };
   }
 
   /** Runs the automatic failover watch exactly while this secondary's relationship asks for it. */
@@ -646,6 +656,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         activity: tracking.activityLog,
         // These links' misses go to these links' tracking, even after a transition.
         peerMissed: (peer, offset, length) => this.peerMissed(replicating, peer, offset, length),
+        observeLeg: this.ctx.observeLeg(this.volumeName),
       }),
     };
     if (this.phase.role !== 'primary') {

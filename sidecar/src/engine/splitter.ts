@@ -58,7 +58,14 @@ export interface SplitterParts {
   activity: ActiveRegions;
   /** The peer misses the range: recorded in its bitmap (by that bitmap's one owner). */
   peerMissed(peer: string, offset: number, length: number): void;
+  /** Takes how long a sampled write's legs took: the local copy's, and the slowest peer's. */
+  observeLeg?: (leg: WriteLeg, seconds: number) => void;
 }
+
+export type WriteLeg = 'local' | 'remote';
+
+/** One write in 8 has its legs timed: plenty for a histogram, and nothing added to the rest. */
+const LEG_SAMPLE_MASK = 7;
 
 export class Splitter implements BlockDevice {
   private readonly locks = new RegionLocks();
@@ -68,6 +75,7 @@ export class Splitter implements BlockDevice {
   /** Writes between their arrival (a write waiting for its regions counts) and their last leg. */
   private inFlight = 0;
   private idle: (() => void)[] = [];
+  private writes = 0;
 
   constructor(private readonly parts: SplitterParts) {}
 
@@ -189,8 +197,11 @@ export class Splitter implements BlockDevice {
     const completion = policy.completion(this.backlog, length);
     // Answered before the peers have it, the caller may reuse its buffer: the peers get a copy.
     const payload = completion === 'local-copy' && data ? Buffer.from(data) : data;
+    const timed = this.parts.observeLeg && (++this.writes & LEG_SAMPLE_MASK) === 0;
+    const startedAt = timed ? performance.now() : 0;
     const peers = this.toPeers(kind, offset, length, payload, flags);
     const local = this.parts.batch.afterSend(localOp);
+    if (timed) this.timeLegs(startedAt, local, peers);
 
     if (completion === 'all-copies') {
       const results = await Promise.allSettled([local, ...peers]);
@@ -225,6 +236,14 @@ export class Splitter implements BlockDevice {
       this.localFailed(offset, length);
       throw err;
     }
+  }
+
+  private timeLegs(startedAt: number, local: Promise<void>, peers: Promise<void>[]): void {
+    const observe = this.parts.observeLeg;
+    if (!observe) return;
+    const took = (leg: WriteLeg) => () => observe(leg, (performance.now() - startedAt) / 1000);
+    local.then(took('local'), () => undefined);
+    if (peers.length) void Promise.allSettled(peers).then(took('remote'));
   }
 
   /** One leg per peer; each settles as the peer's outcome (acked, or missed by the policy). */

@@ -3,16 +3,18 @@
 // the links and the agent's services agree on these types without importing each other.
 import type { ReplicationMode, Role } from '../store/volume-metadata';
 
-export type PeerState =
-  | 'Connecting'
-  | 'Baselining'
-  | 'Resyncing'
-  | 'InSync'
-  | 'OutOfSync'
-  | 'Disconnected'
-  | 'SplitBrain'
-  | 'PeerIsPrimary'
-  | 'PeerIsNewer';
+export const PEER_STATES = [
+  'Connecting',
+  'Baselining',
+  'Resyncing',
+  'InSync',
+  'OutOfSync',
+  'Disconnected',
+  'SplitBrain',
+  'PeerIsPrimary',
+  'PeerIsNewer',
+] as const;
+export type PeerState = (typeof PEER_STATES)[number];
 
 /**
  * States in which live writes are sent to the peer (catching up or in sync). A peer being
@@ -51,6 +53,25 @@ export interface PeerStatus {
   linkFailures: number;
 }
 
+/**
+ * Where a copy stands with the mediator: a primary's standing (epoch-authority.ts), a
+ * secondary's failover watch (failover.ts), or neither.
+ */
+export const PROTECTION_STATES = [
+  'unprotected',
+  'confirming',
+  'holding',
+  'seeking',
+  'fenced',
+  'manual',
+  'primary-present',
+  'waiting',
+  'not-eligible',
+  'mediator-unreachable',
+  'took-over',
+] as const;
+export type ProtectionState = (typeof PROTECTION_STATES)[number];
+
 /** Where a copy stands with the mediator (see SplitBrainProtection in agent.proto). */
 export interface ProtectionStatus {
   /** Empty: split brain protection is off. */
@@ -59,7 +80,9 @@ export interface ProtectionStatus {
   failover: string;
   epoch: number;
   acceptsWrites: boolean;
-  state: string;
+  state: ProtectionState;
+  /** The last call to the mediator was answered (true without a mediator). */
+  mediatorReachable: boolean;
   detail: string;
   inSync: string[];
   /** A secondary: ms without a streaming primary (0 while one streams). */
