@@ -191,6 +191,12 @@ export const chartValues = z.strictObject({
         .boolean()
         .default(true)
         .describe('A PodMonitor for the agents (only if the cluster has the API).'),
+      prometheusRule: z
+        .boolean()
+        .default(true)
+        .describe(
+          'The alerts (files/alerts.yaml) as a PrometheusRule (only if the cluster has the API).',
+        ),
       labels: z
         .record(z.string(), z.string())
         .default({})

@@ -166,8 +166,16 @@ describe('the Helm chart', () => {
 
     const monitored = await render(
       ['monitoring.labels.release=prom'],
-      ['monitoring.coreos.com/v1/ServiceMonitor', 'monitoring.coreos.com/v1/PodMonitor'],
+      [
+        'monitoring.coreos.com/v1/ServiceMonitor',
+        'monitoring.coreos.com/v1/PodMonitor',
+        'monitoring.coreos.com/v1/PrometheusRule',
+      ],
     );
+    const alerts = yaml.load(readFileSync(path.join(chart, 'files', 'alerts.yaml'), 'utf8')) as {
+      groups: unknown[];
+    };
+    expect(find(monitored, 'PrometheusRule', 'lockstep')?.spec).toEqual({ groups: alerts.groups });
     expect(find(monitored, 'PodMonitor', 'lockstep-agent')?.metadata).toMatchObject({
       labels: expect.objectContaining({ release: 'prom' }) as unknown,
     });
