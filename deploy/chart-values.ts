@@ -197,6 +197,13 @@ export const chartValues = z.strictObject({
         .describe(
           'The alerts (files/alerts.yaml) as a PrometheusRule (only if the cluster has the API).',
         ),
+      dashboard: z
+        .boolean()
+        .default(true)
+        .describe(
+          'The Grafana dashboard, as a ConfigMap labelled grafana_dashboard: "1" (what ' +
+            'Grafana’s dashboard sidecar loads).',
+        ),
       labels: z
         .record(z.string(), z.string())
         .default({})

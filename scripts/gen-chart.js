@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Writes the Helm chart's generated files: values.yaml (the defaults, each described) and
 // values.schema.json (what helm checks values against) from deploy/chart-values.ts (compiled),
-// and its RBAC templates from deploy/rbac (the same rules; the namespace is the release's).
+// its RBAC templates from deploy/rbac (the same rules; the namespace is the release's), and the
+// Grafana dashboard from deploy/grafana-dashboard.ts.
 // `--check` exits 1 if the committed files differ from what the sources say.
 'use strict';
 const { readFileSync, writeFileSync, existsSync } = require('node:fs');
@@ -9,6 +10,8 @@ const path = require('node:path');
 const yaml = require('js-yaml');
 const { z } = require('zod');
 const { chartValues } = require('../dist/deploy/chart-values.js');
+const { grafanaDashboard } = require('../dist/deploy/grafana-dashboard.js');
+const { version } = require('../package.json');
 
 const WIDTH = 100;
 
@@ -71,6 +74,7 @@ const files = {
   'templates/rbac-operator.yaml': rbacTemplate('operator'),
   'templates/rbac-agent.yaml': rbacTemplate('agent'),
   'templates/rbac-mediator.yaml': rbacTemplate('mediator', '.Values.mediator.enabled'),
+  'files/dashboard.json': `${JSON.stringify(grafanaDashboard(version), null, 2)}\n`,
 };
 let stale = 0;
 for (const [name, text] of Object.entries(files)) {

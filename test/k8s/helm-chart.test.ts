@@ -139,6 +139,16 @@ describe('the Helm chart', () => {
       ]),
     );
     expect(names(base).filter((n) => /mediator|Monitor|Certificate|Issuer/.test(n))).toEqual([]);
+    const dashboard = find(base, 'ConfigMap', 'lockstep-dashboard') as
+      | (K8sObject & { metadata: { labels: Record<string, string> }; data: Record<string, string> })
+      | undefined;
+    expect(dashboard?.metadata.labels.grafana_dashboard).toBe('1');
+    expect(JSON.parse(dashboard?.data['lockstep.json'] ?? '{}')).toEqual(
+      JSON.parse(readFileSync(path.join(chart, 'files', 'dashboard.json'), 'utf8')),
+    );
+    expect(names(await render(['monitoring.dashboard=false']))).not.toContain(
+      'ConfigMap/lockstep-dashboard',
+    );
     const operator = argsOf(find(base, 'Deployment', 'lockstep-operator'));
     expect(operator).toEqual(
       expect.arrayContaining([
