@@ -225,6 +225,31 @@ describe('relationship status from the agents’ view', () => {
     ]);
   });
 
+  it('reports each replica node: its furthest-behind volume’s state, what it misses and catches up', () => {
+    const two = (first: VolumeInfo, second: VolumeInfo) => [first, { ...second, name: 'ns.g.w' }];
+    const resync = { kind: 'bitmap', doneBytes: 100, totalBytes: 400, etaSeconds: 6 };
+    expect(
+      summarize(rel, plan, { volumes: two(volume('InSync'), volume('Resyncing', 300, resync)) })
+        .copies,
+    ).toEqual([
+      {
+        node: 'b',
+        state: 'Resyncing',
+        dirtyBytes: 300,
+        doneBytes: 100,
+        totalBytes: 400,
+        etaSeconds: 6,
+      },
+    ]);
+    expect(
+      summarize(rel, plan, { volumes: two(volume('Disconnected', 50), volume('PeerIsNewer')) })
+        .copies,
+    ).toEqual([{ node: 'b', state: 'SplitBrain', dirtyBytes: 50 }]);
+    expect(summarize(rel, plan, { volumes: [volume('InSync')] }).copies).toEqual([
+      { node: 'b', state: 'InSync', dirtyBytes: 0 },
+    ]);
+  });
+
   it('names each replica’s last consistent snapshot while it catches up, in a field and the Resyncing condition', () => {
     const resyncing = volume('Resyncing', 8192, {
       kind: 'snapshot',

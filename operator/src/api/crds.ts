@@ -270,6 +270,20 @@ const syncRelationship: Kind = {
       etaSeconds: int('Estimated seconds left; -1 unknown.'),
     }),
     lastInSyncTime: str('When every replica was last in sync.', { format: 'date-time' }),
+    copies: arr(
+      'Each replica as its primary sees it, over the group’s volumes: the furthest behind ' +
+        'volume’s state, the bytes missing, and the progress of what it is catching up.',
+      obj('One replica node.', {
+        node: str('The replica’s node (or endpoint, for one in another cluster).'),
+        state: str(
+          'InSync, Resyncing, Baselining, Connecting, OutOfSync, Disconnected or SplitBrain.',
+        ),
+        dirtyBytes: int('Bytes it is known to miss, over its volumes.'),
+        doneBytes: int('Of the resync or establishment under way: bytes sent.'),
+        totalBytes: int('Of the resync or establishment under way: bytes to send.'),
+        etaSeconds: int('Estimated seconds until it is in sync; -1 unknown.'),
+      }),
+    ),
     lastConsistentSnapshots: arr(
       'Replica volumes not in sync, each with the snapshot of its last consistent state (taken ' +
         'before a resync began overwriting it, or the last committed round of its ' +

@@ -94,10 +94,20 @@ export interface SyncRelationshipStatus {
   dirtyBytes?: number;
   baseline?: { doneBytes: number; totalBytes: number; etaSeconds: number };
   lastInSyncTime?: string;
+  copies?: CopyStatus[];
   lastConsistentSnapshots?: ConsistentSnapshot[];
   move?: MoveStatus;
   failover?: FailoverStatus;
   conditions?: Condition[];
+}
+
+export interface CopyStatus {
+  node: string;
+  state: string;
+  dirtyBytes: number;
+  doneBytes?: number;
+  totalBytes?: number;
+  etaSeconds?: number;
 }
 
 export interface ConsistentSnapshot {

@@ -4,6 +4,7 @@
 import type { VolumeInfo } from '../../../lib/agent-client';
 import {
   FAILOVER_ANNOTATION,
+  type CopyStatus,
   type FailoverStatus,
   type LastFailover,
   type MoveStatus,
@@ -177,6 +178,7 @@ export function summarize(
     dirtyBytes: peers.reduce((n, p) => n + Number(p.dirtyBytes), 0),
     conditions: mergeConditions(rel.status?.conditions, desired, gen, now),
   };
+  if (peers.length) status.copies = copies(peers, nodeOf);
   if (consistent.length) status.lastConsistentSnapshots = consistent;
   const failover = failoverStatus(rel, plan, observed, primaryNode, now);
   if (failover) status.failover = failover;
@@ -194,6 +196,37 @@ export function summarize(
     lastInSync > 0 ? new Date(lastInSync).toISOString() : rel.status?.lastInSyncTime;
   if (!status.lastInSyncTime) delete status.lastInSyncTime;
   return status;
+}
+
+/** From the healthiest state to the furthest behind: a copy is as far behind as its worst volume. */
+const BEHIND = ['InSync', 'Resyncing', 'Baselining', 'Connecting', 'OutOfSync', 'Disconnected'];
+const behind = (state: string) => (SPLIT.has(state) ? BEHIND.length : BEHIND.indexOf(state));
+
+/** One entry per replica node: its worst volume's state, and what it misses and catches up. */
+function copies(
+  peers: Array<{
+    address: string;
+    state: string;
+    dirtyBytes: unknown;
+    resync?: { doneBytes: unknown; totalBytes: unknown; etaSeconds: unknown } | null;
+  }>,
+  nodeOf: Map<string, string>,
+): CopyStatus[] {
+  const byNode = new Map<string, CopyStatus>();
+  for (const p of peers) {
+    const node = nodeOf.get(p.address) ?? p.address;
+    const c = byNode.get(node) ?? { node, state: 'InSync', dirtyBytes: 0 };
+    if (behind(p.state) > behind(c.state)) c.state = SPLIT.has(p.state) ? 'SplitBrain' : p.state;
+    c.dirtyBytes += Number(p.dirtyBytes);
+    if (p.resync) {
+      c.doneBytes = (c.doneBytes ?? 0) + Number(p.resync.doneBytes);
+      c.totalBytes = (c.totalBytes ?? 0) + Number(p.resync.totalBytes);
+      const eta = Number(p.resync.etaSeconds);
+      c.etaSeconds = c.etaSeconds === -1 || eta === -1 ? -1 : Math.max(c.etaSeconds ?? 0, eta);
+    }
+    byNode.set(node, c);
+  }
+  return [...byNode.values()].sort((a, b) => a.node.localeCompare(b.node));
 }
 
 /**
