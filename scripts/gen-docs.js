@@ -13,14 +13,18 @@ const { ControllerMetrics } = require('../dist/operator/src/metrics.js');
 const { securityMetrics } = require('../dist/lib/tls/security-metrics.js');
 
 const root = path.resolve(__dirname, '..');
-const cell = (s) => String(s ?? '').replace(/\|/g, '\\|').replace(/\n+/g, ' ');
+const cell = (s) =>
+  String(s ?? '')
+    .replace(/\|/g, '\\|')
+    .replace(/\n+/g, ' ');
 
 // ---- CRD reference ------------------------------------------------------------------------
 
 function typeOf(s) {
   if (s['x-kubernetes-int-or-string']) return 'int or string';
   if (s.type === 'array') return `[]${s.items ? typeOf(s.items) : 'any'}`;
-  if (s.type === 'object' && s.additionalProperties) return `map[string]${typeOf(s.additionalProperties)}`;
+  if (s.type === 'object' && s.additionalProperties)
+    return `map[string]${typeOf(s.additionalProperties)}`;
   return s.type ?? 'any';
 }
 
@@ -43,7 +47,8 @@ function fields(schema, prefix, required, rows) {
       `| \`${p}\` | ${cell(typeOf(s))} | ${required.includes(name) ? 'yes' : ''} | ${cell(s.description)} | ${cell(constraints(s))} |`,
     );
     const inner = s.type === 'array' ? s.items : s;
-    if (inner?.properties) fields(inner, `${p}${s.type === 'array' ? '[]' : ''}.`, inner.required ?? [], rows);
+    if (inner?.properties)
+      fields(inner, `${p}${s.type === 'array' ? '[]' : ''}.`, inner.required ?? [], rows);
   }
   return rows;
 }
@@ -65,7 +70,9 @@ function crdReference() {
       `## ${names.kind}`,
       '',
       `\`${crd.spec.group}/${v.name}\`, ${crd.spec.scope.toLowerCase()}; \`kubectl get ${names.plural}\`` +
-        (names.shortNames?.length ? ` (short: ${names.shortNames.map((n) => `\`${n}\``).join(', ')})` : '') +
+        (names.shortNames?.length
+          ? ` (short: ${names.shortNames.map((n) => `\`${n}\``).join(', ')})`
+          : '') +
         '.',
       '',
     );
@@ -84,7 +91,8 @@ function crdReference() {
     }
     const rules = [];
     const collect = (s, where) => {
-      for (const r of s['x-kubernetes-validations'] ?? []) rules.push(`- \`${where}\`: ${r.message ?? r.rule}`);
+      for (const r of s['x-kubernetes-validations'] ?? [])
+        rules.push(`- \`${where}\`: ${r.message ?? r.rule}`);
       for (const [n, c] of Object.entries(s.properties ?? {})) collect(c, `${where}.${n}`);
       if (s.items) collect(s.items, `${where}[]`);
     };
@@ -123,11 +131,17 @@ function metricsReference() {
     '| metric | type | labels | meaning |',
     '|---|---|---|---|',
     ...rows
-      .filter((m) => m.name.startsWith('lockstep_') && !/^lockstep_(agent|operator)_(process|nodejs)_/.test(m.name))
+      .filter(
+        (m) =>
+          m.name.startsWith('lockstep_') &&
+          !/^lockstep_(agent|operator)_(process|nodejs)_/.test(m.name),
+      )
       .sort((a, b) => a.name.localeCompare(b.name))
       .map((m) => `| \`${m.name}\` | ${m.type} | ${cell(m.labels)} | ${cell(m.help)} |`),
   ];
-  const alerts = yaml.load(readFileSync(path.join(root, 'charts', 'lockstep', 'files', 'alerts.yaml'), 'utf8'));
+  const alerts = yaml.load(
+    readFileSync(path.join(root, 'charts', 'lockstep', 'files', 'alerts.yaml'), 'utf8'),
+  );
   return [
     '# Metrics and alerts',
     '',
