@@ -659,7 +659,10 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
         observeLeg: this.ctx.observeLeg(this.volumeName),
       }),
     };
-    if (this.phase.role !== 'primary') {
+    // Stepping down meanwhile (fenced by a newer primary's handshake while the agent resumed,
+    // or demoted): its transition has already stopped the links it could see, and these would
+    // outlive the role they serve.
+    if (this.phase.role !== 'primary' || this.phase.demoting) {
       authority.stop();
       await tracking.close();
       return;
