@@ -4,6 +4,7 @@ import { AgentClient, type SnapshotInfo, type VolumeInfo } from '../../lib/agent
 import { formatSize, parseSize } from '../../lib/size';
 import { parseDuration } from '../../lib/duration';
 import { moveCommand } from './ctl-move';
+import { waitInSync } from './ctl-wait';
 import { epochCommand, failoverCommand } from './ctl-failover';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
 import { explainUnreachable } from '../../lib/tls/handshake-diagnosis';
@@ -35,6 +36,11 @@ function snapshotRows(snapshots: SnapshotInfo[]): string[][] {
 }
 
 const SNAPSHOT_HEADERS = ['VOLUME', 'NAME', 'LABEL', 'CREATED', 'SAVED', 'EXPORT'];
+
+/** `--wait` alone waits up to a day; `--wait 10m` that long. */
+function waitLimit(wait: string | true): number {
+  return wait === true ? 24 * 3_600_000 : parseDuration(wait, '--wait');
+}
 
 export function ctlCommand(): Command {
   const ctl = addTransportOptions(new Command('ctl'))
@@ -189,6 +195,10 @@ export function ctlCommand(): Command {
       'how long a primary that lost a peer holds writes for the mediator before failing them',
       '30s',
     )
+    .option(
+      '--wait [duration]',
+      'then wait until every peer is in sync, showing the progress (default: up to 24h)',
+    )
     .addOption(outputOption())
     .action(
       async (
@@ -204,6 +214,7 @@ export function ctlCommand(): Command {
           failover: string;
           grace: string;
           suspendLimit: string;
+          wait?: string | true;
           output: OutputFormat;
         },
         cmd: Command,
@@ -215,8 +226,8 @@ export function ctlCommand(): Command {
           graceMs: parseDuration(opts.grace, '--grace'),
           suspendLimitMs: parseDuration(opts.suspendLimit, '--suspend-limit'),
         };
-        const v = await withClient(cmd, (c) =>
-          c.replicate({
+        const v = await withClient(cmd, async (c) => {
+          const configured = await c.replicate({
             name,
             targets: opts.to,
             mode: opts.mode,
@@ -224,8 +235,9 @@ export function ctlCommand(): Command {
             maxResyncBytesPerSecond: parseSize(opts.maxResyncRate, '--max-resync-rate'),
             replaceTargets: opts.replace,
             ...(mediator ? { mediator } : {}),
-          }),
-        );
+          });
+          return opts.wait ? waitInSync(c, name, waitLimit(opts.wait)) : configured;
+        });
         if (opts.output === 'json') return printJson(v);
         printVolume(v);
       },
@@ -268,9 +280,17 @@ export function ctlCommand(): Command {
     .command('resolve <volume>')
     .description('resolve a split brain on the primary: overwrite a peer whose copy diverged')
     .requiredOption('--discard-peer <host:port>', 'the peer whose diverging writes are thrown away')
-    .action(async (name: string, opts: { discardPeer: string }, cmd: Command) => {
-      printVolume(await withClient(cmd, (c) => c.discardPeer(name, opts.discardPeer)));
-    });
+    .option('--wait [duration]', 'then wait until it has resynced, showing the progress')
+    .action(
+      async (name: string, opts: { discardPeer: string; wait?: string | true }, cmd: Command) => {
+        printVolume(
+          await withClient(cmd, async (c) => {
+            const resolved = await c.discardPeer(name, opts.discardPeer);
+            return opts.wait ? waitInSync(c, name, waitLimit(opts.wait)) : resolved;
+          }),
+        );
+      },
+    );
   const snapshot = ctl
     .command('snapshot')
     .description('point-in-time snapshots of a volume, exported read-only as VOLUME@SNAPSHOT');

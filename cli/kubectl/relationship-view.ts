@@ -3,6 +3,7 @@
 // same fields, unformatted, for -o json.
 import type { CopyStatus, SyncRelationship } from '../../operator/src/api/types';
 import { formatSize } from '../../lib/size';
+import { formatEta } from '../progress-display';
 
 export interface RelationshipView {
   namespace: string;
@@ -53,14 +54,6 @@ function progressOfCopies(copies: CopyStatus[]): RelationshipView['progress'] {
     totalBytes: catching.reduce((n, c) => n + (c.totalBytes ?? 0), 0),
     etaSeconds: etas.includes(-1) ? -1 : Math.max(...etas),
   };
-}
-
-export function formatEta(seconds: number): string {
-  if (seconds < 0) return '?';
-  if (seconds < 60) return `${Math.round(seconds)}s`;
-  if (seconds < 3600)
-    return `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, '0')}s`;
-  return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
 }
 
 /** "node-b InSync", "node-c Resyncing 45% ETA 1m20s". */

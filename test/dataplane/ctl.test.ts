@@ -2,9 +2,15 @@
 // errors with stable codes, and deletes that respect attached clients.
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { AgentProcess, run } from '../harness/agent-process';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { ADMIN, AgentProcess, lockstepBin, run } from '../harness/agent-process';
+import { expectIdentical } from '../harness/replication';
+import { tlsDirFor } from '../harness/test-certificates';
 import { RawNbd } from '../harness/raw-nbd';
 import { productNode } from '../harness/product-runtime';
+
+const execFileAsync = promisify(execFile);
 
 describe('lockstep ctl', () => {
   const agent = new AgentProcess({ node: 'node-ctl', metrics: true });
@@ -134,5 +140,48 @@ describe('lockstep ctl', () => {
     );
     expect(text).toMatch(/lockstep_volume_size_bytes\{volume="beta",node="node-ctl"\} 1073741824/);
     expect(text).toContain('lockstep_nbd_request_duration_seconds_bucket');
+  });
+});
+
+describe('lockstep ctl replicate --wait', () => {
+  const a = new AgentProcess({ node: 'wait-a' });
+  const b = new AgentProcess({ node: 'wait-b' });
+  beforeAll(async () => {
+    await a.start();
+    await b.start();
+  });
+  afterAll(async () => {
+    await a.dispose();
+    await b.dispose();
+  });
+
+  it('returns once every peer is in sync, printing the progress as lines when not on a terminal', async () => {
+    const uri = await a.createVolume('w', '64MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 48m', uri]);
+    // Throttled, so that the baseline takes a few seconds and shows its progress.
+    const { stdout, stderr } = await execFileAsync(productNode(), [
+      lockstepBin,
+      'ctl',
+      '--agent',
+      a.grpcAddress,
+      '--tls-dir',
+      await tlsDirFor(ADMIN),
+      'replicate',
+      'w',
+      '--to',
+      b.grpcAddress,
+      '--max-resync-rate',
+      '16MiB',
+      '--wait',
+      '2m',
+    ]);
+    expect(stdout).toMatch(
+      new RegExp(`${b.grpcAddress.replace(/\./g, '\\.')}\\s+wait-b\\s+InSync\\s+0B`),
+    );
+    const lines = stderr.trim().split('\n');
+    expect(lines.length).toBeGreaterThanOrEqual(2);
+    expect(lines.every((l) => /^w: \w+( \d+% \(.+ of .+, ETA .+\))?$/.test(l))).toBe(true);
+    expect(stderr).toMatch(/^w: (Baselining|Resyncing) \d+% \(/m);
+    await expectIdentical(a, b, 'w');
   });
 });
