@@ -5,7 +5,8 @@
 // Grafana dashboard from deploy/grafana-dashboard.ts.
 // `--check` exits 1 if the committed files differ from what the sources say.
 'use strict';
-const { readFileSync, writeFileSync, existsSync } = require('node:fs');
+const { writeOrCheck } = require('./generated-files');
+const { readFileSync } = require('node:fs');
 const path = require('node:path');
 const yaml = require('js-yaml');
 const { z } = require('zod');
@@ -76,14 +77,7 @@ const files = {
   'templates/rbac-mediator.yaml': rbacTemplate('mediator', '.Values.mediator.enabled'),
   'files/dashboard.json': `${JSON.stringify(grafanaDashboard(version), null, 2)}\n`,
 };
-let stale = 0;
-for (const [name, text] of Object.entries(files)) {
-  const file = path.join(root, name);
-  if (process.argv.includes('--check')) {
-    if (!existsSync(file) || readFileSync(file, 'utf8') !== text) {
-      console.error(`${file} is out of date: run npm run gen:chart`);
-      stale++;
-    }
-  } else writeFileSync(file, text);
-}
-process.exit(stale ? 1 : 0);
+writeOrCheck(
+  Object.entries(files).map(([name, text]) => [path.join(root, name), text]),
+  'npm run gen:chart',
+);

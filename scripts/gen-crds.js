@@ -3,7 +3,7 @@
 // the Helm chart's copies (charts/lockstep/files/crds/), which helm keeps on uninstall.
 // `--check` exits 1 if the committed files differ from what the source says.
 'use strict';
-const { readFileSync, writeFileSync, existsSync } = require('node:fs');
+const { writeOrCheck } = require('./generated-files');
 const path = require('node:path');
 const yaml = require('js-yaml');
 const dumpYaml = (o) => yaml.dump(o, { noRefs: true, lineWidth: 100 });
@@ -23,15 +23,4 @@ const outputs = KINDS.flatMap((k) => {
     [path.join(root, 'charts', 'lockstep', 'files', 'crds', name), header + dumpYaml(keep(crd))],
   ];
 });
-let stale = 0;
-for (const [file, text] of outputs) {
-  if (process.argv.includes('--check')) {
-    if (!existsSync(file) || readFileSync(file, 'utf8') !== text) {
-      console.error(`${file} is out of date: run npm run gen:crds`);
-      stale++;
-    }
-  } else {
-    writeFileSync(file, text);
-  }
-}
-process.exit(stale ? 1 : 0);
+writeOrCheck(outputs, 'npm run gen:crds');

@@ -4,7 +4,8 @@
 // the chart's alerts (charts/lockstep/files/alerts.yaml). Reads the compiled dist/.
 // `--check` exits 1 if the committed files differ from what the sources say.
 'use strict';
-const { readFileSync, writeFileSync, existsSync } = require('node:fs');
+const { writeOrCheck } = require('./generated-files');
+const { readFileSync } = require('node:fs');
 const path = require('node:path');
 const yaml = require('js-yaml');
 const { KINDS, customResourceDefinition } = require('../dist/operator/src/api/crds.js');
@@ -185,14 +186,7 @@ const files = {
   'docs/CRD-REFERENCE.md': `${crdReference().trimEnd()}\n`,
   'docs/METRICS.md': `${metricsReference().trimEnd()}\n`,
 };
-let stale = 0;
-for (const [name, text] of Object.entries(files)) {
-  const file = path.join(root, name);
-  if (process.argv.includes('--check')) {
-    if (!existsSync(file) || readFileSync(file, 'utf8') !== text) {
-      console.error(`${name} is out of date: run npm run gen:docs`);
-      stale++;
-    }
-  } else writeFileSync(file, text);
-}
-process.exit(stale ? 1 : 0);
+writeOrCheck(
+  Object.entries(files).map(([name, text]) => [path.join(root, name), text]),
+  'npm run gen:docs',
+);
