@@ -162,9 +162,14 @@ function identityUpdate(m: TlsMaterial) {
 const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
 
 async function readMaterial(dir: string): Promise<TlsMaterial> {
-  const [ca, cert, key] = await Promise.all(
+  const read = await Promise.allSettled(
     [TLS_FILES.ca, TLS_FILES.cert, TLS_FILES.key].map((f) => readPem(dir, f, 'the TLS directory')),
   );
+  // With several files missing, the error names the first of them, whichever read failed first.
+  const [ca, cert, key] = read.map((r) => {
+    if (r.status === 'rejected') throw r.reason;
+    return r.value;
+  });
   return { ca, cert, key };
 }
 
