@@ -2,6 +2,7 @@
 // On a terminal: one live bar with the bytes done, the total and the ETA. Otherwise (a pipe, a
 // log): a line whenever the state or the whole percent changes, so logs stay readable.
 import { SingleBar } from 'cli-progress';
+import { formatDuration } from '../lib/duration';
 import { formatSize } from '../lib/size';
 
 export interface Progress {
@@ -19,12 +20,10 @@ export interface ProgressDisplay {
   stop(): void;
 }
 
+/** Whole seconds as a duration ("1m30s"); a negative estimate is unknown ("?"). */
 export function formatEta(seconds: number): string {
   if (seconds < 0) return '?';
-  if (seconds < 60) return `${Math.round(seconds)}s`;
-  if (seconds < 3600)
-    return `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, '0')}s`;
-  return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
+  return seconds < 0.5 ? '0s' : formatDuration(Math.round(seconds) * 1000);
 }
 
 /** A bar on a terminal (`stream.isTTY`), lines on stderr otherwise. */

@@ -17,9 +17,14 @@ export function parseDuration(text: string, what: string): number {
   );
 }
 
-/** 1500 → "1.5s", 90000 → "1m30s": the inverse of parseDuration, for output. */
+/** 1500 → "1.5s", 90000 → "1m30s", 5400000 → "1h30m": the inverse of parseDuration, for output. */
 export function formatDuration(ms: number): string {
   if (ms < 1_000) return `${ms}ms`;
+  const h = Math.floor(ms / 3_600_000);
+  if (h > 0) {
+    const minutes = Math.floor((ms % 3_600_000) / 60_000);
+    return `${h}h${minutes > 0 ? `${minutes}m` : ''}`;
+  }
   const m = Math.floor(ms / 60_000);
   const s = (ms % 60_000) / 1_000;
   return m > 0 ? `${m}m${s > 0 ? `${s}s` : ''}` : `${s}s`;
