@@ -56,6 +56,21 @@ export const chartValues = z.strictObject({
     .enum(['trace', 'debug', 'info', 'warn', 'error'])
     .default('info')
     .describe('Log level of every component (JSON logs on stdout).'),
+  kubernetesServiceHost: z
+    .string()
+    .default('')
+    .describe(
+      'The API server address every pod uses, for clusters without kube-proxy, where the ' +
+        '`kubernetes` Service’s IP leads nowhere (as Cilium’s k8sServiceHost); empty: the ' +
+        'Service’s, which the kubelet gives every pod.',
+    ),
+  kubernetesServicePort: z
+    .number()
+    .int()
+    .min(1)
+    .max(65535)
+    .default(443)
+    .describe('The API server port that goes with kubernetesServiceHost.'),
   tls: z
     .strictObject({
       mode: z

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Builds the test tooling (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# helm, kwok)
-# from Go modules into a cache directory keyed by its inputs, and prints that bin directory.
+# Builds the test tooling (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+# kubectl, helm, kwok, and the pod sandbox's pause program) from Go modules into a cache directory
+# keyed by its inputs, and prints that bin directory.
 # A warm call only checks the key and returns. Usage: eval "$(scripts/test-tools.sh --env)"
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 mod="$here/test/tools/k8s"
+pause="$here/test/tools/pause"
 
 K8S_VERSION=v1.34.4
 HELM_VERSION=v3.19.5
 KWOK_VERSION=v0.7.0
 
 go_version=$(go env GOVERSION)
-key=$( { cat "$mod/go.mod" "$mod/go.sum"; echo "$HELM_VERSION $KWOK_VERSION $go_version"; sed -n '/^build()/,$p' "$0"; } | sha256sum | cut -c1-16)
+key=$( { cat "$mod/go.mod" "$mod/go.sum" "$pause/go.mod" "$pause/main.go"; echo "$HELM_VERSION $KWOK_VERSION $go_version"; sed -n '/^build()/,$p' "$0"; } | sha256sum | cut -c1-16)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/lockstep/test-tools/$key"
 
 build() {
@@ -27,13 +28,16 @@ build() {
   done
   (
     cd "$mod"
-    echo "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $K8S_VERSION" >&2
+    echo "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl $K8S_VERSION" >&2
     go build -trimpath -ldflags "$kflags" -o "$out/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
+      k8s.io/kubernetes/cmd/kubectl
     echo "building etcd" >&2
     go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
   )
+  echo "building pause" >&2
+  (cd "$pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/pause" .)
   echo "building helm $HELM_VERSION, kwok $KWOK_VERSION" >&2
   # The Kubernetes version helm assumes without a cluster (helm template, lint), as its Makefile
   # sets it: the client-go it is built with, 1.34.

@@ -26,6 +26,18 @@ export interface ControlPlane extends ControlPlaneInfo {
 export interface ControlPlaneOptions {
   /** Controllers for kube-controller-manager (e.g. ['persistentvolume-binder']); none → not started. */
   controllers?: string[];
+  /** Runs kube-scheduler, for pods made by controllers (DaemonSets, Deployments). */
+  scheduler?: boolean;
+  /**
+   * The address the apiserver serves on and advertises, for kubelets and pods in network
+   * namespaces of their own (a test network's host address); loopback when unset.
+   */
+  address?: string;
+  /**
+   * Pods get their ServiceAccount's token mounted (the ServiceAccount admission plugin), as a
+   * real cluster does; off unless pods really run, so tests can make pods without accounts.
+   */
+  serviceAccountTokens?: boolean;
   keepDir?: boolean;
 }
 
@@ -94,6 +106,7 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
   };
   try {
     const [etcdClient, etcdPeer, apiPort] = [await freePort(), await freePort(), await freePort()];
+    const address = opts.address ?? '127.0.0.1';
     const etcdUrl = `http://127.0.0.1:${etcdClient}`;
     const etcd = startProcess(
       'etcd',
@@ -128,8 +141,8 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
       testTool('kube-apiserver'),
       [
         `--etcd-servers=${etcdUrl}`,
-        '--bind-address=127.0.0.1',
-        '--advertise-address=127.0.0.1',
+        `--bind-address=${address}`,
+        `--advertise-address=${address}`,
         `--secure-port=${apiPort}`,
         `--cert-dir=${certDir}`,
         `--token-auth-file=${path.join(dir, 'tokens.csv')}`,
@@ -139,7 +152,9 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
         '--service-account-issuer=https://kubernetes.default.svc.cluster.local',
         '--service-cluster-ip-range=10.0.0.0/24',
         '--allow-privileged=true',
-        '--disable-admission-plugins=ServiceAccount',
+        // Logs and exec reach a kubelet at its node's address (test nodes have no DNS names).
+        '--kubelet-preferred-address-types=InternalIP,Hostname',
+        ...(opts.serviceAccountTokens ? [] : ['--disable-admission-plugins=ServiceAccount']),
         '--audit-log-path=' + path.join(dir, 'audit.log'),
         '--audit-policy-file=' + writeAuditPolicy(dir),
         '--v=0',
@@ -148,7 +163,7 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
     );
     processes.push(apiserver);
 
-    const server = `https://127.0.0.1:${apiPort}`;
+    const server = `https://${address}:${apiPort}`;
     const caFile = path.join(certDir, 'apiserver.crt');
     await waitFor(
       'kube-apiserver /readyz',
@@ -182,6 +197,24 @@ export async function startControlPlane(opts: ControlPlaneOptions = {}): Promise
             '--v=1',
           ],
           path.join(dir, 'kube-controller-manager.log'),
+        ),
+      );
+    }
+    if (opts.scheduler) {
+      processes.push(
+        startProcess(
+          'kube-scheduler',
+          testTool('kube-scheduler'),
+          [
+            `--kubeconfig=${kubeconfig}`,
+            `--authentication-kubeconfig=${kubeconfig}`,
+            `--authorization-kubeconfig=${kubeconfig}`,
+            '--leader-elect=false',
+            '--bind-address=127.0.0.1',
+            `--secure-port=${await freePort()}`,
+            '--v=1',
+          ],
+          path.join(dir, 'kube-scheduler.log'),
         ),
       );
     }

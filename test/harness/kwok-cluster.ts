@@ -26,23 +26,10 @@ export async function startKwokCluster(nodes: string[]): Promise<KwokCluster> {
       // Lifts the not-ready taint the apiserver puts on a new node once kwok reports it Ready.
       'nodelifecycle',
     ],
+    scheduler: true,
   });
   try {
     cp.processes.push(
-      startProcess(
-        'kube-scheduler',
-        testTool('kube-scheduler'),
-        [
-          `--kubeconfig=${cp.kubeconfig}`,
-          `--authentication-kubeconfig=${cp.kubeconfig}`,
-          `--authorization-kubeconfig=${cp.kubeconfig}`,
-          '--leader-elect=false',
-          '--bind-address=127.0.0.1',
-          `--secure-port=${await freePort()}`,
-          '--v=1',
-        ],
-        path.join(cp.dir, 'kube-scheduler.log'),
-      ),
       startProcess(
         'kwok',
         testTool('kwok'),

@@ -28,9 +28,11 @@ export function testTool(
     | 'kube-apiserver'
     | 'kube-controller-manager'
     | 'kube-scheduler'
+    | 'kubelet'
     | 'kubectl'
     | 'helm'
-    | 'kwok',
+    | 'kwok'
+    | 'pause',
 ): string {
   return path.join(testBinDir(), name);
 }

@@ -217,6 +217,34 @@ describe('the Helm chart', () => {
     expect(
       names(await render(['crds.install=false'])).filter((n) => n.startsWith('Custom')),
     ).toEqual([]);
+
+    // Without kube-proxy, every pod is told where the apiserver is; otherwise none is.
+    const envOf = (objs: K8sObject[]) =>
+      objs
+        .filter((o) => o.kind === 'Deployment' || o.kind === 'DaemonSet')
+        .map((o) =>
+          Object.fromEntries(
+            (
+              o.spec as {
+                template: { spec: { containers: { env?: { name: string; value?: string }[] }[] } };
+              }
+            ).template.spec.containers[0].env?.map((e) => [e.name, e.value]) ?? [],
+          ),
+        );
+    const direct = envOf(
+      await render([
+        'mediator.enabled=true',
+        'kubernetesServiceHost=10.1.2.3',
+        'kubernetesServicePort=6443',
+      ]),
+    );
+    expect(direct).toHaveLength(3);
+    for (const env of direct)
+      expect(env).toMatchObject({
+        KUBERNETES_SERVICE_HOST: '10.1.2.3',
+        KUBERNETES_SERVICE_PORT: '6443',
+      });
+    for (const env of envOf(mediator)) expect(env).not.toHaveProperty('KUBERNETES_SERVICE_HOST');
   });
 
   it('refuses bad values with a message that names them', async () => {
@@ -228,6 +256,7 @@ describe('the Helm chart', () => {
     await refused(['agent.volumeHostPaths={relative/dir}'], /volumeHostPaths/);
     await refused(['operator.replicas=0'], /replicas/);
     await refused(['image.digest=latest'], /digest/);
+    await refused(['kubernetesServicePort=0'], /kubernetesServicePort/);
     await refused(['tls.certificateLifetime=forever'], /certificateLifetime/);
     await refused(['tls.mode=certManager'], /needs cert-manager/);
     await refused(['agent.socketDir=/var/lib/lockstep'], /must be different directories/);

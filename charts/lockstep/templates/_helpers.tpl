@@ -63,6 +63,12 @@ affinity:
 {{- define "lockstep.env" -}}
 - name: LOCKSTEP_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
+{{- with .Values.kubernetesServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $.Values.kubernetesServicePort | quote }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -1,0 +1,3 @@
+module lockstep.dev/test-tools/pause
+
+go 1.24.0
