@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { packageRoot } from '../lib/package-root';
 import { AgentProcess } from '../test/harness/agent-process';
 import { buildImage } from '../test/harness/container-image';
-import { kubectl } from '../test/harness/control-plane';
+import { kubectl, podsReady } from '../test/harness/control-plane';
 import { startKwokCluster } from '../test/harness/kwok-cluster';
 import { testTool } from '../test/harness/test-tools';
 import { median } from './fio-jobs';
@@ -102,6 +102,7 @@ async function helmInstall(): Promise<{ seconds: number; registeredRssMiB: numbe
         },
       },
     );
+    await podsReady(cluster.kubeconfig, 'lockstep-system', 300_000);
     const seconds = (performance.now() - t) / 1000;
     return { seconds, registeredRssMiB: await agentRss(cluster.kubeconfig) };
   } finally {

@@ -24,6 +24,8 @@ export type ErrorCode =
   | 'LOCKSTEP_ERR_PERMISSION_DENIED'
   /** A request carried an epoch older than the copy's: its sender was replaced (fenced). */
   | 'LOCKSTEP_ERR_STALE_EPOCH'
+  /** The Kubernetes API server refused a request (lib/kube-rest: the error has its status). */
+  | 'LOCKSTEP_ERR_KUBE_API'
   | 'LOCKSTEP_ERR_UNAVAILABLE';
 
 export class LockstepError extends Error {

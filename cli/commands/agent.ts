@@ -6,7 +6,8 @@ import { Agent, DEFAULT_PEER_TIMEOUT_MS } from '../../sidecar/src/agent';
 import { DEFAULT_CUTOVER } from '../../sidecar/src/replication/establishment';
 import { byteSize, nonNegativeInteger, positiveInteger } from '../arguments';
 import { addTransportOptions, daemonTransport } from '../transport-flags';
-import type * as KubeModule from '../../lib/kube';
+import { KubeClient } from '../../lib/kube-rest/client';
+import { loadRestConfig } from '../../lib/kube-rest/config';
 import type * as RequesterModule from '../../lib/tls/certificate-requester';
 import { requestCertificate } from '../requested-certificate';
 
@@ -54,7 +55,10 @@ export function agentCommand(): Command {
       DEFAULT_CUTOVER.ms,
     )
     .option('--register', 'register a LockstepNode and heartbeat through a Lease', false)
-    .option('--kubeconfig <file>', 'kubeconfig for --register (default: in-cluster or $KUBECONFIG)')
+    .option(
+      '--kubeconfig <file>',
+      'kubeconfig for --register and --request-certificate (default: $KUBECONFIG, else in-cluster)',
+    )
     .option('--namespace <ns>', 'namespace of the heartbeat Lease', 'lockstep-system')
     .option(
       '--request-certificate',
@@ -85,16 +89,18 @@ export function agentCommand(): Command {
         requestCertificate: boolean;
       }) => {
         const log = createLogger('agent', { node: opts.node });
-        // The Kubernetes client is loaded only when used: it adds ~0.15 s to start-up.
-        const loadKubeConfig = (file?: string) =>
-          // eslint-disable-next-line @typescript-eslint/no-require-imports
-          (require('../../lib/kube') as typeof KubeModule).loadKubeConfig(file);
         let agent: Agent;
         let requester: RequesterModule.CertificateRequester | undefined;
         try {
+          // One client (one connection) for the certificate requests and the registration.
+          const kube =
+            opts.register || opts.requestCertificate
+              ? new KubeClient(loadRestConfig(opts.kubeconfig))
+              : undefined;
           let tlsDir = opts.tlsDir;
-          if (opts.requestCertificate) {
+          if (kube && opts.requestCertificate) {
             ({ tlsDir, requester } = await requestCertificate(
+              kube,
               opts,
               { role: 'agent', name: opts.node },
               log,
@@ -117,9 +123,7 @@ export function agentCommand(): Command {
             dataAdvertise: opts.dataAdvertise,
             peerTimeoutMs: opts.peerTimeout,
             cutover: { ...DEFAULT_CUTOVER, bytes: opts.cutoverBytes, ms: opts.cutoverMs },
-            register: opts.register
-              ? { kc: loadKubeConfig(opts.kubeconfig), namespace: opts.namespace }
-              : undefined,
+            register: kube && opts.register ? { kube, namespace: opts.namespace } : undefined,
             log,
           });
         } catch (err) {
@@ -127,7 +131,7 @@ export function agentCommand(): Command {
             { code: isLockstepError(err) ? err.code : undefined, err: errorMessage(err) },
             'agent failed to start',
           );
-          // Kubernetes clients keep connections alive: without an exit the process would linger.
+          // At once: nothing started before the failure is worth waiting for.
           process.exit(1);
         }
         await new Promise<void>((resolve) => {

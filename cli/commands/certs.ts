@@ -9,8 +9,8 @@ import {
   readAuthorityDir,
   writeAuthorityDir,
   writeGnutlsClientFiles,
-  writeTlsDir,
 } from '../../lib/tls/certificate-authority';
+import { writeTlsDir } from '../../lib/tls/tls-dir';
 import { describeIdentity, validateIdentityName, type Identity } from '../../lib/tls/identity';
 import { existsSync } from 'node:fs';
 import path from 'node:path';

@@ -14,11 +14,8 @@ import { errorMessage } from '../../lib/errors';
 import { MediatorClient } from '../../lib/mediator-client';
 import { NbdClient } from '../../lib/nbd-client';
 import { packageRoot } from '../../lib/package-root';
-import {
-  createAuthority,
-  issueCertificate,
-  writeTlsDir,
-} from '../../lib/tls/certificate-authority';
+import { createAuthority, issueCertificate } from '../../lib/tls/certificate-authority';
+import { writeTlsDir } from '../../lib/tls/tls-dir';
 import type { Identity } from '../../lib/tls/identity';
 import { openTransport, type Transport } from '../../lib/tls/transport';
 import pino from 'pino';

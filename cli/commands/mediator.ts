@@ -3,6 +3,8 @@
 // recovers from what is on disk and never grants an epoch twice).
 import { Command } from 'commander';
 import { errorMessage } from '../../lib/errors';
+import { KubeClient } from '../../lib/kube-rest/client';
+import { loadRestConfig } from '../../lib/kube-rest/config';
 import { createLogger } from '../../lib/logger';
 import { Mediator } from '../../mediator/src/mediator';
 import type * as RequesterModule from '../../lib/tls/certificate-requester';
@@ -21,7 +23,10 @@ export function mediatorCommand(): Command {
         'temporary directory) and renew it before it expires',
       false,
     )
-    .option('--kubeconfig <file>', 'kubeconfig for --request-certificate (default: in-cluster)')
+    .option(
+      '--kubeconfig <file>',
+      'kubeconfig for --request-certificate (default: $KUBECONFIG, else in-cluster)',
+    )
     .option('--namespace <ns>', 'the operator’s namespace (its CA bundle)', 'lockstep-system')
     .action(
       async (opts: {
@@ -40,6 +45,7 @@ export function mediatorCommand(): Command {
           let tlsDir = opts.tlsDir;
           if (opts.requestCertificate) {
             ({ tlsDir, requester } = await requestCertificate(
+              new KubeClient(loadRestConfig(opts.kubeconfig)),
               opts,
               { role: 'mediator', name: MEDIATOR_NAME },
               log,
@@ -54,7 +60,7 @@ export function mediatorCommand(): Command {
           });
         } catch (err) {
           log.fatal({ err: errorMessage(err) }, 'mediator failed to start');
-          // A Kubernetes client keeps connections alive: without an exit the process would linger.
+          // At once: nothing started before the failure is worth waiting for.
           process.exit(1);
         }
         const why = await new Promise<'signal' | 'failed'>((resolve) => {

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { writeFileAtomic } from '../atomic-file';
 import { LockstepError, errorMessage } from '../errors';
 import { subjectOf, type Identity } from './identity';
+import { TLS_FILES, readPem } from './tls-dir';
 
 x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
 
@@ -29,8 +30,6 @@ export interface IssuedCertificate {
   notAfter: Date;
 }
 
-/** The files of a TLS directory: a Kubernetes TLS Secret's layout plus its CA. */
-export const TLS_FILES = { ca: 'ca.crt', cert: 'tls.crt', key: 'tls.key' } as const;
 /** The CA's own directory: its certificate and, private to whoever issues, its key. */
 export const CA_FILES = { cert: 'ca.crt', key: 'ca.key' } as const;
 
@@ -183,18 +182,6 @@ export async function readAuthorityDir(dir: string): Promise<Authority> {
   return { certPem, keyPem };
 }
 
-/** Writes ca.crt, tls.crt and tls.key; each file is replaced whole (readers poll them). */
-export async function writeTlsDir(
-  dir: string,
-  caPem: string,
-  issued: Pick<IssuedCertificate, 'certPem' | 'keyPem'>,
-): Promise<void> {
-  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-  await writeFileAtomic(path.join(dir, TLS_FILES.ca), caPem, 0o644);
-  await writeFileAtomic(path.join(dir, TLS_FILES.key), issued.keyPem, 0o600);
-  await writeFileAtomic(path.join(dir, TLS_FILES.cert), issued.certPem, 0o644);
-}
-
 /**
  * The same certificate under the names GnuTLS clients look for in a directory (qemu's
  * tls-creds-x509 dir=, libnbd's tls-certificates=): an NBD client's directory serves both.
@@ -207,17 +194,6 @@ export async function writeGnutlsClientFiles(
   await writeFileAtomic(path.join(dir, 'ca-cert.pem'), caPem, 0o644);
   await writeFileAtomic(path.join(dir, 'client-key.pem'), issued.keyPem, 0o600);
   await writeFileAtomic(path.join(dir, 'client-cert.pem'), issued.certPem, 0o644);
-}
-
-export async function readPem(dir: string, file: string, what: string): Promise<string> {
-  try {
-    return await fs.readFile(path.join(dir, file), 'utf8');
-  } catch (err) {
-    throw new LockstepError(
-      'LOCKSTEP_ERR_INVALID_ARGUMENT',
-      `cannot read ${file} in ${what} ${dir}: ${(err as NodeJS.ErrnoException).code ?? errorMessage(err)}`,
-    );
-  }
 }
 
 async function newKeys(): Promise<webcrypto.CryptoKeyPair> {

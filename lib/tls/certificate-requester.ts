@@ -5,11 +5,11 @@
 // thirds of the certificate's life are gone; its TlsDir takes the new files up without dropping
 // a connection.
 import { X509Certificate, createPrivateKey } from 'node:crypto';
-import * as k8s from '@kubernetes/client-node';
-import { LockstepError } from '../errors';
-import { apiErrorMessage } from '../kube';
+import { LockstepError, errorMessage } from '../errors';
+import type { KubeClient, ObjectMeta } from '../kube-rest/client';
 import type { Logger } from '../logger';
-import { createCertificateRequest, writeTlsDir } from './certificate-authority';
+import { createCertificateRequest } from './certificate-authority';
+import { writeTlsDir } from './tls-dir';
 import type { Identity } from './identity';
 import {
   AGENT_SIGNER,
@@ -20,7 +20,7 @@ import {
 } from './in-cluster';
 
 export interface CertificateRequesterOptions {
-  kc: k8s.KubeConfig;
+  kube: KubeClient;
   /** An agent (named after its node) or the mediator. */
   identity: Identity & { role: 'agent' | 'mediator' };
   /** The operator's namespace, where the CA bundle is published. */
@@ -32,19 +32,32 @@ export interface CertificateRequesterOptions {
   pollMs?: number;
 }
 
+/** A certificates.k8s.io/v1 CertificateSigningRequest, the fields the requester uses. */
+interface CertificateSigningRequest {
+  apiVersion: 'certificates.k8s.io/v1';
+  kind: 'CertificateSigningRequest';
+  metadata: ObjectMeta;
+  spec: { request: string; signerName: string; usages: string[] };
+  status?: {
+    /** PEM, base64-encoded, once signed. */
+    certificate?: string;
+    conditions?: { type: string; status: string; reason?: string; message?: string }[];
+  };
+}
+
+interface ConfigMap {
+  data?: Record<string, string>;
+}
+
+const CSR_PATH = '/apis/certificates.k8s.io/v1/certificatesigningrequests';
 const RETRY_MS = 10_000;
 const WAITING_LOG_MS = 15_000;
 
 export class CertificateRequester {
-  private readonly certificates: k8s.CertificatesV1Api;
-  private readonly core: k8s.CoreV1Api;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
 
-  constructor(private readonly opts: CertificateRequesterOptions) {
-    this.certificates = opts.kc.makeApiClient(k8s.CertificatesV1Api);
-    this.core = opts.kc.makeApiClient(k8s.CoreV1Api);
-  }
+  constructor(private readonly opts: CertificateRequesterOptions) {}
 
   /**
    * Asks for a certificate and writes it to the directory; resolves when it is there. A request
@@ -54,17 +67,17 @@ export class CertificateRequester {
   async obtain(): Promise<{ notAfter: Date }> {
     const { identity, log } = this.opts;
     const { requestPem, keyPem } = await createCertificateRequest(identity);
-    const created = await this.certificates.createCertificateSigningRequest({
-      body: {
-        metadata: { generateName: `lockstep-${identity.role}-${identity.name}-` },
-        spec: {
-          request: Buffer.from(requestPem).toString('base64'),
-          signerName: identity.role === 'mediator' ? MEDIATOR_SIGNER : AGENT_SIGNER,
-          usages: ['digital signature', 'server auth', 'client auth'],
-        },
+    const created = await this.opts.kube.create<CertificateSigningRequest>(CSR_PATH, {
+      apiVersion: 'certificates.k8s.io/v1',
+      kind: 'CertificateSigningRequest',
+      metadata: { generateName: `lockstep-${identity.role}-${identity.name}-` },
+      spec: {
+        request: Buffer.from(requestPem).toString('base64'),
+        signerName: identity.role === 'mediator' ? MEDIATOR_SIGNER : AGENT_SIGNER,
+        usages: ['digital signature', 'server auth', 'client auth'],
       },
     });
-    const name = created.metadata?.name ?? '';
+    const name = created.metadata.name ?? '';
     log.info({ request: name }, 'asked the operator for a certificate');
     const certPem = await this.issued(name);
     const cert = new X509Certificate(certPem);
@@ -100,7 +113,7 @@ export class CertificateRequester {
       const { notAfter } = await this.obtain();
       this.schedule(renewalDelay(notAfter));
     } catch (err) {
-      this.opts.log.warn({ err: apiErrorMessage(err) }, 'certificate renewal failed; retrying');
+      this.opts.log.warn({ err: errorMessage(err) }, 'certificate renewal failed; retrying');
       this.schedule(RETRY_MS);
     }
   }
@@ -114,7 +127,9 @@ export class CertificateRequester {
           'LOCKSTEP_ERR_UNAVAILABLE',
           'stopped while waiting for a certificate',
         );
-      const csr = await this.certificates.readCertificateSigningRequest({ name });
+      const csr = await this.opts.kube.get<CertificateSigningRequest>(
+        `${CSR_PATH}/${encodeURIComponent(name)}`,
+      );
       const refused = csr.status?.conditions?.find(
         (c) => (c.type === 'Denied' || c.type === 'Failed') && c.status === 'True',
       );
@@ -138,13 +153,15 @@ export class CertificateRequester {
   private async caBundle(): Promise<string> {
     const { namespace } = this.opts;
     try {
-      const cm = await this.core.readNamespacedConfigMap({ name: CA_BUNDLE_CONFIGMAP, namespace });
+      const cm = await this.opts.kube.get<ConfigMap>(
+        `/api/v1/namespaces/${encodeURIComponent(namespace)}/configmaps/${CA_BUNDLE_CONFIGMAP}`,
+      );
       const pem = cm.data?.[CA_BUNDLE_KEY];
       if (pem) return pem;
     } catch (err) {
       throw new LockstepError(
         'LOCKSTEP_ERR_UNAVAILABLE',
-        `cannot read the CA bundle (ConfigMap ${namespace}/${CA_BUNDLE_CONFIGMAP}): ${apiErrorMessage(err)}`,
+        `cannot read the CA bundle (ConfigMap ${namespace}/${CA_BUNDLE_CONFIGMAP}): ${errorMessage(err)}`,
       );
     }
     throw new LockstepError(

@@ -5,11 +5,43 @@
 // certificate beside the old key) is not taken up until it is whole.
 import type * as grpc from '@grpc/grpc-js';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import tls from 'node:tls';
+import { writeFileAtomic } from '../atomic-file';
 import { LockstepError, errorMessage } from '../errors';
 import type { Logger } from '../logger';
-import { TLS_FILES, readPem } from './certificate-authority';
 import { describeIdentity, identityOfSubject, type Identity } from './identity';
+
+/**
+ * The files of a TLS directory: a Kubernetes TLS Secret's layout plus its CA. They are read and
+ * written here, not in certificate-authority.ts, so that an agent that only uses its directory
+ * does not load @peculiar/x509 (~6 MiB resident).
+ */
+export const TLS_FILES = { ca: 'ca.crt', cert: 'tls.crt', key: 'tls.key' } as const;
+
+export async function readPem(dir: string, file: string, what: string): Promise<string> {
+  try {
+    return await fs.readFile(path.join(dir, file), 'utf8');
+  } catch (err) {
+    throw new LockstepError(
+      'LOCKSTEP_ERR_INVALID_ARGUMENT',
+      `cannot read ${file} in ${what} ${dir}: ${(err as NodeJS.ErrnoException).code ?? errorMessage(err)}`,
+    );
+  }
+}
+
+/** Writes ca.crt, tls.crt and tls.key; each file is replaced whole (readers poll them). */
+export async function writeTlsDir(
+  dir: string,
+  caPem: string,
+  issued: { certPem: string; keyPem: string },
+): Promise<void> {
+  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+  await writeFileAtomic(path.join(dir, TLS_FILES.ca), caPem, 0o644);
+  await writeFileAtomic(path.join(dir, TLS_FILES.key), issued.keyPem, 0o600);
+  await writeFileAtomic(path.join(dir, TLS_FILES.cert), issued.certPem, 0o644);
+}
 
 type CaListener = grpc.experimental.CaCertificateUpdateListener;
 type IdentityListener = grpc.experimental.IdentityCertificateUpdateListener;

@@ -2,10 +2,9 @@
 // them to and from peer agents, exposes the Agent control API and the Replication service over
 // gRPC and metrics over HTTP. `stop()` drains and flushes everything.
 import { mkdir } from 'node:fs/promises';
-import type { KubeConfig } from '@kubernetes/client-node';
+import type { KubeClient } from '../../lib/kube-rest/client';
 import { packageVersion } from '../../lib/package-root';
-import type { NodeRegistration } from './k8s/node-registration';
-import type * as RegistrationModule from './k8s/node-registration';
+import { NodeRegistration } from './k8s/node-registration';
 import path from 'node:path';
 import { LockstepError, errorMessage, isLockstepError } from '../../lib/errors';
 import { splitHostPort } from '../../lib/host-port';
@@ -63,7 +62,7 @@ export interface AgentOptions {
   /** When establishing a replica gives way to live mirroring. */
   cutover?: CutoverPolicy;
   /** Register a LockstepNode and heartbeat through a Lease in this cluster. */
-  register?: { kc: KubeConfig; namespace: string };
+  register?: { kube: KubeClient; namespace: string };
   /** Mutual TLS for every listener and connection, or plaintext on purpose (--insecure). */
   transport: Transport;
   log: Logger;
@@ -299,10 +298,6 @@ export class Agent implements ExportSource {
         agent.metricsAddress = served.address;
       }
       if (options.register) {
-        // Loaded only when used: the Kubernetes client adds ~0.15 s to every start-up.
-        const { NodeRegistration } =
-          // eslint-disable-next-line @typescript-eslint/no-require-imports
-          require('./k8s/node-registration') as typeof RegistrationModule;
         const registration = new NodeRegistration({
           ...options.register,
           node: options.node,

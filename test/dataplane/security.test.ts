@@ -10,11 +10,8 @@ import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
 import { agentProto, replicationProto } from '../../proto';
-import {
-  createAuthority,
-  issueCertificate,
-  writeTlsDir,
-} from '../../lib/tls/certificate-authority';
+import { createAuthority, issueCertificate } from '../../lib/tls/certificate-authority';
+import { writeTlsDir } from '../../lib/tls/tls-dir';
 import {
   channelCredentials,
   channelOptions,

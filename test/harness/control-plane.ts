@@ -240,3 +240,32 @@ export function kubectl(kubeconfig: string, args: string[], input?: string): str
     stdio: ['pipe', 'pipe', 'pipe'],
   });
 }
+
+/**
+ * Waits until `namespace` has pods and every one is Ready. `helm install --wait` alone is not
+ * that: it counts a DaemonSet ready with `maxUnavailable` of its pods still not ready.
+ */
+export async function podsReady(
+  kubeconfig: string,
+  namespace: string,
+  timeoutMs = 60_000,
+): Promise<void> {
+  await waitFor(
+    `every pod in ${namespace} Ready`,
+    () => {
+      const ready = kubectl(kubeconfig, [
+        'get',
+        'pods',
+        '-n',
+        namespace,
+        '-o',
+        'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
+      ])
+        .split('\n')
+        .filter(Boolean);
+      return Promise.resolve(ready.length && ready.every((s) => s === 'True') ? true : undefined);
+    },
+    timeoutMs,
+    250,
+  );
+}

@@ -10,9 +10,9 @@ import {
   createAuthority,
   issueCertificate,
   writeGnutlsClientFiles,
-  writeTlsDir,
   type Authority,
 } from '../../lib/tls/certificate-authority';
+import { writeTlsDir } from '../../lib/tls/tls-dir';
 import type { Identity } from '../../lib/tls/identity';
 import { openTransport, type Transport } from '../../lib/tls/transport';
 

@@ -15,8 +15,8 @@ import {
   createAuthority,
   createCertificateRequest,
   issueCertificate,
-  writeTlsDir,
 } from '../../lib/tls/certificate-authority';
+import { writeTlsDir } from '../../lib/tls/tls-dir';
 import { identityOfSubject } from '../../lib/tls/identity';
 import { openTransport, type Transport } from '../../lib/tls/transport';
 import { AgentClient } from '../../lib/agent-client';

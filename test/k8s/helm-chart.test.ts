@@ -9,7 +9,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import yaml from 'js-yaml';
 import { packageRoot, packageVersion } from '../../lib/package-root';
-import { kubectl } from '../harness/control-plane';
+import { kubectl, podsReady } from '../harness/control-plane';
 import { startKwokCluster, type KwokCluster } from '../harness/kwok-cluster';
 import { testTool } from '../harness/test-tools';
 
@@ -328,6 +328,7 @@ describe('the Helm chart', () => {
       );
       expect(installed).toMatch(/STATUS: deployed/);
       expect(installed).toMatch(/kubectl get lockstepnodes/);
+      await podsReady(cluster.kubeconfig, NS);
 
       interface Pod {
         metadata: { name: string; labels: Record<string, string> };

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { buildImage, type BuiltImage } from '../harness/container-image';
-import { kubectl } from '../harness/control-plane';
+import { kubectl, podsReady } from '../harness/control-plane';
 import { startKubeletCluster, type KubeletCluster } from '../harness/kubelet-cluster';
 import { localPv, pvc } from '../harness/cluster';
 import { waitFor } from '../harness/processes';
@@ -112,6 +112,7 @@ describe('the chart on real nodes: kubelet, containerd and runc run the image', 
       '--timeout',
       '3m',
     );
+    await podsReady(cluster.kubeconfig, NS);
     const agents = pods('agent');
     expect(agents.map((p) => p.spec.nodeName).sort()).toEqual(['node-a', 'node-b']);
     const [operator] = pods('operator');

@@ -7,10 +7,9 @@ import pino from 'pino';
 import {
   createAuthority,
   issueCertificate,
-  writeTlsDir,
   type Authority,
 } from '../../lib/tls/certificate-authority';
-import { TlsDir } from '../../lib/tls/tls-dir';
+import { TlsDir, writeTlsDir } from '../../lib/tls/tls-dir';
 
 const DAY = 86_400_000;
 const node = { role: 'agent', name: 'node-a' } as const;

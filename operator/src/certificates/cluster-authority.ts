@@ -12,9 +12,9 @@ import type { Logger } from '../../../lib/logger';
 import {
   createAuthority,
   issueCertificate,
-  writeTlsDir,
   type Authority,
 } from '../../../lib/tls/certificate-authority';
+import { writeTlsDir } from '../../../lib/tls/tls-dir';
 import type { Identity } from '../../../lib/tls/identity';
 import {
   CA_BUNDLE_CONFIGMAP,

@@ -10,9 +10,8 @@ import path from 'node:path';
 import { errorMessage } from '../../../lib/errors';
 import type { Logger } from '../../../lib/logger';
 import { writeFileAtomic } from '../../../lib/atomic-file';
-import { writeTlsDir } from '../../../lib/tls/certificate-authority';
 import { describeIdentity } from '../../../lib/tls/identity';
-import { TlsDir, type TlsMaterial } from '../../../lib/tls/tls-dir';
+import { TlsDir, writeTlsDir, type TlsMaterial } from '../../../lib/tls/tls-dir';
 import type { Transport } from '../../../lib/tls/transport';
 
 type SecureTransport = Extract<Transport, { secure: true }>;
