@@ -3,7 +3,10 @@
 // directory) and renews it before it expires.
 import type { KubeClient } from '../lib/kube-rest/client';
 import type { Logger } from '../lib/logger';
-import type * as RequesterModule from '../lib/tls/certificate-requester';
+import {
+  CertificateRequester,
+  type CertificateRequesterOptions,
+} from '../lib/tls/certificate-requester';
 import type { TransportFlags } from '../lib/tls/transport';
 import { issuedTlsDir } from './transport-flags';
 
@@ -15,13 +18,9 @@ export interface RequestFlags extends TransportFlags {
 export async function requestCertificate(
   kube: KubeClient,
   opts: RequestFlags,
-  identity: RequesterModule.CertificateRequesterOptions['identity'],
+  identity: CertificateRequesterOptions['identity'],
   log: Logger,
-): Promise<{ tlsDir: string; requester: RequesterModule.CertificateRequester }> {
-  // Loaded only when used: making a certificate request takes @peculiar/x509 (~6 MiB).
-  const { CertificateRequester } =
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    require('../lib/tls/certificate-requester') as typeof RequesterModule;
+): Promise<{ tlsDir: string; requester: CertificateRequester }> {
   const tlsDir = issuedTlsDir(opts, '--request-certificate', identity.role);
   const requester = new CertificateRequester({
     kube,

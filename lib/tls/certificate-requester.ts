@@ -8,7 +8,7 @@ import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { LockstepError, errorMessage } from '../errors';
 import type { KubeClient, ObjectMeta } from '../kube-rest/client';
 import type { Logger } from '../logger';
-import { createCertificateRequest } from './certificate-authority';
+import { createCertificateRequestApart } from './certificate-request-process';
 import { writeTlsDir } from './tls-dir';
 import type { Identity } from './identity';
 import {
@@ -66,7 +66,7 @@ export class CertificateRequester {
    */
   async obtain(): Promise<{ notAfter: Date }> {
     const { identity, log } = this.opts;
-    const { requestPem, keyPem } = await createCertificateRequest(identity);
+    const { requestPem, keyPem } = await createCertificateRequestApart(identity);
     const created = await this.opts.kube.create<CertificateSigningRequest>(CSR_PATH, {
       apiVersion: 'certificates.k8s.io/v1',
       kind: 'CertificateSigningRequest',
