@@ -239,6 +239,38 @@ export function pvc(name: string, namespace: string, pv: string, size: string): 
   };
 }
 
+/** A ConsistencyGroup `name` of one volume, `data`, on PVC `pvc`. */
+export function oneVolumeGroup(name: string, namespace: string, pvc: string): object {
+  return {
+    apiVersion: 'lockstep.dev/v1alpha1',
+    kind: 'ConsistencyGroup',
+    metadata: { name, namespace },
+    spec: { volumes: [{ name: 'data', pvc }] },
+  };
+}
+
+/** A SyncRelationship `name` of `group` from node `source` to nodes `targets`, `spec` on top. */
+export function syncRelationship(
+  name: string,
+  namespace: string,
+  group: string,
+  source: string,
+  targets: string[],
+  spec: object = {},
+): { metadata: { name: string; namespace: string }; spec: object } & Record<string, unknown> {
+  return {
+    apiVersion: 'lockstep.dev/v1alpha1',
+    kind: 'SyncRelationship',
+    metadata: { name, namespace },
+    spec: {
+      consistencyGroup: group,
+      source: { node: source },
+      targets: targets.map((node) => ({ node })),
+      ...spec,
+    },
+  };
+}
+
 export function getJson<T>(...args: string[]): T {
   return JSON.parse(kubectl(adminKubeconfig(), ['get', ...args, '-o', 'json'])) as T;
 }

@@ -23,6 +23,21 @@ export interface ControlPlane extends ControlPlaneInfo {
   stop(): Promise<void>;
 }
 
+/**
+ * The controllers that turn Deployments and DaemonSets into pods and clean up after them, give
+ * namespaces their ServiceAccounts, and lift the not-ready taint the apiserver puts on a new
+ * node once its kubelet (or kwok) reports it Ready.
+ */
+export const WORKLOAD_CONTROLLERS = [
+  'deployment',
+  'replicaset',
+  'daemonset',
+  'garbagecollector',
+  'serviceaccount',
+  'namespace',
+  'nodelifecycle',
+];
+
 export interface ControlPlaneOptions {
   /** Controllers for kube-controller-manager (e.g. ['persistentvolume-binder']); none → not started. */
   controllers?: string[];

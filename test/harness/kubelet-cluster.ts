@@ -8,7 +8,12 @@ import { mkdirSync, mkdtempSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { kubectl, startControlPlane, type ControlPlane } from './control-plane';
+import {
+  WORKLOAD_CONTROLLERS,
+  kubectl,
+  startControlPlane,
+  type ControlPlane,
+} from './control-plane';
 import { KubeletNode, PAUSE_IMAGE } from './kubelet-node';
 import { NodeNetwork } from './node-network';
 import { waitFor } from './processes';
@@ -52,14 +57,9 @@ export async function startKubeletCluster(
       serviceAccountTokens: true,
       scheduler: true,
       controllers: [
-        'deployment',
-        'replicaset',
-        'daemonset',
-        'garbagecollector',
-        'serviceaccount',
+        ...WORKLOAD_CONTROLLERS,
+        // Publishes the cluster's CA into every namespace, for the pods' projected tokens.
         'root-ca-certificate-publisher-controller',
-        'namespace',
-        'nodelifecycle',
         'persistentvolume-binder',
       ],
     });

@@ -4,7 +4,12 @@
 // Running and Ready without running them). What `helm install` needs to be tested for real, on
 // one machine.
 import path from 'node:path';
-import { kubectl, startControlPlane, type ControlPlane } from './control-plane';
+import {
+  WORKLOAD_CONTROLLERS,
+  kubectl,
+  startControlPlane,
+  type ControlPlane,
+} from './control-plane';
 import { freePort, startProcess, waitFor } from './processes';
 import { testTool } from './test-tools';
 
@@ -16,16 +21,7 @@ export interface KwokCluster extends ControlPlane {
 
 export async function startKwokCluster(nodes: string[]): Promise<KwokCluster> {
   const cp = await startControlPlane({
-    controllers: [
-      'deployment',
-      'replicaset',
-      'daemonset',
-      'garbagecollector',
-      'serviceaccount',
-      'namespace',
-      // Lifts the not-ready taint the apiserver puts on a new node once kwok reports it Ready.
-      'nodelifecycle',
-    ],
+    controllers: WORKLOAD_CONTROLLERS,
     scheduler: true,
   });
   try {

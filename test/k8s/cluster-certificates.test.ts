@@ -31,9 +31,11 @@ import {
   installLockstep,
   localPv,
   nodeDisk,
+  oneVolumeGroup,
   pvc,
   removeDir,
   serviceAccountKubeconfig,
+  syncRelationship,
 } from '../harness/cluster';
 import { kubectl, startControlPlane, type ControlPlane } from '../harness/control-plane';
 import { MediatorProcess } from '../harness/mediator-process';
@@ -118,22 +120,9 @@ describe('certificates managed by the operator, on a real control plane', () => 
     const disk = nodeDisk(root, 'node-a', `pv-${group}`);
     apply(localPv(`pv-${group}`, 'node-a', disk, size), cp.kubeconfig);
     apply(pvc(group, NS, `pv-${group}`, size), cp.kubeconfig);
+    apply(oneVolumeGroup(group, NS, group), cp.kubeconfig);
     apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name: group, namespace: NS },
-        spec: { volumes: [{ name: 'data', pvc: group }] },
-      },
-      cp.kubeconfig,
-    );
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: `${group}-sync`, namespace: NS },
-        spec: { consistencyGroup: group, source: { node: 'node-a' }, targets: [target] },
-      },
+      syncRelationship(`${group}-sync`, NS, group, 'node-a', [], { targets: [target] }),
       cp.kubeconfig,
     );
     return disk;
@@ -358,24 +347,8 @@ describe('certificates managed by the operator, on a real control plane', () => 
     const disk = nodeDisk(root, 'node-x', 'pv-x');
     apply(localPv('pv-x', 'node-x', disk, '16Mi'), cp.kubeconfig);
     apply(pvc('x', 'elsewhere', 'pv-x', '16Mi'), cp.kubeconfig);
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name: 'x', namespace: 'elsewhere' },
-        spec: { volumes: [{ name: 'data', pvc: 'x' }] },
-      },
-      cp.kubeconfig,
-    );
-    apply(
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: 'x-sync', namespace: 'elsewhere' },
-        spec: { consistencyGroup: 'x', source: { node: 'node-x' }, targets: [{ node: 'node-a' }] },
-      },
-      cp.kubeconfig,
-    );
+    apply(oneVolumeGroup('x', 'elsewhere', 'x'), cp.kubeconfig);
+    apply(syncRelationship('x-sync', 'elsewhere', 'x', 'node-x', ['node-a']), cp.kubeconfig);
     const ready = await waitFor(
       'x-sync to say why node-x is unreachable',
       () => {

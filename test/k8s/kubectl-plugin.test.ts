@@ -8,7 +8,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { packageRoot } from '../../lib/package-root';
-import { apply, installLockstep, removeDir } from '../harness/cluster';
+import {
+  apply,
+  installLockstep,
+  oneVolumeGroup,
+  removeDir,
+  syncRelationship,
+} from '../harness/cluster';
 import { kubectl, startControlPlane, type ControlPlane } from '../harness/control-plane';
 import { waitFor } from '../harness/processes';
 import { productNode } from '../harness/product-runtime';
@@ -83,24 +89,11 @@ describe('kubectl lockstep', () => {
             metadata: { name: 'db-data', namespace: NS },
             spec: { accessModes: ['ReadWriteOnce'], resources: { requests: { storage: '1Gi' } } },
           },
-          {
-            apiVersion: 'lockstep.dev/v1alpha1',
-            kind: 'ConsistencyGroup',
-            metadata: { name: 'db', namespace: NS },
-            spec: { volumes: [{ name: 'data', pvc: 'db-data' }] },
-          },
-          {
-            apiVersion: 'lockstep.dev/v1alpha1',
-            kind: 'SyncRelationship',
-            metadata: { name: 'db-sync', namespace: NS },
-            spec: {
-              consistencyGroup: 'db',
-              source: { node: 'node-a' },
-              targets: [{ node: 'node-b' }, { node: 'node-c' }],
-              mode: 'Sync',
-              failover: { mediator: 'mediator.lockstep-system:7450', policy: 'Manual' },
-            },
-          },
+          oneVolumeGroup('db', NS, 'db-data'),
+          syncRelationship('db-sync', NS, 'db', 'node-a', ['node-b', 'node-c'], {
+            mode: 'Sync',
+            failover: { mediator: 'mediator.lockstep-system:7450', policy: 'Manual' },
+          }),
         ],
       },
       cp.kubeconfig,

@@ -31,9 +31,11 @@ import {
   installLockstep,
   localPv,
   nodeDisk,
+  oneVolumeGroup,
   pvc,
   removeDir,
   serviceAccountKubeconfig,
+  syncRelationship,
   waitBound,
 } from '../harness/cluster';
 import { kubectl } from '../harness/control-plane';
@@ -129,23 +131,8 @@ const condition = (r: RelationshipJson, type: string) =>
  * `<group>-sync` of it from node-a to node-b, with `spec` on top; returns the relationship.
  */
 function oneVolumeRelationship(group: string, pvc: string, spec: object = {}) {
-  apply({
-    apiVersion: 'lockstep.dev/v1alpha1',
-    kind: 'ConsistencyGroup',
-    metadata: { name: group, namespace: NS },
-    spec: { volumes: [{ name: 'data', pvc }] },
-  });
-  const rel = {
-    apiVersion: 'lockstep.dev/v1alpha1',
-    kind: 'SyncRelationship',
-    metadata: { name: `${group}-sync`, namespace: NS },
-    spec: {
-      consistencyGroup: group,
-      source: { node: 'k8s-node-a' },
-      targets: [{ node: 'k8s-node-b' }],
-      ...spec,
-    },
-  };
+  apply(oneVolumeGroup(group, NS, pvc));
+  const rel = syncRelationship(`${group}-sync`, NS, group, 'k8s-node-a', ['k8s-node-b'], spec);
   apply(rel);
   return rel;
 }

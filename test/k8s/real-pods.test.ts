@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { buildImage, type BuiltImage } from '../harness/container-image';
 import { kubectl, podsReady } from '../harness/control-plane';
 import { startKubeletCluster, type KubeletCluster } from '../harness/kubelet-cluster';
-import { localPv, pvc } from '../harness/cluster';
+import { localPv, oneVolumeGroup, pvc, syncRelationship } from '../harness/cluster';
 import { waitFor } from '../harness/processes';
 import { testTool } from '../harness/test-tools';
 import { packageRoot } from '../../lib/package-root';
@@ -174,18 +174,8 @@ describe('the chart on real nodes: kubelet, containerd and runc run the image', 
     for (const manifest of [
       localPv('pv-db', 'node-a', pv, '64Mi'),
       pvc('db', APPS, 'pv-db', '64Mi'),
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'ConsistencyGroup',
-        metadata: { name: 'db', namespace: APPS },
-        spec: { volumes: [{ name: 'data', pvc: 'db' }] },
-      },
-      {
-        apiVersion: 'lockstep.dev/v1alpha1',
-        kind: 'SyncRelationship',
-        metadata: { name: 'db-sync', namespace: APPS },
-        spec: { consistencyGroup: 'db', source: { node: 'node-a' }, targets: [{ node: 'node-b' }] },
-      },
+      oneVolumeGroup('db', APPS, 'db'),
+      syncRelationship('db-sync', APPS, 'db', 'node-a', ['node-b']),
     ])
       kubectl(cluster.kubeconfig, ['apply', '-f', '-'], JSON.stringify(manifest));
     await waitFor(
