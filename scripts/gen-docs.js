@@ -9,9 +9,7 @@ const { readFileSync } = require('node:fs');
 const path = require('node:path');
 const yaml = require('js-yaml');
 const { KINDS, customResourceDefinition } = require('../dist/operator/src/api/crds.js');
-const { AgentMetrics } = require('../dist/sidecar/src/metrics.js');
-const { ControllerMetrics } = require('../dist/operator/src/metrics.js');
-const { securityMetrics } = require('../dist/lib/tls/security-metrics.js');
+const { exportedRegistries } = require('../dist/deploy/metric-registries.js');
 
 const root = path.resolve(__dirname, '..');
 const cell = (s) =>
@@ -122,12 +120,7 @@ function registered(registry) {
 }
 
 function metricsReference() {
-  const silent = require('pino')({ level: 'silent' });
-  const secure = { secure: true, dir: { notAfter: new Date() } };
-  const agent = new AgentMetrics({ list: () => [] }, 'n', () => []);
-  securityMetrics(agent.registry, secure, silent);
-  const operator = new ControllerMetrics();
-  securityMetrics(operator.registry, secure, silent);
+  const { agent, operator } = exportedRegistries();
   const table = (rows) => [
     '| metric | type | labels | meaning |',
     '|---|---|---|---|',
@@ -158,11 +151,11 @@ function metricsReference() {
     '',
     '## Agent',
     '',
-    ...table(registered(agent.registry)),
+    ...table(registered(agent)),
     '',
     '## Operator',
     '',
-    ...table(registered(operator.registry)),
+    ...table(registered(operator)),
     '',
     '## Alerts',
     '',

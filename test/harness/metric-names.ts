@@ -3,13 +3,8 @@
 // Prometheus's own grammar). Alerts and the dashboard are checked against the first with the
 // second, so neither can drift from the code.
 import { parser } from '@prometheus-io/lezer-promql';
-import pino from 'pino';
 import type client from 'prom-client';
-import { ControllerMetrics } from '../../operator/src/metrics';
-import { AgentMetrics } from '../../sidecar/src/metrics';
-import type { VolumeStore } from '../../sidecar/src/store/volume-store';
-import { securityMetrics } from '../../lib/tls/security-metrics';
-import type { Transport } from '../../lib/tls/transport';
+import { exportedRegistries } from '../../deploy/metric-registries';
 
 /** Series Prometheus itself makes for every target. */
 const PROMETHEUS_OWN = ['up', 'scrape_duration_seconds'];
@@ -23,16 +18,8 @@ function namesOf(registry: client.Registry): string[] {
 
 /** Every series name the agent and the operator can export (with TLS, the fuller set). */
 export function registeredMetricNames(): Set<string> {
-  const secure = {
-    secure: true,
-    dir: { notAfter: new Date() },
-  } as unknown as Transport;
-  const silent = pino({ level: 'silent' });
-  const agent = new AgentMetrics({ list: () => [] } as unknown as VolumeStore, 'n', () => []);
-  securityMetrics(agent.registry, secure, silent);
-  const operator = new ControllerMetrics();
-  securityMetrics(operator.registry, secure, silent);
-  return new Set([...namesOf(agent.registry), ...namesOf(operator.registry), ...PROMETHEUS_OWN]);
+  const { agent, operator } = exportedRegistries();
+  return new Set([...namesOf(agent), ...namesOf(operator), ...PROMETHEUS_OWN]);
 }
 
 /** The metric names a PromQL expression selects; a syntax error is thrown, with where it is. */
