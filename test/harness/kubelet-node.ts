@@ -66,14 +66,12 @@ export class KubeletNode {
       );
       await waitFor(
         `containerd of ${node.name}`,
-        async () => {
+        () => {
           node.assertRunning();
-          return (await node.ctr('version').then(
+          return node.ctr('version').then(
             () => true,
             () => undefined,
-          ))
-            ? true
-            : undefined;
+          );
         },
         30_000,
         100,
