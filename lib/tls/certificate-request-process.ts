@@ -15,8 +15,12 @@ export interface CertificateRequest {
 
 /** Runs certificate-request-child.js for `id`, on the same Node. */
 export function createCertificateRequestApart(id: Identity): Promise<CertificateRequest> {
+  return runRequestChild(path.join(__dirname, 'certificate-request-child.js'), id);
+}
+
+/** Runs `script` for `id`; what it prints must be a request and its key, or this rejects. */
+export function runRequestChild(script: string, id: Identity): Promise<CertificateRequest> {
   return new Promise((resolve, reject) => {
-    const script = path.join(__dirname, 'certificate-request-child.js');
     const child = spawn(process.execPath, [script, JSON.stringify(id)], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -26,16 +30,30 @@ export function createCertificateRequestApart(id: Identity): Promise<Certificate
     child.stderr.on('data', (c: Buffer) => err.push(c));
     child.on('error', reject);
     child.on('close', (code) => {
-      if (code === 0) {
-        resolve(JSON.parse(Buffer.concat(out).toString()) as CertificateRequest);
+      const failed = (why: string) =>
+        reject(
+          new LockstepError(
+            'LOCKSTEP_ERR_UNAVAILABLE',
+            `making a certificate request failed: ${why}`,
+          ),
+        );
+      if (code !== 0) {
+        failed(`exit ${code}: ${Buffer.concat(err).toString().trim()}`);
         return;
       }
-      reject(
-        new LockstepError(
-          'LOCKSTEP_ERR_UNAVAILABLE',
-          `making a certificate request failed (exit ${code}): ${Buffer.concat(err).toString().trim()}`,
-        ),
-      );
+      let answer: unknown;
+      try {
+        answer = JSON.parse(Buffer.concat(out).toString());
+      } catch {
+        failed('its output is not JSON');
+        return;
+      }
+      const { requestPem, keyPem } = (answer ?? {}) as Partial<Record<string, unknown>>;
+      if (typeof requestPem !== 'string' || typeof keyPem !== 'string') {
+        failed('its output has no request and key');
+        return;
+      }
+      resolve({ requestPem, keyPem });
     });
   });
 }
