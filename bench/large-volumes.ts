@@ -9,6 +9,7 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import type { AgentClient } from '../lib/agent-client';
 import { replicateToInSync } from './replicate';
+import { eventLoopDelayMs } from './event-loop-delay';
 import { AgentProcess } from '../test/harness/agent-process';
 import { percentile, Qd1Writer } from '../test/harness/qd1-writer';
 
@@ -33,16 +34,6 @@ export interface LargeVolumes {
 /** Replicates `name` to `peer` and waits for InSync; seconds by the agent's own clock. */
 async function resyncBytesSent(client: AgentClient, name: string): Promise<number> {
   return Number((await client.getVolume(name)).replication?.peers[0]?.resyncBytesSent ?? NaN);
-}
-
-/**
- * The agent's event-loop delay p99 (prom-client samples it with monitorEventLoopDelay and
- * starts over at each scrape, so a scrape covers what happened since the one before).
- */
-async function eventLoopP99Ms(agent: AgentProcess): Promise<number> {
-  const text = await (await fetch(`http://127.0.0.1:${agent.metricsPort}/metrics`)).text();
-  const m = /^lockstep_agent_nodejs_eventloop_lag_p99_seconds\{[^}]*\} ([\d.e+-]+)$/m.exec(text);
-  return m ? Number(m[1]) * 1000 : NaN;
 }
 
 async function freshRun(): Promise<number> {
@@ -78,19 +69,19 @@ async function busyRun(): Promise<Omit<LargeVolumes, 'freshInSyncSeconds'>> {
     process.stderr.write(`  4 GiB written in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
 
     const rest = await Qd1Writer.start(a.nbdSocket, 'other', 1 * GiB);
-    await eventLoopP99Ms(a);
+    await eventLoopDelayMs(a); // starts the agent's delay histogram over
     await new Promise((r) => setTimeout(r, AT_REST_MS));
-    const eventLoopAtRest = await eventLoopP99Ms(a);
+    const eventLoopAtRest = (await eventLoopDelayMs(a)).p99Ms;
     const atRest = await rest.stop();
 
     const during = await Qd1Writer.start(a.nbdSocket, 'other', 1 * GiB);
-    await eventLoopP99Ms(a); // starts the agent's delay histogram over
+    await eventLoopDelayMs(a); // starts the agent's delay histogram over
     let baselineSeconds: number;
     let eventLoop: number;
     let duringMs: number[];
     try {
       baselineSeconds = (await replicateToInSync(client, 'big', b.grpcAddress, 50)).seconds;
-      eventLoop = await eventLoopP99Ms(a);
+      eventLoop = (await eventLoopDelayMs(a)).p99Ms;
     } finally {
       duringMs = await during.stop();
     }

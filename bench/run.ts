@@ -3,7 +3,7 @@
 // machines, so what counts is each Lockstep figure as a ratio to its anchor from this run.
 //
 // usage: node dist/bench/run.js [--size 1G] [--runtime 10] [--shared-bench DIR]
-//        [--baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
+//        [--fio-only | --baseline-only | --large-volumes-only | --snapshots-only | --establishment-only |
 //         --move-only | --mediator-only | --failover-only | --tls-only | --install-only]
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import {
@@ -172,12 +172,94 @@ async function baselineRun(dir: string): Promise<Baseline> {
   }
 }
 
+/**
+ * The reference jobs, `rounds` times: each round measures the anchor and Lockstep back to back;
+ * ratios are taken within a round and the median across rounds is reported, since the
+ * machine's speed drifts between rounds.
+ */
+async function fioRounds(
+  fio: string,
+  bench: string,
+  size: string,
+  runtime: string,
+  rounds: number,
+): Promise<JobResult[][]> {
+  const perRound: JobResult[][] = [];
+  const work = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-'));
+  try {
+    for (let round = 1; round <= rounds; round++) {
+      const results: JobResult[] = [];
+      process.stderr.write(
+        `round ${round}/${rounds}: qemu-storage-daemon (${size}, ${runtime}s per job)\n`,
+      );
+      const qemuDir = path.join(work, `qemu-${round}`);
+      results.push(
+        ...parseFioLines(
+          await sh(path.join(bench, 'anchor-qemu.sh'), [size, runtime], {
+            ...process.env,
+            D: qemuDir,
+          }),
+        ),
+      );
+      rmSync(qemuDir, { recursive: true, force: true });
+
+      const agent = await new AgentProcess({ node: 'bench' }).start();
+      try {
+        const uri = await agent.createVolume(
+          'bench',
+          size.replace(/G$/, 'GiB').replace(/M$/, 'MiB'),
+        );
+        process.stderr.write(`round ${round}/${rounds}: lockstep, local export\n`);
+        results.push(...parseFioLines(await sh(fio, ['lockstep-local', uri, size, runtime])));
+      } finally {
+        await agent.dispose();
+      }
+      process.stderr.write(
+        `round ${round}/${rounds}: lockstep, sync replication to a second agent\n`,
+      );
+      // Plaintext, like qemu-sync's mirror; replication over mTLS has its own section (tls.ts).
+      results.push(...(await replicatedRun(fio, size, runtime, 'lockstep-sync', true)));
+      perRound.push(results);
+    }
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  return perRound;
+}
+
+/** The heading and table of the reference jobs' ratios. */
+function fioTable(
+  perRound: JobResult[][],
+  size: string,
+  runtime: string,
+  rounds: number,
+): string[] {
+  const rows = ratioRows(perRound, [
+    ['lockstep-local', 'qemu-local'],
+    ['lockstep-sync', 'qemu-sync'],
+  ]);
+  const when = new Date().toISOString().slice(0, 16).replace('T', ' ');
+  return [
+    `### ${when} UTC — ${size}, ${runtime} s per job, ${rounds} round(s), ${os.cpus().length} cores`,
+    '',
+    'Medians over rounds: ours / anchor → median of the per-round ratios. rand4k-fsync-qd1 is a',
+    'commit loop (each write followed by a FLUSH): its IOPS are commits/s, its latencies the FLUSH’s.',
+    '',
+    '| pair | job | IOPS | MB/s | p50 µs | p99 µs |',
+    '|---|---|---|---|---|---|',
+    ...rows,
+    '',
+  ];
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
       size: { type: 'string', default: '1G' },
       runtime: { type: 'string', default: '10' },
       rounds: { type: 'string', default: '1' },
+      // Only the reference fio jobs against qemu, local and replicated, once per round.
+      'fio-only': { type: 'boolean', default: false },
       // Only the baseline comparison, once per round: for working on the baseline alone.
       'baseline-only': { type: 'boolean', default: false },
       // Only the large-volume section (8 TiB replicate, a 1 TiB baseline beside a workload).
@@ -209,13 +291,23 @@ async function main(): Promise<void> {
   const fio = path.join(bench, 'fio-nbd.sh');
   const baselineLine = (round: number, b: Baseline) =>
     `round${round} baseline lockstep_s=${b.lockstepSeconds.toFixed(3)} nbdcopy_s=${b.nbdcopySeconds.toFixed(3)} ratio=${(b.nbdcopySeconds / b.lockstepSeconds).toFixed(2)}`;
+  if (values['fio-only']) {
+    const perRound = await fioRounds(fio, bench, size, runtime, rounds);
+    process.stdout.write(
+      [...fioTable(perRound, size, runtime, rounds), '```', ...rawLines(perRound), '```', ''].join(
+        '\n',
+      ),
+    );
+    return;
+  }
   if (values['baseline-only']) {
     for (let round = 1; round <= rounds; round++)
       process.stdout.write(`${baselineLine(round, await baselineRun(work2()))}\n`);
     return;
   }
   if (values['large-volumes-only']) {
-    process.stdout.write(`${largeVolumesReport(await largeVolumesRun())}\n`);
+    for (let round = 1; round <= rounds; round++)
+      process.stdout.write(`round ${round}: ${largeVolumesReport(await largeVolumesRun())}\n`);
     return;
   }
   if (values['establishment-only']) {
@@ -257,48 +349,7 @@ async function main(): Promise<void> {
     return;
   }
 
-  // Each round measures the anchor and Lockstep back to back; ratios are taken within a round
-  // and the median across rounds is reported, since the machine's speed drifts between rounds.
-  const perRound: JobResult[][] = [];
-  const work = mkdtempSync(path.join(os.tmpdir(), 'lockstep-bench-'));
-  try {
-    for (let round = 1; round <= rounds; round++) {
-      const results: JobResult[] = [];
-      process.stderr.write(
-        `round ${round}/${rounds}: qemu-storage-daemon (${size}, ${runtime}s per job)\n`,
-      );
-      const qemuDir = path.join(work, `qemu-${round}`);
-      results.push(
-        ...parseFioLines(
-          await sh(path.join(bench, 'anchor-qemu.sh'), [size, runtime], {
-            ...process.env,
-            D: qemuDir,
-          }),
-        ),
-      );
-      rmSync(qemuDir, { recursive: true, force: true });
-
-      const agent = await new AgentProcess({ node: 'bench' }).start();
-      try {
-        const uri = await agent.createVolume(
-          'bench',
-          size.replace(/G$/, 'GiB').replace(/M$/, 'MiB'),
-        );
-        process.stderr.write(`round ${round}/${rounds}: lockstep, local export\n`);
-        results.push(...parseFioLines(await sh(fio, ['lockstep-local', uri, size, runtime])));
-      } finally {
-        await agent.dispose();
-      }
-      process.stderr.write(
-        `round ${round}/${rounds}: lockstep, sync replication to a second agent\n`,
-      );
-      // Plaintext, like qemu-sync's mirror; replication over mTLS has its own section (tls.ts).
-      results.push(...(await replicatedRun(fio, size, runtime, 'lockstep-sync', true)));
-      perRound.push(results);
-    }
-  } finally {
-    rmSync(work, { recursive: true, force: true });
-  }
+  const perRound = await fioRounds(fio, bench, size, runtime, rounds);
 
   process.stderr.write('resync after dirtying 1% of 1 GiB\n');
   const resync = await resyncRun();
@@ -324,22 +375,9 @@ async function main(): Promise<void> {
   );
   const install = await installRun();
 
-  const rows = ratioRows(perRound, [
-    ['lockstep-local', 'qemu-local'],
-    ['lockstep-sync', 'qemu-sync'],
-  ]);
-  const when = new Date().toISOString().slice(0, 16).replace('T', ' ');
   process.stdout.write(
     [
-      `### ${when} UTC — ${size}, ${runtime} s per job, ${rounds} round(s), ${os.cpus().length} cores`,
-      '',
-      'Medians over rounds: ours / anchor → median of the per-round ratios. rand4k-fsync-qd1 is a',
-      'commit loop (each write followed by a FLUSH): its IOPS are commits/s, its latencies the FLUSH’s.',
-      '',
-      '| pair | job | IOPS | MB/s | p50 µs | p99 µs |',
-      '|---|---|---|---|---|---|',
-      ...rows,
-      '',
+      ...fioTable(perRound, size, runtime, rounds),
       `Resync after dirtying 1 % of 1 GiB (${resync.writtenBytes} bytes written while the replica was down): ` +
         `${resync.sentBytes} bytes sent for ${resync.dirtyBytes} dirty bytes → **${(resync.sentBytes / resync.dirtyBytes).toFixed(2)}×** the dirty bytes.`,
       '',

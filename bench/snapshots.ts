@@ -21,6 +21,7 @@ import { NbdClient } from '../lib/nbd-client';
 import { AgentProcess } from '../test/harness/agent-process';
 import { waitFor } from '../test/harness/processes';
 import { percentile } from '../test/harness/qd1-writer';
+import { eventLoopDelayMs } from './event-loop-delay';
 import { latencyAround } from './latency-window';
 
 const execFileAsync = promisify(execFile);
@@ -208,20 +209,6 @@ interface CreateLatency {
   eventLoopP99Ms: number;
 }
 
-/** The agent's event-loop delay (prom-client starts its histogram over at each scrape). */
-async function eventLoopDelay(agent: AgentProcess): Promise<{ maxMs: number; p99Ms: number }> {
-  const text = await (await fetch(`http://127.0.0.1:${agent.metricsPort}/metrics`)).text();
-  const pick = (stat: string) => {
-    const re = new RegExp(
-      `^lockstep_agent_nodejs_eventloop_lag_${stat}_seconds(?:\\{[^}]*\\})? (\\S+)$`,
-      'm',
-    );
-    const m = re.exec(text);
-    return m ? Number(m[1]) * 1000 : NaN;
-  };
-  return { maxMs: pick('max'), p99Ms: pick('p99') };
-}
-
 async function createSeries(
   agent: AgentProcess,
   client: AgentClient,
@@ -231,14 +218,14 @@ async function createSeries(
   await client.createVolume(volume, volumeBytes);
   const callMs: number[] = [];
   const holdMs: number[] = [];
-  await eventLoopDelay(agent);
+  await eventLoopDelayMs(agent);
   for (let i = 0; i < CREATES; i++) {
     const t0 = performance.now();
     const s = await client.createSnapshot(volume, `s${i}`);
     callMs.push(performance.now() - t0);
     holdMs.push(s.holdMs);
   }
-  const loop = await eventLoopDelay(agent);
+  const loop = await eventLoopDelayMs(agent);
   return { volumeBytes, callMs, holdMs, eventLoopMaxMs: loop.maxMs, eventLoopP99Ms: loop.p99Ms };
 }
 
@@ -597,9 +584,9 @@ async function diffRun(): Promise<DiffMap> {
     const writeSeconds = (performance.now() - t0) / 1000;
     // Nothing changes after it: the floor (process start, handshake, one request per 4 GiB).
     await client.createSnapshot(volume, 'after');
-    await eventLoopDelay(agent);
+    await eventLoopDelayMs(agent);
     const cold = await nbdinfoMap('lockstep:changed:base', uri);
-    const loop = await eventLoopDelay(agent);
+    const loop = await eventLoopDelayMs(agent);
     const warm = await nbdinfoMap('lockstep:changed:base', uri);
     const empty = await nbdinfoMap('lockstep:changed:after', uri);
     const allocation = await nbdinfoMap('base:allocation', uri);

@@ -84,11 +84,22 @@ export class FileBlockDevice implements BlockDevice {
    * never lost, and the copy is never again said to be on disk.
    */
   private syncError: LockstepError | undefined;
-  /** The fdatasync running now, if any. */
-  private runningSync: Promise<void> | undefined;
+  /** The fdatasync running now, if any, and the count of writes done when it started. */
+  private runningSync: { done: Promise<void>; covers: number } | undefined;
   /** The next fdatasync, started when the running one ends: every flush called meanwhile's. */
   private queuedSync: Promise<void> | undefined;
   private syncCalls = 0;
+  /** Writes finished since the file was opened, and writes started and not finished. */
+  private writesDone = 0;
+  private writesRunning = 0;
+  /**
+   * `writesDone` when the last fdatasync that succeeded started: those writes are durable. None
+   * at first: what an earlier process wrote may still be only in the page cache.
+   */
+  private durableWrites = -1;
+  /** Writes finished since the last flush, and how many the last flush followed. */
+  private writesSinceFlush = 0;
+  private writesPerFlush = 0;
   /** Asked before every overwrite of the file: where snapshots save old data first. */
   private guard: OverwriteGuard | undefined;
   /** A clone's snapshot: what the blocks it has not written yet read as. */
@@ -231,7 +242,7 @@ export class FileBlockDevice implements BlockDevice {
   /** Writes straight to the file, past the guards: a backing's own copies, which change no byte a reader sees. */
   writeBelow(offset: number, data: Buffer): Promise<void> {
     this.check('write', offset, data.length, true);
-    return this.guarded(() => pwrite(this.fd, data, offset));
+    return this.guarded(() => this.counted(() => pwrite(this.fd, data, offset)));
   }
 
   /** Installs the step every overwrite of the file takes first (see CopyBeforeWrite). */
@@ -266,10 +277,10 @@ export class FileBlockDevice implements BlockDevice {
       const claimed = this.backing?.prepareOverwrite(offset, length);
       const settle = claimed && (await claimed);
       this.allocation.markWritten(offset, length);
-      if (!settle) return await work();
+      if (!settle) return await this.counted(work);
       let written = false;
       try {
-        await work();
+        await this.counted(work);
         written = true;
       } finally {
         await settle(written);
@@ -356,7 +367,46 @@ export class FileBlockDevice implements BlockDevice {
   async flush(): Promise<void> {
     if (this.closed)
       throw new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', 'flush on a closed volume');
+    // A flush right after another keeps the rhythm the writes set.
+    if (this.writesSinceFlush > 0) this.writesPerFlush = this.writesSinceFlush;
+    this.writesSinceFlush = 0;
     return this.guarded(() => this.sync());
+  }
+
+  /**
+   * Runs one write to the file, counted: what a running fdatasync covers, and when to start one
+   * ahead of the flush a client's rhythm says is coming.
+   */
+  private async counted(work: () => Promise<void>): Promise<void> {
+    this.writesRunning++;
+    try {
+      await work();
+    } finally {
+      this.writesRunning--;
+      this.writesDone++;
+      this.writesSinceFlush++;
+    }
+    this.syncAhead();
+  }
+
+  /**
+   * A client that flushes after every N writes (a database's commit: N is often 1) flushed
+   * after N the last time; once the N-th write of this round is done and no other is running,
+   * the fdatasync its flush will need starts now instead of a round trip later. On a replica the
+   * flush arrives a whole round trip after the write, so most of the fdatasync is over by then.
+   * A wrong guess costs one fdatasync; a failed one fails the next flush (see `syncError`).
+   * Nothing is written behind a client that does not flush: it may be rewriting the same pages
+   * in the cache, and an fdatasync would turn every pass into disk writes.
+   */
+  private syncAhead(): void {
+    if (
+      this.writesSinceFlush !== this.writesPerFlush ||
+      this.writesRunning > 0 ||
+      this.runningSync ||
+      this.closed
+    )
+      return;
+    void this.guarded(() => this.startSync()).catch(() => {});
   }
 
   /** fdatasync calls made on the file since it was opened (flushes and FUA writes share them). */
@@ -367,16 +417,20 @@ export class FileBlockDevice implements BlockDevice {
   /**
    * Makes every write completed before this call durable, with as few fdatasyncs as that
    * allows. An fdatasync covers the writes completed before it started: a call while none runs
-   * starts one; calls while one runs cannot count on it (it may have started before their
-   * writes completed), so they wait for the next one, started when it ends and shared by all
-   * of them. However many flushes arrive at once, that is at most two fdatasyncs.
+   * starts one, unless no write has completed since the last one that succeeded started; a call
+   * while one runs shares it if no write has completed since it started, and otherwise waits
+   * for the next one, started when it ends and shared by every such call. However many flushes
+   * arrive at once, that is at most two fdatasyncs.
    */
   private sync(): Promise<void> {
     if (this.syncError) return Promise.reject(this.syncError);
+    if (this.durableWrites === this.writesDone) return Promise.resolve();
+    const running = this.runningSync;
+    if (running && running.covers === this.writesDone) return running.done;
     if (this.queuedSync) return this.queuedSync;
-    if (!this.runningSync) return this.startSync();
+    if (!running) return this.startSync();
     const next = () => this.startSync();
-    this.queuedSync = this.runningSync.then(next, next);
+    this.queuedSync = running.done.then(next, next);
     return this.queuedSync;
   }
 
@@ -384,9 +438,11 @@ export class FileBlockDevice implements BlockDevice {
     this.queuedSync = undefined;
     if (this.syncError) return Promise.reject(this.syncError);
     this.syncCalls++;
-    const run = fdatasync(this.fd).then(
+    const covers = this.writesDone;
+    const done = fdatasync(this.fd).then(
       () => {
         this.runningSync = undefined;
+        this.durableWrites = covers;
       },
       (err: LockstepError) => {
         this.runningSync = undefined;
@@ -394,8 +450,8 @@ export class FileBlockDevice implements BlockDevice {
         throw err;
       },
     );
-    this.runningSync = run;
-    return run;
+    this.runningSync = { done, covers };
+    return done;
   }
 
   /** Refuses new operations; the descriptor closes once the ones in progress finish. */
