@@ -6,6 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import { LockstepError } from '../lib/errors';
+import { ServerUnreachable } from '../lib/grpc-errors';
+import { explainUnreachable } from '../lib/tls/handshake-diagnosis';
 import type { Role } from '../lib/tls/identity';
 import { openTransport, type Transport, type TransportFlags } from '../lib/tls/transport';
 import type { Logger } from '../lib/logger';
@@ -37,6 +39,24 @@ export function daemonTransport(
  */
 export function clientTransport(cmd: Command): Promise<Transport> {
   return openTransport(cmd.optsWithGlobals<TransportFlags>(), pino({ level: 'silent' }));
+}
+
+/**
+ * Runs a client command's calls on its transport. gRPC tells a refused TLS handshake only as
+ * "failed to connect": whichever server the command could not reach (an agent, the mediator)
+ * is asked why over plain TLS, under the address and role its client dialled.
+ */
+export async function withClientTransport<T>(
+  cmd: Command,
+  fn: (transport: Transport) => Promise<T>,
+): Promise<T> {
+  const transport = await clientTransport(cmd);
+  try {
+    return await fn(transport);
+  } catch (err) {
+    if (!(err instanceof ServerUnreachable)) throw err;
+    throw await explainUnreachable(err, err.target, err.kind, transport);
+  }
 }
 
 /**

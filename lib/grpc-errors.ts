@@ -2,6 +2,7 @@
 // client (ctl, the operator) can rebuild the same LockstepError the server raised.
 import * as grpc from '@grpc/grpc-js';
 import { LockstepError, errorMessage, type ErrorCode } from './errors';
+import type { Role } from './tls/identity';
 
 const CODE_KEY = 'lockstep-error-code';
 
@@ -37,7 +38,7 @@ export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
 export interface ServerRef {
   target: string;
   /** e.g. 'agent', and the flag that names its address, e.g. '--agent'. */
-  kind: string;
+  kind: Role;
   flag: string;
 }
 
@@ -75,6 +76,8 @@ export function carriedError(err: unknown): LockstepError | undefined {
 export class ServerUnreachable extends LockstepError {
   constructor(
     readonly target: string,
+    /** The role its certificate must carry: a handshake made to see why checks the same. */
+    readonly kind: Role,
     message: string,
   ) {
     super('LOCKSTEP_ERR_UNAVAILABLE', message);
@@ -89,6 +92,7 @@ function fromServiceError(err: unknown, server: ServerRef): Error {
   if (se.code === grpc.status.UNAVAILABLE || se.code === grpc.status.DEADLINE_EXCEEDED) {
     return new ServerUnreachable(
       server.target,
+      server.kind,
       `cannot reach the ${server.kind} at ${server.target} (${se.details ?? 'unavailable'}); is it running and is ${server.flag} right?`,
     );
   }

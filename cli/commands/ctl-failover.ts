@@ -5,12 +5,13 @@ import { Command } from 'commander';
 import { AgentClient, type VolumeInfo } from '../../lib/agent-client';
 import { LockstepError, errorMessage } from '../../lib/errors';
 import { MediatorClient } from '../../lib/mediator-client';
+import type { Transport } from '../../lib/tls/transport';
 import { outputOption, printJson, type OutputFormat } from '../output';
-import { clientTransport } from '../transport-flags';
+import { withClientTransport } from '../transport-flags';
 
-async function clientOf(cmd: Command): Promise<AgentClient> {
+function clientOf(cmd: Command, transport: Transport): AgentClient {
   const globals = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
-  return new AgentClient(globals.agent, await clientTransport(cmd), Number(globals.timeout) * 1000);
+  return new AgentClient(globals.agent, transport, Number(globals.timeout) * 1000);
 }
 
 function mediatorOf(v: VolumeInfo): { address: string; group: string } {
@@ -58,37 +59,38 @@ export function failoverCommand(): Command {
         volume: string | undefined,
         opts: { output: OutputFormat; group?: string },
         cmd: Command,
-      ) => {
-        const agent = await clientOf(cmd);
-        try {
-          const names = await failoverVolumes(agent, volume, opts.group);
-          // Every volume is checked before any is promoted: a group is not split by a typo.
-          for (const name of names) mediatorOf(await agent.getVolume(name));
-          const promoted = [];
-          for (const name of names) {
-            try {
-              promoted.push(await agent.promote(name, false));
-            } catch (err) {
-              if (promoted.length === 0) throw err;
-              throw new LockstepError(
-                'LOCKSTEP_ERR_NOT_ALLOWED',
-                `${promoted.map((p) => p.volume.name).join(', ')} became primary here, but ${name} was refused ` +
-                  `(${errorMessage(err)}): the group's primaries are now on different agents; ` +
-                  'promote the others where this one is primary, or this one with --force',
+      ) =>
+        withClientTransport(cmd, async (transport) => {
+          const agent = clientOf(cmd, transport);
+          try {
+            const names = await failoverVolumes(agent, volume, opts.group);
+            // Every volume is checked before any is promoted: a group is not split by a typo.
+            for (const name of names) mediatorOf(await agent.getVolume(name));
+            const promoted = [];
+            for (const name of names) {
+              try {
+                promoted.push(await agent.promote(name, false));
+              } catch (err) {
+                if (promoted.length === 0) throw err;
+                throw new LockstepError(
+                  'LOCKSTEP_ERR_NOT_ALLOWED',
+                  `${promoted.map((p) => p.volume.name).join(', ')} became primary here, but ${name} was refused ` +
+                    `(${errorMessage(err)}): the group's primaries are now on different agents; ` +
+                    'promote the others where this one is primary, or this one with --force',
+                );
+              }
+            }
+            if (opts.output === 'json') return printJson(volume ? promoted[0] : promoted);
+            for (const p of promoted) {
+              const pr = p.volume.replication?.protection;
+              process.stdout.write(
+                `volume ${p.volume.name} is primary in epoch ${pr?.epoch ?? '?'}; connect the workload to ${p.volume.exportUri}\n`,
               );
             }
+          } finally {
+            agent.close();
           }
-          if (opts.output === 'json') return printJson(volume ? promoted[0] : promoted);
-          for (const p of promoted) {
-            const pr = p.volume.replication?.protection;
-            process.stdout.write(
-              `volume ${p.volume.name} is primary in epoch ${pr?.epoch ?? '?'}; connect the workload to ${p.volume.exportUri}\n`,
-            );
-          }
-        } finally {
-          agent.close();
-        }
-      },
+        }),
     );
 }
 
@@ -97,37 +99,39 @@ export function epochCommand(): Command {
     .argument('<volume>', 'the volume (run against any agent holding a copy)')
     .description('show the epoch: who holds it at the mediator, and what this copy has seen')
     .addOption(outputOption())
-    .action(async (volume: string, opts: { output: OutputFormat }, cmd: Command) => {
-      const agent = await clientOf(cmd);
-      let mediator: MediatorClient | undefined;
-      try {
-        const v = await agent.getVolume(volume);
-        const m = mediatorOf(v);
-        mediator = new MediatorClient(m.address, await clientTransport(cmd));
-        const record = await mediator.record(m.group);
-        const p = v.replication!.protection!;
-        const copy = {
-          role: v.role,
-          epoch: p.epoch,
-          acceptsWrites: p.acceptsWrites,
-          state: p.state,
-          detail: p.detail,
-        };
-        if (opts.output === 'json') return printJson({ mediator: m.address, record, copy });
-        process.stdout.write(
-          `mediator:  ${m.address}, group ${record.group || m.group}\n` +
-            `epoch:     ${record.epoch}` +
-            (record.epoch > 0
-              ? `, granted ${new Date(Number(record.grantedAtMs)).toISOString()}\n` +
-                `primary:   ${record.primary}\n` +
-                `in sync:   ${record.inSync.join(', ')}\n`
-              : ' (never granted)\n') +
-            `this copy: ${v.role}, epoch ${p.epoch}, ${p.acceptsWrites ? 'accepts writes' : 'does not accept writes'} (${p.state})\n` +
-            (p.detail ? `           ${p.detail}\n` : ''),
-        );
-      } finally {
-        mediator?.close();
-        agent.close();
-      }
-    });
+    .action((volume: string, opts: { output: OutputFormat }, cmd: Command) =>
+      withClientTransport(cmd, async (transport) => {
+        const agent = clientOf(cmd, transport);
+        let mediator: MediatorClient | undefined;
+        try {
+          const v = await agent.getVolume(volume);
+          const m = mediatorOf(v);
+          mediator = new MediatorClient(m.address, transport);
+          const record = await mediator.record(m.group);
+          const p = v.replication!.protection!;
+          const copy = {
+            role: v.role,
+            epoch: p.epoch,
+            acceptsWrites: p.acceptsWrites,
+            state: p.state,
+            detail: p.detail,
+          };
+          if (opts.output === 'json') return printJson({ mediator: m.address, record, copy });
+          process.stdout.write(
+            `mediator:  ${m.address}, group ${record.group || m.group}\n` +
+              `epoch:     ${record.epoch}` +
+              (record.epoch > 0
+                ? `, granted ${new Date(Number(record.grantedAtMs)).toISOString()}\n` +
+                  `primary:   ${record.primary}\n` +
+                  `in sync:   ${record.inSync.join(', ')}\n`
+                : ' (never granted)\n') +
+              `this copy: ${v.role}, epoch ${p.epoch}, ${p.acceptsWrites ? 'accepts writes' : 'does not accept writes'} (${p.state})\n` +
+              (p.detail ? `           ${p.detail}\n` : ''),
+          );
+        } finally {
+          mediator?.close();
+          agent.close();
+        }
+      }),
+    );
 }

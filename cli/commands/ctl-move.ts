@@ -1,7 +1,7 @@
 // `lockstep ctl move`: moves the primary of a volume, or of a group's volumes, to another agent
 // while the workload runs (lib/group-move.ts), printing each phase and its progress. It is run
 // against the current primary; interrupted, running it again finishes the move.
-import { clientTransport } from '../transport-flags';
+import { withClientTransport } from '../transport-flags';
 import { Command } from 'commander';
 import { AgentClient } from '../../lib/agent-client';
 import { LockstepError } from '../../lib/errors';
@@ -33,25 +33,26 @@ export function moveCommand(): Command {
       if (!volume === !opts.group) cmd.error('error: name one volume, or a group with --group');
       const globals = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
       const timeoutMs = Number(globals.timeout) * 1000;
-      const transport = await clientTransport(cmd);
-      const from = new AgentClient(globals.agent, transport, timeoutMs);
-      const to = new AgentClient(opts.to, transport, timeoutMs);
-      try {
-        const spec: MoveSpec = {
-          volumes: volume ? [volume] : await groupVolumes(from, to, opts.group!),
-          group: opts.group,
-          from,
-          fromAddress: (await from.info()).address,
-          to,
-          toAddress: opts.to,
-          keepSource: opts.keepSource,
-        };
-        const done = await drive(spec, Number(opts.interval) * 1000, opts.output === 'table');
-        if (opts.output === 'json') printJson(done);
-      } finally {
-        from.close();
-        to.close();
-      }
+      await withClientTransport(cmd, async (transport) => {
+        const from = new AgentClient(globals.agent, transport, timeoutMs);
+        const to = new AgentClient(opts.to, transport, timeoutMs);
+        try {
+          const spec: MoveSpec = {
+            volumes: volume ? [volume] : await groupVolumes(from, to, opts.group!),
+            group: opts.group,
+            from,
+            fromAddress: (await from.info()).address,
+            to,
+            toAddress: opts.to,
+            keepSource: opts.keepSource,
+          };
+          const done = await drive(spec, Number(opts.interval) * 1000, opts.output === 'table');
+          if (opts.output === 'json') printJson(done);
+        } finally {
+          from.close();
+          to.close();
+        }
+      });
     });
 }
 

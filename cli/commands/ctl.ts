@@ -7,8 +7,7 @@ import { moveCommand } from './ctl-move';
 import { waitInSync } from './ctl-wait';
 import { epochCommand, failoverCommand } from './ctl-failover';
 import { outputOption, printJson, printTable, type OutputFormat } from '../output';
-import { explainUnreachable } from '../../lib/tls/handshake-diagnosis';
-import { addTransportOptions, clientTransport } from '../transport-flags';
+import { addTransportOptions, withClientTransport } from '../transport-flags';
 
 function volumeRows(volumes: VolumeInfo[]): string[][] {
   return volumes.map((v) => [
@@ -51,21 +50,16 @@ export function ctlCommand(): Command {
     )
     .option('--timeout <duration>', 'deadline for each call, in seconds', '10');
 
-  const withClient = async <T>(
-    cmd: Command,
-    fn: (client: AgentClient) => Promise<T>,
-  ): Promise<T> => {
-    const opts = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
-    const transport = await clientTransport(cmd);
-    const client = new AgentClient(opts.agent, transport, Number(opts.timeout) * 1000);
-    try {
-      return await fn(client);
-    } catch (err) {
-      throw await explainUnreachable(err, opts.agent, 'agent', transport);
-    } finally {
-      client.close();
-    }
-  };
+  const withClient = <T>(cmd: Command, fn: (client: AgentClient) => Promise<T>): Promise<T> =>
+    withClientTransport(cmd, async (transport) => {
+      const opts = cmd.optsWithGlobals<{ agent: string; timeout: string }>();
+      const client = new AgentClient(opts.agent, transport, Number(opts.timeout) * 1000);
+      try {
+        return await fn(client);
+      } finally {
+        client.close();
+      }
+    });
 
   ctl
     .command('status [volume]')

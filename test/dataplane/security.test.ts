@@ -27,6 +27,7 @@ import {
   encodeHello,
 } from '../../sidecar/src/replication/frames';
 import { AgentProcess, fioVerify, lockstepBin, run } from '../harness/agent-process';
+import { MediatorProcess } from '../harness/mediator-process';
 import { waitFor } from '../harness/processes';
 import { NBD, RawNbd } from '../harness/raw-nbd';
 import { productNode } from '../harness/product-runtime';
@@ -39,7 +40,7 @@ import {
   volumeStatus,
   waitPeer,
 } from '../harness/replication';
-import { testCa, tlsDirFor, transportAs } from '../harness/test-certificates';
+import { adminTransport, testCa, tlsDirFor, transportAs } from '../harness/test-certificates';
 
 type Failure = { code: number; details: string };
 
@@ -578,6 +579,130 @@ describe('a peer in another cluster, under its own CA', () => {
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7c 8m 4m', near.uri('x')]);
     await waitPeer(near, 'x', far, inSync, 'in sync after the restart');
     await expectIdentical(near, far, 'x');
+  });
+});
+
+describe('ctl with a certificate from a new CA that only some servers trust yet (a CA rotation)', () => {
+  // A trusts the old CA and the new one; B, C and the mediator only the old one. Every
+  // server's own certificate is still the old CA's, so ctl (trusting both) accepts them all.
+  let a: AgentProcess;
+  let b: AgentProcess;
+  let c: AgentProcess;
+  let mediator: MediatorProcess;
+  let root = '';
+  let newCaDir = '';
+
+  /** `lockstep ctl --agent <agent>` holding an admin certificate from the new CA. */
+  const ctlWithNewCa = (agent: AgentProcess, ...args: string[]) =>
+    run(productNode(), [
+      lockstepBin,
+      'ctl',
+      '--agent',
+      agent.grpcAddress,
+      '--tls-dir',
+      newCaDir,
+      ...args,
+    ]);
+
+  /** The error ctl gives when the `role` at `address` refuses the new CA's certificate. */
+  const refusedBy = (role: string, address: string) =>
+    new RegExp(
+      `the ${role} at ${address.replace(/\./g, '\\.')} refuses us: TLS handshake refused: .*issued by another CA`,
+    );
+
+  const roles = () => Promise.all([a, b].map(async (x) => (await volumeStatus(x, 'v')).role));
+
+  beforeAll(async () => {
+    root = mkdtempSync(path.join(os.tmpdir(), 'lockstep-rotation-'));
+    const oldCa = (await testCa()).ca;
+    const newCa = await createAuthority('Lockstep new CA');
+    const both = `${oldCa.certPem}\n${newCa.certPem}`;
+    newCaDir = path.join(root, 'admin');
+    await writeTlsDir(
+      newCaDir,
+      both,
+      await issueCertificate(newCa, { role: 'admin', name: 'admin' }, { validMs: 3_600_000 }),
+    );
+    const issued = await tlsDirFor({ role: 'agent', name: 'rotating-a' });
+    const aDir = path.join(root, 'rotating-a');
+    await writeTlsDir(aDir, both, {
+      certPem: readFileSync(path.join(issued, 'tls.crt'), 'utf8'),
+      keyPem: readFileSync(path.join(issued, 'tls.key'), 'utf8'),
+    });
+    mediator = await new MediatorProcess().start();
+    a = new AgentProcess({
+      node: 'rotating-a',
+      tls: { args: ['--tls-dir', aDir], admin: adminTransport },
+    });
+    b = new AgentProcess({ node: 'waiting-b' });
+    c = new AgentProcess({ node: 'waiting-c' });
+    await Promise.all([a.start(), b.start(), c.start()]);
+    await a.createVolume('v', '32MiB');
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 4m', a.uri('v')]);
+    await a.ctl(
+      'replicate',
+      'v',
+      '--to',
+      b.grpcAddress,
+      '--mediator',
+      mediator.address,
+      '--group',
+      'v',
+    );
+    await waitPeer(a, 'v', b, inSync, 'in sync');
+    const m = mediator.client();
+    try {
+      await waitFor(
+        'the mediator to count B in sync',
+        async () => (await m.record('v')).inSync.includes(b.grpcAddress) || undefined,
+        30_000,
+      );
+    } finally {
+      m.close();
+    }
+  });
+
+  afterAll(async () => {
+    for (const x of [a, b, c]) await x?.dispose();
+    await mediator?.dispose();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('ctl move names whichever agent refuses it, --agent or --to, and nothing moves', async () => {
+    const before = digest(dataFile(a, 'v'));
+    await expect(ctlWithNewCa(a, 'move', 'v', '--to', c.grpcAddress)).rejects.toThrow(
+      refusedBy('agent', c.grpcAddress),
+    );
+    await expect(ctlWithNewCa(b, 'move', 'v', '--to', a.grpcAddress)).rejects.toThrow(
+      refusedBy('agent', b.grpcAddress),
+    );
+    expect(await roles()).toEqual(['primary', 'secondary']);
+    const onC = c.client();
+    expect(await onC.listVolumes()).toEqual([]);
+    onC.close();
+    expect(digest(dataFile(a, 'v'))).toBe(before);
+  });
+
+  it('ctl failover and ctl epoch name the agent or the mediator that refuses it; the epoch stands', async () => {
+    const m = mediator.client();
+    try {
+      const record = await m.record('v');
+      const before = digest(dataFile(a, 'v'));
+      await expect(ctlWithNewCa(b, 'failover', 'v')).rejects.toThrow(
+        refusedBy('agent', b.grpcAddress),
+      );
+      // A accepts the certificate; the mediator behind it does not.
+      await expect(ctlWithNewCa(a, 'epoch', 'v')).rejects.toThrow(
+        refusedBy('mediator', mediator.address),
+      );
+      // With the old CA's certificate the mediator answers: only the certificate was wrong.
+      expect(await a.ctl('epoch', 'v')).toMatch(`primary:   ${a.grpcAddress}`);
+      expect(await m.record('v')).toEqual(record);
+      expect(await roles()).toEqual(['primary', 'secondary']);
+      expect(digest(dataFile(a, 'v'))).toBe(before);
+    } finally {
+      m.close();
+    }
   });
 });
 
