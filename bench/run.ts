@@ -147,7 +147,8 @@ async function baselineRun(dir: string): Promise<Baseline> {
     ]);
     const nbdcopySeconds = (performance.now() - t0) / 1000;
 
-    const [a, b] = await replicatedPair('1G');
+    // Plaintext, like the anchor's copy over unix sockets (over TLS: tls.ts).
+    const [a, b] = await replicatedPair('1G', true);
     try {
       // The workload's half of the volume is written through the agent, as a workload would
       // (so the agent knows which extents hold data); nbdcopy skips the source's holes.

@@ -26,15 +26,40 @@ import fs from 'node:fs';
 
 const CHUNK = 1024 * 1024;
 const ALIGN = 4096;
+const WASM_PAGE = 64 * 1024;
 /** Chunks in the slab: reads, scan buffers and received bulk writes, across every volume. */
 const SLAB_CHUNKS = 24;
 /** Chunks scans and receives may not take: held back for short reads. */
 const RESERVED_CHUNKS = 4;
 
 /**
- * Probes for an offset into a fresh slab at which the kernel accepts direct reads (EINVAL
- * otherwise). The probe reads real data from a scratch file next to the volume: a read of a
- * hole is accepted whatever the alignment, so it proves nothing.
+ * A slab whose start is page-aligned, where Node can give one: a WebAssembly memory is
+ * allocated in whole pages. The kernel accepts direct I/O from any buffer aligned to the
+ * device's logical block (512 bytes here), but a 1 MiB transfer from a buffer that is not
+ * page-aligned touches 257 pages, more segments than a virtio disk takes in one request: it
+ * ran at 36 MB/s where a page-aligned one runs at ~1 GB/s (measured, 1 MiB direct writes into
+ * a volume file). Without WebAssembly (--jitless), a Buffer, block-aligned by the probe.
+ */
+function pageAlignedSlab(): Buffer | undefined {
+  // Not in the Node typings (they leave it to the DOM's).
+  const wasm = (globalThis as { WebAssembly?: WasmMemoryApi }).WebAssembly;
+  if (!wasm) return undefined;
+  try {
+    const pages = Math.ceil((SLAB_CHUNKS * CHUNK) / WASM_PAGE);
+    return Buffer.from(new wasm.Memory({ initial: pages }).buffer, 0, SLAB_CHUNKS * CHUNK);
+  } catch {
+    return undefined;
+  }
+}
+
+interface WasmMemoryApi {
+  Memory: new (descriptor: { initial: number }) => { buffer: ArrayBuffer };
+}
+
+/**
+ * Probes a slab for an offset at which the kernel accepts direct reads (EINVAL otherwise). The
+ * probe reads real data from a scratch file next to the volume: a read of a hole is accepted
+ * whatever the alignment, so it proves nothing.
  */
 function alignedSlab(file: string): Buffer | undefined {
   const probe = `${file}.direct-probe`;
@@ -44,8 +69,9 @@ function alignedSlab(file: string): Buffer | undefined {
     fs.fsyncSync((fd = fs.openSync(probe, 'r')));
     fs.closeSync(fd);
     fd = fs.openSync(probe, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-    const raw = Buffer.allocUnsafeSlow(SLAB_CHUNKS * CHUNK + ALIGN);
-    for (let start = 0; start < ALIGN; start += 16) {
+    const paged = pageAlignedSlab();
+    const raw = paged ?? Buffer.allocUnsafeSlow(SLAB_CHUNKS * CHUNK + ALIGN);
+    for (let start = 0; start < (paged ? 1 : ALIGN); start += 16) {
       try {
         if (fs.readSync(fd, raw, start, ALIGN, 0) === ALIGN)
           return raw.subarray(start, start + SLAB_CHUNKS * CHUNK);
