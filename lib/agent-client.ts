@@ -29,6 +29,8 @@ export class AgentClient {
     readonly target: string,
     transport: Transport,
     private readonly timeoutMs = 10_000,
+    /** The option that named `target`, for an error that cannot reach it. */
+    private readonly flag = '--agent',
   ) {
     this.raw = new (agentProto().Agent)(target, channelCredentials(transport, ['agent']), {
       ...CLIENT_CHANNEL_OPTIONS,
@@ -40,7 +42,7 @@ export class AgentClient {
     invoke: (options: grpc.CallOptions, cb: Callback<Res>) => unknown,
     timeoutMs = this.timeoutMs,
   ): Promise<Res> {
-    return unaryCall({ target: this.target, kind: 'agent', flag: '--agent' }, timeoutMs, invoke);
+    return unaryCall({ target: this.target, kind: 'agent', flag: this.flag }, timeoutMs, invoke);
   }
 
   info(): Promise<AgentInfo> {

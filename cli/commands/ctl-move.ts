@@ -35,7 +35,7 @@ export function moveCommand(): Command {
       const timeoutMs = Number(globals.timeout) * 1000;
       await withClientTransport(cmd, async (transport) => {
         const from = new AgentClient(globals.agent, transport, timeoutMs);
-        const to = new AgentClient(opts.to, transport, timeoutMs);
+        const to = new AgentClient(opts.to, transport, timeoutMs, '--to');
         try {
           const spec: MoveSpec = {
             volumes: volume ? [volume] : await groupVolumes(from, to, opts.group!),

@@ -676,6 +676,10 @@ describe('ctl with a certificate from a new CA that only some servers trust yet 
     await expect(ctlWithNewCa(b, 'move', 'v', '--to', a.grpcAddress)).rejects.toThrow(
       refusedBy('agent', b.grpcAddress),
     );
+    // A target that is not there at all: the error points at the option that named it.
+    await expect(ctlWithNewCa(a, 'move', 'v', '--to', '127.0.0.1:1')).rejects.toThrow(
+      /cannot reach the agent at 127\.0\.0\.1:1 .*is --to right\?/,
+    );
     expect(await roles()).toEqual(['primary', 'secondary']);
     const onC = c.client();
     expect(await onC.listVolumes()).toEqual([]);
