@@ -61,7 +61,12 @@ export class AgentClient {
   createVolume(
     name: string,
     sizeBytes: number,
-    options: { readOnly?: boolean; dataPath?: string; secondaryOfUuid?: string } = {},
+    options: {
+      readOnly?: boolean;
+      dataPath?: string;
+      secondaryOfUuid?: string;
+      members?: string[];
+    } = {},
   ): Promise<VolumeInfo> {
     return this.call<VolumeInfo>((o, cb) =>
       this.raw.CreateVolume({ name, sizeBytes, ...options }, o, cb),

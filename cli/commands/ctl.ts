@@ -95,6 +95,12 @@ export function ctlCommand(): Command {
       'serve this file (absolute path on the agent’s node), created if absent',
     )
     .option('--secondary-of <uuid>', 'create a secondary copy of the volume with this UUID')
+    .option(
+      '--members <nodes>',
+      'with --secondary-of: the relationship’s nodes (comma-separated, as their agents’ ' +
+        'certificates name them); the copy takes a primary only from among them',
+      (v: string) => v.split(',').filter((n) => n !== ''),
+    )
     .addOption(outputOption())
     .action(
       async (
@@ -104,6 +110,7 @@ export function ctlCommand(): Command {
           readOnly: boolean;
           dataPath?: string;
           secondaryOf?: string;
+          members?: string[];
           output: OutputFormat;
         },
         cmd: Command,
@@ -111,12 +118,16 @@ export function ctlCommand(): Command {
         if (opts.size === undefined && opts.dataPath === undefined) {
           cmd.error('error: --size is required unless --data-path names an existing file');
         }
+        if (opts.members && !opts.secondaryOf) {
+          cmd.error('error: --members lists a secondary’s nodes: it needs --secondary-of');
+        }
         const size = opts.size === undefined ? 0 : parseSize(opts.size, '--size');
         const created = await withClient(cmd, (c) =>
           c.createVolume(name, size, {
             readOnly: opts.readOnly,
             dataPath: opts.dataPath,
             secondaryOfUuid: opts.secondaryOf,
+            members: opts.members,
           }),
         );
         if (opts.output === 'json') return printJson(created);

@@ -423,8 +423,10 @@ export class Agent implements ExportSource {
     readOnly: boolean;
     dataPath?: string;
     secondaryOfUuid?: string;
+    members?: readonly string[];
   }): Promise<VolumeView> {
     const { name, dataPath, secondaryOfUuid } = spec;
+    const members = secondaryOfUuid === undefined ? [] : [...(spec.members ?? [])];
     const existing = dataPath === undefined ? undefined : this.engines.get(name);
     if (existing) {
       // The operator repeats its requests: the same file (and identity) is the same volume.
@@ -445,6 +447,7 @@ export class Agent implements ExportSource {
       ...(secondaryOfUuid === undefined
         ? {}
         : { uuid: secondaryOfUuid, role: 'secondary', generation: ZERO_GENERATION }),
+      ...(members.length > 0 ? { members } : {}),
     });
     this.log.info(
       {

@@ -316,6 +316,20 @@ describe('mutual TLS and authorization', () => {
     expect(posing.details).toMatch(
       /agent node-c may not call Handshake \(replication\): its certificate is node node-c's, and it may not speak for node node-a/,
     );
+    // Speaking for itself, with any epoch: it is no node of v's relationship, so the copy is not
+    // its to take over (a failover's or a move's new primary is one of them).
+    const takeover = await refusedCall(rpc, 'Handshake', handshake('node-c'));
+    expect(takeover.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(takeover.details).toMatch(
+      /agent node-c may not call Handshake \(replication\): volume v on node node-b replicates from node node-a, and node node-c is not a node of its relationship \(node-a(, node-b)?\)/,
+    );
+    const members = await refusedCall(rpc, 'SetMembers', {
+      volume: 'v',
+      uuid,
+      members: ['node-c'],
+    });
+    expect(members.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(members.details).toMatch(/replicates from node node-a, not from node node-c/);
     const snapshot = await refusedCall(rpc, 'TakeSnapshot', {
       volume: 'v',
       uuid,
@@ -375,7 +389,7 @@ describe('mutual TLS and authorization', () => {
         'lockstep_access_refused_total',
         'service="replication",role="agent"',
       ),
-    ).toBe(2);
+    ).toBe(4);
     expect(
       metric(
         await scrape(b),
@@ -386,6 +400,59 @@ describe('mutual TLS and authorization', () => {
     expect(digest(dataFile(b, 'v'))).toBe(replicaBefore);
     expect((await peerOf(a, 'v', b)).state).toBe('InSync');
     await expectIdentical(a, b, 'v');
+  });
+
+  it('lets a copy created ahead with its relationship’s nodes take its primary only from among them', async () => {
+    await a.createVolume('w', '16MiB');
+    const client = a.client();
+    const wUuid = (await client.getVolume('w')).uuid;
+    client.close();
+    const created = JSON.parse(
+      await b.ctl(
+        'volume',
+        'create',
+        'w',
+        '--size',
+        '16MiB',
+        '--secondary-of',
+        wUuid,
+        '--members',
+        'node-a,node-b',
+        '-o',
+        'json',
+      ),
+    );
+    expect(created.role).toBe('secondary');
+    await expect(
+      b.ctl('volume', 'create', 'x', '--size', '1MiB', '--members', 'node-a'),
+    ).rejects.toThrow(/--members lists a secondary’s nodes: it needs --secondary-of/);
+
+    // The first agent to handshake is not its primary unless the list names it.
+    const rogue = replicationAs(b, await transportAs({ role: 'agent', name: 'node-c' }));
+    const refused = await refusedCall(rogue, 'Handshake', {
+      volume: 'w',
+      uuid: wUuid,
+      sizeBytes: 16 * 1024 * 1024,
+      regionSize: 65536,
+      primaryNode: 'node-c',
+      primaryAddress: '127.0.0.1:1',
+      mode: 'sync',
+      epoch: 7,
+    });
+    expect(refused.code).toBe(grpc.status.PERMISSION_DENIED);
+    expect(refused.details).toMatch(
+      /volume w on node node-b has no primary yet, and node node-c is not a node of its relationship \(node-a, node-b\)/,
+    );
+    expect((await volumeStatus(b, 'w')).replication).toBeNull();
+
+    // Its own primary is.
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 4m', a.uri('w')]);
+    await a.ctl('replicate', 'w', '--to', b.grpcAddress);
+    await waitPeer(a, 'w', b, inSync, 'in sync');
+    await expectIdentical(a, b, 'w');
+    await a.ctl('unreplicate', 'w');
+    await b.ctl('volume', 'delete', 'w', '--force');
+    await a.ctl('volume', 'delete', 'w', '--force');
   });
 
   it('drops a plaintext client on a TLS data port and a TLS client on a plaintext one, and the other links carry on', async () => {

@@ -137,6 +137,7 @@ export class SyncRelationshipReconciler {
     const rate = rel.spec.resync?.maxBytesPerSecond ?? 0;
     const mediator = mediatorOf(rel);
     for (const t of plan.targets) if (t.remote) await this.handOverCredentials(rel, plan, t);
+    const members = relationshipNodes(plan);
     const out: VolumeInfo[] = [];
     for (const v of plan.volumes) {
       // The source's copy is the origin (the PVC's file, adopted). While a lost source is not
@@ -163,6 +164,7 @@ export class SyncRelationshipReconciler {
             agent.createVolume(v.agentName, origin.sizeBytes, {
               dataPath: path,
               secondaryOfUuid: origin.uuid,
+              members,
             }),
           ),
         );
@@ -538,4 +540,15 @@ async function getOrCreate(
     if (!isLockstepError(err, 'LOCKSTEP_ERR_VOLUME_NOT_FOUND')) throw err;
     return create();
   }
+}
+
+/**
+ * The nodes a target's copy may take a primary from (its agent refuses any other): every side
+ * of the relationship, and the node a move leaves. With a side in another cluster, whose CA
+ * names this side's agents otherwise, none is listed and the primary lists them itself.
+ */
+function relationshipNodes(plan: Plan): string[] {
+  const sides = [plan.source, ...plan.targets, ...(plan.moveFrom ? [plan.moveFrom] : [])];
+  if (sides.some((s) => s.remote)) return [];
+  return [...new Set(sides.map((s) => s.node))];
 }

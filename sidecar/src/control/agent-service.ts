@@ -66,6 +66,7 @@ export function agentHandlers(agent: Agent): AgentHandlers {
           readOnly: req.readOnly,
           dataPath: req.dataPath || undefined,
           secondaryOfUuid: req.secondaryOfUuid || undefined,
+          members: req.members,
         }),
       ),
     ),

@@ -226,6 +226,13 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     const live = (this.phase.replicating?.links ?? []).map((l) => l.node);
     return [...new Set([...named, ...live].filter((n) => n !== ''))];
   }
+  /** A secondary's list of the relationship's nodes, as its primary last told it. */
+  get listedNodes(): readonly string[] {
+    return this.meta.members ?? [];
+  }
+  relationshipNodes(): string[] {
+    return [...new Set([this.localNode, ...this.peerNodes])];
+  }
   get mediator(): MediatorConfig | undefined {
     return this.meta.replication?.mediator;
   }
@@ -420,6 +427,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       p.address === link.address ? { ...p, node: link.node, bitmapUuid: null } : p,
     );
     await this.record.save({ ...this.meta, replication: { ...repl, peers } });
+    this.announceMembers();
     // In sync only once the mediator counts it so: from then on, a write it misses waits.
     await own.authority.include(link.address);
   }
@@ -459,8 +467,9 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
     this.phase = { ...p, demoting: true };
     this.ctx.primaryGone(this.volumeName);
     this.fencing = this.transit(async () => {
+      const members = this.relationshipNodes();
       await this.stopPeers([]);
-      await this.record.save({ ...this.meta, role: 'secondary' });
+      await this.record.save({ ...this.meta, role: 'secondary', members });
       this.phase = { role: 'secondary', session: this.newSession() };
       this.syncWatch();
     })
@@ -774,6 +783,7 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
       if (!replication) await rm(path.join(this.volume.dir, 'activity.log'), { force: true });
       await this.startPeers();
     });
+    if (dropped.length > 0) this.announceMembers();
   }
 
   /**
@@ -935,8 +945,10 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
   }
 
   private async becomeSecondary(): Promise<void> {
+    // Its next primary is one of the nodes it replicated to: they are the ones it takes.
+    const members = this.relationshipNodes();
     await this.stopPeers('all');
-    await this.record.save({ ...this.meta, role: 'secondary' });
+    await this.record.save({ ...this.meta, role: 'secondary', members });
     this.phase = { role: 'secondary', session: this.newSession() };
     this.syncWatch();
   }
@@ -1019,6 +1031,21 @@ export class ReplicatedVolume implements BlockDevice, PeerHost, ReplicaVolume {
 
   primaryLeaving(): void {
     if (this.phase.role === 'secondary') this.phase.session.primaryLeaving();
+  }
+
+  async adoptMembers(members: readonly string[]): Promise<void> {
+    await this.session('is a primary here').adoptMembers(members);
+  }
+
+  /**
+   * The relationship's nodes changed (a peer caught up under its name, or peers were dropped):
+   * every streaming peer learns them, so that it later takes a failover's or a move's new
+   * primary from among them, and no other.
+   */
+  private announceMembers(): void {
+    const links = this.phase.role === 'primary' ? (this.phase.replicating?.links ?? []) : [];
+    const nodes = this.relationshipNodes();
+    for (const link of links) link.announceMembers(nodes);
   }
 
   private session(refusal: string): SecondarySession {

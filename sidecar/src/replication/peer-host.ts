@@ -27,6 +27,8 @@ export interface PeerHost extends ResyncSource {
   /** Its snapshots: a resync with no bitmap to trust starts from the newest the peer shares. */
   readonly snapshots: SnapshotCatalog;
   generations(): Generations;
+  /** The relationship's nodes as this primary knows them, told to every peer (SetMembers). */
+  relationshipNodes(): string[];
   /** Holds new writes once those in flight are done; resolves with the release. */
   holdWrites(): Promise<() => void>;
   bitmapUuid(peer: string): string | null;

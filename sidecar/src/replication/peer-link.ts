@@ -511,6 +511,7 @@ export class PeerLink implements EstablishTarget {
             epoch: host.epoch,
             peerAddress: this.address,
             mediator: host.mediator ?? null,
+            members: host.relationshipNodes(),
           },
           o,
           cb,
@@ -743,6 +744,16 @@ export class PeerLink implements EstablishTarget {
   async announceLeaving(): Promise<void> {
     await this.unary<unknown>((o, cb) =>
       this.rpc.PrimaryLeaving({ volume: this.host.volumeName }, o, cb),
+    );
+  }
+
+  /** Tells a connected peer the relationship's nodes anew; its next handshake would too. */
+  announceMembers(members: string[]): void {
+    if (!this.lanesOpen) return;
+    this.unary<unknown>((o, cb) =>
+      this.rpc.SetMembers({ volume: this.host.volumeName, uuid: this.host.uuid, members }, o, cb),
+    ).catch((err: unknown) =>
+      this.log.warn({ err: errorMessage(err), members }, 'the relationship’s nodes not told'),
     );
   }
 

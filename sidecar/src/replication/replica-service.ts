@@ -35,6 +35,8 @@ export interface ReplicaVolume {
   readonly primaryNode: string | undefined;
   /** A primary's replicas, by node (as their certificates named them when they answered). */
   readonly peerNodes: readonly string[];
+  /** A secondary's list of the relationship's nodes (see VolumeMetadata.members). */
+  readonly listedNodes: readonly string[];
   readonly generation: Generations;
   /** The newest epoch this copy has seen. */
   readonly epoch: number;
@@ -48,6 +50,7 @@ export interface ReplicaVolume {
   /** A primary with a newer epoch reached this one: it stops being a primary. */
   stepDown(reason: string): Promise<void>;
   primaryLeaving(): void;
+  adoptMembers(members: readonly string[]): Promise<void>;
   attachLane(token: string, index: number, epoch: number, lane: ReplicaLane): LaneBinding;
 }
 
@@ -121,8 +124,30 @@ export function replicationCallCheck(host: ReplicaHost): CallCheck {
         `volume ${req.volume} on node ${host.node} is a primary and node ${caller.name} is not ` +
         `one of its replicas (${copy.peerNodes.join(', ') || 'it has none'})`
       );
+    // A secondary takes a new primary (a failover, a move) only from its relationship's nodes:
+    // a valid agent certificate alone must not let another node take over its copy.
+    if (copy?.role === 'secondary') return refusedNewPrimary(host, req.volume!, copy, caller.name);
     return undefined;
   };
+}
+
+function refusedNewPrimary(
+  host: ReplicaHost,
+  volume: string,
+  copy: ReplicaVolume,
+  node: string,
+): string | undefined {
+  const primary = copy.primaryNode;
+  if (node === primary || copy.listedNodes.includes(node)) return undefined;
+  // A copy created ahead with no list takes its first primary from anyone: the control plane
+  // created it, and whoever first handshakes is the one it was created for.
+  if (primary === undefined && copy.listedNodes.length === 0) return undefined;
+  const from = primary === undefined ? 'has no primary yet' : `replicates from node ${primary}`;
+  const members = copy.listedNodes.length > 0 ? copy.listedNodes.join(', ') : (primary ?? '');
+  return (
+    `volume ${volume} on node ${host.node} ${from}, and node ${node} is not a node of its ` +
+    `relationship (${members}): its primary adds a node before that node may take over`
+  );
 }
 
 /**
@@ -206,6 +231,7 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         epoch: req.epoch,
         self: req.peerAddress,
         mediator: mediatorSettings(req.mediator, req.uuid),
+        members: req.members,
       });
       const protection = resyncProtection(rv.snapshots);
       return {
@@ -245,6 +271,10 @@ export function replicationHandlers(host: ReplicaHost): ReplicationHandlers {
         },
         req.epoch,
       );
+      return {};
+    }),
+    SetMembers: unary(async (req) => {
+      await sameVolume(host, req.volume, req.uuid).adoptMembers(req.members);
       return {};
     }),
     PrimaryLeaving: unary((req) => {

@@ -28,6 +28,8 @@ export interface PrimaryHello {
   self: string;
   /** The relationship's mediator; undefined without one. */
   mediator: MediatorConfig | undefined;
+  /** The relationship's nodes (see VolumeMetadata.members); empty from a primary that sends none. */
+  members: readonly string[];
 }
 
 export interface SecondaryCopy {
@@ -97,8 +99,10 @@ export class SecondarySession {
     const repl = meta.replication;
     const known = repl?.peers.length === 1 && repl.peers[0].address === primary.address;
     const sameMediator = JSON.stringify(repl?.mediator) === JSON.stringify(primary.mediator);
+    const members = primary.members.length > 0 ? [...primary.members] : meta.members;
     if (
       !known ||
+      !sameList(members, meta.members) ||
       repl.mode !== primary.mode ||
       repl.regionSize !== primary.regionSize ||
       repl.self !== primary.self ||
@@ -118,6 +122,7 @@ export class SecondarySession {
           ...(primary.mediator ? { mediator: primary.mediator } : {}),
           ...(primary.self ? { self: primary.self } : {}),
         },
+        ...(members ? { members } : {}),
       });
     }
     this.end('a new handshake replaced the session');
@@ -128,6 +133,13 @@ export class SecondarySession {
     this.primaryLeft = false;
     // The handshake is a sign of life; its lanes follow.
     this.absentSince = Date.now();
+  }
+
+  /** The primary lists the relationship's nodes anew: durable before the call is answered. */
+  async adoptMembers(members: readonly string[]): Promise<void> {
+    const meta = this.copy.meta.meta;
+    if (sameList(members, meta.members)) return;
+    await this.copy.meta.save({ ...meta, members: [...members] });
   }
 
   /** Binds a data lane that presented `token` and `epoch` as lane `index`; throws why not. */
@@ -199,4 +211,8 @@ export class SecondarySession {
     this.laneCountChanged();
     for (const lane of lanes) lane.close(reason);
   }
+}
+
+function sameList(a: readonly string[] | undefined, b: readonly string[] | undefined): boolean {
+  return JSON.stringify(a ?? []) === JSON.stringify(b ?? []);
 }

@@ -75,6 +75,12 @@ const metadataBody = z.object({
   /** When (ms since the Unix epoch) this copy was last promoted with --force; absent: never. */
   forcedPromotionAtMs: z.number().int().nonnegative().optional(),
   replication: replicationConfig.nullable(),
+  /**
+   * The nodes of this copy's relationship (as their certificates name them), as its primary or
+   * the control plane last listed them: a secondary takes a new primary only from among them.
+   * Absent: none listed yet, so only the primary it has (or, if none, the first) may call.
+   */
+  members: z.array(z.string().min(1)).optional(),
   /** DRBD-style generation identifiers: replication decides resync direction from them. */
   generation: z.object({
     current: uuid,
@@ -105,6 +111,8 @@ export interface NewVolume {
   replication?: ReplicationConfig | null;
   /** For a replica: the zero generation, until its first complete resync. */
   generation?: string;
+  /** For a replica: the relationship's nodes (VolumeMetadata.members). */
+  members?: string[];
 }
 
 export function newVolumeMetadata(v: NewVolume & { sizeBytes: number }): VolumeMetadata {
@@ -118,6 +126,7 @@ export function newVolumeMetadata(v: NewVolume & { sizeBytes: number }): VolumeM
     ...(v.dataPath === undefined ? {} : { dataPath: v.dataPath }),
     role: v.role ?? 'primary',
     replication: v.replication ?? null,
+    ...(v.members ? { members: v.members } : {}),
     generation: { current: v.generation ?? randomUUID(), history: [] },
   };
 }
