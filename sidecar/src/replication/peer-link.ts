@@ -120,6 +120,8 @@ export class PeerLink implements EstablishTarget {
   private readonly pending = new Map<number, Pending>();
   /** The connection failed and a retry is scheduled: it fails once until the next attempt. */
   private failed = false;
+  /** The relationship's nodes as the peer last heard them in this connection; none before. */
+  private toldMembers: string[] | undefined;
   private retryMs = RETRY_MIN_MS;
   private retryTimer: NodeJS.Timeout | undefined;
   private readonly sweeper: NodeJS.Timeout;
@@ -326,6 +328,7 @@ export class PeerLink implements EstablishTarget {
 
   private teardown(reason: string): void {
     this.epoch++;
+    this.toldMembers = undefined;
     const lanes = this.lanes;
     this.lanes = [];
     this.current = 0;
@@ -494,6 +497,7 @@ export class PeerLink implements EstablishTarget {
     const stale = () => this.stopped || epoch !== this.epoch;
     try {
       const gen = host.generations();
+      const members = host.relationshipNodes();
       const hello = await this.unary<HandshakeResponse__Output>((o, cb) =>
         this.rpc.Handshake(
           {
@@ -511,7 +515,7 @@ export class PeerLink implements EstablishTarget {
             epoch: host.epoch,
             peerAddress: this.address,
             mediator: host.mediator ?? null,
-            members: host.relationshipNodes(),
+            members,
           },
           o,
           cb,
@@ -519,6 +523,9 @@ export class PeerLink implements EstablishTarget {
       );
       if (stale()) return;
       this.node = hello.node;
+      // A node named while the handshake was on its way (this one, say) is told now.
+      this.toldMembers = members;
+      this.announceMembers(host.relationshipNodes());
       this.consistent = hello.consistentSnapshot
         ? { name: hello.consistentSnapshot, createdAtMs: Number(hello.consistentSnapshotAtMs) }
         : undefined;
@@ -747,14 +754,23 @@ export class PeerLink implements EstablishTarget {
     );
   }
 
-  /** Tells a connected peer the relationship's nodes anew; its next handshake would too. */
+  /**
+   * Tells the peer the relationship's nodes if it has heard others in this connection. Before
+   * its handshake it is told nothing here: the handshake, or the check after it, tells it. A
+   * failure drops the connection, whose next handshake tells it: a copy that missed a newcomer
+   * would refuse it as its primary after a failover or a move.
+   */
   announceMembers(members: string[]): void {
-    if (!this.lanesOpen) return;
+    const told = this.toldMembers;
+    if (told === undefined || sameNodes(told, members)) return;
+    this.toldMembers = members;
+    const epoch = this.epoch;
     this.unary<unknown>((o, cb) =>
       this.rpc.SetMembers({ volume: this.host.volumeName, uuid: this.host.uuid, members }, o, cb),
-    ).catch((err: unknown) =>
-      this.log.warn({ err: errorMessage(err), members }, 'the relationship’s nodes not told'),
-    );
+    ).catch((err: unknown) => {
+      if (epoch === this.epoch)
+        this.fail(`telling it the relationship’s nodes: ${errorMessage(err)}`);
+    });
   }
 
   /** Sends a generation change to a peer that is in sync. */
@@ -781,4 +797,8 @@ export class PeerLink implements EstablishTarget {
     this.rpc.close();
     this.channel.close();
   }
+}
+
+function sameNodes(a: readonly string[], b: readonly string[]): boolean {
+  return a.length === b.length && a.every((n, i) => n === b[i]);
 }
