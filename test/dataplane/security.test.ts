@@ -421,7 +421,7 @@ describe('mutual TLS and authorization', () => {
         '-o',
         'json',
       ),
-    );
+    ) as { role: string };
     expect(created.role).toBe('secondary');
     await expect(
       b.ctl('volume', 'create', 'x', '--size', '1MiB', '--members', 'node-a'),
