@@ -955,17 +955,13 @@ export class Agent implements ExportSource {
     const started = performance.now();
     let done = false;
     try {
-      const changed = snapshots.changedBlocks(name);
       let bytes = 0;
-      for (let i = 0; i < changed.length;) {
-        // Contiguous blocks, up to 1 MiB, in one read and one write.
-        let j = i + 1;
-        while (j < changed.length && changed[j] === changed[j - 1] + 1 && j - i < 256) j++;
-        const data = Buffer.allocUnsafe((j - i) * 4096);
-        await snapshots.read(name, changed[i] * 4096, data);
-        await rv.write(changed[i] * 4096, data, false);
+      // Contiguous blocks, up to 1 MiB, in one read and one write.
+      for (const [block, count] of snapshots.changedBlocks(name).pieces(256)) {
+        const data = Buffer.allocUnsafe(count * 4096);
+        await snapshots.read(name, block * 4096, data);
+        await rv.write(block * 4096, data, false);
         bytes += data.length;
-        i = j;
       }
       await rv.flush();
       await snapshots.endRollback();

@@ -162,7 +162,7 @@ export class Establishment {
   remainder(base: SnapshotInfo): ScanSource {
     const { host } = this;
     const plan = new DirtyBitmap(host.sizeBytes, planRegionSize(host.sizeBytes));
-    for (const b of host.snapshots.changedBlocks(base.name)) plan.markRange(b * BLOCK, BLOCK);
+    host.snapshots.changedBlocks(base.name).markBytes(plan);
     // The splitter locks its own (coarser) regions: the ones holding the plan's.
     const hostRegions = Math.ceil(host.sizeBytes / host.regionSize);
     const hostRegion = (byte: number) =>
@@ -289,10 +289,8 @@ export class Establishment {
     host.tracking.clearRange(this.peer, 0, tracked.regionCount - 1);
     const snapshot = await host.snapshots.create(`${this.prefix}${Date.now()}`, LABEL);
     const plan = new DirtyBitmap(host.sizeBytes, planRegionSize(host.sizeBytes));
-    if (this.base) {
-      for (const b of host.snapshots.changedBetween(this.base.name, snapshot.name))
-        plan.markRange(b * BLOCK, BLOCK);
-    } else plan.setAll();
+    if (this.base) host.snapshots.changedBetween(this.base.name, snapshot.name).markBytes(plan);
+    else plan.setAll();
     this.rounds++;
     this.round = {
       snapshot,

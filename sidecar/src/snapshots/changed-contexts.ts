@@ -6,6 +6,7 @@
 import { LockstepError } from '../../../lib/errors';
 import type { Extent, MetaContexts } from '../block-device';
 import type { SnapshotCatalog } from './snapshot-catalog';
+import type { BlockRuns } from './block-runs';
 import { BLOCK } from './saved-log';
 
 export const CHANGED_PREFIX = 'lockstep:changed:';
@@ -40,42 +41,31 @@ export class ChangedContexts implements MetaContexts {
         ),
       );
     }
-    const blocks = this.catalog.changedBlocks(snapshot);
-    return Promise.resolve(changedExtents(blocks, offset, length));
+    return Promise.resolve(changedExtents(this.catalog.changedBlocks(snapshot), offset, length));
   }
 }
 
 /** Extents of changed (CHANGED) and unchanged (0) bytes from `offset`, within `length`. */
-export function changedExtents(blocks: number[], offset: number, length: number): Extent[] {
+export function changedExtents(runs: BlockRuns, offset: number, length: number): Extent[] {
   const end = offset + length;
-  // The first changed block that ends after `offset`.
-  let lo = 0;
-  let hi = blocks.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if ((blocks[mid] + 1) * BLOCK <= offset) lo = mid + 1;
-    else hi = mid;
-  }
   const out: Extent[] = [];
   let pos = offset;
-  let i = lo;
+  let i = runs.firstEndingAfter(Math.floor(offset / BLOCK));
   while (pos < end && out.length < MAX_EXTENTS) {
-    if (i >= blocks.length || blocks[i] * BLOCK >= end) {
+    if (i >= runs.count || runs.start(i) * BLOCK >= end) {
       out.push({ length: end - pos, flags: 0 });
       break;
     }
-    const start = Math.max(pos, blocks[i] * BLOCK);
+    const start = Math.max(pos, runs.start(i) * BLOCK);
     if (start > pos) {
       out.push({ length: start - pos, flags: 0 });
       pos = start;
       continue;
     }
-    let j = i;
-    while (j + 1 < blocks.length && blocks[j + 1] === blocks[j] + 1) j++;
-    const stop = Math.min(end, (blocks[j] + 1) * BLOCK);
+    const stop = Math.min(end, runs.end(i) * BLOCK);
     out.push({ length: stop - pos, flags: CHANGED });
     pos = stop;
-    i = j + 1;
+    i++;
   }
   return out;
 }

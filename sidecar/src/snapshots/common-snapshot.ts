@@ -8,8 +8,6 @@
 import { DirtyBitmap } from '../tracking/dirty-bitmap';
 import type { SnapshotCatalog, SnapshotInfo } from './snapshot-catalog';
 
-const BLOCK = 4096;
-
 /** Uids of the copy's snapshots, newest first: what a peer may share with it. */
 export function snapshotUids(snapshots: SnapshotCatalog): string[] {
   return snapshots
@@ -36,6 +34,6 @@ export function changedRegions(
   regionSize: number,
 ): DirtyBitmap {
   const bitmap = new DirtyBitmap(volumeSize, regionSize);
-  for (const block of snapshots.changedBlocks(name)) bitmap.markRange(block * BLOCK, BLOCK);
+  snapshots.changedBlocks(name).markBytes(bitmap);
   return bitmap;
 }

@@ -24,6 +24,7 @@ import type { Logger } from '../../../lib/logger';
 import { fsyncDir, writeFileAtomic } from '../../../lib/atomic-file';
 import type { AllocationMap } from '../store/allocation-map';
 import { CopyBeforeWrite, type RawReader } from './copy-before-write';
+import { BlockRuns } from './block-runs';
 import { BLOCK, SavedLog, ioError, type SavedBlock } from './saved-log';
 
 const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
@@ -90,7 +91,7 @@ export class SnapshotCatalog {
   private closed = false;
   private readonly digestCache = new Map<number, Buffer>();
   private readonly reserved = new Map<string, { log: SavedLog; timer: NodeJS.Timeout }>();
-  private readonly changedCache = new Map<string, { key: string; blocks: number[] }>();
+  private readonly changedCache = new Map<string, { key: string; runs: BlockRuns }>();
   /** Never reused while the agent runs: a reclaim in progress still removes its old id's file. */
   private nextId: number;
   private nextSeq: number;
@@ -424,8 +425,8 @@ export class SnapshotCatalog {
     return new Promise((resolve) => this.readsDone.push(resolve));
   }
 
-  /** Blocks whose contents may differ between snapshot `older` and the newer `newer`, ascending. */
-  changedBetween(older: string, newer: string): number[] {
+  /** Blocks whose contents may differ between snapshot `older` and the newer `newer`. */
+  changedBetween(older: string, newer: string): BlockRuns {
     const from = this.position(older);
     const to = this.position(newer);
     if (to <= from)
@@ -433,27 +434,21 @@ export class SnapshotCatalog {
         'LOCKSTEP_ERR_INVALID_ARGUMENT',
         `snapshot ${newer} of volume ${this.volume} is not newer than ${older}`,
       );
-    const changed = new Set<number>();
-    for (const link of this.chain.slice(from, to))
-      for (const b of link.log.index.keys()) changed.add(b);
-    return Array.from(Float64Array.from(changed).sort());
+    return BlockRuns.union(this.chain.slice(from, to).map((l) => l.log.index));
   }
 
   /**
-   * Blocks whose contents may differ between the snapshot and the volume now, ascending. Kept
-   * while no log from the snapshot on has grown, so a backup paging through block status
-   * sorts once.
+   * Blocks whose contents may differ between the snapshot and the volume now. Kept while no
+   * log from the snapshot on has grown, so a backup paging through block status builds it once.
    */
-  changedBlocks(name: string): number[] {
+  changedBlocks(name: string): BlockRuns {
     const links = this.chain.slice(this.position(name));
     const key = links.map((l) => `${l.log.description.id}:${l.log.index.size}`).join(',');
     const cached = this.changedCache.get(name);
-    if (cached?.key === key) return cached.blocks;
-    const changed = new Set<number>();
-    for (const link of links) for (const b of link.log.index.keys()) changed.add(b);
-    const blocks = Float64Array.from(changed).sort();
-    this.changedCache.set(name, { key, blocks: Array.from(blocks) });
-    return this.changedCache.get(name)!.blocks;
+    if (cached?.key === key) return cached.runs;
+    const runs = BlockRuns.union(links.map((l) => l.log.index));
+    this.changedCache.set(name, { key, runs });
+    return runs;
   }
 
   // ---- verification ------------------------------------------------------------------------
