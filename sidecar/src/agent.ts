@@ -896,16 +896,19 @@ export class Agent implements ExportSource {
       'LOCKSTEP_ERR_SNAPSHOT_IN_USE',
       'snapshot',
     );
-    await snapshots.delete(name);
-    // A replicated snapshot goes from every copy; a copy that cannot be told now keeps its
-    // copy until the next snapshot of the same name replaces it.
-    const rv = this.engines.get(volume);
-    const dropped = await Promise.allSettled(
-      (rv?.peerLinks() ?? []).map((l) => l.dropSnapshot(name)),
-    );
+    // A replicated snapshot goes from every copy, all at once: the call waits for the slowest
+    // disk, not for the sum of them. A copy that cannot be told now keeps its copy until the
+    // next snapshot of the same name replaces it; if this copy's delete fails, the caller is
+    // told and may repeat it (dropping a snapshot a copy no longer has is a no-op).
+    const links = this.engines.get(volume)?.peerLinks() ?? [];
+    const [here, ...dropped] = await Promise.allSettled([
+      snapshots.delete(name),
+      ...links.map((l) => l.dropSnapshot(name)),
+    ]);
     const failed = dropped.flatMap((r, i) =>
-      r.status === 'rejected' ? [`${rv!.peerLinks()[i].address}: ${errorMessage(r.reason)}`] : [],
+      r.status === 'rejected' ? [`${links[i].address}: ${errorMessage(r.reason)}`] : [],
     );
+    if (here.status === 'rejected') throw here.reason;
     if (failed.length > 0)
       this.log.warn({ volume, snapshot: name, failed }, 'snapshot not deleted on some copies');
     this.log.info({ volume, snapshot: name, disconnectedClients: clients }, 'snapshot deleted');
