@@ -244,6 +244,35 @@ print(json.dumps(out))`;
     await expect(run('nbdinfo', ['--map=lockstep:changed:nope', changedUri])).rejects.toThrow();
   });
 
+  it('joins what several snapshots saved into one changed map: overlapping and touching runs merge', async () => {
+    const changedUri = await agent.createVolume('layers', '64MiB');
+    const qemuIo = (...cmds: string[]) =>
+      run('qemu-io', ['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), changedUri]);
+    await agent.ctl('snapshot', 'create', 'layers', 'base');
+    // Saved by base's log, the later run first.
+    await qemuIo('write -P 0x11 1m 64k', 'write -P 0x12 0 4k');
+    await agent.ctl('snapshot', 'create', 'layers', 'mid');
+    // Saved by mid's log: a run touching base's, one overlapping both, and one apart.
+    await qemuIo('write -P 0x21 1088k 64k', 'write -P 0x22 1056k 64k', 'write -P 0x23 8m 4k');
+    const changed = async (snapshot: string) =>
+      (
+        JSON.parse(
+          await run('nbdinfo', [`--map=lockstep:changed:${snapshot}`, '--json', changedUri]),
+        ) as { offset: number; length: number; type: number }[]
+      )
+        .filter((e) => e.type === 1)
+        .map((e) => [e.offset, e.length]);
+    expect(await changed('base')).toEqual([
+      [0, 4 * KiB],
+      [MiB, 128 * KiB],
+      [8 * MiB, 4 * KiB],
+    ]);
+    expect(await changed('mid')).toEqual([
+      [MiB + 32 * KiB, 96 * KiB],
+      [8 * MiB, 4 * KiB],
+    ]);
+  });
+
   it('reports everything as data once the allocation is unknown (after a crash)', async () => {
     await agent.kill('SIGKILL');
     await agent.start();

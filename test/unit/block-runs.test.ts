@@ -1,4 +1,4 @@
-// The changed blocks' runs: built from block numbers in any order, read back a word at a time.
+// The changed blocks' runs: gathered from the logs' indexes in any order, merged by a sweep.
 import { BlockRuns } from '../../sidecar/src/snapshots/block-runs';
 
 /** A log's index of these blocks (what it maps them to does not matter here). */
@@ -21,7 +21,7 @@ function actual(runs: BlockRuns): [number, number][] {
 }
 
 describe('block runs', () => {
-  it('joins neighbours across words and chunks, from several sources with repeats', () => {
+  it('joins neighbours and overlaps from several indexes, with repeats', () => {
     const a = [31, 32, 33, 0, 5, 6, 7, 63, 64, 65535, 65536, 65537];
     const b = [6, 7, 8, 200000, 131071, 131072];
     const runs = BlockRuns.union([index(a), index(b)]);
@@ -29,12 +29,13 @@ describe('block runs', () => {
     expect(runs.blocks).toBe(new Set([...a, ...b]).size);
   });
 
-  it('reads whole words, the top bit, and blocks far beyond 2^32', () => {
+  it('joins runs that touch whatever order they were saved in, and keeps blocks beyond 2^32', () => {
     const far = 2 ** 40 + 17;
     const blocks = [
-      ...Array.from({ length: 96 }, (_, i) => 32 + i), // three whole words
-      31, // a word's top bit, joining the run above it
-      191, // a lone top bit
+      ...Array.from({ length: 96 }, (_, i) => 32 + i), // one run saved in order
+      31, // saved later, touching its start
+      128, // saved later, touching its end
+      191, // apart
       far,
       far + 1,
     ];
