@@ -12,8 +12,6 @@ export class BlockRuns {
     private readonly starts: Float64Array,
     /** The block after each run. */
     private readonly ends: Float64Array,
-    /** How many blocks the runs hold. */
-    readonly blocks: number,
   ) {}
 
   /** The union of the keys (block numbers) of every index, in any order, repeats allowed. */
@@ -58,7 +56,6 @@ export class BlockRuns {
     const outStarts = new Float64Array(starts.length);
     const outEnds = new Float64Array(starts.length);
     let n = 0;
-    let blocks = 0;
     let open = 0;
     let first = 0;
     let j = 0;
@@ -71,18 +68,15 @@ export class BlockRuns {
       if (--open === 0) {
         outStarts[n] = first;
         outEnds[n++] = ends[j];
-        blocks += ends[j] - first;
       }
       j++;
     }
     // Every start is in: the last end closes the last run.
     if (starts.length > 0) {
-      const last = ends[ends.length - 1];
       outStarts[n] = first;
-      outEnds[n++] = last;
-      blocks += last - first;
+      outEnds[n++] = ends[ends.length - 1];
     }
-    return new BlockRuns(outStarts.slice(0, n), outEnds.slice(0, n), blocks);
+    return new BlockRuns(outStarts.slice(0, n), outEnds.slice(0, n));
   }
 
   get count(): number {
