@@ -75,10 +75,10 @@ function firstSavedBlock(logFile: string): { fileOffset: number; block: number }
     if (head.readUInt32LE(0) !== 0x4c535231) throw new Error(`${logFile} has no record`);
     const count = head.readUInt32LE(4);
     const entries = Buffer.alloc(count * 8);
-    readSync(fd, entries, 0, entries.length, 4096 + 16);
+    readSync(fd, entries, 0, entries.length, 4096 + 24);
     for (let i = 0; i < count; i++) {
       if ((entries.readUInt16LE(i * 8 + 6) & 1) === 0)
-        return { fileOffset: 4096 + 16 + count * 8, block: entries.readUIntLE(i * 8, 6) };
+        return { fileOffset: 4096 + 24 + count * 8, block: entries.readUIntLE(i * 8, 6) };
     }
     throw new Error(`${logFile}: the first record saved only zeroes`);
   } finally {

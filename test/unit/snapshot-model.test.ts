@@ -10,6 +10,7 @@ import { tempVolumeFile, type TempVolumeFile } from './temp-volume-file';
 import { FileBlockDevice } from '../../sidecar/src/store/file-device';
 import { AllocationMap } from '../../sidecar/src/store/allocation-map';
 import { CloneBacking } from '../../sidecar/src/snapshots/clone-backing';
+import { attachSnapshots } from '../../sidecar/src/store/volume-store';
 
 /** A clone of one of the snapshots, and what it must read as. */
 interface Clone {
@@ -78,15 +79,7 @@ async function open(vol: TempVolumeFile, dir: string, fresh: boolean): Promise<V
         vol.file,
         AllocationMap.unknown(SIZE),
       );
-  const catalog = await SnapshotCatalog.open(
-    'v',
-    dir,
-    SIZE,
-    (o, t) => dev.read(o, t),
-    dev.allocation,
-    log,
-  );
-  dev.setOverwriteGuard(catalog.guard);
+  const catalog = await attachSnapshots('v', dir, dev, log);
   return { dev, catalog };
 }
 
@@ -109,12 +102,17 @@ async function expectSame(v: Volume, model: Buffer, snaps: Map<string, Buffer>):
   }
 }
 
-/** Writes 0xaa over blocks 0-1, snapshots s1, overwrites both blocks: two records in its log. */
+/**
+ * Writes 0xaa over blocks 0-1, snapshots s1, overwrites both blocks: two records in its log,
+ * the first durable (flushed) before the second was written.
+ */
 async function twoRecords(v: Volume): Promise<void> {
   await v.dev.write(0, Buffer.alloc(8192, 0xaa), false);
   await v.catalog.create('s1');
   await v.dev.write(0, Buffer.alloc(4096, 0xbb), false);
+  await v.dev.flush();
   await v.dev.write(4096, Buffer.alloc(4096, 0xcc), false);
+  await v.dev.flush();
   await v.catalog.close();
 }
 
@@ -197,6 +195,8 @@ describe('snapshots against an in-memory model', () => {
         } else {
           // A restart: everything reported must be back from the files alone.
           for (const c of clones) await c.backing.close();
+          // (A flush lets the writes waiting in the journal land: the old device is gone for good.)
+          await v.dev.flush();
           await v.catalog.close();
           v.dev.close();
           v = await open(vol, dir, false);
@@ -234,8 +234,8 @@ describe('snapshots against an in-memory model', () => {
     await twoRecords(v);
     v.dev.close();
     // Tear the second record: a crash in the middle of an append that never returned.
-    const second = 4096 + 16 + 8 + 4096;
-    damage(dir, second + 16 + 8 + 50, Buffer.alloc(100, 0x55));
+    const second = 4096 + 24 + 8 + 4096;
+    damage(dir, second + 24 + 8 + 50, Buffer.alloc(100, 0x55));
     const again = await open(vol, dir, false);
     const block0 = Buffer.alloc(4096);
     await again.catalog.read('s1', 0, block0);
@@ -248,7 +248,7 @@ describe('snapshots against an in-memory model', () => {
   it('a damaged record with whole records after it is refused, not silently cut short', async () => {
     await twoRecords(await open(vol, dir, true));
     // A flipped byte in the first record's data: the second record is still whole.
-    damage(dir, 4096 + 16 + 8 + 10, Buffer.from([0x00]));
+    damage(dir, 4096 + 24 + 8 + 10, Buffer.from([0x00]));
     await expect(
       SnapshotCatalog.open('v', dir, SIZE, (o, t) => vol.dev.read(o, t), vol.dev.allocation, log),
     ).rejects.toMatchObject({

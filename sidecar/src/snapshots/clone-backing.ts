@@ -4,7 +4,7 @@
 // may go.
 //
 // Which blocks the clone holds itself is the `present` log (a SavedLog of flag-only entries,
-// O_DSYNC like any saved data), and a block is recorded present durably *after* the clone's own
+// made durable like any saved data), and a block is recorded present durably *after* the clone's own
 // data has landed on it and before the write is answered: after a crash, a block either reads
 // from the snapshot (not recorded: its write was never answered, and the snapshot still has
 // its old contents) or from the file (recorded, so its write landed). Recorded first, a block

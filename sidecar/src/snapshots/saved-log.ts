@@ -2,31 +2,37 @@
 // overwritten after the snapshot was taken (copy-before-write), and the index rebuilt from it.
 //
 // Ordering is the whole point: the old data must be durable before the new data may reach the
-// volume file, and the kernel's writeback keeps no order between two files. So every append is
-// one `writev` on a descriptor opened O_DSYNC — when it returns, the record is on disk — and the
-// caller overwrites the volume only after that. Appends that arrive while one is being written
-// are combined into the next record (group commit): under load one device flush covers many
-// first writes; at queue depth 1 each first write pays one.
+// volume file, and the kernel's writeback keeps no order between two files. So an append is
+// written (to the page cache: a SIGKILL no longer loses it) and then made durable by an
+// fdatasync that every record written before it started shares (group commit): the caller
+// overwrites the volume only after `durableTo` its record. A client write does not wait for
+// that: its new data waits in the overwrite journal (see OverwriteJournal) and reaches the
+// volume once its record is durable, so at queue depth 1 a first write costs page-cache writes,
+// not a device flush.
 //
-// The file is grown ahead of the tail with zeroes that are already on disk: an O_DSYNC write
-// into written blocks costs a data write and a cache flush (~115 µs here), where an append past
-// the end also commits the filesystem journal (~300 µs).
+// The file is grown ahead of the tail with zeroes that are already on disk: an fdatasync of
+// records written into those blocks costs a data write and a cache flush (~115 µs here), where
+// records past the end also commit the filesystem journal (~300 µs).
 //
 // Layout: a 4 KiB header (magic, JSON description, CRC), then records:
-//   u32 magic | u32 count | u32 crc32(entries + data) | u32 dataBlocks
+//   u32 magic | u32 count | u32 crc32(durable .. data) | u32 dataBlocks
+//   u48 durable | u16 0                      the log was durable up to here when it was written
 //   count × (u48 block | u16 flags)          flags: ZERO — the block read as zeroes, no data
 //   dataBlocks × 4 KiB                       in entry order
-// A record is trusted only whole (CRC): a torn tail is a record whose append never returned,
-// so no volume write depended on it, and the log ends before it.
+// A record is trusted only whole (CRC). A bad record is a torn tail — written, never made
+// durable, so no volume write reached the disk after it, and the log ends before it — unless
+// the next record says the log was durable past it: then it is damage, refused loudly.
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { LockstepError, errorMessage } from '../../../lib/errors';
 
 export const BLOCK = 4096;
 const HEADER_BYTES = 4096;
-const FILE_MAGIC = 'LSSAVED1';
+const FILE_MAGIC = 'LSSAVED2';
 const RECORD_MAGIC = 0x4c535231;
-const RECORD_HEAD = 16;
+/** The fixed part of a record's head; the CRC covers what follows it. */
+const RECORD_FIXED = 16;
+const RECORD_HEAD = 24;
 const ENTRY_BYTES = 8;
 const FLAG_ZERO = 1;
 /**
@@ -90,7 +96,7 @@ export interface SavedBlock {
 
 interface PendingAppend {
   blocks: SavedBlock[];
-  resolve: () => void;
+  resolve: (end: number) => void;
   reject: (err: Error) => void;
 }
 
@@ -108,20 +114,43 @@ function corrupt(file: string, what: string): LockstepError {
   return new LockstepError('LOCKSTEP_ERR_METADATA_CORRUPT', `snapshot data ${file}: ${what}`);
 }
 
+function shortWrite(n: number, total: number): NodeJS.ErrnoException {
+  // A short write of a regular file only happens when the disk is full.
+  const err = new Error(`short write (${n} of ${total} bytes)`) as NodeJS.ErrnoException;
+  err.code = 'ENOSPC';
+  return err;
+}
+
 function writev(fd: number, buffers: Buffer[], position: number): Promise<void> {
   return new Promise((resolve, reject) =>
     fs.writev(fd, buffers, position, (err, n) => {
       if (err) return reject(err);
       const total = buffers.reduce((s, b) => s + b.length, 0);
-      // A short O_DSYNC write of a regular file only happens when the disk is full.
-      if (n !== total) {
-        const short = new Error(`short write (${n} of ${total} bytes)`) as NodeJS.ErrnoException;
-        short.code = 'ENOSPC';
-        return reject(short);
-      }
+      if (n !== total) return reject(shortWrite(n, total));
       resolve();
     }),
   );
+}
+
+/** Records up to this size are written on the event loop. */
+const SYNC_WRITE_MAX = 64 * 1024 + 4096;
+
+function writevNow(fd: number, buffers: Buffer[], position: number): void {
+  const total = buffers.reduce((s, b) => s + b.length, 0);
+  const n = fs.writevSync(fd, buffers, position);
+  if (n !== total) throw shortWrite(n, total);
+}
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) =>
+    fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())),
+  );
+}
+
+/** Writes and makes durable: a header, or zeroes grown ahead. */
+async function writeDurably(fd: number, buffers: Buffer[], position: number): Promise<void> {
+  await writev(fd, buffers, position);
+  await fdatasync(fd);
 }
 
 function pread(fd: number, target: Buffer, position: number): Promise<void> {
@@ -148,6 +177,12 @@ export class SavedLog {
   private closed = false;
   /** No longer grown ahead: a newer snapshot receives first writes. */
   private sealed = false;
+  /** Records up to here are durable. */
+  private syncedTo: number;
+  /** The fdatasync running now, and the tail it covers. */
+  private syncing: { done: Promise<void>; covers: number } | undefined;
+  /** The first failed fdatasync: what it did not cover may never be durable, so none is said to be. */
+  private syncError: LockstepError | undefined;
 
   private constructor(
     readonly file: string,
@@ -158,6 +193,7 @@ export class SavedLog {
   ) {
     this.tail = tail;
     this.grown = grown;
+    this.syncedTo = tail;
   }
 
   /** Creates the log of a new snapshot; durable (file and directory entry) when it resolves. */
@@ -168,14 +204,14 @@ export class SavedLog {
     try {
       fd = fs.openSync(
         file,
-        fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DSYNC,
+        fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL,
         0o600,
       );
     } catch (err) {
       throw ioError('create', file, err);
     }
     try {
-      await writev(fd, [header], 0);
+      await writeDurably(fd, [header], 0);
     } catch (err) {
       fs.closeSync(fd);
       fs.rmSync(file, { force: true });
@@ -189,7 +225,7 @@ export class SavedLog {
   static async open(file: string): Promise<SavedLog> {
     let fd: number;
     try {
-      fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_DSYNC);
+      fd = fs.openSync(file, fs.constants.O_RDWR);
     } catch (err) {
       throw ioError('open', file, err);
     }
@@ -206,6 +242,9 @@ export class SavedLog {
       const description = JSON.parse(json.toString('utf8')) as SnapshotDescription;
       const log = new SavedLog(file, fd, description, HEADER_BYTES, size);
       await log.replay(size);
+      // Records a killed agent wrote may be only in the page cache: durable from here on.
+      await fdatasync(fd);
+      log.syncedTo = log.tail;
       return log;
     } catch (err) {
       fs.closeSync(fd);
@@ -217,13 +256,19 @@ export class SavedLog {
   private async recordAt(
     pos: number,
     size: number,
-  ): Promise<{ count: number; length: number; body: Buffer } | undefined> {
+  ): Promise<{ count: number; length: number; durable: number; entries: Buffer } | undefined> {
     const head = await this.headAt(pos, size);
     if (!head || pos + head.length > size) return undefined;
-    const body = Buffer.allocUnsafe(head.length - RECORD_HEAD);
-    await pread(this.fd, body, pos + RECORD_HEAD);
+    const body = Buffer.allocUnsafe(head.length - RECORD_FIXED);
+    await pread(this.fd, body, pos + RECORD_FIXED);
     if (crc32(body) !== head.crc) return undefined;
-    return { count: head.count, length: head.length, body };
+    const fromEntries = RECORD_HEAD - RECORD_FIXED;
+    return {
+      count: head.count,
+      length: head.length,
+      durable: body.readUIntLE(0, 6),
+      entries: body.subarray(fromEntries, fromEntries + head.count * ENTRY_BYTES),
+    };
   }
 
   /** A plausible record header at `pos` (magic, counts in bounds): its length and CRC. */
@@ -231,8 +276,8 @@ export class SavedLog {
     pos: number,
     size: number,
   ): Promise<{ count: number; length: number; crc: number } | undefined> {
-    if (pos + RECORD_HEAD > size) return undefined;
-    const head = Buffer.alloc(RECORD_HEAD);
+    if (pos + RECORD_FIXED > size) return undefined;
+    const head = Buffer.alloc(RECORD_FIXED);
     await pread(this.fd, head, pos);
     if (head.readUInt32LE(0) !== RECORD_MAGIC) return undefined;
     const count = head.readUInt32LE(4);
@@ -247,17 +292,15 @@ export class SavedLog {
     for (;;) {
       const record = await this.recordAt(pos, size);
       if (!record) {
-        // Only the last record can be torn (no append follows one that did not return). A bad
-        // record with a whole one after it is damage: refused, never silently cut short.
-        if (await this.wholeRecordAfter(pos, size))
+        if (await this.durableAfter(pos, size))
           throw corrupt(this.file, `record at byte ${pos} is damaged (records follow it)`);
         break;
       }
-      const { count, length, body } = record;
+      const { count, length, entries } = record;
       let data = pos + RECORD_HEAD + count * ENTRY_BYTES;
       for (let i = 0; i < count; i++) {
-        const block = body.readUIntLE(i * ENTRY_BYTES, 6);
-        const zero = (body.readUInt16LE(i * ENTRY_BYTES + 6) & FLAG_ZERO) !== 0;
+        const block = entries.readUIntLE(i * ENTRY_BYTES, 6);
+        const zero = (entries.readUInt16LE(i * ENTRY_BYTES + 6) & FLAG_ZERO) !== 0;
         this.index.set(block, zero ? ZERO_BLOCK : data);
         if (!zero) data += BLOCK;
       }
@@ -266,10 +309,15 @@ export class SavedLog {
     this.tail = pos;
   }
 
-  /** Whether a bad record at `pos` claims a length after which a whole record follows. */
-  private async wholeRecordAfter(pos: number, size: number): Promise<boolean> {
+  /**
+   * Whether a bad record at `pos` was durable: it claims a length after which a whole record
+   * follows that was written when the log was durable past `pos`.
+   */
+  private async durableAfter(pos: number, size: number): Promise<boolean> {
     const head = await this.headAt(pos, size);
-    return head !== undefined && (await this.recordAt(pos + head.length, size)) !== undefined;
+    if (!head) return false;
+    const next = await this.recordAt(pos + head.length, size);
+    return next !== undefined && next.durable > pos;
   }
 
   /**
@@ -278,7 +326,7 @@ export class SavedLog {
    */
   async describe(next: SnapshotDescription): Promise<void> {
     try {
-      await writev(this.fd, [headerOf(next)], 0);
+      await writeDurably(this.fd, [headerOf(next)], 0);
     } catch (err) {
       throw ioError('update', this.file, err);
     }
@@ -290,6 +338,11 @@ export class SavedLog {
     return this.describe({ ...this.description, prepared: undefined, seq });
   }
 
+  /** Whether the log's records reach `end` (a record that ends there survived). */
+  holds(end: number): boolean {
+    return end <= this.tail;
+  }
+
   /** Bytes of saved data (records included). */
   get bytes(): number {
     return this.tail - HEADER_BYTES;
@@ -299,7 +352,15 @@ export class SavedLog {
    * Appends the old contents of blocks not yet in the index; resolves once they are durable and
    * indexed. Blocks already saved are skipped (the first save of a block is the snapshot's).
    */
-  append(blocks: SavedBlock[]): Promise<void> {
+  async append(blocks: SavedBlock[]): Promise<void> {
+    await this.durableTo(await this.write(blocks));
+  }
+
+  /**
+   * Like `append`, but resolves once the blocks are written and indexed (readable, and safe
+   * from a SIGKILL), with the end of the log after them: durable once `durableTo` that end.
+   */
+  write(blocks: SavedBlock[]): Promise<number> {
     if (this.closed)
       return Promise.reject(
         new LockstepError('LOCKSTEP_ERR_UNAVAILABLE', `snapshot data ${this.file} is closed`),
@@ -310,6 +371,31 @@ export class SavedLog {
     });
   }
 
+  /**
+   * Resolves once the log is durable up to `end`: an fdatasync covers every record written
+   * before it started, so records written meanwhile share the next one.
+   */
+  async durableTo(end: number): Promise<void> {
+    while (this.syncedTo < end) {
+      if (this.syncError) throw this.syncError;
+      if (!this.syncing) {
+        const covers = this.tail;
+        const done = fdatasync(this.fd).then(
+          () => {
+            this.syncedTo = Math.max(this.syncedTo, covers);
+            this.syncing = undefined;
+          },
+          (err: unknown) => {
+            this.syncError ??= ioError('flush', this.file, err);
+            this.syncing = undefined;
+          },
+        );
+        this.syncing = { done, covers };
+      }
+      await this.syncing.done;
+    }
+  }
+
   private async drain(): Promise<void> {
     this.writing = true;
     while (this.queue.length > 0) {
@@ -317,7 +403,7 @@ export class SavedLog {
       const batch = this.takeBatch();
       try {
         await this.writeRecord(batch.flatMap((p) => p.blocks));
-        for (const p of batch) p.resolve();
+        for (const p of batch) p.resolve(this.tail);
       } catch (err) {
         for (const p of batch) p.reject(err as Error);
       }
@@ -358,7 +444,9 @@ export class SavedLog {
       const head = Buffer.alloc(RECORD_HEAD);
       head.writeUInt32LE(RECORD_MAGIC, 0);
       head.writeUInt32LE(blocks.length, 4);
-      let crc = crc32(entries);
+      head.writeUIntLE(this.syncedTo, RECORD_FIXED, 6);
+      let crc = crc32(head.subarray(RECORD_FIXED), 0);
+      crc = crc32(entries, crc);
       for (const d of data) crc = crc32(d, crc);
       head.writeUInt32LE(crc, 8);
       head.writeUInt32LE(data.length, 12);
@@ -367,7 +455,10 @@ export class SavedLog {
       // Never race the zeroes being written ahead: they would land over this record.
       if (this.growing && at + length > this.growFrom) await this.growing;
       try {
-        await writev(this.fd, [head, entries, ...data], at);
+        // A small record is a few-microsecond copy into the page cache: cheaper on the event
+        // loop than a trip through the thread pool, which a first write would wait for.
+        if (length <= SYNC_WRITE_MAX) writevNow(this.fd, [head, entries, ...data], at);
+        else await writev(this.fd, [head, entries, ...data], at);
       } catch (err) {
         throw ioError('append', this.file, err);
       }
@@ -395,7 +486,7 @@ export class SavedLog {
     const from = Math.max(this.grown, this.tail);
     this.growFrom = from;
     const step = this.growStep();
-    this.growing = writev(this.fd, [Buffer.alloc(step)], from).then(
+    this.growing = writeDurably(this.fd, [Buffer.alloc(step)], from).then(
       () => {
         this.grown = from + step;
         this.growing = undefined;
@@ -454,8 +545,9 @@ export class SavedLog {
   /** Waits for appends in progress, then closes the descriptor. */
   async close(): Promise<void> {
     this.closed = true;
-    while (this.writing || this.growing) {
+    while (this.writing || this.growing || this.syncing) {
       await Promise.resolve(this.growing);
+      await this.syncing?.done;
       await new Promise((r) => setImmediate(r));
     }
     fs.closeSync(this.fd);

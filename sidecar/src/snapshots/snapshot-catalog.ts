@@ -163,9 +163,25 @@ export class SnapshotCatalog {
     );
     await guard.cut(() => chain.at(-1)?.log);
     for (const l of chain.slice(0, -1)) await l.log.seal();
-    if (chain.some((l) => l.deleted)) void catalog.reclaim();
-    catalog.spare = catalog.makeSpare();
     return catalog;
+  }
+
+  /**
+   * Starts the background work (a deleted snapshot's reclaim, the next snapshot's log): once
+   * the volume file is what readers will see (see FileBlockDevice.adoptJournal).
+   */
+  start(): void {
+    if (this.chain.some((l) => l.deleted)) void this.reclaim();
+    this.spare = this.makeSpare();
+  }
+
+  /**
+   * Whether the log of snapshot `id` holds its records up to `end` — or is gone (deleted, so
+   * nothing depends on its data any more).
+   */
+  holdsRecord(id: number, end: number): boolean {
+    const link = this.chain.find((l) => l.log.description.id === id);
+    return !link || link.log.holds(end);
   }
 
   /** Visible snapshots, oldest first. */

@@ -2,13 +2,15 @@
 import fs from 'node:fs';
 import { LockstepError } from '../../../lib/errors';
 import type { BlockDevice, MetaContexts, ZeroOptions } from '../block-device';
-import type { OverwriteGuard } from '../snapshots/copy-before-write';
+import type { Deferral, OverwriteGuard } from '../snapshots/copy-before-write';
+import { OverwriteJournal, type JournalEntry } from '../snapshots/overwrite-journal';
 import type { Backing } from '../snapshots/clone-backing';
 import type { AllocationMap } from './allocation-map';
 import { AllocationStatus } from './allocation-status';
 import { DirectIo } from './direct-io';
 
 const ZERO_CHUNK = 1 << 20;
+const BLOCK = 4096;
 const zeroes = Buffer.alloc(ZERO_CHUNK);
 
 function fdatasync(fd: number): Promise<void> {
@@ -102,6 +104,12 @@ export class FileBlockDevice implements BlockDevice {
   private writesPerFlush = 0;
   /** Asked before every overwrite of the file: where snapshots save old data first. */
   private guard: OverwriteGuard | undefined;
+  /** Where writes wait for their old data to become durable (see OverwriteJournal). */
+  private journal: OverwriteJournal | undefined;
+  /** Blocks whose new data waits in the journal → when it has reached the file. */
+  private readonly waiting = new Map<number, Promise<void>>();
+  /** Every wait in progress: a flush covers the writes answered before it. */
+  private readonly applying = new Set<Promise<void>>();
   /** A clone's snapshot: what the blocks it has not written yet read as. */
   private backing: Backing | undefined;
   /** `base:allocation`, from the allocation map, and what other layers add (snapshots). */
@@ -143,6 +151,8 @@ export class FileBlockDevice implements BlockDevice {
 
   async read(offset: number, target: Buffer): Promise<void> {
     this.check('read', offset, target.length, false);
+    const waiting = this.waitingFor(offset, target.length);
+    if (waiting) await waiting;
     const backing = this.backing;
     if (backing)
       return this.guarded(() =>
@@ -154,6 +164,8 @@ export class FileBlockDevice implements BlockDevice {
   /** Like `read`, but without filling the page cache: for scans over the whole volume. */
   async readUncached(offset: number, target: Buffer): Promise<void> {
     this.check('read', offset, target.length, false);
+    const waiting = this.waitingFor(offset, target.length);
+    if (waiting) await waiting;
     const backing = this.backing;
     if (backing)
       return this.guarded(() =>
@@ -171,6 +183,8 @@ export class FileBlockDevice implements BlockDevice {
   async readForScan(offset: number, target: Buffer): Promise<void> {
     if (!this.allocation.known || this.backing) return this.readUncached(offset, target);
     this.check('read', offset, target.length, false);
+    const waiting = this.waitingFor(offset, target.length);
+    if (waiting) await waiting;
     return this.guarded(async () => {
       const end = offset + target.length;
       for (let pos = offset; pos < end;) {
@@ -252,9 +266,18 @@ export class FileBlockDevice implements BlockDevice {
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.check('write', offset, data.length, true);
+    const waiting = this.waitingFor(offset, data.length);
+    if (waiting) await waiting;
     return this.guarded(async () => {
-      await this.overwrite(offset, data.length, () => pwrite(this.fd, data, offset));
-      if (fua) await this.sync();
+      const deferred = await this.overwrite(
+        offset,
+        data.length,
+        () => pwrite(this.fd, data, offset),
+        data,
+      );
+      if (!fua) return;
+      await deferred?.landed;
+      await this.sync();
     });
   }
 
@@ -263,21 +286,35 @@ export class FileBlockDevice implements BlockDevice {
    * readers saw it: a clone's blocks not yet its own read through its snapshot), a clone's
    * backing readies the blocks (after the guard), the allocation map learns of it (after the
    * guard, which reads it as it was), then `work`, and the blocks become the clone's own once
-   * `work` has landed (see CloneBacking).
+   * `work` has landed (see CloneBacking). A client's write (`data`) whose old data is written
+   * but not yet durable waits in the journal instead: it returns once the journal has it, with
+   * the promise of its landing in the file.
    */
   private async overwrite(
     offset: number,
     length: number,
     work: () => Promise<void>,
-  ): Promise<void> {
+    data?: Buffer,
+  ): Promise<{ landed: Promise<void> } | undefined> {
     const guard = this.guard;
+    const journal =
+      data && !this.backing && OverwriteJournal.fits(length) ? this.journal : undefined;
+    let handedOver = false;
     try {
-      const admitted = guard?.admit(offset, length);
-      if (admitted) await admitted;
+      const admitted = guard?.admit(offset, length, journal !== undefined);
+      const deferral = admitted && (await admitted);
+      if (deferral && journal && data) {
+        // From here `defer` calls `overwritten()`, once the data has landed or failed to.
+        handedOver = true;
+        return await this.defer(journal, offset, data, deferral);
+      }
       const claimed = this.backing?.prepareOverwrite(offset, length);
       const settle = claimed && (await claimed);
       this.allocation.markWritten(offset, length);
-      if (!settle) return await this.counted(work);
+      if (!settle) {
+        await this.counted(work);
+        return undefined;
+      }
       let written = false;
       try {
         await this.counted(work);
@@ -286,8 +323,121 @@ export class FileBlockDevice implements BlockDevice {
         await settle(written);
       }
     } finally {
-      guard?.overwritten();
+      if (!handedOver) guard?.overwritten();
     }
+  }
+
+  /**
+   * Puts a copy of `data` (the caller's buffer goes back to its pool once answered) in the
+   * journal; resolves once it is there, with the promise of its landing in the file (wrapped:
+   * an async function's result would adopt it) after
+   * `deferral.durable` and after any earlier wait on the same blocks. Reads and writes of those
+   * blocks wait for it meanwhile, a flush for every one.
+   */
+  private async defer(
+    journal: OverwriteJournal,
+    offset: number,
+    data: Buffer,
+    deferral: Deferral,
+  ): Promise<{ landed: Promise<void> }> {
+    const copy = Buffer.from(data);
+    const earlier = this.waitingFor(offset, copy.length);
+    // Numbered in the order of this call, so a replay lands overlapping writes in this order.
+    const journaled = journal.write(offset, copy, deferral.logId, deferral.recordEnd);
+    // No room for the journal on a full disk: the write waits for its old data like any other.
+    const inJournal = journaled.then(
+      () => true,
+      (err: LockstepError) => {
+        if (err.code === 'LOCKSTEP_ERR_NO_SPACE') return false;
+        throw err;
+      },
+    );
+    this.pending++;
+    const landed = inJournal.then(
+      async (answered) => {
+        if (answered) {
+          try {
+            await deferral.durable;
+          } catch (err) {
+            // The old data may never reach the disk: the snapshot is at risk after a power
+            // loss, and the copy is never again said to be on disk. The write lands: it was
+            // answered.
+            this.syncError ??= err as LockstepError;
+          }
+        } else await deferral.durable;
+        await earlier;
+        await this.counted(() => pwrite(this.fd, copy, offset));
+        if (answered) journal.retire(await journaled);
+      },
+      // Not journaled: the write fails, and its caller hears so.
+      () => undefined,
+    );
+    const settled = landed.catch(async (err: LockstepError) => {
+      // Answered but not in the file: the next start lands it from the journal; until then
+      // every flush fails. Not answered: its caller hears of it.
+      if (await inJournal) this.syncError ??= err;
+    });
+    const first = Math.floor(offset / BLOCK);
+    const last = Math.floor((offset + copy.length - 1) / BLOCK);
+    for (let b = first; b <= last; b++) this.waiting.set(b, settled);
+    this.applying.add(settled);
+    void settled.finally(() => {
+      for (let b = first; b <= last; b++)
+        if (this.waiting.get(b) === settled) this.waiting.delete(b);
+      this.applying.delete(settled);
+      this.guard?.overwritten();
+      if (--this.pending === 0 && this.closed) this.closeFds();
+    });
+    if (!(await inJournal)) await landed;
+    this.allocation.markWritten(offset, copy.length);
+    return { landed: settled };
+  }
+
+  /** When the writes waiting in the journal on blocks of the range have landed; undefined if none do. */
+  private waitingFor(offset: number, length: number): Promise<unknown> | undefined {
+    if (this.waiting.size === 0 || length === 0) return undefined;
+    const first = Math.floor(offset / BLOCK);
+    const last = Math.floor((offset + length - 1) / BLOCK);
+    const found = new Set<Promise<void>>();
+    if (last - first < this.waiting.size) {
+      for (let b = first; b <= last; b++) {
+        const w = this.waiting.get(b);
+        if (w) found.add(w);
+      }
+    } else {
+      for (const [b, w] of this.waiting) if (b >= first && b <= last) found.add(w);
+    }
+    return found.size > 0 ? Promise.all(found) : undefined;
+  }
+
+  /**
+   * Takes the volume's journal: first lands the writes it still holds (a killed agent's), in
+   * order, those whose old data `survived` (a power loss may have taken it, and then the write
+   * was never flushed either), and makes them durable. Says how many landed and were dropped.
+   */
+  async adoptJournal(
+    journal: OverwriteJournal,
+    waiting: JournalEntry[],
+    survived: (logId: number, recordEnd: number) => boolean,
+  ): Promise<{ landed: number; dropped: number }> {
+    let landed = 0;
+    try {
+      for (const e of waiting) {
+        if (!survived(e.logId, e.recordEnd)) continue;
+        this.allocation.markWritten(e.offset, e.data.length);
+        await pwrite(this.fd, e.data, e.offset);
+        landed++;
+      }
+      if (waiting.length > 0) {
+        await fdatasync(this.fd);
+        journal.settleReplay(waiting.at(-1)!.seq);
+      }
+    } catch (err) {
+      journal.close();
+      throw err;
+    }
+    this.journal = journal;
+    return { landed, dropped: waiting.length - landed };
   }
 
   /**
@@ -300,8 +450,10 @@ export class FileBlockDevice implements BlockDevice {
     if (!direct?.ownsChunk(data) || !DirectIo.aligned(offset, data.length))
       return this.write(offset, data, false);
     this.check('write', offset, data.length, true);
-    return this.guarded(() =>
-      this.overwrite(offset, data.length, async () => {
+    const waiting = this.waitingFor(offset, data.length);
+    if (waiting) await waiting;
+    return this.guarded(async () => {
+      await this.overwrite(offset, data.length, async () => {
         try {
           await direct.write(offset, data);
         } catch (err) {
@@ -310,12 +462,14 @@ export class FileBlockDevice implements BlockDevice {
             throw ioError('write', err as NodeJS.ErrnoException);
           await pwrite(this.fd, data, offset);
         }
-      }),
-    );
+      });
+    });
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     this.check('write-zeroes', offset, length, true);
+    const waiting = this.waitingFor(offset, length);
+    if (waiting) await waiting;
     return this.guarded(() => this.zero(offset, length, opts));
   }
 
@@ -370,7 +524,10 @@ export class FileBlockDevice implements BlockDevice {
     // A flush right after another keeps the rhythm the writes set.
     if (this.writesSinceFlush > 0) this.writesPerFlush = this.writesSinceFlush;
     this.writesSinceFlush = 0;
-    return this.guarded(() => this.sync());
+    // Started at once when nothing waits in the journal, so flushes called together share it.
+    return this.guarded(() =>
+      this.applying.size > 0 ? this.landed().then(() => this.sync()) : this.sync(),
+    );
   }
 
   /**
@@ -439,7 +596,11 @@ export class FileBlockDevice implements BlockDevice {
     if (this.syncError) return Promise.reject(this.syncError);
     this.syncCalls++;
     const covers = this.writesDone;
-    const done = fdatasync(this.fd).then(
+    // The journal's retirements first: a replay must never land an older write over one flushed.
+    const journal = this.journal;
+    const done = (
+      journal ? journal.syncRetired().then(() => fdatasync(this.fd)) : fdatasync(this.fd)
+    ).then(
       () => {
         this.runningSync = undefined;
         this.durableWrites = covers;
@@ -454,6 +615,11 @@ export class FileBlockDevice implements BlockDevice {
     return done;
   }
 
+  /** When every write waiting in the journal now has landed in the file (or failed to). */
+  async landed(): Promise<void> {
+    while (this.applying.size > 0) await Promise.all(this.applying);
+  }
+
   /** Refuses new operations; the descriptor closes once the ones in progress finish. */
   close(): void {
     if (this.closed) return;
@@ -464,5 +630,6 @@ export class FileBlockDevice implements BlockDevice {
   private closeFds(): void {
     fs.closeSync(this.fd);
     this.direct?.close();
+    this.journal?.close();
   }
 }

@@ -8,6 +8,7 @@ import { LockstepError, errorMessage, isLockstepError } from '../../../lib/error
 import type { Logger } from '../../../lib/logger';
 import { SnapshotCatalog } from '../snapshots/snapshot-catalog';
 import { ChangedContexts } from '../snapshots/changed-contexts';
+import { OverwriteJournal } from '../snapshots/overwrite-journal';
 import { fsyncDir } from '../../../lib/atomic-file';
 import { AllocationMap } from './allocation-map';
 import { FileBlockDevice } from './file-device';
@@ -20,9 +21,51 @@ import {
 } from './volume-metadata';
 
 export const VOLUME_SIZE_ALIGNMENT = 4096;
+const OVERWRITE_JOURNAL = 'overwrites.journal';
 const ALLOCATION_MAP = 'allocation.map';
 // Up to 253 characters, so the operator can name volumes <namespace>.<group>.<volume>.
 const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$/;
+
+/**
+ * Opens the snapshots of the volume in `dir` and puts them in the path of every overwrite of
+ * its device; a writable device also takes the volume's overwrite journal, whose waiting writes
+ * land before anything else reads the file.
+ */
+export async function attachSnapshots(
+  name: string,
+  dir: string,
+  device: FileBlockDevice,
+  log: Logger,
+): Promise<SnapshotCatalog> {
+  const snapshots = await SnapshotCatalog.open(
+    name,
+    dir,
+    device.size,
+    (offset, target) => device.read(offset, target),
+    device.allocation,
+    log,
+  );
+  try {
+    device.setOverwriteGuard(snapshots.guard);
+    if (!device.readOnly) {
+      const { journal, waiting } = OverwriteJournal.open(path.join(dir, OVERWRITE_JOURNAL));
+      const { landed, dropped } = await device.adoptJournal(journal, waiting, (id, end) =>
+        snapshots.holdsRecord(id, end),
+      );
+      if (landed + dropped > 0)
+        log.warn(
+          { landed, dropped },
+          'writes answered before the agent stopped landed from the overwrite journal' +
+            (dropped > 0 ? '; those whose old data a power loss took were dropped' : ''),
+        );
+    }
+  } catch (err) {
+    await snapshots.close();
+    throw err;
+  }
+  snapshots.start();
+  return snapshots;
+}
 
 export type Volume =
   | {
@@ -129,15 +172,7 @@ export class VolumeStore {
     device: FileBlockDevice,
   ): Promise<SnapshotCatalog> {
     try {
-      const snapshots = await SnapshotCatalog.open(
-        name,
-        dir,
-        device.size,
-        (offset, target) => device.read(offset, target),
-        device.allocation,
-        this.log.child({ volume: name }),
-      );
-      device.setOverwriteGuard(snapshots.guard);
+      const snapshots = await attachSnapshots(name, dir, device, this.log.child({ volume: name }));
       device.wrapMetaContexts((inner) => new ChangedContexts(inner, snapshots));
       return snapshots;
     } catch (err) {
@@ -280,6 +315,7 @@ export class VolumeStore {
     this.volumes.delete(volume.name);
     if (volume.state === 'Ready') {
       volume.device.close();
+      await volume.device.landed();
       await volume.snapshots.close();
     }
     const graveyard = path.join(
@@ -326,6 +362,7 @@ export class VolumeStore {
     for (const v of this.volumes.values()) {
       if (v.state !== 'Ready') continue;
       v.device.close();
+      await v.device.landed();
       await v.snapshots.close();
     }
     this.volumes.clear();
