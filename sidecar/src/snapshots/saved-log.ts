@@ -10,9 +10,11 @@
 // volume once its record is durable, so at queue depth 1 a first write costs page-cache writes,
 // not a device flush.
 //
-// The file is grown ahead of the tail with zeroes that are already on disk: an fdatasync of
-// records written into those blocks costs a data write and a cache flush (~115 µs here), where
-// records past the end also commit the filesystem journal (~300 µs).
+// Records are appended past the end of the file. An fdatasync then also commits the
+// filesystem's journal (~300 µs here against ~115 µs for blocks written before), but it is
+// shared by every record written meanwhile, and no client write waits for it; zeroes written
+// ahead to spare it cost twice the disk writes and, given back at the next snapshot, a
+// truncate that stalled the cut.
 //
 // Layout: a 4 KiB header (magic, JSON description, CRC), then records:
 //   u32 magic | u32 count | u32 crc32(durable .. data) | u32 dataBlocks
@@ -35,13 +37,6 @@ const RECORD_FIXED = 16;
 const RECORD_HEAD = 24;
 const ENTRY_BYTES = 8;
 const FLAG_ZERO = 1;
-/**
- * Zeroes written ahead of the tail at a time: as much as the log holds already, between these
- * bounds, so a snapshot that saves little costs little, and one that saves a lot grows rarely.
- * The next batch starts when the tail is half way into the last one.
- */
-const MIN_GROW_BYTES = 256 * 1024;
-const MAX_GROW_BYTES = 8 * 1024 * 1024;
 /** A record carries at most this many blocks; a larger save is split. */
 const MAX_RECORD_BLOCKS = 1024;
 
@@ -147,7 +142,7 @@ function fdatasync(fd: number): Promise<void> {
   );
 }
 
-/** Writes and makes durable: a header, or zeroes grown ahead. */
+/** Writes and makes durable: a header. */
 async function writeDurably(fd: number, buffers: Buffer[], position: number): Promise<void> {
   await writev(fd, buffers, position);
   await fdatasync(fd);
@@ -167,16 +162,9 @@ export class SavedLog {
   /** Block number → offset of its saved data in the file, or ZERO_BLOCK. */
   readonly index = new Map<number, number>();
   private tail: number;
-  /** The file is written (zeroes at least) up to here. */
-  private grown: number;
-  private growing: Promise<void> | undefined;
-  private growFrom = 0;
-  private truncating: Promise<void> | undefined;
   private queue: PendingAppend[] = [];
   private writing = false;
   private closed = false;
-  /** No longer grown ahead: a newer snapshot receives first writes. */
-  private sealed = false;
   /** Records up to here are durable. */
   private syncedTo: number;
   /** The fdatasync running now, and the tail it covers. */
@@ -189,10 +177,8 @@ export class SavedLog {
     private readonly fd: number,
     readonly description: SnapshotDescription,
     tail: number,
-    grown: number,
   ) {
     this.tail = tail;
-    this.grown = grown;
     this.syncedTo = tail;
   }
 
@@ -217,8 +203,7 @@ export class SavedLog {
       fs.rmSync(file, { force: true });
       throw ioError('create', file, err);
     }
-    // Not grown yet: a cut must not queue behind a write of zeroes on the same disk.
-    return new SavedLog(file, fd, description, HEADER_BYTES, HEADER_BYTES);
+    return new SavedLog(file, fd, description, HEADER_BYTES);
   }
 
   /** Opens an existing log and rebuilds its index; a torn tail record is dropped. */
@@ -240,7 +225,7 @@ export class SavedLog {
       if (jsonLen > HEADER_BYTES - 16 || crc32(json) !== header.readUInt32LE(12))
         throw corrupt(file, 'header checksum mismatch');
       const description = JSON.parse(json.toString('utf8')) as SnapshotDescription;
-      const log = new SavedLog(file, fd, description, HEADER_BYTES, size);
+      const log = new SavedLog(file, fd, description, HEADER_BYTES);
       await log.replay(size);
       // Records a killed agent wrote may be only in the page cache: durable from here on.
       await fdatasync(fd);
@@ -399,7 +384,6 @@ export class SavedLog {
   private async drain(): Promise<void> {
     this.writing = true;
     while (this.queue.length > 0) {
-      if (this.truncating) await this.truncating.catch(() => undefined);
       const batch = this.takeBatch();
       try {
         await this.writeRecord(batch.flatMap((p) => p.blocks));
@@ -452,8 +436,6 @@ export class SavedLog {
       head.writeUInt32LE(data.length, 12);
       const at = this.tail;
       const length = RECORD_HEAD + entries.length + data.length * BLOCK;
-      // Never race the zeroes being written ahead: they would land over this record.
-      if (this.growing && at + length > this.growFrom) await this.growing;
       try {
         // A small record is a few-microsecond copy into the page cache: cheaper on the event
         // loop than a trip through the thread pool, which a first write would wait for.
@@ -468,63 +450,7 @@ export class SavedLog {
         this.index.set(b.block, b.data === undefined ? ZERO_BLOCK : offset);
         if (b.data !== undefined) offset += BLOCK;
       }
-      this.growAhead();
     }
-  }
-
-  private growStep(): number {
-    return Math.min(MAX_GROW_BYTES, Math.max(MIN_GROW_BYTES, this.tail - HEADER_BYTES));
-  }
-
-  /**
-   * Writes zeroes past the end so that later appends overwrite blocks already on disk, unless
-   * enough are there already: a log reopened after a restart has those it grew before.
-   */
-  private growAhead(): void {
-    if (this.growing || this.closed || this.sealed) return;
-    if (this.grown - this.tail >= this.growStep() / 2) return;
-    const from = Math.max(this.grown, this.tail);
-    this.growFrom = from;
-    const step = this.growStep();
-    this.growing = writeDurably(this.fd, [Buffer.alloc(step)], from).then(
-      () => {
-        this.grown = from + step;
-        this.growing = undefined;
-      },
-      // No room to grow: appends go past the end (slower), and fail loudly if the disk is full.
-      () => {
-        this.growing = undefined;
-      },
-    );
-  }
-
-  /**
-   * Gives back the zeroes grown ahead of the tail, once the log no longer receives first
-   * writes (a newer snapshot does): 250 snapshots must not each keep a spare 8 MiB.
-   */
-  async seal(): Promise<void> {
-    this.sealed = true;
-    await this.growing;
-    if (this.writing || this.grown <= this.tail) return;
-    const tail = this.tail;
-    // Not on the event loop (on a disk mounted with discard a truncate can take 20 ms), and
-    // appends wait for it: none may land past the tail while it is cut back.
-    this.truncating = new Promise<void>((resolve, reject) =>
-      fs.ftruncate(this.fd, tail, (err) =>
-        err ? reject(ioError('truncate', this.file, err)) : resolve(),
-      ),
-    );
-    try {
-      await this.truncating;
-      this.grown = tail;
-    } finally {
-      this.truncating = undefined;
-    }
-  }
-
-  /** Receives first writes again (the newer snapshots were deleted). */
-  unseal(): void {
-    this.sealed = false;
   }
 
   /** Fills `target` (one block, or the part of one from `within`) with a saved block. */
@@ -545,8 +471,7 @@ export class SavedLog {
   /** Waits for appends in progress, then closes the descriptor. */
   async close(): Promise<void> {
     this.closed = true;
-    while (this.writing || this.growing || this.syncing) {
-      await Promise.resolve(this.growing);
+    while (this.writing || this.syncing) {
       await this.syncing?.done;
       await new Promise((r) => setImmediate(r));
     }

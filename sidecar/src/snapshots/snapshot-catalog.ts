@@ -162,7 +162,6 @@ export class SnapshotCatalog {
       chain,
     );
     await guard.cut(() => chain.at(-1)?.log);
-    for (const l of chain.slice(0, -1)) await l.log.seal();
     return catalog;
   }
 
@@ -213,18 +212,11 @@ export class SnapshotCatalog {
 
   /** The second half: the prepared log becomes the newest, at a cut. */
   async cut(prepared: SavedLog): Promise<SnapshotInfo & { holdMs: number }> {
-    const previous = this.guard.receiving;
     const holdMs = await this.guard.cut(async () => {
       await prepared.markCut(this.nextSeq++);
       return this.adopt(prepared);
     });
-    // After the answer: giving back the previous log's spare zeroes, and making the next spare,
-    // would only queue behind (or ahead of) the disk writes of the cut itself.
-    void previous
-      ?.seal()
-      .catch((err: unknown) =>
-        this.log.warn({ volume: this.volume, err: errorMessage(err) }, 'snapshot log not trimmed'),
-      );
+    // After the answer: making the next spare would only queue behind the cut's disk writes.
     if (!this.closed) this.spare ??= this.makeSpare();
     return { ...info(prepared), holdMs };
   }
@@ -372,7 +364,6 @@ export class SnapshotCatalog {
           if (receiving !== link.log) return receiving;
           if (!into) return undefined;
           await this.copyMissing(link, into);
-          into.log.unseal();
           return into.log;
         });
       }
