@@ -2,8 +2,8 @@
 // CopyBeforeWrite and FileBlockDevice). Such a write is answered once its old data is written to
 // the snapshot's log and its new data here — both in the page cache, which a SIGKILL of the
 // agent does not lose — and its new data reaches the volume file only after the log's next
-// fdatasync, so the kernel can never write it back ahead of the old data it replaces. At qd1 a
-// first write after a snapshot then costs three page-cache writes instead of a device flush.
+// fdatasync, so the kernel can never write it back ahead of the old data it replaces. A first
+// write after a snapshot then costs a read and two page-cache writes, not a device flush.
 //
 // When the agent starts, the entries not yet retired are written into the volume file, in
 // order, if the log record each depends on survived (after a power loss it may not have: then
