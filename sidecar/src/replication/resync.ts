@@ -60,7 +60,13 @@ export interface ResyncSource extends ScanSource {
   readonly tracking: VolumeTracking;
 }
 
-const WINDOW = 8;
+/**
+ * Ops in flight at once, and the bytes of copies among them: a scan of scattered blocks (a
+ * cutover's remainder is one 4 KiB run per block a workload wrote) keeps many small runs in
+ * flight, where a scan of large runs keeps as many bytes in flight as eight of them.
+ */
+const WINDOW = 64;
+const WINDOW_BYTES = 8 * 1024 * 1024;
 const zeroes = Buffer.alloc(4 * 1024 * 1024);
 
 /** Consecutive dirty regions copied as one unit: one lock, one read, few ops. */
@@ -302,19 +308,23 @@ export async function resyncDirtyRegions(
     : Math.max(runRegions, Math.ceil(ZERO_OP_MAX_BYTES / host.regionSize));
   const pause = pacer();
   const inFlight = new Set<Promise<void>>();
+  let copying = 0;
   let failure: unknown;
-  const launch = async (work: Promise<void>) => {
+  const launch = async (work: Promise<void>, bytes = 0) => {
+    copying += bytes;
     const p: Promise<void> = work.then(
       () => {
         inFlight.delete(p);
+        copying -= bytes;
       },
       (err: unknown) => {
         inFlight.delete(p);
+        copying -= bytes;
         failure ??= err;
       },
     );
     inFlight.add(p);
-    if (inFlight.size >= WINDOW) await Promise.race(inFlight);
+    while (inFlight.size >= WINDOW || copying >= WINDOW_BYTES) await Promise.race(inFlight);
   };
   // Regions can turn dirty again behind the scan (a live write failed); scan until clean.
   while (bitmap.dirtyRegions > 0 && failure === undefined) {
@@ -333,7 +343,10 @@ export async function resyncDirtyRegions(
       let last: number;
       if (data === region) {
         last = dirtyUpTo(Math.min(stepEnd, region + runRegions));
-        await launch(copyRun(link, host, g, region, last, limiter, opts));
+        await launch(
+          copyRun(link, host, g, region, last, limiter, opts),
+          g.end(last) - g.start(region),
+        );
       } else if (opts.peerIsZero) {
         last = dirtyUpTo(data);
         const bytes = g.end(last) - g.start(region);

@@ -415,13 +415,20 @@ export class SnapshotCatalog {
       const chain = this.chain.slice(this.position(name));
       const first = Math.floor(offset / BLOCK);
       const end = offset + target.length;
+      // The saved blocks all at once: one at a time, a scan of a snapshot a busy volume has
+      // overwritten much of waits a thread-pool round trip per block.
+      const saved: Promise<void>[] = [];
       for (let b = first; b * BLOCK < end; b++) {
         const link = chain.find((l) => l.log.index.has(b));
         if (!link) continue;
         const start = Math.max(offset, b * BLOCK);
         const stop = Math.min(end, (b + 1) * BLOCK);
-        await link.log.read(b, target.subarray(start - offset, stop - offset), start - b * BLOCK);
+        saved.push(
+          link.log.read(b, target.subarray(start - offset, stop - offset), start - b * BLOCK),
+        );
       }
+      // Every read settled before the log may close (a failure does not leave others running).
+      for (const r of await Promise.allSettled(saved)) if (r.status === 'rejected') throw r.reason;
     } finally {
       if (--this.reads === 0) for (const done of this.readsDone.splice(0)) done();
     }
