@@ -22,6 +22,7 @@
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { LockstepError, errorMessage } from '../../../lib/errors';
+import { writeWhole } from './whole-writes';
 
 const MAGIC = 'LSJRNL01';
 const HEADER_SECTOR = 512;
@@ -53,33 +54,6 @@ function journalError(op: string, file: string, err: unknown): LockstepError {
     code === 'ENOSPC' || code === 'EDQUOT' ? 'LOCKSTEP_ERR_NO_SPACE' : 'LOCKSTEP_ERR_IO',
     `${op} of overwrite journal ${file} failed: ${errorMessage(err)}`,
     { cause: err },
-  );
-}
-
-/** Entries up to this size are written on the event loop. */
-const SYNC_WRITE_MAX = 64 * 1024;
-
-function shortWrite(n: number, total: number): NodeJS.ErrnoException {
-  // A short write of a regular file only happens when the disk is full.
-  const err = new Error(`short write (${n} of ${total} bytes)`) as NodeJS.ErrnoException;
-  err.code = 'ENOSPC';
-  return err;
-}
-
-function writeAll(fd: number, buffers: Buffer[], position: number): void {
-  const total = buffers.reduce((s, b) => s + b.length, 0);
-  const n = fs.writevSync(fd, buffers, position);
-  if (n !== total) throw shortWrite(n, total);
-}
-
-function writeAllAsync(fd: number, buffers: Buffer[], position: number): Promise<void> {
-  const total = buffers.reduce((s, b) => s + b.length, 0);
-  return new Promise((resolve, reject) =>
-    fs.writev(fd, buffers, position, (err, n) => {
-      if (err) return reject(err);
-      if (n !== total) return reject(shortWrite(n, total));
-      resolve();
-    }),
   );
 }
 
@@ -246,9 +220,7 @@ export class OverwriteJournal {
     head.writeUIntLE(recordEnd, 28, 6);
     head.writeUInt32LE(crc32(data, crc32(head.subarray(8))), 4);
     try {
-      // A small entry is a few-microsecond copy into the page cache (see FileBlockDevice).
-      if (data.length <= SYNC_WRITE_MAX) writeAll(this.fd, [head, data], at);
-      else await writeAllAsync(this.fd, [head, data], at);
+      await writeWhole(this.fd, [head, data], at);
     } catch (err) {
       throw journalError('write', this.file, err);
     }

@@ -27,6 +27,7 @@
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { LockstepError, errorMessage } from '../../../lib/errors';
+import { writeWhole } from './whole-writes';
 
 export const BLOCK = 4096;
 const HEADER_BYTES = 4096;
@@ -109,33 +110,6 @@ function corrupt(file: string, what: string): LockstepError {
   return new LockstepError('LOCKSTEP_ERR_METADATA_CORRUPT', `snapshot data ${file}: ${what}`);
 }
 
-function shortWrite(n: number, total: number): NodeJS.ErrnoException {
-  // A short write of a regular file only happens when the disk is full.
-  const err = new Error(`short write (${n} of ${total} bytes)`) as NodeJS.ErrnoException;
-  err.code = 'ENOSPC';
-  return err;
-}
-
-function writev(fd: number, buffers: Buffer[], position: number): Promise<void> {
-  return new Promise((resolve, reject) =>
-    fs.writev(fd, buffers, position, (err, n) => {
-      if (err) return reject(err);
-      const total = buffers.reduce((s, b) => s + b.length, 0);
-      if (n !== total) return reject(shortWrite(n, total));
-      resolve();
-    }),
-  );
-}
-
-/** Records up to this size are written on the event loop. */
-const SYNC_WRITE_MAX = 64 * 1024 + 4096;
-
-function writevNow(fd: number, buffers: Buffer[], position: number): void {
-  const total = buffers.reduce((s, b) => s + b.length, 0);
-  const n = fs.writevSync(fd, buffers, position);
-  if (n !== total) throw shortWrite(n, total);
-}
-
 function fdatasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) =>
     fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())),
@@ -144,7 +118,7 @@ function fdatasync(fd: number): Promise<void> {
 
 /** Writes and makes durable: a header. */
 async function writeDurably(fd: number, buffers: Buffer[], position: number): Promise<void> {
-  await writev(fd, buffers, position);
+  await writeWhole(fd, buffers, position);
   await fdatasync(fd);
 }
 
@@ -437,10 +411,7 @@ export class SavedLog {
       const at = this.tail;
       const length = RECORD_HEAD + entries.length + data.length * BLOCK;
       try {
-        // A small record is a few-microsecond copy into the page cache: cheaper on the event
-        // loop than a trip through the thread pool, which a first write would wait for.
-        if (length <= SYNC_WRITE_MAX) writevNow(this.fd, [head, entries, ...data], at);
-        else await writev(this.fd, [head, entries, ...data], at);
+        await writeWhole(this.fd, [head, entries, ...data], at);
       } catch (err) {
         throw ioError('append', this.file, err);
       }
