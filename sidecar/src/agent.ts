@@ -1061,7 +1061,6 @@ export class Agent implements ExportSource {
     return clients;
   }
 
-  /** Drains NBD requests in flight, stops replication cleanly, flushes, closes. Idempotent. */
   /** See PeerCredentials.set. */
   setPeerCredentials(
     address: string,
@@ -1075,6 +1074,7 @@ export class Agent implements ExportSource {
     return this.peerCredentials.set(address, material);
   }
 
+  /** Drains NBD requests in flight, stops replication cleanly, flushes, closes. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info('agent stopping: draining NBD requests');
