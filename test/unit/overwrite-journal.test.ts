@@ -12,6 +12,7 @@ import { FileBlockDevice } from '../../sidecar/src/store/file-device';
 import { AllocationMap } from '../../sidecar/src/store/allocation-map';
 import { attachSnapshots } from '../../sidecar/src/store/volume-store';
 import type { SnapshotCatalog } from '../../sidecar/src/snapshots/snapshot-catalog';
+import { OverwriteJournal } from '../../sidecar/src/snapshots/overwrite-journal';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -181,6 +182,35 @@ describe('the overwrite journal', () => {
     }
     expect(image.subarray(24 * MiB).equals(fill(8 * MiB, 0x11))).toBe(true);
     expect((await readSnapshot(after, 's1', 0, size)).equals(fill(size, 0x11))).toBe(true);
+  });
+
+  it('keeps an entry that landed ahead of an older one waiting until the older one is retired', async () => {
+    const file = path.join(dir, 'order.journal');
+    /** What a replay would land now, as a second opener of the file sees it. */
+    const replayed = () => {
+      const { journal: again, waiting } = OverwriteJournal.open(file);
+      again.close();
+      return waiting.map((e) => e.seq);
+    };
+    const { journal } = OverwriteJournal.open(file);
+    try {
+      const older = await journal.write(0, fill(4 * KiB, 1), 1, 4096);
+      const newer = await journal.write(4 * KiB, fill(4 * KiB, 2), 1, 4096);
+      journal.retire(newer);
+      // A replay would still land the newer one: its blocks are not free yet.
+      let free = false;
+      void journal.whenRetired(newer)?.then(() => (free = true));
+      await new Promise((r) => setImmediate(r));
+      expect(free).toBe(false);
+      expect(replayed()).toEqual([older, newer]);
+      journal.retire(older);
+      await new Promise((r) => setImmediate(r));
+      expect(free).toBe(true);
+      expect(journal.whenRetired(newer)).toBeUndefined();
+      expect(replayed()).toEqual([]);
+    } finally {
+      journal.close();
+    }
   });
 
   it('refuses a journal whose header is damaged, with a clear error', async () => {

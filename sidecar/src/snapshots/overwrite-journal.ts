@@ -72,6 +72,8 @@ export class OverwriteJournal {
   private syncing: Promise<void> | undefined;
   /** Writers waiting for room in the ring. */
   private roomWaiters: (() => void)[] = [];
+  /** Landed entries waiting for every older one to be retired too (see `whenRetired`). */
+  private retiredWaiters: { seq: number; resolve: () => void }[] = [];
   /** The entry being written: the next one starts after it. */
   private writing: Promise<void> = Promise.resolve();
 
@@ -259,6 +261,22 @@ export class OverwriteJournal {
     const waiters = this.roomWaiters;
     this.roomWaiters = [];
     for (const w of waiters) w();
+    const through = this.retiredThrough;
+    const ready = this.retiredWaiters.filter((w) => w.seq <= through);
+    if (ready.length === 0) return;
+    this.retiredWaiters = this.retiredWaiters.filter((w) => w.seq > through);
+    for (const w of ready) w.resolve();
+  }
+
+  /**
+   * Undefined once the header says entry `seq` is retired, else when it will. Entries land out
+   * of order now and then (each waits for its own log record), and the header only passes an
+   * entry once every older one has landed: until then a replay would land this one again, so
+   * nothing may overwrite its blocks.
+   */
+  whenRetired(seq: number): Promise<void> | undefined {
+    if (seq <= this.retiredThrough) return undefined;
+    return new Promise((resolve) => this.retiredWaiters.push({ seq, resolve }));
   }
 
   /** Makes the retirements so far durable; FileBlockDevice calls it before syncing the volume. */

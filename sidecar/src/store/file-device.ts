@@ -366,15 +366,24 @@ export class FileBlockDevice implements BlockDevice {
           }
         } else await deferral.durable;
         await earlier;
-        await this.counted(() => pwrite(this.fd, copy, offset));
-        if (answered) journal.retire(await journaled);
+        try {
+          await this.counted(() => pwrite(this.fd, copy, offset));
+        } finally {
+          // Retired even if it failed: a failed write fails every later flush (syncError), and
+          // the entries after it must not wait for it forever.
+          if (answered) {
+            const seq = await journaled;
+            journal.retire(seq);
+            await journal.whenRetired(seq);
+          }
+        }
       },
       // Not journaled: the write fails, and its caller hears so.
       () => undefined,
     );
     const settled = landed.catch(async (err: LockstepError) => {
-      // Answered but not in the file: the next start lands it from the journal; until then
-      // every flush fails. Not answered: its caller hears of it.
+      // Answered but not in the file: the copy is never again said to be on disk. Not
+      // answered: its caller hears of it.
       if (await inJournal) this.syncError ??= err;
     });
     const first = Math.floor(offset / BLOCK);
