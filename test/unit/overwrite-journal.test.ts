@@ -213,6 +213,29 @@ describe('the overwrite journal', () => {
     }
   });
 
+  it('never replays an entry left behind a torn one as a later entry of the same number', async () => {
+    const file = path.join(dir, 'torn.journal');
+    const first = OverwriteJournal.open(file).journal;
+    const a = await first.write(0, fill(4 * KiB, 1), 1, 4096);
+    const b = await first.write(4 * KiB, fill(4 * KiB, 2), 1, 4096);
+    await first.write(8 * KiB, fill(4 * KiB, 3), 1, 4096);
+    first.close();
+    // A power loss took the second entry; the third survived behind it.
+    const fd = fs.openSync(file, 'r+');
+    fs.writeSync(fd, Buffer.alloc(64), 0, 64, 4096 + 4096 + 64);
+    fs.closeSync(fd);
+    const second = OverwriteJournal.open(file);
+    expect(second.waiting.map((e) => e.seq)).toEqual([a]);
+    second.journal.settleReplay();
+    // A new entry of the torn one's size, where it lay: the old third now follows it.
+    const next = await second.journal.write(4 * KiB, fill(4 * KiB, 9), 1, 4096);
+    expect(next).toBeGreaterThan(b);
+    second.journal.close();
+    const third = OverwriteJournal.open(file);
+    third.journal.close();
+    expect(third.waiting.map((e) => [e.seq, e.data[0]])).toEqual([[next, 9]]);
+  });
+
   it('refuses a journal whose header is damaged, with a clear error', async () => {
     const v = await open(dir);
     await v.dev.flush();

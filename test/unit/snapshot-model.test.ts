@@ -11,6 +11,7 @@ import { FileBlockDevice } from '../../sidecar/src/store/file-device';
 import { AllocationMap } from '../../sidecar/src/store/allocation-map';
 import { CloneBacking } from '../../sidecar/src/snapshots/clone-backing';
 import { attachSnapshots } from '../../sidecar/src/store/volume-store';
+import { SavedLog } from '../../sidecar/src/snapshots/saved-log';
 
 /** A clone of one of the snapshots, and what it must read as. */
 interface Clone {
@@ -243,6 +244,27 @@ describe('snapshots against an in-memory model', () => {
     expect([...again.catalog.changedBlocks('s1').pieces(1)]).toEqual([[0, 1]]);
     await again.catalog.close();
     again.dev.close();
+  });
+
+  it('a record left whole behind a torn one is cut off, never read after a new record', async () => {
+    const file = path.join(dir, 'torn.log');
+    const description = { id: 9, name: 's9', label: '', createdAtMs: 0, uid: 'u9' };
+    const first = await SavedLog.create(file, description);
+    await first.write([{ block: 0, data: Buffer.alloc(4096, 1) }]);
+    await first.write([{ block: 1, data: Buffer.alloc(4096, 2) }]);
+    await first.close();
+    // A power loss took the first record (never durable); the second survived behind it.
+    const fd = fs.openSync(file, 'r+');
+    fs.writeSync(fd, Buffer.alloc(24), 0, 24, 4096);
+    fs.closeSync(fd);
+    const second = await SavedLog.open(file);
+    expect([...second.index.keys()]).toEqual([]);
+    // A new record of the same length where the torn one lay.
+    await second.append([{ block: 7, data: Buffer.alloc(4096, 7) }]);
+    await second.close();
+    const third = await SavedLog.open(file);
+    expect([...third.index.keys()]).toEqual([7]);
+    await third.close();
   });
 
   it('a damaged record with whole records after it is refused, not silently cut short', async () => {

@@ -176,12 +176,14 @@ export class OverwriteJournal {
   }
 
   /**
-   * Records the replayed entries (through `seq`) as retired, durably: call once their data is
-   * durable in the volume file.
+   * Records every entry found as retired, durably: call once the replayed ones are durable in
+   * the volume file. Numbering goes on past any number an entry left in the ring could bear:
+   * after a torn entry, the ones written after it are still there, and one must never pass for
+   * a new entry of the same number written where it lies.
    */
-  settleReplay(seq: number): void {
-    if (seq <= this.retiredThrough) return;
-    this.retiredThrough = seq;
+  settleReplay(): void {
+    this.retiredThrough = this.nextSeq - 1 + JOURNAL_BYTES / ALIGN;
+    this.nextSeq = this.retiredThrough + 1;
     this.writeHeader();
     fs.fdatasyncSync(this.fd);
   }

@@ -201,6 +201,9 @@ export class SavedLog {
       const description = JSON.parse(json.toString('utf8')) as SnapshotDescription;
       const log = new SavedLog(file, fd, description, HEADER_BYTES);
       await log.replay(size);
+      // Cut off what lies past the last whole record: records written after a torn one may
+      // still be whole, and one must never be read as following a new record of the same length.
+      if (size > log.tail) fs.ftruncateSync(fd, log.tail);
       // Records a killed agent wrote may be only in the page cache: durable from here on.
       await fdatasync(fd);
       log.syncedTo = log.tail;

@@ -437,10 +437,8 @@ export class FileBlockDevice implements BlockDevice {
         await pwrite(this.fd, e.data, e.offset);
         landed++;
       }
-      if (waiting.length > 0) {
-        await fdatasync(this.fd);
-        journal.settleReplay(waiting.at(-1)!.seq);
-      }
+      if (waiting.length > 0) await fdatasync(this.fd);
+      journal.settleReplay();
     } catch (err) {
       journal.close();
       throw err;
