@@ -21,7 +21,8 @@
 // each next one right after it, or at the ring's start when it did not fit before the end.
 import fs from 'node:fs';
 import { crc32 } from 'node:zlib';
-import { LockstepError, errorMessage } from '../../../lib/errors';
+import { LockstepError } from '../../../lib/errors';
+import { ioError } from './saved-log';
 import { writeWhole } from './whole-writes';
 
 const MAGIC = 'LSJRNL01';
@@ -49,12 +50,7 @@ interface Live {
 }
 
 function journalError(op: string, file: string, err: unknown): LockstepError {
-  const code = (err as NodeJS.ErrnoException).code;
-  return new LockstepError(
-    code === 'ENOSPC' || code === 'EDQUOT' ? 'LOCKSTEP_ERR_NO_SPACE' : 'LOCKSTEP_ERR_IO',
-    `${op} of overwrite journal ${file} failed: ${errorMessage(err)}`,
-    { cause: err },
-  );
+  return ioError(op, file, err, 'overwrite journal');
 }
 
 function entrySize(length: number): number {

@@ -97,11 +97,16 @@ interface PendingAppend {
 }
 
 /** A failed file operation on snapshot data, with a full disk told apart (ENOSPC to clients). */
-export function ioError(op: string, file: string, err: unknown): LockstepError {
+export function ioError(
+  op: string,
+  file: string,
+  err: unknown,
+  what = 'snapshot data',
+): LockstepError {
   const code = (err as NodeJS.ErrnoException).code;
   return new LockstepError(
     code === 'ENOSPC' || code === 'EDQUOT' ? 'LOCKSTEP_ERR_NO_SPACE' : 'LOCKSTEP_ERR_IO',
-    `${op} of snapshot data ${file} failed: ${errorMessage(err)}`,
+    `${op} of ${what} ${file} failed: ${errorMessage(err)}`,
     { cause: err },
   );
 }
