@@ -5,8 +5,17 @@ export interface BoundServer {
   server: grpc.Server;
   /** The address actually bound, e.g. 127.0.0.1:43121 when asked for port 0. */
   address: string;
-  close(): Promise<void>;
+  /** Lets calls in flight finish for up to `graceMs`, then cancels whatever is left. */
+  close(graceMs?: number): Promise<void>;
 }
+
+/**
+ * How long a stopping server waits for its calls and connections to end. grpc-js closes the
+ * connections it has when the shutdown starts, but not one accepted after: a client whose
+ * connection got GOAWAY reconnects at once (the operator keeps channels to every agent), and
+ * that connection would hold the shutdown open until the client leaves.
+ */
+const SHUTDOWN_GRACE_MS = 5_000;
 
 export type ServiceBinding = [grpc.ServiceDefinition, grpc.UntypedServiceImplementation];
 
@@ -28,9 +37,16 @@ export async function startGrpcServer(
   return {
     server,
     address: `${host}:${port}`,
-    close: () =>
+    close: (graceMs = SHUTDOWN_GRACE_MS) =>
       new Promise<void>((resolve) => {
-        server.tryShutdown(() => resolve());
+        const force = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(force);
+          resolve();
+        });
       }),
   };
 }

@@ -147,6 +147,9 @@ export function agentCommand(): Command {
           };
           process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
         });
+        // Everything is flushed and closed; a client's connection still open (a control-API
+        // client mid-handshake, a Kubernetes watch) would otherwise keep the process alive.
+        process.exit();
       },
     );
 }

@@ -1,6 +1,8 @@
 // The agent as a process: killed, stopped, restarted, fed broken files. Acknowledged data
 // survives, broken volumes are reported by file name, and nothing is silently emptied.
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import net from 'node:net';
 import path from 'node:path';
 import { AgentProcess, run, startAckWriter, verifyAckedWrites } from '../harness/agent-process';
 import { waitFor } from '../harness/processes';
@@ -85,6 +87,30 @@ describe('agent lifecycle', () => {
     expect(agent.proc.log()).toContain('all volumes flushed');
     await agent.start();
     expect(await verifyAckedWrites(uri, log)).toBeGreaterThanOrEqual(ACKED_BEFORE_KILL);
+  });
+
+  it('on SIGTERM exits while a client holds a connection to its API open', async () => {
+    await agent.createVolume('held', '4MiB');
+    // A TCP connection that never starts its TLS handshake: what a client that reconnects after
+    // the shutdown's GOAWAY leaves behind. It used to hold the shutdown open for the TLS
+    // handshake timeout (120 s), and the process open after that.
+    const api = new URL(`tcp://${agent.grpcAddress}`);
+    const held = net.connect(Number(api.port), api.hostname);
+    await once(held, 'connect');
+    try {
+      let timer: NodeJS.Timeout | undefined;
+      const exited = await Promise.race([
+        agent.kill('SIGTERM'),
+        new Promise((resolve) => {
+          timer = setTimeout(() => resolve('still running after 60 s'), 60_000);
+        }),
+      ]);
+      clearTimeout(timer);
+      expect(exited).toBe(0);
+      expect(agent.proc.log()).toContain('all volumes flushed');
+    } finally {
+      held.destroy();
+    }
   });
 
   it('reports corrupt, truncated or mismatched volume files by name and keeps serving the others', async () => {
