@@ -167,9 +167,9 @@ export async function readAuthorityDir(dir: string): Promise<Authority> {
   const secretLayout =
     !existsSync(path.join(dir, CA_FILES.key)) && existsSync(path.join(dir, TLS_FILES.key));
   const files = secretLayout ? [TLS_FILES.cert, TLS_FILES.key] : [CA_FILES.cert, CA_FILES.key];
-  const [certPem, keyPem] = await Promise.all(
-    files.map((f) => readPem(dir, f, 'the CA directory')),
-  );
+  // One after the other: a directory missing both files is reported by its certificate, always.
+  const certPem = await readPem(dir, files[0], 'the CA directory');
+  const keyPem = await readPem(dir, files[1], 'the CA directory');
   try {
     if (!new X509Certificate(certPem).checkPrivateKey(createPrivateKey(keyPem)))
       throw new Error('the key is not the certificate’s');
