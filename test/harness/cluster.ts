@@ -289,4 +289,7 @@ export async function waitBound(namespace: string, names: string[]): Promise<voi
   );
 }
 
-export const removeDir = (dir: string): void => rmSync(dir, { recursive: true, force: true });
+/** KEEP_AGENT_DIRS=1 keeps them, with the agents' and operators' logs, to debug a failure. */
+export const removeDir = (dir: string): void => {
+  if (!process.env.KEEP_AGENT_DIRS) rmSync(dir, { recursive: true, force: true });
+};
