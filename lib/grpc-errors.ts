@@ -44,10 +44,17 @@ export interface ServerRef {
 
 export type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
 
-/** Keepalive for the control clients: a server that went away is noticed within 15 s. */
+/**
+ * Keepalive for the control clients: a server that went away is noticed within 15 s. And a
+ * reconnect backoff capped at 2 s: grpc-js's default grows to 120 s, and a channel backing off
+ * fails every call at once without trying, so an agent down for 45 s stayed unreachable for
+ * the operator's long-lived channel 18 s after it served again (a split brain went unseen).
+ */
 export const CLIENT_CHANNEL_OPTIONS = {
   'grpc.keepalive_time_ms': 10_000,
   'grpc.keepalive_timeout_ms': 5_000,
+  'grpc.initial_reconnect_backoff_ms': 200,
+  'grpc.max_reconnect_backoff_ms': 2_000,
 };
 
 /** A unary call with a deadline; a failure comes back as the LockstepError the server raised. */

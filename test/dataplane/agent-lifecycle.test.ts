@@ -113,6 +113,28 @@ describe('agent lifecycle', () => {
     }
   });
 
+  it('is reached again within seconds of its restart by a client that kept its channel while it was down', async () => {
+    // The operator keeps one channel per agent. grpc-js's default reconnect backoff grows to
+    // 120 s and fails calls at once meanwhile: after 48 s down, the next attempt came ~20 s
+    // after the agent served again, and a split brain went unseen for as long.
+    const client = agent.client(2_000);
+    try {
+      await client.listVolumes();
+      await agent.kill('SIGKILL');
+      const downUntil = Date.now() + 48_000;
+      while (Date.now() < downUntil) {
+        await expect(client.listVolumes()).rejects.toThrow();
+        await new Promise((r) => setTimeout(r, 1_000));
+      }
+      await agent.start();
+      const served = Date.now();
+      await waitFor('the kept channel to reach the agent', () => client.listVolumes(), 5_000, 100);
+      expect(Date.now() - served).toBeLessThan(5_000);
+    } finally {
+      client.close();
+    }
+  }, 120_000);
+
   it('reports corrupt, truncated or mismatched volume files by name and keeps serving the others', async () => {
     await agent.createVolume('good', '4MiB');
     await agent.createVolume('torn', '4MiB');
