@@ -5,8 +5,8 @@ export interface BoundServer {
   server: grpc.Server;
   /** The address actually bound, e.g. 127.0.0.1:43121 when asked for port 0. */
   address: string;
-  /** Lets calls in flight finish for up to `graceMs`, then cancels whatever is left. */
-  close(graceMs?: number): Promise<void>;
+  /** Lets calls in flight finish for up to SHUTDOWN_GRACE_MS, then cancels whatever is left. */
+  close(): Promise<void>;
 }
 
 /**
@@ -37,12 +37,12 @@ export async function startGrpcServer(
   return {
     server,
     address: `${host}:${port}`,
-    close: (graceMs = SHUTDOWN_GRACE_MS) =>
+    close: () =>
       new Promise<void>((resolve) => {
         const force = setTimeout(() => {
           server.forceShutdown();
           resolve();
-        }, graceMs);
+        }, SHUTDOWN_GRACE_MS);
         server.tryShutdown(() => {
           clearTimeout(force);
           resolve();
